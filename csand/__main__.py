@@ -1,0 +1,3 @@
+from csand.cli import app
+
+app()
