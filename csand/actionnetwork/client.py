@@ -1,0 +1,231 @@
+"""Action Network API v2: the typed calls csand makes, each one request through the shared limiter.
+
+Every answer is classified by :mod:`csand.sync.outcome`; anything but success raises
+:class:`ANFailure` carrying that outcome, and the worker decides what happens to the item. A 429
+informs the shared limiter (everyone pauses) and is retried here a few times, since it says
+nothing about the record.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any
+from urllib.parse import quote
+
+import httpx
+
+from csand.logs import get_logger
+from csand.ratelimit import TokenBucket
+from csand.sync.outcome import Outcome, Verdict, classify_exception, classify_response
+from csand.sync.rules import Fields
+
+log = get_logger("actionnetwork")
+
+MAX_429_RETRIES = 4
+
+
+class ANFailure(Exception):
+    def __init__(self, outcome: Outcome) -> None:
+        super().__init__(outcome.reason)
+        self.outcome = outcome
+
+
+@dataclass(frozen=True, slots=True)
+class PersonRecord:
+    uuid: str
+    subscribed: bool | None
+
+
+def uuid_of(resource: dict[str, Any]) -> str | None:
+    """AN's id is the ``action_network:<uuid>`` identifier (URLs use the bare uuid)."""
+    for identifier in resource.get("identifiers") or ():
+        if isinstance(identifier, str) and identifier.startswith("action_network:"):
+            return identifier.split(":", 1)[1]
+    href = ((resource.get("_links") or {}).get("self") or {}).get("href")
+    return href.rstrip("/").rsplit("/", 1)[-1] if href else None
+
+
+def _person_record(resource: dict[str, Any]) -> PersonRecord | None:
+    uuid = uuid_of(resource)
+    if not uuid:
+        return None
+    status = None
+    for address in resource.get("email_addresses") or ():
+        if address.get("primary", True) and address.get("status"):
+            status = address["status"]
+            break
+    return PersonRecord(uuid, None if status is None else status == "subscribed")
+
+
+def _odata_quote(value: str) -> str:
+    return value.replace("'", "''")
+
+
+class ActionNetworkClient:
+    def __init__(
+        self, http: httpx.AsyncClient, base_url: str, api_key: str, limiter: TokenBucket
+    ) -> None:
+        self._http = http
+        self.base_url = base_url.rstrip("/")
+        self._headers = {"OSDI-API-Token": api_key, "Content-Type": "application/json"}
+        self.limiter = limiter
+        self.requests = 0  # every request sent, for figures and the demo
+
+    def person_href(self, uuid: str) -> str:
+        return f"{self.base_url}/people/{uuid}"
+
+    async def _call(
+        self, method: str, path: str, *, json: Any = None, helper: bool = False,
+        by_id: bool = False,
+    ) -> Any:
+        url = path if path.startswith("http") else f"{self.base_url}{path}"
+        for _ in range(MAX_429_RETRIES + 1):
+            await self.limiter.acquire()
+            self.requests += 1
+            started = time.monotonic()
+            try:
+                response = await self._http.request(method, url, json=json, headers=self._headers)
+            except httpx.HTTPError as exc:
+                raise ANFailure(classify_exception(exc)) from exc
+            body: Any
+            try:
+                body = response.json() if response.content else None
+            except ValueError:
+                body = response.text
+            outcome = classify_response(
+                response.status_code, body, helper=helper, by_id=by_id,
+                retry_after=response.headers.get("Retry-After"),
+            )
+            log.debug("an.request", method=method, path=url.removeprefix(self.base_url),
+                      status=response.status_code, ms=round((time.monotonic() - started) * 1000))
+            if outcome.verdict is Verdict.OK:
+                self.limiter.on_success()
+                return body
+            if outcome.verdict is Verdict.RATE_LIMITED:
+                pause = self.limiter.on_rate_limited(outcome.retry_after)
+                log.warning("an.rate_limited", pause_s=round(pause, 2),
+                            rate=round(self.limiter.current_rate(), 2),
+                            retry_after=outcome.retry_after)
+                continue
+            raise ANFailure(outcome)
+        raise ANFailure(outcome)
+
+    # ---- people ----
+
+    async def find_person(self, email: str) -> PersonRecord | None:
+        query = quote(f"email_address eq '{_odata_quote(email)}'", safe="")
+        body = await self._call("GET", f"/people?filter={query}")
+        people = ((body or {}).get("_embedded") or {}).get("osdi:people") or []
+        for resource in people:
+            addresses = [a.get("address", "").strip().lower()
+                         for a in resource.get("email_addresses") or ()]
+            if email in addresses or len(people) == 1:
+                return _person_record(resource)
+        return None
+
+    async def signup(self, fields: Fields, status: str | None, tags: tuple[str, ...]) -> PersonRecord:
+        body = await self._call(
+            "POST", "/people", json={"person": _person_json(fields, status), "add_tags": list(tags)},
+            helper=True,
+        )
+        record = _person_record(body)
+        if record is None:
+            raise ANFailure(Outcome(Verdict.RETRY, "Person Signup Helper answered without an id"))
+        return record
+
+    async def record_signature(
+        self, petition_uuid: str, fields: Fields, status: str | None, tags: tuple[str, ...]
+    ) -> str:
+        body = await self._call(
+            "POST", f"/petitions/{petition_uuid}/signatures",
+            json={"person": _person_json(fields, status), "add_tags": list(tags)},
+            helper=True, by_id=True,
+        )
+        uuid = body.get("action_network:person_id") or _href_uuid(body, "osdi:person")
+        if not uuid:
+            raise ANFailure(Outcome(Verdict.RETRY, "Record Signature Helper answered without a person"))
+        return str(uuid)
+
+    async def sign_as(self, petition_uuid: str, person_uuid: str) -> None:
+        await self._call(
+            "POST", f"/petitions/{petition_uuid}/signatures",
+            json={"_links": {"osdi:person": {"href": self.person_href(person_uuid)}}},
+            helper=True, by_id=True,
+        )
+
+    async def set_status(self, person_uuid: str, email: str, status: str) -> None:
+        await self._call(
+            "PUT", f"/people/{person_uuid}",
+            json={"email_addresses": [{"address": email, "status": status}]}, by_id=True,
+        )
+
+    # ---- petitions ----
+
+    async def find_petition(self, identifier: str) -> str | None:
+        query = quote(f"identifier eq '{_odata_quote(identifier)}'", safe="")
+        body = await self._call("GET", f"/petitions?filter={query}")
+        for resource in ((body or {}).get("_embedded") or {}).get("osdi:petitions") or []:
+            if identifier in (resource.get("identifiers") or ()):
+                return uuid_of(resource)
+        return None
+
+    async def create_petition(
+        self, *, title: str, description: str, identifier: str, origin_system: str,
+        creator_uuid: str | None,
+    ) -> str:
+        payload: dict[str, Any] = {
+            "title": title, "description": description, "origin_system": origin_system,
+            "identifiers": [identifier],
+        }
+        if creator_uuid:
+            payload["_links"] = {"osdi:creator": {"href": self.person_href(creator_uuid)}}
+        body = await self._call("POST", "/petitions", json=payload, helper=True)
+        uuid = uuid_of(body or {})
+        if not uuid:
+            raise ANFailure(Outcome(Verdict.RETRY, "petition created without an id in the answer"))
+        return uuid
+
+    # ---- tags ----
+
+    async def list_tags(self) -> dict[str, str]:
+        """name → uuid for every tag (paged, no filter exists); stops at an empty page."""
+        tags: dict[str, str] = {}
+        page = 1
+        while True:
+            body = await self._call("GET", f"/tags?page={page}")
+            items = ((body or {}).get("_embedded") or {}).get("osdi:tags") or []
+            for item in items:
+                if item.get("name"):
+                    tags[item["name"]] = uuid_of(item) or ""
+            if not items or not ((body or {}).get("_links") or {}).get("next"):
+                return tags
+            page += 1
+
+    async def create_tag(self, name: str) -> str:
+        body = await self._call("POST", "/tags", json={"name": name}, helper=True)
+        return uuid_of(body or {}) or ""
+
+    async def check_key(self) -> bool:
+        """The entry point answers 200 even for a bad key, only without the ``osdi:tags`` link."""
+        body = await self._call("GET", "/")
+        return "osdi:tags" in ((body or {}).get("_links") or {})
+
+
+def _href_uuid(body: dict[str, Any], rel: str) -> str | None:
+    href = ((body.get("_links") or {}).get(rel) or {}).get("href")
+    return href.rstrip("/").rsplit("/", 1)[-1] if href else None
+
+
+def _person_json(fields: Fields, status: str | None) -> dict[str, Any]:
+    email: dict[str, Any] = {"address": fields.email}
+    if status:
+        email["status"] = status
+    person: dict[str, Any] = {"email_addresses": [email]}
+    if fields.given_name:
+        person["given_name"] = fields.given_name
+    if fields.family_name:
+        person["family_name"] = fields.family_name
+    if fields.postal_code:
+        person["postal_addresses"] = [{"postal_code": fields.postal_code}]
+    return person

@@ -1,0 +1,192 @@
+"""Configuration: TOML file + ``CSAND_<SECTION>__<KEY>`` environment overrides + secret files.
+
+Everything is validated at start-up into one immutable :class:`Settings`; any problem stops
+csand with one message that names the offending key (``action_network.api_key: ...``), because an
+operator reading ``journalctl`` should not have to guess.
+
+Secrets (API keys, the OAuth client secret) may be given inline, as ``<name>_file`` pointing at a
+file, or through systemd credentials: a file named ``<section>_<name>`` (for example
+``action_network_api_key``) in ``$CREDENTIALS_DIRECTORY``.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Annotated, Any, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+)
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
+
+DEFAULT_CONFIG_PATH = Path("/etc/csand/config.toml")
+Positive = Annotated[float, Field(gt=0)]
+
+
+class ConfigError(Exception):
+    """A configuration problem, already phrased for the operator."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @field_validator("url", mode="after", check_fields=False)
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class ControlShiftSettings(_Section):
+    url: str
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    client_id: str | None = None  # OAuth2 client credentials, the legacy alternative to api_key
+    client_secret: SecretStr | None = None
+    client_secret_file: Path | None = None
+    poll_interval: Positive = 30.0
+    reconcile_interval: Positive = 3600.0
+    requests_per_minute: Positive = 1000.0
+    timeout: Positive = 30.0
+    org_slug: str | None = None  # read from /api/v1/organisation when not set
+
+
+class ActionNetworkSettings(_Section):
+    url: str = "https://actionnetwork.org/api/v2"
+    api_key: SecretStr | None = None
+    api_key_file: Path | None = None
+    requests_per_second: Positive = 4.0
+    timeout: Positive = 30.0
+
+
+class SyncSettings(_Section):
+    workers: Annotated[int, Field(ge=1, le=64)] = 4
+    origin_system: str = "Controlshift Petition"
+    max_attempts: Annotated[int, Field(ge=1)] = 100
+    retry_base: Positive = 2.0
+    retry_cap: Positive = 900.0
+    lease_seconds: Positive = 300.0
+    shutdown_grace: Positive = 10.0
+    auth_recheck_interval: Positive = 60.0
+
+
+class StoreSettings(_Section):
+    path: Path = Path("/var/lib/csand/csand.db")
+
+
+class LogSettings(_Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["auto", "json", "console"] = "auto"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(
+        env_prefix="CSAND_", env_nested_delimiter="__", extra="forbid", frozen=True,
+    )
+
+    controlshift: ControlShiftSettings
+    action_network: ActionNetworkSettings = ActionNetworkSettings()
+    sync: SyncSettings = SyncSettings()
+    store: StoreSettings = StoreSettings()
+    log: LogSettings = LogSettings()
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        # The TOML file arrives as init kwargs; the environment overrides it.
+        return (env_settings, init_settings)
+
+    @field_validator("controlshift", "action_network", mode="after")
+    @classmethod
+    def _secrets(cls, section: _Section, info: ValidationInfo) -> _Section:
+        return _resolve_secrets(section, info.field_name or "")
+
+    def secrets(self) -> list[str]:
+        """Every secret value, for the log redactor."""
+        values = [
+            self.controlshift.api_key, self.controlshift.client_secret, self.action_network.api_key
+        ]
+        return [v.get_secret_value() for v in values if v is not None]
+
+
+def _read_secret(path: Path, key: str) -> SecretStr:
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        raise ValueError(f"cannot read {key} from {path}: {exc.strerror or exc}") from None
+    if not value:
+        raise ValueError(f"{key} file {path} is empty")
+    return SecretStr(value)
+
+
+def _resolve_secrets(section: _Section, name: str) -> _Section:
+    updates: dict[str, Any] = {}
+    secret_names = ["api_key"] + (["client_secret"] if name == "controlshift" else [])
+    creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    for key in secret_names:
+        file = getattr(section, f"{key}_file")
+        if file is not None:
+            updates[key] = _read_secret(Path(file), f"{key}_file")
+        elif getattr(section, key) is None and creds and (Path(creds) / f"{name}_{key}").is_file():
+            updates[key] = _read_secret(Path(creds) / f"{name}_{key}", key)
+    section = section.model_copy(update=updates)
+    if name == "action_network" and section.api_key is None:  # type: ignore[attr-defined]
+        raise ValueError("api_key is required (or api_key_file, or a systemd credential)")
+    if name == "controlshift":
+        cs: ControlShiftSettings = section  # type: ignore[assignment]
+        if cs.api_key is None and not (cs.client_id and cs.client_secret):
+            raise ValueError(
+                "api_key is required (or client_id and client_secret for OAuth)"
+            )
+    return section
+
+
+def load(path: Path | str | None = None, *, env: bool = True, **overrides: Any) -> Settings:
+    """Read, merge and validate; raise :class:`ConfigError` with a one-line reason."""
+    path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
+    data: dict[str, Any] = {}
+    if path.exists():
+        try:
+            data = tomllib.loads(path.read_text(encoding="utf-8"))
+        except tomllib.TOMLDecodeError as exc:
+            raise ConfigError(f"{path}: not valid TOML: {exc}") from None
+        except OSError as exc:
+            raise ConfigError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    elif not any(k.startswith("CSAND_") for k in os.environ) or not env:
+        raise ConfigError(f"{path}: no such config file (see config.example.toml)")
+    for section, values in overrides.items():
+        data.setdefault(section, {}).update(values)
+    try:
+        if env:
+            return Settings(**data)
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_describe(exc, path)) from None
+
+
+def _describe(exc: ValidationError, path: Path) -> str:
+    lines = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        message = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            message = "unknown key"
+        elif err["type"] == "missing":
+            message = "missing (required)"
+        lines.append(f"{key}: {message}")
+    return f"invalid configuration in {path}: " + "; ".join(lines)

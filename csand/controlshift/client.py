@@ -1,0 +1,178 @@
+"""ControlShift REST API: auth (API key or OAuth2 client credentials), paging, its rate limits.
+
+The poller is the only caller. Transient failures (5xx, timeouts, dropped connections) are retried
+a few times here with backoff, since a poll cycle is cheap to repeat; what still fails raises
+:class:`CSError` and the cycle is tried again at the next interval. Nothing is lost either way:
+the poller records what it saw only after it has enqueued it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+from urllib.parse import quote
+
+import anyio
+import httpx
+
+from csand.logs import get_logger
+from csand.ratelimit import TokenBucket
+
+log = get_logger("controlshift")
+
+TRANSIENT_RETRIES = 4
+
+
+class CSError(Exception):
+    """ControlShift could not be read this time; the message is meant for the operator."""
+
+
+class CSAuthError(CSError):
+    pass
+
+
+class OAuthToken:
+    """Client-credentials token, cached until shortly before it expires (CS allows 10/minute)."""
+
+    def __init__(self, http: httpx.AsyncClient, base_url: str, client_id: str, client_secret: str,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._http = http
+        self._url = f"{base_url}/oauth/token"
+        self._form = {"grant_type": "client_credentials", "client_id": client_id,
+                      "client_secret": client_secret}
+        self._clock = clock
+        self._token: str | None = None
+        self._expires = 0.0
+        self._lock = anyio.Lock()
+        self._limiter = TokenBucket(10 / 60, burst=3, clock=clock)
+        self.requests = 0
+
+    def invalidate(self) -> None:
+        self._token = None
+
+    async def get(self) -> str:
+        async with self._lock:
+            if self._token and self._clock() < self._expires - 60:
+                return self._token
+            await self._limiter.acquire()
+            self.requests += 1
+            try:
+                response = await self._http.post(self._url, data=self._form)
+            except httpx.HTTPError as exc:
+                raise CSError(f"ControlShift token request failed: {type(exc).__name__}") from exc
+            if response.status_code in (400, 401, 403):
+                raise CSAuthError(
+                    "ControlShift rejected the OAuth client credentials "
+                    f"({response.status_code}); check controlshift.client_id/client_secret"
+                )
+            if response.status_code != 200:
+                raise CSError(f"ControlShift token endpoint answered {response.status_code}")
+            body = response.json()
+            self._token = body["access_token"]
+            self._expires = self._clock() + float(body.get("expires_in") or 7200)
+            return self._token
+
+
+class ControlShiftClient:
+    def __init__(
+        self,
+        http: httpx.AsyncClient,
+        base_url: str,
+        *,
+        api_key: str | None = None,
+        oauth: OAuthToken | None = None,
+        limiter: TokenBucket | None = None,
+        sleep: Callable[[float], Any] = anyio.sleep,
+    ) -> None:
+        if api_key is None and oauth is None:
+            raise ValueError("an API key or OAuth credentials are required")
+        self._http = http
+        self.base_url = base_url.rstrip("/")
+        self._api_key = api_key
+        self._oauth = oauth
+        self.limiter = limiter or TokenBucket(1000 / 60)
+        self._sleep = sleep
+        self.requests = 0
+        self.rate_limited = 0
+
+    async def _auth_header(self) -> dict[str, str]:
+        token = self._api_key if self._api_key else await self._oauth.get()  # type: ignore[union-attr]
+        return {"Authorization": f"Bearer {token}"}
+
+    async def get(self, path: str) -> Any:
+        url = f"{self.base_url}/api/v1{path}"
+        auth_retried = False
+        failures = 0
+        while True:
+            await self.limiter.acquire()
+            self.requests += 1
+            try:
+                response = await self._http.get(url, headers=await self._auth_header())
+            except httpx.HTTPError as exc:
+                failures += 1
+                if failures > TRANSIENT_RETRIES:
+                    raise CSError(f"ControlShift unreachable: {type(exc).__name__}: {exc}") from exc
+                await self._sleep(min(30.0, 0.5 * 2**failures))
+                continue
+            status = response.status_code
+            if status == 200:
+                try:
+                    return response.json()
+                except ValueError as exc:
+                    raise CSError(f"ControlShift answered non-JSON for {path}") from exc
+            if status == 429:
+                self.rate_limited += 1
+                reset = _seconds(response.headers.get("RateLimit-Reset"), default=5.0)
+                log.warning("cs.rate_limited", pause_s=reset)
+                self.limiter.on_rate_limited(reset)
+                continue
+            if status == 401:
+                if self._oauth and not auth_retried:  # token revoked or expired early
+                    self._oauth.invalidate()
+                    auth_retried = True
+                    continue
+                raise CSAuthError(
+                    "ControlShift rejected the credentials (401); check controlshift.api_key"
+                )
+            if status == 404:
+                raise CSError(f"ControlShift: {path} not found (404)")
+            if status >= 500 or status == 408:
+                failures += 1
+                if failures > TRANSIENT_RETRIES:
+                    raise CSError(f"ControlShift answered {status} for {path}")
+                await self._sleep(min(30.0, 0.5 * 2**failures))
+                continue
+            raise CSError(f"ControlShift answered {status} for {path}: {response.text[:200]}")
+
+    async def pages(self, path: str, key: str, start: int = 1) -> AsyncIterator[tuple[list[dict], dict]]:
+        """Yield ``(items, meta)`` page by page, following ``meta.next_page`` until null."""
+        page: int | None = start
+        seen: set[int] = set()
+        while page is not None and page not in seen:
+            seen.add(page)
+            body = await self.get(f"{path}{'&' if '?' in path else '?'}page={page}")
+            items, meta = body.get(key) or [], body.get("meta") or {}
+            yield items, meta
+            nxt = meta.get("next_page")
+            page = int(nxt) if nxt else None
+
+    async def organisation(self) -> dict[str, Any]:
+        return (await self.get("/organisation")).get("organisation") or {}
+
+    async def petitions(self) -> list[dict[str, Any]]:
+        result: list[dict[str, Any]] = []
+        async for items, _ in self.pages("/petitions", "petitions"):
+            result.extend(items)
+        return result
+
+    async def signatures_page(self, slug: str, page: int) -> tuple[list[dict[str, Any]], dict]:
+        body = await self.get(f"/petitions/{quote(slug, safe='')}/signatures?page={page}")
+        return body.get("signatures") or [], body.get("meta") or {}
+
+
+def _seconds(value: str | None, default: float) -> float:
+    try:
+        return max(1.0, float(value)) if value is not None else default
+    except ValueError:
+        return default

@@ -1,0 +1,274 @@
+"""The poller: finds what changed on ControlShift and enqueues it, with what it saw, atomically.
+
+ControlShift offers no "since" filter, no documented sort order and no page size, and signatures
+exist only per petition. So every cycle lists the petitions (cheap: few pages) and compares each
+launched petition's change signals with what was recorded after its last walk:
+
+* ``public_signature_count`` grew → walk its signature pages from both ends (1, N, 2, N-1, …)
+  until as many unseen signatures as the count grew by have turned up. New signatures land on the
+  first pages or the last ones whichever the (unknown) order is; an unusual order only costs more
+  pages, never a missed signature, since the walk continues to the end when it must.
+* the count shrank, the petition's content (title, categories, creator) changed, or the petition
+  is new → walk every page.
+* nothing changed → no signature request at all.
+
+Every signature seen is compared by fingerprint with the version recorded before; only new or
+changed versions are enqueued. A full reconciliation sweep (every page of every petition) runs
+every ``reconcile_interval`` to catch edits that move no signal, such as a late opt-in. The very
+first cycle walks everything: that is the backfill.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from csand.controlshift.client import ControlShiftClient, CSAuthError, CSError
+from csand.logs import get_logger
+from csand.model import Activity, creator_activity, normalize_email, signature_activity
+from csand.store import PetitionState, SignatureSeen, Store
+
+log = get_logger("poller")
+
+COMMIT_EVERY_PAGES = 20  # bounds memory and lost work on a very large petition
+
+
+def edge_order(total_pages: int) -> list[int]:
+    """1, N, 2, N-1, …: the pages where new records sit under either sort order come first."""
+    order: list[int] = []
+    lo, hi = 1, total_pages
+    while lo <= hi:
+        order.append(lo)
+        if hi != lo:
+            order.append(hi)
+        lo, hi = lo + 1, hi - 1
+    return order
+
+
+def petition_content(petition: dict[str, Any]) -> str:
+    creator = petition.get("creator") or {}
+    data = [
+        petition.get("title"),
+        sorted(str((c or {}).get("name") if isinstance(c, dict) else c)
+               for c in petition.get("categories") or ()),
+        normalize_email(creator.get("email")), creator.get("first_name"), creator.get("last_name"),
+    ]
+    return hashlib.sha256(json.dumps(data, default=str).encode()).hexdigest()[:20]
+
+
+@dataclass
+class CycleReport:
+    petitions: int = 0
+    walked: int = 0
+    pages: int = 0
+    enqueued: int = 0
+    malformed: int = 0
+
+
+class Poller:
+    def __init__(
+        self,
+        cs: ControlShiftClient,
+        store: Store,
+        *,
+        poll_interval: float = 30.0,
+        reconcile_interval: float = 3600.0,
+        org_slug: str | None = None,
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.cs = cs
+        self.store = store
+        self.poll_interval = poll_interval
+        self.reconcile_interval = reconcile_interval
+        self._org_slug = org_slug
+        self.clock = clock
+        self._locks: dict[int, anyio.Lock] = {}
+        self.cycles = 0
+        self.poked = anyio.Event()  # set to start the next cycle early (webhooks, tests)
+
+    # ---- loops ----
+
+    async def run(self) -> None:
+        """Incremental cycles every ``poll_interval``; reconciliation sweeps beside them."""
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(self._incremental_loop)
+            tg.start_soon(self._reconcile_loop)
+
+    async def _incremental_loop(self) -> None:
+        while True:
+            await self._guarded_cycle(full=False)
+            with anyio.move_on_after(self.poll_interval):
+                await self.poked.wait()
+            self.poked = anyio.Event()
+
+    async def _reconcile_loop(self) -> None:
+        while True:
+            last = await self.store.get_meta("last_reconcile_at")
+            due = (float(last) + self.reconcile_interval) if last else None
+            now = self.clock()
+            if due is None:  # no backfill yet: the incremental loop's first cycle does it
+                await anyio.sleep(min(self.poll_interval, 5.0))
+                continue
+            if now < due:
+                await anyio.sleep(due - now)
+                continue
+            await self._guarded_cycle(full=True)
+
+    async def _guarded_cycle(self, full: bool) -> CycleReport | None:
+        try:
+            return await self.cycle(full=full)
+        except CSAuthError as exc:
+            log.error("cs.auth_failed", error=str(exc), msg="ControlShift rejected the "
+                      "credentials; polling continues every interval. Nothing is lost meanwhile.")
+        except CSError as exc:
+            log.warning("poll.failed", error=str(exc), full=full)
+        return None
+
+    # ---- one cycle ----
+
+    async def org_slug(self) -> str:
+        if self._org_slug is None:
+            stored = await self.store.get_meta("org_slug")
+            if stored is None:
+                stored = str((await self.cs.organisation()).get("slug") or "").strip()
+                if not stored:
+                    raise CSError("ControlShift /api/v1/organisation returned no slug")
+                await self.store.set_meta(org_slug=stored)
+            self._org_slug = stored
+        return self._org_slug
+
+    async def cycle(self, full: bool = False) -> CycleReport:
+        started = self.clock()
+        t0 = time.monotonic()
+        org = await self.org_slug()
+        report = CycleReport()
+        petitions = await self.cs.petitions()
+        first_run = await self.store.get_meta("backfill_done") is None
+        for petition in petitions:
+            try:
+                cs_id = int(petition["id"])
+                slug = str(petition["slug"])
+            except (KeyError, TypeError, ValueError):
+                report.malformed += 1
+                log.error("cs.malformed_petition", reason="petition without id or slug",
+                          record=str(petition)[:200])
+                continue
+            if petition.get("launched") is not True:
+                continue
+            report.petitions += 1
+            lock = self._locks.setdefault(cs_id, anyio.Lock())
+            async with lock:
+                await self._sync_petition(petition, cs_id, slug, org, full or first_run, report)
+        meta: dict[str, float | str] = {"last_poll_at": started}
+        if full or first_run:
+            meta["last_reconcile_at"] = started
+        if first_run:
+            meta["backfill_done"] = "1"
+        await self.store.set_meta(**meta)
+        self.cycles += 1
+        log.info("poll.cycle", full=full, backfill=first_run, petitions=report.petitions,
+                 walked=report.walked, pages=report.pages, enqueued=report.enqueued,
+                 malformed=report.malformed, ms=round((time.monotonic() - t0) * 1000))
+        return report
+
+    async def _sync_petition(
+        self, petition: dict[str, Any], cs_id: int, slug: str, org: str, full: bool,
+        report: CycleReport,
+    ) -> None:
+        state = await self.store.petition_state(cs_id)
+        public = petition.get("public_signature_count")
+        public = int(public) if isinstance(public, int | float) else None
+        content = petition_content(petition)
+        known = state is not None and state.content is not None
+        whole = (
+            full or not known or state.content != content or public is None
+            or state.public_count is None or public < state.public_count
+        )
+        if not whole and public == state.public_count and petition.get("updated_at") == state.updated_at:
+            return  # nothing moved: no signature request at all
+        report.walked += 1
+        creator = creator_activity(petition, org)
+        seen = await self.store.signatures_seen(cs_id)
+        live = sum(1 for s in seen.values() if not s.deleted_at)
+        expected_new = None if whole or public is None else max(0, public - live)
+
+        batch = _Batch()
+        batch.activities.append(creator)
+        total_pages = 1
+        new_found = 0
+        order = [1]
+        index = 0
+        while index < len(order):
+            page = order[index]
+            index += 1
+            items, meta = await self.cs.signatures_page(slug, page)
+            report.pages += 1
+            if page == 1:
+                total_pages = max(1, int(meta.get("total_pages") or 1))
+                order = edge_order(total_pages)
+            for record in items:
+                new_found += self._see(record, petition, org, seen, batch, report)
+            if len(batch.pages) >= COMMIT_EVERY_PAGES:
+                report.enqueued += await self._commit(None, batch)
+                batch = _Batch()
+            batch.pages.append(page)
+            if expected_new is not None and new_found >= expected_new:
+                break
+        new_state = PetitionState(
+            cs_id=cs_id, slug=slug, updated_at=petition.get("updated_at"), public_count=public,
+            content=content, total_pages=total_pages, an_uuid=None,
+        )
+        report.enqueued += await self._commit(new_state, batch)
+
+    def _see(
+        self, record: Any, petition: dict[str, Any], org: str, seen: dict[int, SignatureSeen],
+        batch: _Batch, report: CycleReport,
+    ) -> int:
+        """Compare one signature with its recorded version; returns 1 if it is a new one."""
+        try:
+            sig_id = int(record["id"])
+            activity = signature_activity(record, petition, org)
+        except (KeyError, TypeError, ValueError) as exc:
+            report.malformed += 1
+            log.error("cs.malformed_signature", petition=petition.get("slug"),
+                      reason=f"{type(exc).__name__}: {exc}", record=str(record)[:200])
+            return 0
+        previous = seen.get(sig_id)
+        deleted_at = record.get("deleted_at")
+        if deleted_at:
+            if previous is None or not previous.deleted_at:
+                row = SignatureSeen(sig_id, activity.petition.cs_id, "deleted", str(deleted_at))  # type: ignore[union-attr]
+                seen[sig_id] = row
+                batch.signatures.append(row)
+                if previous is not None:
+                    batch.deleted.append(activity.source_key)
+                    log.info("cs.signature_deleted", source=activity.source_key,
+                             msg="deleted on ControlShift: not synced further; AN unchanged")
+            return 0
+        fingerprint = activity.fingerprint()
+        if previous is not None and previous.fingerprint == fingerprint and not previous.deleted_at:
+            return 0
+        row = SignatureSeen(sig_id, activity.petition.cs_id, fingerprint, None)  # type: ignore[union-attr]
+        seen[sig_id] = row
+        batch.signatures.append(row)
+        batch.activities.append(activity)
+        return 1 if previous is None else 0
+
+    async def _commit(self, state: PetitionState | None, batch: _Batch) -> int:
+        return await self.store.commit_poll(state, batch.signatures, batch.activities, batch.deleted)
+
+
+class _Batch:
+    __slots__ = ("activities", "signatures", "deleted", "pages")
+
+    def __init__(self) -> None:
+        self.activities: list[Activity] = []
+        self.signatures: list[SignatureSeen] = []
+        self.deleted: list[str] = []
+        self.pages: list[int] = []

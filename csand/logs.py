@@ -1,0 +1,88 @@
+"""structlog set-up: one JSON object per line (console rendering on a terminal), redacted.
+
+Redaction is a processor, so it covers every event, whatever code emitted it: configured secrets
+are replaced wherever they appear, keys that name a secret are blanked, and email addresses
+(plain or URL-encoded, as in an AN filter query) are masked to ``a***@example.org``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import sys
+from collections.abc import Iterable, MutableMapping
+from typing import Any, TextIO
+
+import structlog
+
+_EMAIL = re.compile(r"([A-Za-z0-9._%+\-'])[A-Za-z0-9._%+\-']*(@|%40)([A-Za-z0-9.\-]+\.[A-Za-z]{2,})")
+_SECRET_KEYS = re.compile(r"(api_?key|token|secret|password|authorization)", re.IGNORECASE)
+_LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
+           "error": logging.ERROR}
+
+
+def mask_email(text: str) -> str:
+    return _EMAIL.sub(lambda m: f"{m.group(1)}***{m.group(2)}{m.group(3)}", text)
+
+
+class Redactor:
+    """structlog processor: secrets out, emails masked, recursively through values."""
+
+    def __init__(self, secrets: Iterable[str] = ()) -> None:
+        self.secrets = sorted({s for s in secrets if s and len(s) >= 4}, key=len, reverse=True)
+
+    def add_secrets(self, secrets: Iterable[str]) -> None:
+        self.secrets = sorted({*self.secrets, *(s for s in secrets if s and len(s) >= 4)},
+                              key=len, reverse=True)
+
+    def _scrub(self, value: Any) -> Any:
+        if isinstance(value, str):
+            for secret in self.secrets:
+                if secret in value:
+                    value = value.replace(secret, "***")
+            return mask_email(value)
+        if isinstance(value, dict):
+            return {k: ("***" if _SECRET_KEYS.search(str(k)) and v else self._scrub(v))
+                    for k, v in value.items()}
+        if isinstance(value, list | tuple | set):
+            return [self._scrub(v) for v in value]
+        if isinstance(value, int | float | bool) or value is None:
+            return value
+        return self._scrub(str(value))
+
+    def __call__(self, _logger: Any, _name: str, event: MutableMapping[str, Any]) -> Any:
+        return self._scrub(dict(event))
+
+
+redactor = Redactor()
+
+
+def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = None,
+              secrets: Iterable[str] = ()) -> None:
+    stream = stream or sys.stdout
+    redactor.add_secrets(secrets)
+    console = fmt == "console" or (fmt == "auto" and stream.isatty())
+    renderer: Any = (
+        structlog.dev.ConsoleRenderer(colors=True) if console
+        else structlog.processors.JSONRenderer(ensure_ascii=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            redactor,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
+        logger_factory=structlog.PrintLoggerFactory(file=stream),
+        cache_logger_on_first_use=False,
+    )
+    # httpx/httpcore log request URLs (with email filters) at INFO: keep them out entirely.
+    for noisy in ("httpx", "httpcore", "uvicorn", "uvicorn.error", "uvicorn.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
+    return structlog.get_logger(name).bind(component=name)

@@ -1,0 +1,86 @@
+"""A token bucket shared by every worker, that slows down on 429 and recovers gradually.
+
+AN allows 4 requests/second per API key and asks clients to back off exponentially, so one
+bucket per key is shared by all workers: requests are spaced ``1/rate`` apart (a burst above 1
+would let a short spike exceed AN's window). On a 429 every worker pauses (for ``Retry-After``
+when AN sends it, otherwise an exponential pause), the rate is halved, and it climbs back
+linearly to the configured rate over ``recovery_seconds``.
+
+Time comes from an injectable clock and sleep, so tests drive it with a fake clock.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+
+import anyio
+
+
+class TokenBucket:
+    def __init__(
+        self,
+        rate: float,
+        *,
+        burst: float = 1.0,
+        min_rate_fraction: float = 0.125,
+        recovery_seconds: float = 20.0,
+        clock: Callable[[], float] = time.monotonic,
+        sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
+    ) -> None:
+        if rate <= 0:
+            raise ValueError("rate must be positive")
+        self.target_rate = rate
+        self.burst = max(1.0, burst)
+        self.min_rate = rate * min_rate_fraction
+        self.recovery_seconds = recovery_seconds
+        self._clock = clock
+        self._sleep = sleep
+        self._lock = anyio.Lock()
+        self._next = clock()  # earliest time the next request may start
+        self._floor = rate  # rate right after the last 429
+        self._limited_at: float | None = None
+        self._paused_until = 0.0
+        self._strikes = 0  # consecutive 429s without a success in between
+        self.rate_limited_count = 0
+
+    def current_rate(self, now: float | None = None) -> float:
+        if self._limited_at is None:
+            return self.target_rate
+        now = self._clock() if now is None else now
+        elapsed = max(0.0, now - self._limited_at)
+        climbed = self._floor + (self.target_rate - self._floor) * elapsed / self.recovery_seconds
+        return min(self.target_rate, climbed)
+
+    @property
+    def paused_until(self) -> float:
+        return self._paused_until
+
+    async def acquire(self) -> None:
+        """Wait for this caller's slot. Slots are handed out in arrival order."""
+        while True:
+            async with self._lock:
+                now = self._clock()
+                earliest = now - (self.burst - 1) / self.current_rate(now)
+                start = max(self._next, earliest, self._paused_until)
+                self._next = start + 1.0 / self.current_rate(start)
+            if start > now:
+                await self._sleep(start - now)
+            # A 429 seen while we slept pauses us too, even though our slot was handed out.
+            if self._clock() + 1e-9 >= self._paused_until:
+                return
+
+    def on_success(self) -> None:
+        self._strikes = 0
+
+    def on_rate_limited(self, retry_after: float | None = None) -> float:
+        """Pause everyone and halve the rate. Returns the pause in seconds."""
+        now = self._clock()
+        self.rate_limited_count += 1
+        self._strikes += 1
+        pause = retry_after if retry_after is not None else min(30.0, 2.0 ** (self._strikes - 1))
+        self._floor = max(self.min_rate, self.current_rate(now) / 2)
+        self._limited_at = now + pause
+        self._paused_until = max(self._paused_until, now + pause)
+        self._next = max(self._next, self._paused_until)
+        return pause

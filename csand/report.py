@@ -1,0 +1,40 @@
+"""Human-readable output for the CLI (rich tables)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def print_status(data: dict[str, Any], console: Console | None = None) -> None:
+    console = console or Console()
+    table = Table(title="csand", show_header=False, box=None, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column()
+    for key in ("pending", "in_flight", "done", "dead", "cancelled", "retrying"):
+        table.add_row(key.replace("_", " "), str(data.get(key, 0)))
+    age = data.get("oldest_pending_age_s")
+    table.add_row("oldest waiting", f"{age:.0f} s" if age is not None else "-")
+    table.add_row("last poll", data.get("last_poll_at") or "never")
+    table.add_row("last reconciliation", data.get("last_reconcile_at") or "never")
+    table.add_row("backfill", "done" if data.get("backfill_done") else "not finished")
+    table.add_row("petitions", f"{data.get('petitions_seen', 0)} seen, "
+                  f"{data.get('petitions_mirrored', 0)} mirrored in Action Network")
+    table.add_row("signatures", f"{data.get('signatures_seen', 0)} seen, "
+                  f"{data.get('signatures_deleted', 0)} deleted on ControlShift")
+    rate = data.get("an_rate")
+    table.add_row("AN rate", f"{rate:g} req/s" if rate else "-")
+    table.add_row("daemon", f"alive (heartbeat {data['daemon_heartbeat_at']})"
+                  if data.get("daemon_heartbeat_at") else "not running")
+    if data.get("an_paused"):
+        table.add_row("[red]PAUSED[/red]", f"[red]{data['an_paused']}[/red]")
+    console.print(table)
+    if data.get("dead_reasons"):
+        dead = Table(title="dead letters by reason")
+        dead.add_column("count", justify="right")
+        dead.add_column("reason")
+        for row in data["dead_reasons"]:
+            dead.add_row(str(row["count"]), row["reason"] or "")
+        console.print(dead)

@@ -1,0 +1,590 @@
+"""SQLite storage: schema, migrations and every query csand runs, in one place.
+
+Rules this module keeps:
+
+* WAL mode, so ``csand status`` can read while ``csand run`` writes.
+* One writer connection; every write transaction starts with ``BEGIN IMMEDIATE`` (a deferred
+  transaction that later upgrades fails at once with "database is locked").
+* What the poller saw (petition signals, signature fingerprints) and the outbox rows it produced
+  commit in the same transaction, so a crash can never record "seen" without "enqueued".
+* Outbox items move ``pending → in_flight → done | dead`` (or ``cancelled`` when ControlShift
+  deleted the signature before it was synced); attempts and the next attempt time are columns,
+  not memory.
+
+Times are Unix seconds (float, from an injectable clock) for scheduling, ISO 8601 for display.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import aiosqlite
+import anyio
+
+from csand.model import Activity, ActivityKind, parse_time
+from csand.sync.rules import Person
+
+# Each entry migrates from version i to i+1. Append only; never edit a released one.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE meta (
+        key   TEXT PRIMARY KEY,
+        value TEXT
+    );
+
+    CREATE TABLE outbox (
+        id              INTEGER PRIMARY KEY,
+        dedupe_key      TEXT NOT NULL UNIQUE,   -- source record + version fingerprint
+        source_key      TEXT NOT NULL,          -- the CS record ("signature:42")
+        person_key      TEXT NOT NULL,          -- normalised email: one in flight per person
+        petition_id     INTEGER,                -- CS petition id, for ordering behind its creator
+        kind            TEXT NOT NULL,
+        payload         TEXT NOT NULL,          -- Activity as JSON
+        occurred_at     TEXT NOT NULL,          -- CS time: per-person apply order
+        status          TEXT NOT NULL DEFAULT 'pending'
+                        CHECK (status IN ('pending', 'in_flight', 'done', 'dead', 'cancelled')),
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        lease_until     REAL,
+        last_error      TEXT,
+        note            TEXT,
+        enqueued_at     REAL NOT NULL,
+        finished_at     REAL
+    );
+    CREATE INDEX outbox_ready    ON outbox (status, next_attempt_at, id);
+    CREATE INDEX outbox_person   ON outbox (person_key, status, occurred_at, id);
+    CREATE INDEX outbox_source   ON outbox (source_key, status);
+    CREATE INDEX outbox_petition ON outbox (petition_id, kind, status);
+
+    CREATE TABLE cs_petitions (
+        cs_id            INTEGER PRIMARY KEY,
+        slug             TEXT NOT NULL,
+        updated_at       TEXT,                  -- CS change signals seen at the last walk
+        public_count     INTEGER,
+        content          TEXT,                  -- fingerprint of title/categories/creator
+        total_pages      INTEGER,
+        walked_at        REAL,
+        an_uuid          TEXT                   -- the mirrored AN petition, once created
+    );
+
+    CREATE TABLE cs_signatures (
+        cs_id        INTEGER PRIMARY KEY,
+        petition_id  INTEGER NOT NULL,
+        fingerprint  TEXT NOT NULL,
+        deleted_at   TEXT
+    );
+    CREATE INDEX cs_signatures_petition ON cs_signatures (petition_id);
+
+    CREATE TABLE an_people (                    -- what AN's own answers told csand
+        email      TEXT PRIMARY KEY,
+        exists_    INTEGER,                     -- 1 present, 0 absent, NULL unknown
+        uuid       TEXT,
+        subscribed INTEGER,
+        fields_at  TEXT,
+        learned_at REAL NOT NULL
+    );
+
+    CREATE TABLE an_tags (
+        name_key TEXT PRIMARY KEY,              -- lower-cased: AN tag names are case-insensitive
+        name     TEXT NOT NULL,
+        uuid     TEXT
+    );
+    """,
+]
+
+STATUSES = ("pending", "in_flight", "done", "dead", "cancelled")
+
+
+@dataclass(frozen=True, slots=True)
+class Item:
+    id: int
+    activity: Activity
+    attempts: int
+    enqueued_at: float
+
+
+@dataclass(frozen=True, slots=True)
+class PetitionState:
+    cs_id: int
+    slug: str
+    updated_at: str | None
+    public_count: int | None
+    content: str | None
+    total_pages: int | None
+    an_uuid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class SignatureSeen:
+    cs_id: int
+    petition_id: int
+    fingerprint: str
+    deleted_at: str | None
+
+
+def _iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, UTC).isoformat() if ts else None
+
+
+class Store:
+    """The single writer. Open with ``await Store.open(path)``; close with ``await store.close()``."""
+
+    def __init__(self, conn: aiosqlite.Connection, clock: Callable[[], float]) -> None:
+        self._db = conn
+        self._clock = clock
+        self._lock = anyio.Lock()  # one transaction at a time on the writer connection
+        self.listeners: list[Callable[[], None]] = []  # called when work becomes ready
+
+    def _notify(self) -> None:
+        for listener in self.listeners:
+            listener()
+
+    # ---- lifecycle ----
+
+    @classmethod
+    async def open(cls, path: str | Path, clock: Callable[[], float] = time.time) -> Store:
+        path = Path(path)
+        if str(path) != ":memory:":
+            path.parent.mkdir(parents=True, exist_ok=True)
+        conn = await aiosqlite.connect(str(path), isolation_level=None, timeout=30)
+        conn.row_factory = sqlite3.Row
+        await conn.execute("PRAGMA journal_mode=WAL")
+        await conn.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL
+        await conn.execute("PRAGMA foreign_keys=ON")
+        await conn.execute("PRAGMA busy_timeout=30000")
+        store = cls(conn, clock)
+        await store._migrate()
+        return store
+
+    async def close(self) -> None:
+        await self._db.close()
+
+    async def _migrate(self) -> None:
+        async with self._lock:
+            await self._db.execute("BEGIN IMMEDIATE")
+            try:
+                version = (await (await self._db.execute("PRAGMA user_version")).fetchone())[0]
+                for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                    for statement in _statements(script):
+                        await self._db.execute(statement)
+                    await self._db.execute(f"PRAGMA user_version = {number}")
+                await self._db.execute("COMMIT")
+            except BaseException:
+                await self._db.execute("ROLLBACK")
+                raise
+
+    async def schema_version(self) -> int:
+        return (await (await self._db.execute("PRAGMA user_version")).fetchone())[0]
+
+    # ---- transactions ----
+
+    async def _write(self, fn: Callable[[aiosqlite.Connection], Any]) -> Any:
+        """Run ``fn`` inside ``BEGIN IMMEDIATE … COMMIT`` on the writer connection."""
+        async with self._lock:
+            with anyio.CancelScope(shield=True):  # never leave a half-open transaction behind
+                await self._db.execute("BEGIN IMMEDIATE")
+                try:
+                    result = await fn(self._db)
+                    await self._db.execute("COMMIT")
+                except BaseException:
+                    await self._db.execute("ROLLBACK")
+                    raise
+        return result
+
+    async def _read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
+        async with self._lock:
+            cursor = await self._db.execute(sql, params)
+            return list(await cursor.fetchall())
+
+    # ---- meta ----
+
+    async def get_meta(self, key: str) -> str | None:
+        rows = await self._read("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0]["value"] if rows else None
+
+    async def set_meta(self, **values: str | float | None) -> None:
+        async def tx(db: aiosqlite.Connection) -> None:
+            await db.executemany(
+                "INSERT INTO meta (key, value) VALUES (?, ?) "
+                "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                [(k, None if v is None else str(v)) for k, v in values.items()],
+            )
+
+        await self._write(tx)
+
+    # ---- poller side ----
+
+    async def petition_states(self) -> dict[int, PetitionState]:
+        rows = await self._read(
+            "SELECT cs_id, slug, updated_at, public_count, content, total_pages, an_uuid "
+            "FROM cs_petitions"
+        )
+        return {r["cs_id"]: PetitionState(**dict(r)) for r in rows}
+
+    async def petition_state(self, cs_id: int) -> PetitionState | None:
+        rows = await self._read(
+            "SELECT cs_id, slug, updated_at, public_count, content, total_pages, an_uuid "
+            "FROM cs_petitions WHERE cs_id = ?", (cs_id,),
+        )
+        return PetitionState(**dict(rows[0])) if rows else None
+
+    async def signatures_seen(self, petition_id: int) -> dict[int, SignatureSeen]:
+        rows = await self._read(
+            "SELECT cs_id, petition_id, fingerprint, deleted_at FROM cs_signatures "
+            "WHERE petition_id = ?", (petition_id,),
+        )
+        return {r["cs_id"]: SignatureSeen(**dict(r)) for r in rows}
+
+    async def commit_poll(
+        self,
+        petition: PetitionState | None,
+        signatures: Iterable[SignatureSeen] = (),
+        activities: Iterable[Activity] = (),
+        deleted_sources: Iterable[str] = (),
+    ) -> int:
+        """Record what the poller saw and enqueue what it produced, atomically.
+
+        Returns the number of new outbox items (re-seen versions are ignored by the unique
+        dedupe key). Pending items of deleted signatures are cancelled: CS says to treat a
+        deleted signature as if it never happened.
+        """
+        now = self._clock()
+        rows = [_outbox_row(a, now) for a in activities]
+        sigs = [(s.cs_id, s.petition_id, s.fingerprint, s.deleted_at) for s in signatures]
+        deleted = [(s,) for s in deleted_sources]
+
+        async def tx(db: aiosqlite.Connection) -> int:
+            if petition is not None:
+                await db.execute(
+                    "INSERT INTO cs_petitions "
+                    "(cs_id, slug, updated_at, public_count, content, total_pages, walked_at) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (cs_id) DO UPDATE SET "
+                    "slug = excluded.slug, updated_at = excluded.updated_at, "
+                    "public_count = excluded.public_count, content = excluded.content, "
+                    "total_pages = excluded.total_pages, walked_at = excluded.walked_at",
+                    (petition.cs_id, petition.slug, petition.updated_at, petition.public_count,
+                     petition.content, petition.total_pages, now),
+                )
+            if sigs:
+                await db.executemany(
+                    "INSERT INTO cs_signatures (cs_id, petition_id, fingerprint, deleted_at) "
+                    "VALUES (?, ?, ?, ?) ON CONFLICT (cs_id) DO UPDATE SET "
+                    "fingerprint = excluded.fingerprint, deleted_at = excluded.deleted_at",
+                    sigs,
+                )
+            before = db.total_changes
+            if rows:
+                await db.executemany(_INSERT_OUTBOX, rows)
+            added = db.total_changes - before
+            if deleted:
+                await db.executemany(
+                    "UPDATE outbox SET status = 'cancelled', finished_at = ?, "
+                    "note = 'signature deleted on ControlShift before it was synced' "
+                    "WHERE source_key = ? AND status = 'pending'",
+                    [(now, s) for (s,) in deleted],
+                )
+            return added
+
+        added = await self._write(tx)
+        if added:
+            self._notify()
+        return added
+
+    async def enqueue(self, activities: Iterable[Activity]) -> int:
+        return await self.commit_poll(None, (), activities)
+
+    # ---- worker side ----
+
+    async def release_all_in_flight(self) -> int:
+        """At start-up: whatever a previous (crashed) process held is ours to retry."""
+
+        async def tx(db: aiosqlite.Connection) -> int:
+            cur = await db.execute(
+                "UPDATE outbox SET status = 'pending', lease_until = NULL "
+                "WHERE status = 'in_flight'"
+            )
+            return cur.rowcount
+
+        return await self._write(tx)
+
+    async def lease(self, limit: int, lease_seconds: float) -> list[Item]:
+        """Take up to ``limit`` ready items, at most one per person, oldest activity first.
+
+        An item is ready when its time has come, nobody else holds an item of the same person,
+        no earlier item of that person is still pending, and — for a signature — its petition is
+        mirrored in AN or no creator item for it is still to run (the creator link needs the
+        creator's AN person). Expired leases of a crashed worker are reclaimed first.
+        """
+        now = self._clock()
+
+        async def tx(db: aiosqlite.Connection) -> list[Item]:
+            await db.execute(
+                "UPDATE outbox SET status = 'pending', lease_until = NULL "
+                "WHERE status = 'in_flight' AND lease_until < ?", (now,),
+            )
+            cursor = await db.execute(_LEASE_QUERY, {"now": now, "limit": limit})
+            rows = list(await cursor.fetchall())
+            if rows:
+                await db.executemany(
+                    "UPDATE outbox SET status = 'in_flight', lease_until = ? WHERE id = ?",
+                    [(now + lease_seconds, r["id"]) for r in rows],
+                )
+            return [
+                Item(r["id"], Activity.from_json(json.loads(r["payload"])), r["attempts"],
+                     r["enqueued_at"])
+                for r in rows
+            ]
+
+        return await self._write(tx)
+
+    async def finish(
+        self,
+        item_id: int,
+        status: str,
+        *,
+        error: str | None = None,
+        note: str | None = None,
+        next_attempt_at: float | None = None,
+        count_attempt: bool = True,
+        person: tuple[str, Person] | None = None,
+    ) -> None:
+        """Record an item's outcome and what was learned about its person, in one transaction.
+
+        ``status`` is ``done``, ``dead`` or ``pending`` (retry at ``next_attempt_at``; with
+        ``count_attempt=False`` the item is released without using up an attempt).
+        """
+        now = self._clock()
+
+        async def tx(db: aiosqlite.Connection) -> None:
+            if status == "pending":
+                await db.execute(
+                    "UPDATE outbox SET status = 'pending', lease_until = NULL, "
+                    "attempts = attempts + ?, next_attempt_at = ?, last_error = COALESCE(?, last_error) "
+                    "WHERE id = ?",
+                    (1 if count_attempt else 0, next_attempt_at or now, error, item_id),
+                )
+            else:
+                await db.execute(
+                    "UPDATE outbox SET status = ?, lease_until = NULL, finished_at = ?, "
+                    "attempts = attempts + 1, last_error = COALESCE(?, last_error), note = ? "
+                    "WHERE id = ?",
+                    (status, now, error, note, item_id),
+                )
+            if person is not None:
+                await _save_person(db, person[0], person[1], now)
+
+        await self._write(tx)
+
+    async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
+        """Put dead items back in the queue (after the operator fixed the cause)."""
+
+        async def tx(db: aiosqlite.Connection) -> int:
+            if ids is None:
+                cur = await db.execute(
+                    "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = 0, "
+                    "finished_at = NULL WHERE status = 'dead'"
+                )
+            else:
+                cur = await db.executemany(
+                    "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = 0, "
+                    "finished_at = NULL WHERE status = 'dead' AND id = ?", [(i,) for i in ids],
+                )
+            return cur.rowcount
+
+        count = await self._write(tx)
+        if count:
+            self._notify()
+        return count
+
+    # ---- what csand knows about AN ----
+
+    async def person(self, email: str) -> Person:
+        rows = await self._read(
+            "SELECT exists_, uuid, subscribed, fields_at FROM an_people WHERE email = ?", (email,)
+        )
+        if not rows:
+            return Person()
+        r = rows[0]
+        return Person(
+            exists=None if r["exists_"] is None else bool(r["exists_"]),
+            uuid=r["uuid"],
+            subscribed=None if r["subscribed"] is None else bool(r["subscribed"]),
+            fields_at=parse_time(r["fields_at"]),
+        )
+
+    async def save_person(self, email: str, person: Person) -> None:
+        now = self._clock()
+
+        async def tx(db: aiosqlite.Connection) -> None:
+            await _save_person(db, email, person, now)
+
+        await self._write(tx)
+
+    async def petition_uuid(self, cs_id: int) -> str | None:
+        rows = await self._read("SELECT an_uuid FROM cs_petitions WHERE cs_id = ?", (cs_id,))
+        return rows[0]["an_uuid"] if rows else None
+
+    async def set_petition_uuid(self, cs_id: int, slug: str, uuid: str) -> None:
+        async def tx(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "INSERT INTO cs_petitions (cs_id, slug, an_uuid) VALUES (?, ?, ?) "
+                "ON CONFLICT (cs_id) DO UPDATE SET an_uuid = excluded.an_uuid",
+                (cs_id, slug, uuid),
+            )
+
+        await self._write(tx)
+        self._notify()  # signatures waiting for this petition are ready now
+
+    async def tags(self) -> dict[str, tuple[str, str | None]]:
+        rows = await self._read("SELECT name_key, name, uuid FROM an_tags")
+        return {r["name_key"]: (r["name"], r["uuid"]) for r in rows}
+
+    async def save_tags(self, tags: Iterable[tuple[str, str | None]]) -> None:
+        values = [(name.lower(), name, uuid) for name, uuid in tags]
+
+        async def tx(db: aiosqlite.Connection) -> None:
+            await db.executemany(
+                "INSERT INTO an_tags (name_key, name, uuid) VALUES (?, ?, ?) "
+                "ON CONFLICT (name_key) DO UPDATE SET uuid = COALESCE(excluded.uuid, uuid)",
+                values,
+            )
+
+        if values:
+            await self._write(tx)
+
+    # ---- reporting ----
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self._read("SELECT status, COUNT(*) AS n FROM outbox GROUP BY status")
+        counts = dict.fromkeys(STATUSES, 0)
+        counts.update({r["status"]: r["n"] for r in rows})
+        return counts
+
+    async def status(self) -> dict[str, Any]:
+        """The figures ``csand status`` prints; cheap enough to call every second."""
+        counts = await self.counts()
+        meta = {r["key"]: r["value"] for r in await self._read("SELECT key, value FROM meta")}
+        now = self._clock()
+        oldest = await self._read(
+            "SELECT MIN(enqueued_at) AS t FROM outbox WHERE status IN ('pending', 'in_flight')"
+        )
+        waiting = await self._read(
+            "SELECT COUNT(*) AS n FROM outbox WHERE status = 'pending' AND attempts > 0"
+        )
+        reasons = await self._read(
+            "SELECT last_error AS reason, COUNT(*) AS n FROM outbox WHERE status = 'dead' "
+            "GROUP BY last_error ORDER BY n DESC LIMIT 5"
+        )
+        petitions = await self._read(
+            "SELECT COUNT(*) AS n, COUNT(an_uuid) AS mirrored FROM cs_petitions"
+        )
+        signatures = await self._read(
+            "SELECT COUNT(*) AS n, COUNT(deleted_at) AS deleted FROM cs_signatures"
+        )
+        oldest_t = oldest[0]["t"]
+        return {
+            **{k: counts[k] for k in STATUSES},
+            "retrying": waiting[0]["n"],
+            "oldest_pending_age_s": round(now - oldest_t, 1) if oldest_t else None,
+            "last_poll_at": _iso(_float(meta.get("last_poll_at"))),
+            "last_reconcile_at": _iso(_float(meta.get("last_reconcile_at"))),
+            "backfill_done": meta.get("backfill_done") == "1",
+            "petitions_seen": petitions[0]["n"],
+            "petitions_mirrored": petitions[0]["mirrored"],
+            "signatures_seen": signatures[0]["n"],
+            "signatures_deleted": signatures[0]["deleted"],
+            "an_paused": meta.get("an_paused") or None,
+            "an_rate": _float(meta.get("an_rate")),
+            "daemon_heartbeat_at": _iso(_float(meta.get("heartbeat_at"))),
+            "dead_reasons": [{"reason": r["reason"], "count": r["n"]} for r in reasons],
+        }
+
+    async def dead_items(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = await self._read(
+            "SELECT id, source_key, kind, attempts, last_error, finished_at FROM outbox "
+            "WHERE status = 'dead' ORDER BY id LIMIT ?", (limit,),
+        )
+        return [dict(r) | {"finished_at": _iso(r["finished_at"])} for r in rows]
+
+
+def _float(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def _statements(script: str) -> list[str]:
+    return [s.strip() for s in script.split(";") if s.strip()]
+
+
+_INSERT_OUTBOX = (
+    "INSERT OR IGNORE INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, "
+    "payload, occurred_at, enqueued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+# A petition-creation item goes first among items ready at the same time: signatures of its
+# petition wait for it.
+_LEASE_QUERY = """
+SELECT o.id, o.payload, o.attempts, o.enqueued_at
+FROM outbox AS o
+WHERE o.status = 'pending'
+  AND o.next_attempt_at <= :now
+  AND NOT EXISTS (
+        SELECT 1 FROM outbox AS busy
+        WHERE busy.person_key = o.person_key AND busy.status = 'in_flight')
+  AND NOT EXISTS (
+        SELECT 1 FROM outbox AS earlier
+        WHERE earlier.person_key = o.person_key AND earlier.status = 'pending'
+          AND (earlier.occurred_at < o.occurred_at
+               OR (earlier.occurred_at = o.occurred_at AND earlier.id < o.id)))
+  AND (o.kind != 'signature'
+       OR EXISTS (SELECT 1 FROM cs_petitions AS p
+                  WHERE p.cs_id = o.petition_id AND p.an_uuid IS NOT NULL)
+       OR NOT EXISTS (SELECT 1 FROM outbox AS c
+                      WHERE c.petition_id = o.petition_id AND c.kind = 'petition_created'
+                        AND c.status IN ('pending', 'in_flight')))
+ORDER BY (o.kind = 'petition_created') DESC, o.id
+LIMIT :limit
+"""
+
+
+def _outbox_row(a: Activity, now: float) -> tuple[Any, ...]:
+    occurred = a.occurred_at.isoformat() if a.occurred_at else ""
+    return (
+        a.dedupe_key,
+        a.source_key,
+        a.person_key,
+        a.petition.cs_id if a.petition else None,
+        str(a.kind),
+        json.dumps(a.to_json(), separators=(",", ":")),
+        occurred,
+        now,
+    )
+
+
+async def _save_person(db: aiosqlite.Connection, email: str, p: Person, now: float) -> None:
+    await db.execute(
+        "INSERT INTO an_people (email, exists_, uuid, subscribed, fields_at, learned_at) "
+        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (email) DO UPDATE SET "
+        "exists_ = excluded.exists_, uuid = excluded.uuid, subscribed = excluded.subscribed, "
+        "fields_at = excluded.fields_at, learned_at = excluded.learned_at",
+        (
+            email,
+            None if p.exists is None else int(p.exists),
+            p.uuid,
+            None if p.subscribed is None else int(p.subscribed),
+            p.fields_at.isoformat() if p.fields_at else None,
+            now,
+        ),
+    )
+
+
+__all__ = ["Item", "PetitionState", "SignatureSeen", "Store", "ActivityKind", "MIGRATIONS"]

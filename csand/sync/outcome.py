@@ -1,0 +1,114 @@
+"""HTTP outcome → what happens to the outbox item. Pure, no I/O.
+
+Two immutable values live here: :class:`Outcome` (how one AN answer is classified) and
+:class:`RetryPolicy` (when a failed item is tried again, and when csand gives up on it). The
+worker persists the result (attempts, next attempt time, reason) in the outbox, so a restart
+continues exactly where the last process left off.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+
+class Verdict(StrEnum):
+    OK = "ok"
+    RETRY = "retry"  # transient: 5xx, timeouts, connection errors, AN's "200 {}"
+    DEAD = "dead"  # the record is bad: AN will never accept it as it is
+    AUTH = "auth"  # the key is bad: pause everything, do not burn the queue
+    RATE_LIMITED = "rate_limited"  # 429: slow down, not the item's fault
+    GONE = "gone"  # 404 on a resource csand addressed by id: forget it and re-plan
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    verdict: Verdict
+    reason: str = ""
+    status: int | None = None
+    retry_after: float | None = None
+
+
+def _error_text(body: Any) -> str:
+    if isinstance(body, dict):
+        for key in ("error", "message", "errors"):
+            if body.get(key):
+                return str(body[key])
+    if isinstance(body, str) and body.strip():
+        return body.strip()[:200]
+    return ""
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    if value is None:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None  # HTTP-date form: fall back to csand's own backoff
+    return max(0.0, min(seconds, 3600.0))
+
+
+def classify_response(
+    status: int, body: Any, *, helper: bool = False, by_id: bool = False,
+    retry_after: str | None = None,
+) -> Outcome:
+    """Classify one AN answer.
+
+    ``helper``: a foreground helper POST, where AN may answer ``200 {}`` on failure.
+    ``by_id``: the URL addressed a resource by uuid, so a 404 means csand's knowledge is stale.
+    """
+    message = _error_text(body)
+    if 200 <= status < 300:
+        if helper and (body is None or body == {} or body == ""):
+            return Outcome(Verdict.RETRY, "Action Network answered 200 with an empty body", status)
+        return Outcome(Verdict.OK, status=status)
+    if status == 429:
+        return Outcome(
+            Verdict.RATE_LIMITED, "rate limited by Action Network", status,
+            parse_retry_after(retry_after),
+        )
+    if status in (401, 403):
+        return Outcome(Verdict.AUTH, f"Action Network rejected the API key ({status} {message})".strip(), status)
+    if status == 404 and by_id:
+        return Outcome(Verdict.GONE, f"not found in Action Network: {message}".strip(), status)
+    if status in (408, 425) or status >= 500:
+        return Outcome(Verdict.RETRY, f"Action Network error {status} {message}".strip(), status)
+    return Outcome(
+        Verdict.DEAD,
+        f"Action Network refused the record ({status}): {message or 'no message'}",
+        status,
+    )
+
+
+def classify_exception(exc: BaseException) -> Outcome:
+    """Timeouts and connection failures are transient; name the failure for the operator."""
+    name = type(exc).__name__
+    detail = str(exc) or name
+    return Outcome(Verdict.RETRY, f"{name}: {detail}"[:300])
+
+
+@dataclass(frozen=True, slots=True)
+class RetryPolicy:
+    """Exponential backoff with full jitter on the upper half, capped; give up after a number.
+
+    With the defaults an item is tried for roughly a day (2 s doubling to a 15 min cap) before
+    it goes to the dead letters, which rides out any plausible AN outage.
+    """
+
+    base: float = 2.0
+    factor: float = 2.0
+    cap: float = 900.0
+    jitter: float = 0.5  # fraction of the delay that is randomised
+    max_attempts: int = 100
+
+    def delay(self, attempts: int, rng: random.Random | None = None) -> float:
+        """Delay before try number ``attempts + 1`` (``attempts`` ≥ 1 failures so far)."""
+        raw = min(self.cap, self.base * self.factor ** max(0, attempts - 1))
+        r = (rng or random).random()
+        return raw * (1 - self.jitter) + raw * self.jitter * r
+
+    def gives_up(self, attempts: int) -> bool:
+        return attempts >= self.max_attempts

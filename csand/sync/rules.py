@@ -1,0 +1,258 @@
+"""The mapping rules: "this CS activity + what we know → the next AN operation". Pure, no I/O.
+
+The worker calls :func:`next_step` in a loop: it performs the returned operation, folds the answer
+into :class:`Progress` and asks again, until the answer is :class:`Done` or :class:`Dead`. Keeping
+the decision here, apart from HTTP, is what lets every row of the subscription table
+(INTEGRATION.md §2) be tested exhaustively without a network.
+
+The one thing that must never happen is subscribing a person who did not opt in. AN's helpers
+subscribe people *new to the list* by default, so for a non-opted-in person whose presence in AN
+is not known the first operation is always a lookup, and a person known to be absent is created
+with an explicit ``unsubscribed`` status before anything else is posted for them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from datetime import datetime
+
+from csand.model import Activity, ActivityKind, PetitionRef, valid_email
+
+MAX_STEPS = 12  # more than any plan needs; a loop beyond it is a bug, reported as dead
+
+
+@dataclass(frozen=True, slots=True)
+class Person:
+    """What csand knows about one AN person, from AN's own earlier answers."""
+
+    exists: bool | None = None  # None: unknown, must look up before a non-opted-in write
+    uuid: str | None = None
+    subscribed: bool | None = None  # None: present but status unknown
+    fields_at: datetime | None = None  # CS time of the newest activity whose fields were sent
+
+
+@dataclass(frozen=True, slots=True)
+class Fields:
+    """Person fields to send; ``None`` members are omitted (never blank a value AN has)."""
+
+    email: str
+    given_name: str | None = None
+    family_name: str | None = None
+    postal_code: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Progress:
+    """Everything learned while applying one activity (starts from stored knowledge)."""
+
+    person: Person = field(default_factory=Person)
+    petition_uuid: str | None = None
+    tags_ready: bool = False
+    person_written: bool = False  # fields/tags/status applied for this activity
+    signed: bool = False  # signature recorded on the mirrored petition
+
+
+# ---- operations: each is one AN request (EnsureTags/EnsurePetition are cached sub-protocols) ----
+
+
+@dataclass(frozen=True, slots=True)
+class EnsureTags:
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class EnsurePetition:
+    petition: PetitionRef
+    creator_uuid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class LookupPerson:
+    email: str
+
+
+@dataclass(frozen=True, slots=True)
+class RecordSignature:
+    """Record Signature Helper: upsert person + tags + signature in one request.
+
+    ``status`` is ``"subscribed"`` or ``None``; the helper subscribes anyone new to the list, so
+    it is only used for opted-in people or people known to be present.
+    """
+
+    petition_uuid: str
+    fields: Fields
+    status: str | None
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Signup:
+    """Person Signup Helper. ``status=None`` leaves an existing person's status alone."""
+
+    fields: Fields
+    status: str | None
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SignAs:
+    """A plain signature for a person AN already has (cannot create or subscribe anyone)."""
+
+    petition_uuid: str
+    person_uuid: str
+
+
+@dataclass(frozen=True, slots=True)
+class SetStatus:
+    person_uuid: str
+    email: str
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class Done:
+    note: str
+
+
+@dataclass(frozen=True, slots=True)
+class Dead:
+    reason: str
+
+
+Operation = EnsureTags | EnsurePetition | LookupPerson | RecordSignature | Signup | SignAs | SetStatus
+Step = Operation | Done | Dead
+
+NAME_LIMIT = 255  # AN rejects longer names; catching it here gives a clearer dead-letter reason
+
+
+def validate(activity: Activity) -> str | None:
+    """A reason this activity can never sync, or None."""
+    if activity.email is None:
+        return "no email address on the ControlShift record"
+    if not valid_email(activity.email):
+        return f"invalid email address {activity.raw_email!r}"
+    if activity.kind is not ActivityKind.GLOBAL_UNSUBSCRIBE and activity.petition is None:
+        return "activity has no petition"
+    return None
+
+
+def fields_for(activity: Activity, person: Person) -> Fields:
+    """Fields follow the person's most recent activity: an older one sends only the email."""
+    assert activity.email is not None
+    newer_known = (
+        person.fields_at is not None
+        and activity.fields_at is not None
+        and activity.fields_at < person.fields_at
+    )
+    if newer_known:
+        return Fields(email=activity.email)
+    return Fields(
+        email=activity.email,
+        given_name=activity.first_name,
+        family_name=activity.last_name,
+        postal_code=activity.postcode,
+    )
+
+
+def next_step(activity: Activity, progress: Progress) -> Step:
+    reason = validate(activity)
+    if reason:
+        return Dead(reason)
+    if activity.kind is ActivityKind.GLOBAL_UNSUBSCRIBE:
+        return _unsubscribe_step(activity, progress)
+    return _action_step(activity, progress)
+
+
+def _unsubscribe_step(activity: Activity, p: Progress) -> Step:
+    assert activity.email is not None
+    if p.person_written:
+        return Done("unsubscribed in Action Network")
+    if p.person.exists is None or (p.person.exists and p.person.uuid is None):
+        return LookupPerson(activity.email)
+    if not p.person.exists:
+        return Done("not in Action Network; a global unsubscribe never creates a person")
+    assert p.person.uuid is not None
+    return SetStatus(p.person.uuid, activity.email, "unsubscribed")
+
+
+def _action_step(activity: Activity, p: Progress) -> Step:
+    """A petition creation or a signature: person upsert + tags + Action History entry."""
+    assert activity.email is not None and activity.petition is not None
+    if p.signed:
+        return Done(_done_note(activity, p))
+    if not p.tags_ready:
+        return EnsureTags(activity.tags)
+    fields = fields_for(activity, p.person)
+    is_creator = activity.kind is ActivityKind.PETITION_CREATED
+
+    # The petition's creator link needs the creator's AN uuid, so a creator is written first.
+    if p.petition_uuid is None and not (is_creator and not p.person_written):
+        return EnsurePetition(activity.petition, p.person.uuid if is_creator else None)
+
+    if not p.person_written:
+        if activity.opted_in:
+            if is_creator:
+                return Signup(fields, "subscribed", activity.tags)
+            assert p.petition_uuid is not None
+            return RecordSignature(p.petition_uuid, fields, "subscribed", activity.tags)
+        # Not opted in: never post anything that could create a subscribed person.
+        if p.person.exists is None:
+            return LookupPerson(activity.email)
+        if p.person.exists is False:
+            return Signup(fields, "unsubscribed", activity.tags)
+        if is_creator:
+            return Signup(fields, None, activity.tags)
+        assert p.petition_uuid is not None
+        return RecordSignature(p.petition_uuid, fields, None, activity.tags)
+
+    assert p.petition_uuid is not None and p.person.uuid is not None
+    return SignAs(p.petition_uuid, p.person.uuid)
+
+
+def _done_note(activity: Activity, p: Progress) -> str:
+    who = "creator" if activity.kind is ActivityKind.PETITION_CREATED else "signer"
+    status = {True: "subscribed", False: "unsubscribed", None: "status unchanged"}[p.person.subscribed]
+    return f"{who} synced ({status})"
+
+
+# ---- folding answers back into progress (still pure) ----
+
+
+def after_lookup(p: Progress, found_uuid: str | None, subscribed: bool | None) -> Progress:
+    if found_uuid is None:
+        person = replace(p.person, exists=False, uuid=None, subscribed=None)
+    else:
+        person = replace(p.person, exists=True, uuid=found_uuid, subscribed=subscribed)
+    return replace(p, person=person)
+
+
+def after_person_write(
+    p: Progress, activity: Activity, op: RecordSignature | Signup, uuid: str,
+    subscribed: bool | None,
+) -> Progress:
+    """Record what a helper did. ``subscribed`` is AN's answer where it gave one."""
+    if subscribed is None:
+        if op.status == "subscribed":
+            subscribed = True
+        elif op.status == "unsubscribed":
+            subscribed = False
+        else:
+            subscribed = p.person.subscribed
+    fields_at = p.person.fields_at
+    if op.fields.given_name or op.fields.family_name or op.fields.postal_code:
+        fields_at = max(filter(None, (fields_at, activity.fields_at)), default=None)
+    person = Person(exists=True, uuid=uuid, subscribed=subscribed, fields_at=fields_at)
+    return replace(
+        p, person=person, person_written=True, signed=p.signed or isinstance(op, RecordSignature)
+    )
+
+
+def after_status(p: Progress, status: str) -> Progress:
+    return replace(
+        p, person=replace(p.person, subscribed=status == "subscribed"), person_written=True
+    )
+
+
+def forget_person(p: Progress) -> Progress:
+    """AN no longer has the uuid we knew (404): start over from a lookup."""
+    return replace(p, person=replace(p.person, exists=None, uuid=None, subscribed=None))
