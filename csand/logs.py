@@ -84,5 +84,6 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
-def get_logger(name: str) -> structlog.typing.FilteringBoundLogger:
-    return structlog.get_logger(name).bind(component=name)
+def get_logger(name: str) -> Any:
+    """A lazy logger: it picks up :func:`configure` even when created at import time."""
+    return structlog.get_logger(component=name)

@@ -1,0 +1,222 @@
+"""``csand demo``: the real daemon against built-in simulators of both services, live.
+
+Starts the ControlShift and Action Network simulators on loopback, fills ControlShift with
+generated petitions and signatures (opt-outs, people already in AN, categories, a few broken
+records), runs the daemon with a progress display, signs a few more petitions while it runs (and
+confirms a late opt-in) to show the incremental path, and ends with what landed in Action Network,
+checked against the rules of INTEGRATION.md.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import anyio
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from csand import config as config_mod
+from csand import logs
+from csand.daemon import Daemon
+from csand.sim.actionnetwork import ActionNetworkSim
+from csand.sim.controlshift import ControlShiftSim
+from csand.sim.scenario import Scenario, populate
+from csand.sim.server import ServedApp
+
+RECONCILE_SECONDS = 8.0  # short, so the demo shows a late opt-in caught by a sweep
+
+
+def compare(scenario: Scenario, an: ActionNetworkSim) -> dict[str, Any]:
+    """Check AN's end state against the oracle; returns counts and the first few differences."""
+    expected = scenario.expected_an_state()
+    petitions_by_uuid = {p["uuid"]: p for p in an.petitions()}
+    slug_of = {p["uuid"]: p["identifiers"] for p in an.petitions()}
+    signed: dict[str, set[str]] = {}
+    people_by_uuid = {p["uuid"]: p for p in an.people()}
+    for sig in an.signatures():
+        person = people_by_uuid.get(sig["person_uuid"])
+        if person:
+            signed.setdefault(person["email"].strip().lower(), set()).add(sig["petition_uuid"])
+    cs_ids = {p["slug"]: p["id"] for p in scenario.cs.petitions()}
+    problems: list[str] = []
+    wrongly_subscribed = 0
+    for email, want in expected.items():
+        got = an.person(email)
+        if got is None:
+            problems.append(f"{logs.mask_email(email)}: missing in AN")
+            continue
+        if got["status"] != want.status:
+            problems.append(f"{logs.mask_email(email)}: status {got['status']} != {want.status}")
+            if got["status"] == "subscribed":
+                wrongly_subscribed += 1
+        if not want.tags <= set(got["tags"]):
+            problems.append(f"{logs.mask_email(email)}: missing tags {sorted(want.tags - set(got['tags']))}")
+        want_ids = {cs_ids[s] for s in want.petitions}
+        got_ids = {
+            int(ident.rsplit("-", 1)[-1])
+            for uuid in signed.get(email, ())
+            for ident in slug_of.get(uuid, ())
+            if ":petition-" in ident
+        }
+        if want_ids != got_ids:
+            problems.append(f"{logs.mask_email(email)}: petitions {sorted(got_ids)} != {sorted(want_ids)}")
+        for field, key in (("given_name", "given_name"), ("family_name", "family_name")):
+            if getattr(want, field) and got.get(key) != getattr(want, field):
+                problems.append(f"{logs.mask_email(email)}: {key} {got.get(key)!r} != {getattr(want, field)!r}")
+    identifiers = [i for p in petitions_by_uuid.values() for i in p["identifiers"]]
+    duplicates = len(identifiers) - len(set(identifiers))
+    pairs = [(s["petition_uuid"], s["person_uuid"]) for s in an.signatures()]
+    return {
+        "expected_people": len(expected),
+        "problems": problems,
+        "wrongly_subscribed": wrongly_subscribed,
+        "duplicate_petitions": duplicates,
+        "duplicate_signatures": len(pairs) - len(set(pairs)),
+    }
+
+
+def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed: int) -> int:
+    console = Console()
+    cs = ControlShiftSim(page_size=25, seed=seed)
+    an = ActionNetworkSim(requests_per_second=rate, seed=seed)
+    scenario = populate(cs, an, petitions=petitions, signatures=signatures, bad_records=4, seed=seed)
+    if faults:
+        an.faults.error_rate = 0.02
+        an.faults.empty_200_rate = 0.02
+        an.faults.drop_rate = 0.01
+    with ServedApp(cs.app) as cs_served, ServedApp(an.app) as an_served, \
+            tempfile.TemporaryDirectory(prefix="csand-demo-") as tmp:
+        settings = config_mod.Settings.model_validate({
+            "controlshift": {"url": cs_served.url, "api_key": cs.api_key, "poll_interval": 2.0,
+                             "reconcile_interval": RECONCILE_SECONDS},
+            "action_network": {"url": f"{an_served.url}/api/v2", "api_key": an.api_key,
+                               "requests_per_second": rate},
+            "sync": {"retry_base": 0.5, "retry_cap": 5.0},
+            "store": {"path": str(Path(tmp) / "csand.db")},
+        })
+        log_path = Path(tmp) / "csand.log"
+        with log_path.open("w") as log_file:
+            logs.configure("info", "json", stream=log_file, secrets=settings.secrets())
+            console.print(
+                f"[bold]csand demo[/bold]: ControlShift simulator on {cs_served.url}, "
+                f"Action Network simulator on {an_served.url} ({rate:g} req/s"
+                f"{', faults injected' if faults else ''})"
+            )
+            summary = scenario.summary()
+            console.print(
+                f"Generated {summary['launched']} launched petitions, {summary['signatures']} "
+                f"signatures from {summary['people']} people ({summary['existing_in_an']} already "
+                f"in Action Network, {summary['bad_records']} broken records)."
+            )
+            started = time.monotonic()
+            daemon = Daemon(settings)
+            anyio.run(_drive, daemon, cs, scenario, console, backend="asyncio")
+            elapsed = time.monotonic() - started
+        return _summarise(console, scenario, an, daemon, elapsed, log_path)
+
+
+async def _drive(daemon: Daemon, cs: ControlShiftSim, scenario: Scenario, console: Console) -> None:
+    async with anyio.create_task_group() as tg:
+        tg.start_soon(lambda: daemon.run(handle_signals=False))
+        await daemon.started.wait()
+        assert daemon.store is not None and daemon.poller is not None
+        store = daemon.store
+        live_added = False
+        with Progress(
+            TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
+        ) as progress:
+            task = progress.add_task("syncing", total=None, detail="backfill")
+            while True:
+                await anyio.sleep(0.25)
+                counts = await store.counts()
+                finished = counts["done"] + counts["dead"] + counts["cancelled"]
+                total = finished + counts["pending"] + counts["in_flight"]
+                backfilled = daemon.poller.cycles > 0
+                detail = (f"{counts['done']} done, {counts['dead']} dead, "
+                          f"{counts['pending'] + counts['in_flight']} queued")
+                progress.update(task, total=total or None, completed=finished, detail=detail)
+                if backfilled and not live_added and finished >= total * 0.6:
+                    _live_activity(cs, scenario)
+                    live_added = True
+                    progress.console.print("New signatures and a late opt-in arrive on "
+                                           "ControlShift; the next poll picks them up.")
+                    live_at = time.time()
+                    daemon.poller.poked.set()
+                swept = float(await store.get_meta("last_reconcile_at") or 0)
+                if live_added and swept > live_at and total and finished == total:
+                    break
+        daemon.request_stop()
+
+
+def _live_activity(cs: ControlShiftSim, scenario: Scenario) -> None:
+    launched = [p for p in cs.petitions() if p["launched"]]
+    target = launched[0]["slug"]
+    cs.add_signature(target, email="new.supporter@example.org", first_name="Ngaio",
+                     last_name="Marsh", postcode="6011", join_organisation=True)
+    cs.add_signature(target, email="quiet.reader@example.org", first_name="Iris",
+                     last_name="Murdoch", postcode="OX1 2JD", join_organisation=None)
+    pending = [s for s in cs.signatures() if s["join_organisation"] is None
+               and not s["deleted_at"] and s["email"] and "@" in s["email"]]
+    if pending:  # a confirmation email clicked: a late opt-in
+        cs.update_signature(pending[0]["id"], join_organisation=True)
+
+
+def _summarise(console: Console, scenario: Scenario, an: ActionNetworkSim, daemon: Daemon,
+               elapsed: float, log_path: Path) -> int:
+    result = compare(scenario, an)
+    people = an.people()
+    stats = an.stats()
+    dispatcher = daemon.dispatcher
+    assert dispatcher is not None
+    table = Table(title="What landed in Action Network", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("people", str(len(people)))
+    table.add_row("  subscribed", str(sum(1 for p in people if p["status"] == "subscribed")))
+    table.add_row("  unsubscribed", str(sum(1 for p in people if p["status"] != "subscribed")))
+    table.add_row("mirrored petitions", str(len(an.petitions())))
+    table.add_row("signatures (Action History)", str(len(an.signatures())))
+    table.add_row("tags", ", ".join(sorted(t for t in an.tag_names() if t.startswith("controlshift")))[:60] + "…")
+    table.add_row("activities synced / dead", f"{dispatcher.stats.done} / {dispatcher.stats.dead}")
+    table.add_row("AN requests (429s, faults)",
+                  f"{stats['requests']} ({stats['rate_limited']}, {sum(stats['faults'].values())})")
+    table.add_row("AN requests per synced activity",
+                  f"{stats['requests'] / max(1, dispatcher.stats.done):.2f}")
+    table.add_row("time", f"{elapsed:.1f} s")
+    console.print(table)
+    dead = anyio.run(_dead, daemon, backend="asyncio")
+    if dead:
+        dl = Table(title="Dead letters (kept, with the reason)")
+        dl.add_column("record")
+        dl.add_column("reason")
+        for row in dead:
+            dl.add_row(row["source_key"], row["last_error"] or "")
+        console.print(dl)
+    ok = not result["problems"] and not result["duplicate_petitions"] and not result["duplicate_signatures"]
+    verdict = "[green]matches[/green]" if ok else "[red]DOES NOT match[/red]"
+    console.print(
+        f"Action Network {verdict} the sync rules for {result['expected_people']} people: "
+        f"{result['wrongly_subscribed']} subscribed without opting in, "
+        f"{result['duplicate_petitions']} duplicate petitions, "
+        f"{result['duplicate_signatures']} duplicate signatures."
+    )
+    for problem in result["problems"][:10]:
+        console.print(f"  [red]{problem}[/red]")
+    console.print(f"Daemon log (JSON lines): {log_path.name} was in a temporary directory; "
+                  "run `csand run --config FILE` to keep one.")
+    return 0 if ok else 1
+
+
+async def _dead(daemon: Daemon) -> list[dict[str, Any]]:
+    from csand.store import Store
+
+    store = await Store.open(daemon.settings.store.path)
+    try:
+        return await store.dead_items()
+    finally:
+        await store.close()

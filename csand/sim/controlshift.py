@@ -1,0 +1,788 @@
+"""A simulator of the ControlShift REST API (``/oauth/token`` and ``/api/v1/*``) as a Starlette app.
+
+It follows ``controlshift-api.md``: API-key or OAuth client-credentials auth, ``?page=N``
+pagination with a ``meta`` block, the per-minute limits with ``RateLimit-*`` headers, and the
+petition / signature / member shapes csand relies on. What the real API leaves unspecified is a
+knob here (page size, sort orders, whether deleted signatures stay in lists, the UTC suffix of
+timestamps) so tests can run the client against every plausible answer.
+
+Tests drive it through plain, thread-safe Python methods (``add_petition``, ``add_signature``,
+``update_signature``, ...) while the app is served from another thread by
+:class:`csand.sim.server.ServedApp`. Time comes from two injectable callables: ``clock``
+(monotonic seconds: token expiry, rate-limit windows) and ``now`` (wall time: record timestamps).
+"""
+
+from __future__ import annotations
+
+import base64
+import copy
+import json
+import math
+import random
+import re
+import secrets
+import threading
+import time
+import unicodedata
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal
+from urllib.parse import parse_qs
+
+import anyio
+from starlette.applications import Starlette
+from starlette.middleware import Middleware
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Match, Route
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+__all__ = ["ConnectionDropped", "ControlShiftSim", "Faults"]
+
+_TICK = timedelta(microseconds=1)
+_WINDOW_SECONDS = 60
+
+# Fields of a signature that the test-side API may not set directly.
+_SIGNATURE_FIXED = frozenset({"id", "member", "petition", "created_at"})
+_PETITION_EDITABLE = frozenset(
+    {"title", "launched", "categories", "ended", "admin_status", "creator"}
+)
+
+
+class ConnectionDropped(ConnectionError):
+    """Raised when a drop fault fires but the server's transport cannot be reached to close it."""
+
+
+@dataclass
+class Faults:
+    """Fault knobs, mutable at any time (also while the app is being served).
+
+    Every request to the simulator draws, in this order: ``slow_rate`` (answer after
+    ``slow_seconds`` of real time), ``drop_rate`` (close the connection without answering, so
+    httpx raises a transport error), ``error_rate`` (answer with a status from
+    ``error_statuses``). ``drop_next`` / ``fail_next`` force the next N requests to drop / fail,
+    deterministically. ``paths`` limits faults to requests whose path starts with one of the
+    given prefixes (empty: every path). Draws come from ``rng`` (``random.Random(seed)``).
+    Requests refused by a rate limit are answered 429 before any fault is drawn.
+    """
+
+    error_rate: float = 0.0
+    slow_rate: float = 0.0
+    slow_seconds: float = 0.5
+    drop_rate: float = 0.0
+    error_statuses: tuple[int, ...] = (500, 502, 503)
+    drop_next: int = 0
+    fail_next: int = 0
+    paths: tuple[str, ...] = ()
+    rng: random.Random = field(default_factory=lambda: random.Random(0))
+
+    def reset(self) -> None:
+        """Turn every fault off (the random stream carries on)."""
+        self.error_rate = self.slow_rate = self.drop_rate = 0.0
+        self.drop_next = self.fail_next = 0
+        self.paths = ()
+
+    def draw(self, path: str) -> tuple[bool, Literal["drop", "error"] | None, int]:
+        """Decide the fate of one request: (slow?, drop/error/None, error status)."""
+        if self.paths and not any(path.startswith(p) for p in self.paths):
+            return False, None, 0
+        slow = self.slow_rate > 0 and self.rng.random() < self.slow_rate
+        if self.drop_next > 0:
+            self.drop_next -= 1
+            return slow, "drop", 0
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return slow, "error", self.error_statuses[0] if self.error_statuses else 503
+        if self.drop_rate > 0 and self.rng.random() < self.drop_rate:
+            return slow, "drop", 0
+        if self.error_rate > 0 and self.rng.random() < self.error_rate:
+            statuses = self.error_statuses or (503,)
+            return slow, "error", self.rng.choice(statuses)
+        return slow, None, 0
+
+
+@dataclass
+class _Window:
+    """A fixed one-minute window counter (windows aligned on multiples of 60 s of ``clock``)."""
+
+    window: int = -1
+    count: int = 0
+
+    def hit(self, now: float, limit: int) -> tuple[bool, int, int]:
+        """Count one request; return (over the limit?, remaining, seconds until reset)."""
+        window = math.floor(now / _WINDOW_SECONDS)
+        if window != self.window:
+            self.window, self.count = window, 0
+        self.count += 1
+        reset = max(1, math.ceil((window + 1) * _WINDOW_SECONDS - now))
+        return self.count > limit, max(0, limit - self.count), reset
+
+
+def _slugify(text: str) -> str:
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return re.sub(r"[^a-z0-9]+", "-", folded.lower()).strip("-")
+
+
+def _aware(value: datetime) -> datetime:
+    return value if value.tzinfo is not None else value.replace(tzinfo=UTC)
+
+
+def _norm_email(email: str | None) -> str:
+    return (email or "").strip().lower()
+
+
+class ControlShiftSim:
+    """The simulated ControlShift organisation: its data, its knobs and its Starlette ``app``."""
+
+    def __init__(
+        self,
+        *,
+        org_slug: str = "demo-org",
+        org_name: str = "Demo Organisation",
+        api_key: str | None = "cs-test-key",
+        client_id: str | None = None,
+        client_secret: str | None = None,
+        token_ttl: float = 7200.0,
+        page_size: int = 10,
+        signature_order: Literal["asc", "desc"] = "asc",
+        petition_order: Literal["asc", "desc"] = "desc",
+        requests_per_minute: int | None = 1000,
+        token_requests_per_minute: int | None = 10,
+        deleted_visible: bool = True,
+        utc_suffix: Literal["Z", "+00:00"] = "Z",
+        seed: int = 0,
+        clock: Callable[[], float] = time.monotonic,
+        now: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        # Knobs: plain attributes, safe to change between requests.
+        self.org_slug = org_slug
+        self.org_name = org_name
+        self.api_key = api_key
+        self.client_id = client_id
+        self.client_secret = client_secret
+        self.token_ttl = token_ttl
+        self.page_size = page_size
+        self.signature_order: Literal["asc", "desc"] = signature_order
+        self.petition_order: Literal["asc", "desc"] = petition_order
+        self.requests_per_minute = requests_per_minute
+        self.token_requests_per_minute = token_requests_per_minute
+        self.deleted_visible = deleted_visible
+        self.utc_suffix: Literal["Z", "+00:00"] = utc_suffix
+        self.clock = clock
+        self.now = now
+        self.faults = Faults(rng=random.Random(seed))
+
+        self._lock = threading.Lock()
+        self._petitions: dict[str, dict[str, Any]] = {}  # slug -> stored petition
+        self._signatures: dict[int, dict[str, Any]] = {}  # id -> stored signature
+        self._by_petition: dict[str, list[int]] = {}  # slug -> signature ids
+        self._live_count: Counter[str] = Counter()  # slug -> non-deleted signatures
+        self._versions: Counter[str] = Counter()  # slug -> bumped on any signature change
+        self._order_cache: dict[str, tuple[tuple[Any, ...], list[int]]] = {}
+        self._members: dict[str, dict[str, Any]] = {}  # normalized email -> member
+        self._tokens: dict[str, float] = {}  # access token -> expiry on `clock`
+        self._next_petition_id = 1
+        self._next_signature_id = 1
+        self._next_member_id = 1
+        self._last_stamp: datetime | None = None
+        self._api_window = _Window()
+        self._token_window = _Window()
+        self._stats: dict[str, Any] = {}
+        self.reset_stats()
+
+        routes = [
+            Route("/oauth/token", self._token, methods=["POST"]),
+            Route("/api/v1/organisation", self._organisation, methods=["GET"]),
+            Route("/api/v1/petitions", self._petition_list, methods=["GET"]),
+            Route("/api/v1/petitions/{slug}", self._petition_one, methods=["GET"]),
+            Route("/api/v1/petitions/{slug}/signatures", self._signature_list, methods=["GET"]),
+            Route(
+                "/api/v1/petitions/{slug}/signatures/lookup",
+                self._signature_lookup,
+                methods=["GET"],
+            ),
+            Route("/api/v1/members/lookup", self._member_lookup, methods=["GET"]),
+        ]
+        self.app = Starlette(
+            routes=routes,
+            middleware=[Middleware(_Gate, sim=self)],
+            exception_handlers={404: _not_found, 405: _not_allowed},
+        )
+
+    # ------------------------------------------------------------------ test-side API
+
+    def add_petition(
+        self,
+        *,
+        title: str,
+        slug: str | None = None,
+        launched: bool = True,
+        categories: Sequence[str] = (),
+        creator: dict[str, Any],
+        created_at: datetime | None = None,
+    ) -> dict[str, Any]:
+        """Create a petition; ``creator`` has first_name, last_name, email, phone_number."""
+        with self._lock:
+            if slug is None:
+                base = _slugify(title) or "petition"
+                slug, n = base, 1
+                while slug in self._petitions:
+                    n += 1
+                    slug = f"{base}-{n}"
+            elif slug in self._petitions:
+                raise ValueError(f"petition slug {slug!r} already exists")
+            stamp = _aware(created_at) if created_at is not None else self._stamp()
+            petition = {
+                "id": self._next_petition_id,
+                "slug": slug,
+                "title": title,
+                "launched": bool(launched),
+                "created_at": stamp,
+                "updated_at": stamp,
+                "ended": False,
+                "admin_status": "good",
+                "creator": self._creator(creator),
+                "categories": list(categories),
+            }
+            self._next_petition_id += 1
+            self._petitions[slug] = petition
+            self._by_petition[slug] = []
+            self._touch_member(petition["creator"]["email"], stamp)
+            return self._render_petition(petition)
+
+    def update_petition(self, slug: str, **changes: Any) -> dict[str, Any]:
+        """Change title, launched, categories (names), ended, admin_status or creator fields."""
+        unknown = set(changes) - _PETITION_EDITABLE
+        if unknown:
+            raise TypeError(f"cannot update petition fields {sorted(unknown)}")
+        with self._lock:
+            petition = self._petitions[slug]
+            for key, value in changes.items():
+                if key == "creator":
+                    merged = {**petition["creator"], **value}
+                    if "full_name" not in value:
+                        del merged["full_name"]
+                    petition["creator"] = self._creator(merged)
+                elif key == "categories":
+                    petition["categories"] = list(value)
+                else:
+                    petition[key] = value
+            petition["updated_at"] = self._bump(petition["updated_at"])
+            return self._render_petition(petition)
+
+    def add_signature(
+        self,
+        petition_slug: str,
+        *,
+        email: str | None,
+        first_name: str | None = None,
+        last_name: str | None = None,
+        postcode: str | None = None,
+        join_organisation: bool | None = None,
+        created_at: datetime | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """Sign a petition. ``extra`` sets any other field (phone_number, country, confirmed_at,
+        unsubscribe_at, email_opt_in_type, deleted_at, or fields csand does not use)."""
+        fixed = _SIGNATURE_FIXED & set(extra)
+        if fixed:
+            raise TypeError(f"cannot set signature fields {sorted(fixed)}")
+        with self._lock:
+            if petition_slug not in self._petitions:
+                raise KeyError(petition_slug)
+            stamp = _aware(created_at) if created_at is not None else self._stamp()
+            signature: dict[str, Any] = {
+                "id": self._next_signature_id,
+                "email": email,
+                "first_name": first_name,
+                "last_name": last_name,
+                "postcode": postcode,
+                "phone_number": None,
+                "country": None,
+                "join_organisation": join_organisation,
+                "email_opt_in_type": self._opt_in_type(join_organisation),
+                "confirmed_at": stamp if join_organisation is not None else None,
+                "deleted_at": None,
+                "unsubscribe_at": None,
+                "created_at": stamp,
+                "updated_at": stamp,
+                "locale": "en",
+                "petition_slug": petition_slug,
+            }
+            signature.update(extra)
+            self._next_signature_id += 1
+            member = self._touch_member(email, stamp)
+            signature["member_id"] = member["id"] if member else None
+            self._signatures[signature["id"]] = signature
+            self._by_petition[petition_slug].append(signature["id"])
+            if signature["deleted_at"] is None:
+                self._live_count[petition_slug] += 1
+            self._versions[petition_slug] += 1
+            return self._render_signature(signature)
+
+    def update_signature(self, signature_id: int, **changes: Any) -> dict[str, Any]:
+        """Change any field (e.g. ``join_organisation=True``, ``unsubscribe_at=...``); bumps
+        ``updated_at``. Changing ``join_organisation`` also updates ``email_opt_in_type.mailable``
+        unless ``email_opt_in_type`` is given too."""
+        fixed = (_SIGNATURE_FIXED | {"updated_at"}) & set(changes)
+        if fixed:
+            raise TypeError(f"cannot update signature fields {sorted(fixed)}")
+        with self._lock:
+            signature = self._signatures[signature_id]
+            was_deleted = signature["deleted_at"] is not None
+            if "join_organisation" in changes and "email_opt_in_type" not in changes:
+                opt_in = dict(signature["email_opt_in_type"] or {})
+                opt_in["mailable"] = changes["join_organisation"] is True
+                changes["email_opt_in_type"] = opt_in
+            signature.update(changes)
+            signature["updated_at"] = self._bump(signature["updated_at"])
+            if "email" in changes:
+                member = self._touch_member(signature["email"], signature["updated_at"])
+                signature["member_id"] = member["id"] if member else None
+            self._after_signature_change(signature, was_deleted)
+            return self._render_signature(signature)
+
+    def delete_signature(self, signature_id: int) -> dict[str, Any]:
+        """Mark a signature deleted ("This wasn't me"): sets ``deleted_at`` and ``updated_at``."""
+        with self._lock:
+            signature = self._signatures[signature_id]
+            if signature["deleted_at"] is None:
+                stamp = self._bump(signature["updated_at"])
+                signature["deleted_at"] = signature["updated_at"] = stamp
+                self._after_signature_change(signature, was_deleted=False)
+            return self._render_signature(signature)
+
+    def petition(self, slug: str) -> dict[str, Any]:
+        with self._lock:
+            return self._render_petition(self._petitions[slug])
+
+    def petitions(self) -> list[dict[str, Any]]:
+        """Every petition, oldest first (by id), as the API would render it."""
+        with self._lock:
+            return [self._render_petition(p) for p in self._petitions.values()]
+
+    def signatures(self, petition_slug: str | None = None) -> list[dict[str, Any]]:
+        """Every signature (deleted ones included, whatever ``deleted_visible``), by id."""
+        with self._lock:
+            if petition_slug is None:
+                ids: Sequence[int] = list(self._signatures)
+            else:
+                ids = self._by_petition[petition_slug]
+            return [self._render_signature(self._signatures[i]) for i in ids]
+
+    def member_id(self, email: str) -> int | None:
+        """The member id for an email (case- and space-insensitive), if any."""
+        with self._lock:
+            member = self._members.get(_norm_email(email))
+            return member["id"] if member else None
+
+    def stats(self) -> dict[str, Any]:
+        """Counters: requests, by_route ("METHOD /path/{param}"), rate_limited, token_requests,
+        unauthorized, faults {"slow", "drop", "error"}."""
+        with self._lock:
+            return copy.deepcopy(self._stats)
+
+    def reset_stats(self) -> None:
+        with self._lock:
+            self._stats = {
+                "requests": 0,
+                "by_route": {},
+                "rate_limited": 0,
+                "token_requests": 0,
+                "unauthorized": 0,
+                "faults": {"slow": 0, "drop": 0, "error": 0},
+            }
+
+    # ------------------------------------------------------------------ storage helpers
+
+    def _stamp(self) -> datetime:
+        """Wall time from ``now``, strictly increasing across calls."""
+        stamp = _aware(self.now())
+        if self._last_stamp is not None and stamp <= self._last_stamp:
+            stamp = self._last_stamp + _TICK
+        self._last_stamp = stamp
+        return stamp
+
+    def _bump(self, previous: datetime) -> datetime:
+        stamp = self._stamp()
+        return stamp if stamp > previous else previous + _TICK
+
+    def _creator(self, creator: dict[str, Any]) -> dict[str, Any]:
+        first, last = creator.get("first_name"), creator.get("last_name")
+        full = " ".join(part for part in (first, last) if part) or None
+        return {
+            "full_name": creator.get("full_name", full),
+            "first_name": first,
+            "last_name": last,
+            "email": creator.get("email"),
+            "phone_number": creator.get("phone_number"),
+        }
+
+    @staticmethod
+    def _opt_in_type(join_organisation: bool | None) -> dict[str, Any]:
+        return {
+            "context": "petition_signature",
+            "kind": "checkbox",
+            "mailable": join_organisation is True,
+            "external_id": None,
+            "active": True,
+        }
+
+    def _touch_member(self, email: str | None, stamp: datetime) -> dict[str, Any] | None:
+        key = _norm_email(email)
+        if not key:
+            return None
+        member = self._members.get(key)
+        if member is None:
+            member = {
+                "id": self._next_member_id,
+                "email": key,
+                "created_at": stamp,
+                "updated_at": stamp,
+                "external_id": None,
+            }
+            self._next_member_id += 1
+            self._members[key] = member
+        else:
+            member["created_at"] = min(member["created_at"], stamp)
+            member["updated_at"] = max(member["updated_at"], stamp)
+        return member
+
+    def _after_signature_change(self, signature: dict[str, Any], was_deleted: bool) -> None:
+        slug = signature["petition_slug"]
+        is_deleted = signature["deleted_at"] is not None
+        if was_deleted != is_deleted:
+            self._live_count[slug] += 1 if was_deleted else -1
+        self._versions[slug] += 1
+
+    def _ordered_signature_ids(self, slug: str) -> list[int]:
+        """The petition's signatures in API order (cached until the petition's signatures or
+        the ordering knobs change)."""
+        key = (self._versions[slug], self.signature_order, self.deleted_visible)
+        cached = self._order_cache.get(slug)
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        sigs = [self._signatures[i] for i in self._by_petition[slug]]
+        if not self.deleted_visible:
+            sigs = [s for s in sigs if s["deleted_at"] is None]
+        sigs.sort(key=lambda s: (s["created_at"], s["id"]), reverse=self.signature_order == "desc")
+        ids = [s["id"] for s in sigs]
+        self._order_cache[slug] = (key, ids)
+        return ids
+
+    # ------------------------------------------------------------------ rendering
+
+    def _ts(self, value: Any) -> Any:
+        if not isinstance(value, datetime):
+            return value
+        text = _aware(value).astimezone(UTC).isoformat(timespec="microseconds")
+        return text.replace("+00:00", "Z") if self.utc_suffix == "Z" else text
+
+    def _petition_url(self, slug: str) -> str:
+        return f"https://{self.org_slug}.example.org/petitions/{slug}"
+
+    def _render_petition(self, p: dict[str, Any]) -> dict[str, Any]:
+        return {
+            "id": p["id"],
+            "slug": p["slug"],
+            "title": p["title"],
+            "url": self._petition_url(p["slug"]),
+            "launched": p["launched"],
+            "created_at": self._ts(p["created_at"]),
+            "updated_at": self._ts(p["updated_at"]),
+            "ended": p["ended"],
+            "public_signature_count": self._live_count[p["slug"]],
+            "admin_status": p["admin_status"],
+            "locale": "en",
+            "creator": dict(p["creator"]),
+            "categories": [{"slug": _slugify(name), "name": name} for name in p["categories"]],
+        }
+
+    def _render_signature(self, s: dict[str, Any]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in s.items():
+            if key in ("petition_slug", "member_id"):
+                continue
+            out[key] = copy.deepcopy(value) if isinstance(value, dict | list) else self._ts(value)
+        out["member"] = {"id": s["member_id"]} if s["member_id"] is not None else None
+        slug = s["petition_slug"]
+        out["petition"] = {"slug": slug, "url": self._petition_url(slug)}
+        return out
+
+    def _render_member(self, m: dict[str, Any]) -> dict[str, Any]:
+        return {key: self._ts(value) for key, value in m.items()}
+
+    def _page(self, items: Sequence[Any], request: Request) -> tuple[Sequence[Any], dict[str, Any]]:
+        try:
+            page = max(1, int(request.query_params.get("page", "1")))
+        except ValueError:
+            page = 1
+        size = max(1, self.page_size)
+        total = max(1, math.ceil(len(items) / size))
+        meta = {
+            "current_page": page,
+            "total_pages": total,
+            "previous_page": page - 1 if 1 < page <= total else None,
+            "next_page": page + 1 if page < total else None,
+        }
+        return items[(page - 1) * size : page * size], meta
+
+    # ------------------------------------------------------------------ request gate
+
+    def _route_name(self, scope: Scope) -> str:
+        for route in self.app.router.routes:
+            match, _ = route.matches(scope)
+            if match != Match.NONE and isinstance(route, Route):
+                return f"{scope['method']} {route.path}"
+        return f"{scope['method']} (unknown)"
+
+    def _authorized(self, headers: dict[str, str]) -> bool:
+        scheme, _, credential = headers.get("authorization", "").partition(" ")
+        credential = credential.strip()
+        if scheme.lower() != "bearer" or not credential:
+            return False
+        if self.api_key is not None and secrets.compare_digest(credential, self.api_key):
+            return True
+        expiry = self._tokens.get(credential)
+        return expiry is not None and self.clock() < expiry
+
+    async def _gate(self, app: ASGIApp, scope: Scope, receive: Receive, send: Send) -> None:
+        """Stats, rate limits, faults and auth in front of the routes."""
+        path: str = scope["path"]
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope["headers"]}
+        route = self._route_name(scope)
+        limit_headers: dict[str, str] = {}
+        with self._lock:
+            stats = self._stats
+            stats["requests"] += 1
+            stats["by_route"][route] = stats["by_route"].get(route, 0) + 1
+            window, limit = None, None
+            if path.startswith("/api/v1/"):
+                window, limit = self._api_window, self.requests_per_minute
+            elif path == "/oauth/token":
+                stats["token_requests"] += 1
+                window, limit = self._token_window, self.token_requests_per_minute
+            limited = False
+            if window is not None and limit is not None:
+                limited, remaining, reset = window.hit(self.clock(), limit)
+                limit_headers = {
+                    "RateLimit-Limit": str(limit),
+                    "RateLimit-Remaining": str(remaining),
+                    "RateLimit-Reset": str(reset),
+                }
+            if limited:
+                stats["rate_limited"] += 1
+                slow, fault, status = False, None, 0
+            else:
+                slow, fault, status = self.faults.draw(path)
+                if slow:
+                    stats["faults"]["slow"] += 1
+                if fault is not None:
+                    stats["faults"][fault] += 1
+            authorized = not path.startswith("/api/v1/") or self._authorized(headers)
+            if not limited and fault is None and not authorized:
+                stats["unauthorized"] += 1
+            slow_seconds = self.faults.slow_seconds
+
+        if limited:
+            body = {"error": "rate limit exceeded"}
+            await JSONResponse(body, 429, headers=limit_headers)(scope, receive, send)
+            return
+        if slow:
+            await anyio.sleep(slow_seconds)
+        if fault == "drop":
+            await _drop_connection(receive)
+            return
+        if fault == "error":
+            body = {"error": "internal server error"}
+            await JSONResponse(body, status, headers=limit_headers)(scope, receive, send)
+            return
+        if not authorized:
+            response = JSONResponse({"error": "unauthorized"}, 401, headers=limit_headers)
+            await response(scope, receive, send)
+            return
+
+        async def send_with_headers(message: Message) -> None:
+            if message["type"] == "http.response.start" and limit_headers:
+                message = dict(message)
+                extra = [(k.lower().encode(), v.encode()) for k, v in limit_headers.items()]
+                message["headers"] = list(message.get("headers", [])) + extra
+            await send(message)
+
+        await app(scope, receive, send_with_headers)
+
+    # ------------------------------------------------------------------ endpoints
+
+    async def _token(self, request: Request) -> Response:
+        raw = await request.body()
+        params: dict[str, Any]
+        if request.headers.get("content-type", "").startswith("application/json"):
+            try:
+                loaded = json.loads(raw or b"{}")
+            except ValueError:
+                return _oauth_error(400, "invalid_request", "The request body is not valid JSON.")
+            params = loaded if isinstance(loaded, dict) else {}
+        else:
+            params = {k: v[0] for k, v in parse_qs(raw.decode("utf-8", "replace")).items()}
+        client_id, client_secret = params.get("client_id"), params.get("client_secret")
+        scheme, _, encoded = request.headers.get("authorization", "").partition(" ")
+        if scheme.lower() == "basic" and client_id is None:
+            try:
+                decoded = base64.b64decode(encoded.strip()).decode("utf-8")
+            except ValueError:
+                decoded = ""
+            client_id, _, client_secret = decoded.partition(":")
+        grant_type = params.get("grant_type")
+        if not grant_type:
+            return _oauth_error(400, "invalid_request", "Missing required parameter: grant_type.")
+        if grant_type != "client_credentials":
+            return _oauth_error(400, "unsupported_grant_type", "The grant type is not supported.")
+        with self._lock:
+            valid = (
+                self.client_id is not None
+                and self.client_secret is not None
+                and isinstance(client_id, str)
+                and isinstance(client_secret, str)
+                and secrets.compare_digest(client_id, self.client_id)
+                and secrets.compare_digest(client_secret, self.client_secret)
+            )
+            if not valid:
+                return _oauth_error(401, "invalid_client", "Client authentication failed.")
+            now = self.clock()
+            for token, expiry in list(self._tokens.items()):
+                if expiry <= now:
+                    del self._tokens[token]
+            token = secrets.token_hex(32)
+            self._tokens[token] = now + self.token_ttl
+            created_at = int(_aware(self.now()).timestamp())
+            ttl = self.token_ttl
+        return JSONResponse(
+            {
+                "access_token": token,
+                "token_type": "bearer",
+                "expires_in": int(ttl),
+                "created_at": created_at,
+            },
+            headers={"Cache-Control": "no-store"},
+        )
+
+    async def _organisation(self, request: Request) -> Response:
+        with self._lock:
+            body = {
+                "organisation": {
+                    "slug": self.org_slug,
+                    "name": self.org_name,
+                    "url": f"https://{self.org_slug}.example.org",
+                    "petitions_count": len(self._petitions),
+                    "signatures_count": sum(self._live_count.values()),
+                    "members_count": len(self._members),
+                }
+            }
+        return JSONResponse(body)
+
+    async def _petition_list(self, request: Request) -> Response:
+        with self._lock:
+            items = sorted(
+                self._petitions.values(),
+                key=lambda p: (p["created_at"], p["id"]),
+                reverse=self.petition_order == "desc",
+            )
+            page, meta = self._page(items, request)
+            body = {"petitions": [self._render_petition(p) for p in page], "meta": meta}
+        return JSONResponse(body)
+
+    async def _petition_one(self, request: Request) -> Response:
+        with self._lock:
+            petition = self._petitions.get(request.path_params["slug"])
+            if petition is None:
+                return _error(404, "not found")
+            return JSONResponse({"petition": self._render_petition(petition)})
+
+    async def _signature_list(self, request: Request) -> Response:
+        slug = request.path_params["slug"]
+        with self._lock:
+            petition = self._petitions.get(slug)
+            if petition is None:
+                return _error(404, "not found")
+            page, meta = self._page(self._ordered_signature_ids(slug), request)
+            body = {
+                "petition": {"title": petition["title"], "slug": slug},
+                "signatures": [self._render_signature(self._signatures[i]) for i in page],
+                "meta": meta,
+            }
+        return JSONResponse(body)
+
+    async def _signature_lookup(self, request: Request) -> Response:
+        slug = request.path_params["slug"]
+        email = _norm_email(request.query_params.get("email"))
+        with self._lock:
+            if slug not in self._petitions or not email:
+                return _error(404, "not found")
+            matches = [
+                s
+                for s in (self._signatures[i] for i in self._by_petition[slug])
+                if _norm_email(s["email"]) == email
+                and (self.deleted_visible or s["deleted_at"] is None)
+            ]
+            if not matches:
+                return _error(404, "not found")
+            # The live signature if there is one, else the latest.
+            best = max(matches, key=lambda s: (s["deleted_at"] is None, s["created_at"], s["id"]))
+            return JSONResponse({"signature": self._render_signature(best)})
+
+    async def _member_lookup(self, request: Request) -> Response:
+        email = _norm_email(request.query_params.get("email"))
+        with self._lock:
+            member = self._members.get(email) if email else None
+            if member is None:
+                return _error(404, "not found")
+            return JSONResponse({"member": self._render_member(member)})
+
+
+class _Gate:
+    """Pure ASGI middleware handing every HTTP request to ``ControlShiftSim._gate``."""
+
+    def __init__(self, app: ASGIApp, sim: ControlShiftSim) -> None:
+        self.app = app
+        self.sim = sim
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        await self.sim._gate(self.app, scope, receive, send)
+
+
+async def _drop_connection(receive: Receive) -> None:
+    """Close the client's connection without sending a byte of response.
+
+    ASGI has no message for this, so the server's transport is reached through the ``receive``
+    callable, which uvicorn (h11 and httptools alike) binds to its request cycle object. Waiting
+    for the resulting ``http.disconnect`` keeps uvicorn from answering a 500 on our behalf.
+    """
+    cycle = getattr(receive, "__self__", None)
+    transport = getattr(cycle, "transport", None)
+    if transport is None:
+        raise ConnectionDropped("simulated dropped connection")
+    transport.abort()
+    with anyio.move_on_after(2):
+        while (await receive())["type"] != "http.disconnect":
+            pass
+
+
+def _error(status: int, message: str) -> JSONResponse:
+    return JSONResponse({"error": message}, status)
+
+
+def _oauth_error(status: int, error: str, description: str) -> JSONResponse:
+    return JSONResponse({"error": error, "error_description": description}, status)
+
+
+def _not_found(request: Request, exc: Exception) -> Response:
+    return _error(404, "not found")
+
+
+def _not_allowed(request: Request, exc: Exception) -> Response:
+    return _error(405, "method not allowed")
