@@ -26,57 +26,9 @@ from csand.sim.actionnetwork import ActionNetworkSim
 from csand.sim.controlshift import ControlShiftSim
 from csand.sim.scenario import Scenario, populate
 from csand.sim.server import ServedApp
+from csand.sim.verify import compare
 
 RECONCILE_SECONDS = 8.0  # short, so the demo shows a late opt-in caught by a sweep
-
-
-def compare(scenario: Scenario, an: ActionNetworkSim) -> dict[str, Any]:
-    """Check AN's end state against the oracle; returns counts and the first few differences."""
-    expected = scenario.expected_an_state()
-    petitions_by_uuid = {p["uuid"]: p for p in an.petitions()}
-    slug_of = {p["uuid"]: p["identifiers"] for p in an.petitions()}
-    signed: dict[str, set[str]] = {}
-    people_by_uuid = {p["uuid"]: p for p in an.people()}
-    for sig in an.signatures():
-        person = people_by_uuid.get(sig["person_uuid"])
-        if person:
-            signed.setdefault(person["email"].strip().lower(), set()).add(sig["petition_uuid"])
-    cs_ids = {p["slug"]: p["id"] for p in scenario.cs.petitions()}
-    problems: list[str] = []
-    wrongly_subscribed = 0
-    for email, want in expected.items():
-        got = an.person(email)
-        if got is None:
-            problems.append(f"{logs.mask_email(email)}: missing in AN")
-            continue
-        if got["status"] != want.status:
-            problems.append(f"{logs.mask_email(email)}: status {got['status']} != {want.status}")
-            if got["status"] == "subscribed":
-                wrongly_subscribed += 1
-        if not want.tags <= set(got["tags"]):
-            problems.append(f"{logs.mask_email(email)}: missing tags {sorted(want.tags - set(got['tags']))}")
-        want_ids = {cs_ids[s] for s in want.petitions}
-        got_ids = {
-            int(ident.rsplit("-", 1)[-1])
-            for uuid in signed.get(email, ())
-            for ident in slug_of.get(uuid, ())
-            if ":petition-" in ident
-        }
-        if want_ids != got_ids:
-            problems.append(f"{logs.mask_email(email)}: petitions {sorted(got_ids)} != {sorted(want_ids)}")
-        for field, key in (("given_name", "given_name"), ("family_name", "family_name")):
-            if getattr(want, field) and got.get(key) != getattr(want, field):
-                problems.append(f"{logs.mask_email(email)}: {key} {got.get(key)!r} != {getattr(want, field)!r}")
-    identifiers = [i for p in petitions_by_uuid.values() for i in p["identifiers"]]
-    duplicates = len(identifiers) - len(set(identifiers))
-    pairs = [(s["petition_uuid"], s["person_uuid"]) for s in an.signatures()]
-    return {
-        "expected_people": len(expected),
-        "problems": problems,
-        "wrongly_subscribed": wrongly_subscribed,
-        "duplicate_petitions": duplicates,
-        "duplicate_signatures": len(pairs) - len(set(pairs)),
-    }
 
 
 def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed: int) -> int:

@@ -23,6 +23,7 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import aiosqlite
@@ -87,7 +88,7 @@ MIGRATIONS: list[str] = [
         exists_    INTEGER,                     -- 1 present, 0 absent, NULL unknown
         uuid       TEXT,
         subscribed INTEGER,
-        fields_at  TEXT,
+        fields_at  TEXT,                        -- JSON: field name → CS time that set it
         learned_at REAL NOT NULL
     );
 
@@ -416,7 +417,7 @@ class Store:
             exists=None if r["exists_"] is None else bool(r["exists_"]),
             uuid=r["uuid"],
             subscribed=None if r["subscribed"] is None else bool(r["subscribed"]),
-            fields_at=parse_time(r["fields_at"]),
+            fields_at=_field_times(r["fields_at"]),
         )
 
     async def save_person(self, email: str, person: Person) -> None:
@@ -514,6 +515,15 @@ class Store:
         return [dict(r) | {"finished_at": _iso(r["finished_at"])} for r in rows]
 
 
+def _field_times(value: str | None) -> MappingProxyType[str, datetime]:
+    times: dict[str, datetime] = {}
+    for name, stamp in (json.loads(value) if value else {}).items():
+        parsed = parse_time(stamp)
+        if parsed is not None:
+            times[name] = parsed
+    return MappingProxyType(times)
+
+
 def _float(value: str | None) -> float | None:
     try:
         return float(value) if value is not None else None
@@ -581,7 +591,7 @@ async def _save_person(db: aiosqlite.Connection, email: str, p: Person, now: flo
             None if p.exists is None else int(p.exists),
             p.uuid,
             None if p.subscribed is None else int(p.subscribed),
-            p.fields_at.isoformat() if p.fields_at else None,
+            json.dumps({k: v.isoformat() for k, v in p.fields_at.items()}) if p.fields_at else None,
             now,
         ),
     )

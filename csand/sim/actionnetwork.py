@@ -156,6 +156,8 @@ class _Verdict:
 
 
 class HalResponse(JSONResponse):
+    """AN answers in HAL+JSON."""
+
     media_type = "application/hal+json"
 
 
@@ -348,7 +350,7 @@ class ActionNetworkSim:
             now = self._clock()
             if self.requests_per_second is not None:
                 capacity = self.requests_per_second if self.burst is None else self.burst
-                bucket = self._buckets.setdefault(token, _Bucket(capacity, now))
+                bucket = self._buckets.setdefault(self.api_key, _Bucket(capacity, now))
                 if not bucket.take(now, self.requests_per_second, capacity):
                     self._rate_limited += 1
                     headers = {"Retry-After": "1"} if self.send_retry_after else None

@@ -505,7 +505,12 @@ class ControlShiftSim:
         for key, value in s.items():
             if key in ("petition_slug", "member_id"):
                 continue
-            out[key] = copy.deepcopy(value) if isinstance(value, dict | list) else self._ts(value)
+            if isinstance(value, dict):
+                out[key] = {k: self._ts(v) for k, v in value.items()}
+            elif isinstance(value, list):
+                out[key] = copy.deepcopy(value)
+            else:
+                out[key] = self._ts(value)
         out["member"] = {"id": s["member_id"]} if s["member_id"] is not None else None
         slug = s["petition_slug"]
         out["petition"] = {"slug": slug, "url": self._petition_url(slug)}

@@ -13,8 +13,10 @@ with an explicit ``unsubscribed`` status before anything else is posted for them
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
+from types import MappingProxyType
 
 from csand.model import Activity, ActivityKind, PetitionRef, valid_email
 
@@ -28,7 +30,8 @@ class Person:
     exists: bool | None = None  # None: unknown, must look up before a non-opted-in write
     uuid: str | None = None
     subscribed: bool | None = None  # None: present but status unknown
-    fields_at: datetime | None = None  # CS time of the newest activity whose fields were sent
+    # Per field (given_name, family_name, postal_code): CS time of the activity that set it.
+    fields_at: Mapping[str, datetime] = field(default_factory=lambda: MappingProxyType({}))
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,22 +139,29 @@ def validate(activity: Activity) -> str | None:
     return None
 
 
+FIELD_NAMES = ("given_name", "family_name", "postal_code")
+
+
+def _values(activity: Activity) -> dict[str, str | None]:
+    return {"given_name": activity.first_name, "family_name": activity.last_name,
+            "postal_code": activity.postcode}
+
+
 def fields_for(activity: Activity, person: Person) -> Fields:
-    """Fields follow the person's most recent activity: an older one sends only the email."""
+    """Each field follows the person's most recent activity that gave it a value.
+
+    An older activity discovered later (common in a backfill) still fills a field no newer
+    activity set, but never overwrites one a newer activity set; empty values are never sent.
+    """
     assert activity.email is not None
-    newer_known = (
-        person.fields_at is not None
-        and activity.fields_at is not None
-        and activity.fields_at < person.fields_at
-    )
-    if newer_known:
-        return Fields(email=activity.email)
-    return Fields(
-        email=activity.email,
-        given_name=activity.first_name,
-        family_name=activity.last_name,
-        postal_code=activity.postcode,
-    )
+    chosen: dict[str, str | None] = {}
+    for name, value in _values(activity).items():
+        set_at = person.fields_at.get(name)
+        newer_known = set_at is not None and (
+            activity.fields_at is None or activity.fields_at < set_at
+        )
+        chosen[name] = None if newer_known else value
+    return Fields(email=activity.email, **chosen)
 
 
 def next_step(activity: Activity, progress: Progress) -> Step:
@@ -238,10 +248,13 @@ def after_person_write(
             subscribed = False
         else:
             subscribed = p.person.subscribed
-    fields_at = p.person.fields_at
-    if op.fields.given_name or op.fields.family_name or op.fields.postal_code:
-        fields_at = max(filter(None, (fields_at, activity.fields_at)), default=None)
-    person = Person(exists=True, uuid=uuid, subscribed=subscribed, fields_at=fields_at)
+    fields_at = dict(p.person.fields_at)
+    if activity.fields_at is not None:
+        for name in FIELD_NAMES:
+            if getattr(op.fields, name):
+                fields_at[name] = activity.fields_at
+    person = Person(exists=True, uuid=uuid, subscribed=subscribed,
+                    fields_at=MappingProxyType(fields_at))
     return replace(
         p, person=person, person_written=True, signed=p.signed or isinstance(op, RecordSignature)
     )

@@ -1,0 +1,144 @@
+"""Run the real ``csand run`` process against the simulators and watch its database."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+DEADLINE = 120.0  # generous: a CI machine may be slow; normal runs take a few seconds
+
+
+class Csand:
+    """One ``csand run`` child process with its config, database and log file."""
+
+    def __init__(self, tmp: Path, cs_url: str, cs_key: str, an_url: str, an_key: str,
+                 **overrides: dict[str, Any]) -> None:
+        self.tmp = tmp
+        self.db = tmp / "csand.db"
+        self.config = tmp / "config.toml"
+        self.log_path = tmp / "csand.log"
+        sections: dict[str, dict[str, Any]] = {
+            "controlshift": {"url": cs_url, "api_key": cs_key, "poll_interval": 0.5,
+                             "reconcile_interval": 3600.0},
+            "action_network": {"url": an_url, "api_key": an_key, "requests_per_second": 50.0,
+                               "timeout": 5.0},
+            "sync": {"retry_base": 0.2, "retry_cap": 1.0, "auth_recheck_interval": 0.5},
+            "store": {"path": str(self.db)},
+            "log": {"format": "json"},
+        }
+        for section, values in overrides.items():
+            sections.setdefault(section, {}).update(values)
+        self.config.write_text(_toml(sections))
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.runs = 0
+
+    def start(self) -> Csand:
+        self.runs += 1
+        log = self.log_path.open("ab")
+        env = {k: v for k, v in os.environ.items() if not k.startswith("CSAND_")}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "csand", "run", "--config", str(self.config)],
+            stdout=log, stderr=subprocess.STDOUT, env=env,
+        )
+        log.close()
+        return self
+
+    def kill9(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(10)
+
+    def terminate(self, timeout: float = 15.0) -> tuple[int, float]:
+        assert self.proc is not None
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        code = self.proc.wait(timeout)
+        return code, time.monotonic() - started
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    # ---- reading its state (WAL lets us read while it writes) ----
+
+    def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        if not self.db.exists():
+            return []
+        conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
+        try:
+            return conn.execute(sql, params).fetchall()
+        except sqlite3.OperationalError:
+            return []  # schema not created yet
+        finally:
+            conn.close()
+
+    def counts(self) -> dict[str, int]:
+        counts = {"pending": 0, "in_flight": 0, "done": 0, "dead": 0, "cancelled": 0}
+        counts.update(dict(self.query("SELECT status, COUNT(*) FROM outbox GROUP BY status")))
+        return counts
+
+    def meta(self, key: str) -> str | None:
+        rows = self.query("SELECT value FROM meta WHERE key = ?", (key,))
+        return rows[0][0] if rows else None
+
+    def wait_for(self, condition: Callable[[], bool], what: str, timeout: float = DEADLINE) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if condition():
+                return
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"csand exited ({self.proc.returncode}) waiting for {what}:\n"
+                                     + self.log_tail())
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; counts={self.counts()}\n"
+                             + self.log_tail())
+
+    def wait_drained(self, after: float | None = None, timeout: float = DEADLINE) -> dict[str, int]:
+        """Until a poll that started after ``after`` has completed and the queue is empty."""
+        after = time.time() if after is None else after
+
+        def drained() -> bool:
+            polled = float(self.meta("last_poll_at") or 0)
+            c = self.counts()
+            return polled > after and c["pending"] == 0 and c["in_flight"] == 0
+
+        self.wait_for(drained, "the queue to drain", timeout)
+        return self.counts()
+
+    def wait_reconciled(self, after: float, timeout: float = DEADLINE) -> dict[str, int]:
+        def swept() -> bool:
+            c = self.counts()
+            return (float(self.meta("last_reconcile_at") or 0) > after
+                    and c["pending"] == 0 and c["in_flight"] == 0)
+
+        self.wait_for(swept, "a reconciliation sweep", timeout)
+        return self.counts()
+
+    def dead(self) -> dict[str, str]:
+        return dict(self.query("SELECT source_key, last_error FROM outbox WHERE status = 'dead'"))
+
+    def log_lines(self) -> list[str]:
+        return self.log_path.read_text(encoding="utf-8").splitlines() if self.log_path.exists() else []
+
+    def log_events(self) -> list[dict[str, Any]]:
+        return [json.loads(line) for line in self.log_lines()]
+
+    def log_tail(self, n: int = 30) -> str:
+        return "\n".join(self.log_lines()[-n:])
+
+
+def _toml(sections: dict[str, dict[str, Any]]) -> str:
+    lines = []
+    for name, values in sections.items():
+        lines.append(f"[{name}]")
+        for key, value in values.items():
+            lines.append(f"{key} = {json.dumps(value)}")
+        lines.append("")
+    return "\n".join(lines)
