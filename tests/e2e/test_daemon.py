@@ -1,0 +1,265 @@
+"""End-to-end: the real ``csand run`` process against both simulators over loopback HTTP.
+
+Each test builds a ControlShift with generated data, lets csand sync it into the Action Network
+simulator, and checks AN's end state against the oracle of INTEGRATION.md
+(:func:`csand.sim.verify.compare`), plus the guarantees: nothing lost, nothing duplicated, nobody
+subscribed without opting in, across faults, rate limiting and ``kill -9``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from csand.sim.actionnetwork import ActionNetworkSim
+from csand.sim.controlshift import ControlShiftSim
+from csand.sim.scenario import Scenario, populate
+from csand.sim.server import ServedApp
+from csand.sim.verify import compare
+from tests.e2e.harness import Csand
+
+pytestmark = pytest.mark.e2e
+
+CS_KEY = "cs-e2e-secret-key-1234"
+AN_KEY = "an-e2e-secret-key-5678"
+
+
+class World:
+    def __init__(self, tmp: Path, cs: ControlShiftSim, an: ActionNetworkSim, cs_url: str,
+                 an_url: str) -> None:
+        self.tmp, self.cs, self.an, self.cs_url, self.an_url = tmp, cs, an, cs_url, an_url
+        self.scenario: Scenario | None = None
+        self.daemons: list[Csand] = []
+
+    def populate(self, **kwargs) -> Scenario:
+        self.scenario = populate(self.cs, self.an, **kwargs)
+        return self.scenario
+
+    def csand(self, **overrides) -> Csand:
+        daemon = Csand(self.tmp, self.cs_url, CS_KEY, f"{self.an_url}/api/v2", AN_KEY, **overrides)
+        self.daemons.append(daemon)
+        return daemon
+
+    def check(self) -> dict:
+        assert self.scenario is not None
+        result = compare(self.scenario, self.an)
+        assert result["problems"] == []
+        assert result["wrongly_subscribed"] == 0
+        assert result["duplicate_petitions"] == 0
+        assert result["duplicate_signatures"] == 0
+        return result
+
+
+def _world(tmp_path: Path, **cs_kwargs) -> Iterator[World]:
+    cs = ControlShiftSim(api_key=CS_KEY, page_size=cs_kwargs.pop("page_size", 7), **cs_kwargs)
+    an = ActionNetworkSim(api_key=AN_KEY, requests_per_second=None)
+    with ServedApp(cs.app) as cs_served, ServedApp(an.app) as an_served:
+        world = World(tmp_path, cs, an, cs_served.url, an_served.url)
+        try:
+            yield world
+        finally:
+            for daemon in world.daemons:
+                if daemon.alive():
+                    daemon.kill9()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    yield from _world(tmp_path)
+
+
+def assert_logs_clean(daemon: Csand, scenario: Scenario) -> None:
+    """Every line is JSON; no API key and no raw email address anywhere."""
+    lines = daemon.log_lines()
+    assert lines
+    for line in lines:
+        json.loads(line)
+        assert CS_KEY not in line and AN_KEY not in line
+    text = "\n".join(lines).lower()
+    emails = {e for e in scenario.people if "@" in e}
+    leaked = [e for e in emails if e in text or e.replace("@", "%40") in text]
+    assert leaked == []
+
+
+@pytest.mark.parametrize("order", ["asc", "desc"])
+def test_backfill_then_incremental_matches_the_rules(tmp_path: Path, order: str) -> None:
+    for world in _world(tmp_path, signature_order=order):
+        scenario = world.populate(petitions=6, signatures=120, bad_records=5, seed=11)
+        daemon = world.csand().start()
+        counts = daemon.wait_drained()
+        world.check()
+        # Bad records are kept as dead letters with a reason; everything else synced.
+        dead = daemon.dead()
+        assert len(dead) == len(scenario.expected_dead()) - sum(
+            1 for d in scenario.expected_dead() if d.reason == "deleted")
+        assert all(reason for reason in dead.values())
+        assert counts["done"] > 100
+
+        # Incremental: new signatures, a late opt-in, a deletion, a single-petition unsubscribe.
+        before = world.an.stats()["requests"]
+        slug = next(p["slug"] for p in world.cs.petitions() if p["launched"])
+        world.cs.add_signature(slug, email=" New.Person@Example.org ", first_name="Åsa",
+                               last_name="Öberg", postcode="113 30", join_organisation=True)
+        world.cs.add_signature(slug, email="private@example.org", first_name="Pat",
+                               join_organisation=False)
+        sigs = [s for s in world.cs.signatures() if not s["deleted_at"] and s["email"]
+                and "@" in s["email"] and len(s["first_name"] or "") < 100]
+        late = next(s for s in sigs if s["join_organisation"] is not True)
+        world.cs.update_signature(late["id"], join_organisation=True)
+        unsub = next(s for s in sigs if s["id"] != late["id"])
+        world.cs.update_signature(unsub["id"], unsubscribe_at="2026-11-01T00:00:00Z")
+        mark = time.time()
+        daemon.wait_drained(after=mark)
+        assert world.an.person("new.person@example.org")["status"] == "subscribed"
+        assert world.an.person("private@example.org")["status"] == "unsubscribed"
+        # the petition-level unsubscribe changed nothing and cost no request beyond the new ones
+        assert world.an.stats()["requests"] - before <= 6
+        code, seconds = daemon.terminate()
+        assert code == 0 and seconds < 15
+        assert_logs_clean(daemon, scenario)
+
+        # The late opt-in moves no change signal: the reconciliation sweep finds it.
+        daemon2 = world.csand(controlshift={"reconcile_interval": 1.0}).start()
+        daemon2.wait_reconciled(after=time.time())
+        late_email = late["email"].strip().lower()
+        assert world.an.person(late_email)["status"] == "subscribed"
+        world.check()
+        assert daemon2.terminate()[0] == 0
+
+
+def test_three_kill9_mid_drain_lose_and_duplicate_nothing(world: World) -> None:
+    world.populate(petitions=8, signatures=220, bad_records=3, seed=5)
+    world.an.requests_per_second = 60.0
+    world.an.faults.fail_after_commit_rate = 0.05  # AN wrote, csand never heard: replay safely
+    daemon = world.csand(action_network={"requests_per_second": 60.0})
+    target = 0
+    for kill in range(3):
+        daemon.start()
+        target += 40
+        daemon.wait_for(lambda t=target: daemon.counts()["done"] >= t, f"{target} items done")
+        daemon.kill9()
+        assert daemon.counts()["in_flight"] >= 0
+    daemon.start()
+    daemon.wait_drained()
+    world.check()
+    assert world.an.stats()["duplicate_identifier_posts"] == 0
+    starts = [e for e in daemon.log_events() if e.get("event") == "daemon.start"]
+    assert len(starts) == 4
+    assert daemon.terminate()[0] == 0
+
+
+def test_faults_and_rate_limits_are_ridden_out(world: World) -> None:
+    world.populate(petitions=5, signatures=120, bad_records=2, seed=9)
+    world.an.requests_per_second = 25.0
+    world.an.faults.error_rate = 0.05
+    world.an.faults.empty_200_rate = 0.05
+    world.an.faults.drop_rate = 0.03
+    world.an.faults.slow_rate = 0.02
+    world.an.faults.slow_seconds = 6.0  # past csand's 5 s timeout
+    world.cs.faults.error_rate = 0.05
+    world.cs.faults.drop_rate = 0.02
+    # csand is configured faster than AN allows: it must adapt to the 429s.
+    daemon = world.csand(action_network={"requests_per_second": 40.0}).start()
+    daemon.wait_drained()
+    world.check()
+    stats = world.an.stats()
+    assert stats["rate_limited"] > 0
+    assert sum(stats["faults"].values()) > 0
+    events = daemon.log_events()
+    assert any(e.get("event") == "an.rate_limited" for e in events)
+    assert any(e.get("event") == "sync.retry" for e in events)
+    assert daemon.terminate()[0] == 0
+
+
+def test_bad_an_key_pauses_instead_of_burning_the_queue(world: World) -> None:
+    world.populate(petitions=3, signatures=30, seed=3)
+    world.an.api_key = "rotated-key-that-csand-does-not-have"
+    daemon = world.csand().start()
+    daemon.wait_for(lambda: daemon.counts()["pending"] > 0 and daemon.meta("an_paused") is not None,
+                    "workers to pause")
+    assert daemon.counts()["dead"] == 0 and daemon.counts()["done"] == 0
+    status = subprocess.run(
+        [sys.executable, "-m", "csand", "status", "--json", "--config", str(daemon.config)],
+        capture_output=True, text=True, check=True,
+    )
+    data = json.loads(status.stdout)
+    assert data["an_paused"] and data["pending"] > 0
+    for key in ("pending", "in_flight", "done", "dead"):
+        assert isinstance(data[key], int)
+    assert any(e.get("event") == "an.auth_failed" and e.get("level") == "error"
+               for e in daemon.log_events())
+    world.an.api_key = AN_KEY  # the operator fixes the key: csand resumes by itself
+    daemon.wait_drained()
+    world.check()
+    assert daemon.terminate()[0] == 0
+
+
+def test_sigterm_mid_drain_exits_zero_and_releases_work(world: World) -> None:
+    world.populate(petitions=4, signatures=80, seed=4)
+    world.an.faults.slow_rate = 0.3
+    world.an.faults.slow_seconds = 0.5
+    daemon = world.csand(action_network={"requests_per_second": 10.0}).start()
+    daemon.wait_for(lambda: daemon.counts()["done"] >= 10, "some progress")
+    code, seconds = daemon.terminate()
+    assert code == 0
+    assert seconds < 15
+    assert daemon.counts()["in_flight"] == 0
+    assert any(e.get("event") == "daemon.stopped" for e in daemon.log_events())
+    world.an.faults.slow_rate = 0
+    daemon.start()
+    daemon.wait_drained()
+    world.check()
+    assert daemon.terminate()[0] == 0
+
+
+def test_status_json_while_running(world: World) -> None:
+    world.populate(petitions=2, signatures=20, seed=2)
+    daemon = world.csand().start()
+    daemon.wait_drained()
+    out = subprocess.run(
+        [sys.executable, "-m", "csand", "status", "--json", "--config", str(daemon.config)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    data = json.loads(out)
+    assert data["pending"] == 0 and data["in_flight"] == 0 and data["done"] >= 20
+    assert re.match(r"\d{4}-\d\d-\d\dT", data["last_poll_at"])
+    human = subprocess.run(
+        [sys.executable, "-m", "csand", "status", "--config", str(daemon.config)],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    assert "pending" in human and "last poll" in human
+    assert daemon.terminate()[0] == 0
+
+
+def test_second_daemon_on_the_same_database_refuses(world: World) -> None:
+    world.populate(petitions=2, signatures=5, seed=1)
+    daemon = world.csand().start()
+    daemon.wait_drained()
+    second = subprocess.run(
+        [sys.executable, "-m", "csand", "run", "--config", str(daemon.config)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert second.returncode == 1
+    assert "already running" in second.stderr
+    assert daemon.terminate()[0] == 0
+
+
+def test_broken_config_stops_with_one_clear_message(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text('[controlshift]\nurl = "http://127.0.0.1:9"\napi_key = "x"\n'
+                      '[action_network]\nrequests_per_second = "fast"\nworkerz = 3\n')
+    result = subprocess.run(
+        [sys.executable, "-m", "csand", "run", "--config", str(config)],
+        capture_output=True, text=True, timeout=30,
+    )
+    assert result.returncode == 2
+    assert "action_network.requests_per_second" in result.stderr
+    assert "action_network.workerz: unknown key" in result.stderr
+    assert result.stderr.count("\n") == 1
