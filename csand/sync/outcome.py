@@ -9,7 +9,9 @@ continues exactly where the last process left off.
 from __future__ import annotations
 
 import random
+import time
 from dataclasses import dataclass
+from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import Any
 
@@ -41,13 +43,20 @@ def _error_text(body: Any) -> str:
     return ""
 
 
-def parse_retry_after(value: str | None) -> float | None:
+def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
+    """Seconds to wait, from either form of ``Retry-After`` (delta-seconds or an HTTP date)."""
     if value is None:
         return None
     try:
         seconds = float(value)
     except ValueError:
-        return None  # HTTP-date form: fall back to csand's own backoff
+        try:
+            when = parsedate_to_datetime(value)
+        except (TypeError, ValueError):
+            return None
+        if when is None:
+            return None
+        seconds = when.timestamp() - (time.time() if now is None else now)
     return max(0.0, min(seconds, 3600.0))
 
 
@@ -106,7 +115,10 @@ class RetryPolicy:
 
     def delay(self, attempts: int, rng: random.Random | None = None) -> float:
         """Delay before try number ``attempts + 1`` (``attempts`` ≥ 1 failures so far)."""
-        raw = min(self.cap, self.base * self.factor ** max(0, attempts - 1))
+        try:
+            raw = min(self.cap, self.base * self.factor ** max(0, attempts - 1))
+        except OverflowError:  # thousands of attempts: far beyond the cap anyway
+            raw = self.cap
         r = (rng or random).random()
         return raw * (1 - self.jitter) + raw * self.jitter * r
 

@@ -266,6 +266,20 @@ def after_status(p: Progress, status: str) -> Progress:
     )
 
 
+def knowledge_to_keep(person: Person) -> Person:
+    """What may be trusted on a later attempt: presence, never absence.
+
+    "Not in AN" goes stale the moment someone else adds the person, and acting on it later would
+    force ``unsubscribed`` onto a subscribed person; so absence is forgotten (a later attempt
+    looks up again) while the field times are kept.
+    """
+    if person.exists:
+        return person
+    return Person(fields_at=person.fields_at)
+
+
 def forget_person(p: Progress) -> Progress:
     """AN no longer has the uuid we knew (404): start over from a lookup."""
-    return replace(p, person=replace(p.person, exists=None, uuid=None, subscribed=None))
+    return replace(
+        p, person=replace(p.person, exists=None, uuid=None, subscribed=None), person_written=False
+    )

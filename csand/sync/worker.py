@@ -266,7 +266,7 @@ class Dispatcher:
         seconds: float,
     ) -> None:
         activity = item.activity
-        person = (activity.email, progress.person) if activity.email and progress.person.exists is not None else None
+        person = (activity.email, rules.knowledge_to_keep(progress.person)) if activity.email else None
         attempts = item.attempts + 1
         fields = {"item": item.id, "source": activity.source_key, "kind": str(activity.kind),
                   "person": activity.email, "attempt": attempts, "ms": round(seconds * 1000)}

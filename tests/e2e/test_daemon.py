@@ -140,7 +140,7 @@ def test_three_kill9_mid_drain_lose_and_duplicate_nothing(world: World) -> None:
     world.an.faults.fail_after_commit_rate = 0.05  # AN wrote, csand never heard: replay safely
     daemon = world.csand(action_network={"requests_per_second": 60.0})
     target = 0
-    for kill in range(3):
+    for _ in range(3):
         daemon.start()
         target += 40
         daemon.wait_for(lambda t=target: daemon.counts()["done"] >= t, f"{target} items done")
