@@ -23,6 +23,7 @@ from csand.sync.rules import Fields
 log = get_logger("actionnetwork")
 
 MAX_429_RETRIES = 4
+MAX_PAGES = 2000  # a guard against a list that never ends
 
 
 class ANFailure(Exception):
@@ -113,15 +114,17 @@ class ActionNetworkClient:
 
     # ---- people ----
 
-    async def find_person(self, email: str) -> PersonRecord | None:
-        query = quote(f"email_address eq '{_odata_quote(email)}'", safe="")
-        body = await self._call("GET", f"/people?filter={query}")
-        people = ((body or {}).get("_embedded") or {}).get("osdi:people") or []
-        for resource in people:
-            addresses = [a.get("address", "").strip().lower()
-                         for a in resource.get("email_addresses") or ()]
-            if email in addresses or len(people) == 1:
-                return _person_record(resource)
+    async def find_person(self, email: str, also: tuple[str, ...] = ()) -> PersonRecord | None:
+        """Look a person up by (normalised) email, then by each other spelling in ``also``."""
+        for spelling in dict.fromkeys((email, *also)):
+            query = quote(f"email_address eq '{_odata_quote(spelling)}'", safe="")
+            body = await self._call("GET", f"/people?filter={query}")
+            people = ((body or {}).get("_embedded") or {}).get("osdi:people") or []
+            for resource in people:
+                addresses = [(a.get("address") or "").strip().lower()
+                             for a in resource.get("email_addresses") or ()]
+                if email in addresses:
+                    return _person_record(resource)
         return None
 
     async def signup(self, fields: Fields, status: str | None, tags: tuple[str, ...]) -> PersonRecord:
@@ -136,16 +139,15 @@ class ActionNetworkClient:
 
     async def record_signature(
         self, petition_uuid: str, fields: Fields, status: str | None, tags: tuple[str, ...]
-    ) -> str:
+    ) -> str | None:
+        """Returns the person's uuid when AN's answer names it (it normally does)."""
         body = await self._call(
             "POST", f"/petitions/{petition_uuid}/signatures",
             json={"person": _person_json(fields, status), "add_tags": list(tags)},
             helper=True, by_id=True,
         )
         uuid = body.get("action_network:person_id") or _href_uuid(body, "osdi:person")
-        if not uuid:
-            raise ANFailure(Outcome(Verdict.RETRY, "Record Signature Helper answered without a person"))
-        return str(uuid)
+        return str(uuid) if uuid else None
 
     async def sign_as(self, petition_uuid: str, person_uuid: str) -> None:
         await self._call(
@@ -163,11 +165,26 @@ class ActionNetworkClient:
     # ---- petitions ----
 
     async def find_petition(self, identifier: str) -> str | None:
+        """Find a mirrored petition by its identifier.
+
+        Uses AN's identifier filter; should the filter be refused (400), falls back to paging
+        through the group's petitions, which is slower but never creates a duplicate.
+        """
         query = quote(f"identifier eq '{_odata_quote(identifier)}'", safe="")
-        body = await self._call("GET", f"/petitions?filter={query}")
-        for resource in ((body or {}).get("_embedded") or {}).get("osdi:petitions") or []:
-            if identifier in (resource.get("identifiers") or ()):
-                return uuid_of(resource)
+        try:
+            body = await self._call("GET", f"/petitions?filter={query}")
+            return _with_identifier(body, identifier)
+        except ANFailure as failure:
+            if failure.outcome.verdict is not Verdict.DEAD:
+                raise
+            log.warning("an.petition_filter_refused", reason=failure.outcome.reason)
+        for page in range(1, MAX_PAGES + 1):
+            body = await self._call("GET", f"/petitions?page={page}")
+            if not ((body or {}).get("_embedded") or {}).get("osdi:petitions"):
+                return None
+            found = _with_identifier(body, identifier)
+            if found:
+                return found
         return None
 
     async def create_petition(
@@ -191,16 +208,15 @@ class ActionNetworkClient:
     async def list_tags(self) -> dict[str, str]:
         """name → uuid for every tag (paged, no filter exists); stops at an empty page."""
         tags: dict[str, str] = {}
-        page = 1
-        while True:
+        for page in range(1, MAX_PAGES + 1):
             body = await self._call("GET", f"/tags?page={page}")
             items = ((body or {}).get("_embedded") or {}).get("osdi:tags") or []
             for item in items:
                 if item.get("name"):
                     tags[item["name"]] = uuid_of(item) or ""
             if not items or not ((body or {}).get("_links") or {}).get("next"):
-                return tags
-            page += 1
+                break
+        return tags
 
     async def create_tag(self, name: str) -> str:
         body = await self._call("POST", "/tags", json={"name": name}, helper=True)
@@ -210,6 +226,13 @@ class ActionNetworkClient:
         """The entry point answers 200 even for a bad key, only without the ``osdi:tags`` link."""
         body = await self._call("GET", "/")
         return "osdi:tags" in ((body or {}).get("_links") or {})
+
+
+def _with_identifier(body: Any, identifier: str) -> str | None:
+    for resource in ((body or {}).get("_embedded") or {}).get("osdi:petitions") or []:
+        if identifier in (resource.get("identifiers") or ()):
+            return uuid_of(resource)
+    return None
 
 
 def _href_uuid(body: dict[str, Any], rel: str) -> str | None:

@@ -209,9 +209,14 @@ class Poller:
             index += 1
             items, meta = await self.cs.signatures_page(slug, page)
             report.pages += 1
-            if page == 1:
-                total_pages = max(1, int(meta.get("total_pages") or 1))
+            if page == 1 and meta.get("total_pages"):
+                total_pages = max(1, int(meta["total_pages"]))
                 order = edge_order(total_pages)
+            next_page = meta.get("next_page")
+            if next_page and int(next_page) > max(order):
+                # No total_pages, or the petition grew during the walk: follow next_page too.
+                order.append(int(next_page))
+                total_pages = max(total_pages, int(next_page))
             for record in items:
                 new_found += self._see(record, petition, org, seen, batch, report)
             if len(batch.pages) >= COMMIT_EVERY_PAGES:

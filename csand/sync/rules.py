@@ -71,7 +71,11 @@ class EnsurePetition:
 
 @dataclass(frozen=True, slots=True)
 class LookupPerson:
+    """Find the person by email; also try ``also`` (the address as typed): AN's filter may match
+    case-sensitively, and missing a person who is there would treat them as new."""
+
     email: str
+    also: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,6 +168,12 @@ def fields_for(activity: Activity, person: Person) -> Fields:
     return Fields(email=activity.email, **chosen)
 
 
+def _spellings(activity: Activity) -> tuple[str, ...]:
+    assert activity.email is not None
+    as_given = (activity.raw_email or "").strip()
+    return () if as_given in ("", activity.email) else (as_given,)
+
+
 def next_step(activity: Activity, progress: Progress) -> Step:
     reason = validate(activity)
     if reason:
@@ -178,7 +188,7 @@ def _unsubscribe_step(activity: Activity, p: Progress) -> Step:
     if p.person_written:
         return Done("unsubscribed in Action Network")
     if p.person.exists is None or (p.person.exists and p.person.uuid is None):
-        return LookupPerson(activity.email)
+        return LookupPerson(activity.email, _spellings(activity))
     if not p.person.exists:
         return Done("not in Action Network; a global unsubscribe never creates a person")
     assert p.person.uuid is not None
@@ -207,7 +217,7 @@ def _action_step(activity: Activity, p: Progress) -> Step:
             return RecordSignature(p.petition_uuid, fields, "subscribed", activity.tags)
         # Not opted in: never post anything that could create a subscribed person.
         if p.person.exists is None:
-            return LookupPerson(activity.email)
+            return LookupPerson(activity.email, _spellings(activity))
         if p.person.exists is False:
             return Signup(fields, "unsubscribed", activity.tags)
         if is_creator:
@@ -237,7 +247,7 @@ def after_lookup(p: Progress, found_uuid: str | None, subscribed: bool | None) -
 
 
 def after_person_write(
-    p: Progress, activity: Activity, op: RecordSignature | Signup, uuid: str,
+    p: Progress, activity: Activity, op: RecordSignature | Signup, uuid: str | None,
     subscribed: bool | None,
 ) -> Progress:
     """Record what a helper did. ``subscribed`` is AN's answer where it gave one."""

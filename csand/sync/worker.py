@@ -223,8 +223,8 @@ class Dispatcher:
                 case rules.EnsurePetition(petition=petition, creator_uuid=creator):
                     uuid = await self.petitions.ensure(petition, creator)
                     progress = replace(progress, petition_uuid=uuid)
-                case rules.LookupPerson(email=email):
-                    found = await self.an.find_person(email)
+                case rules.LookupPerson(email=email, also=also):
+                    found = await self.an.find_person(email, also)
                     progress = rules.after_lookup(
                         progress, found.uuid if found else None, found.subscribed if found else None
                     )
