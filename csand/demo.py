@@ -40,8 +40,8 @@ def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed
         an.faults.error_rate = 0.02
         an.faults.empty_200_rate = 0.02
         an.faults.drop_rate = 0.01
-    with ServedApp(cs.app) as cs_served, ServedApp(an.app) as an_served, \
-            tempfile.TemporaryDirectory(prefix="csand-demo-") as tmp:
+    tmp = tempfile.mkdtemp(prefix="csand-demo-")  # kept: the user may inspect log and queue
+    with ServedApp(cs.app) as cs_served, ServedApp(an.app) as an_served:
         settings = config_mod.Settings.model_validate({
             "controlshift": {"url": cs_served.url, "api_key": cs.api_key, "poll_interval": 2.0,
                              "reconcile_interval": RECONCILE_SECONDS},
@@ -50,6 +50,11 @@ def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed
             "sync": {"retry_base": 0.5, "retry_cap": 5.0},
             "store": {"path": str(Path(tmp) / "csand.db")},
         })
+        (Path(tmp) / "config.toml").write_text(
+            f'[controlshift]\nurl = "{cs_served.url}"\napi_key = "{cs.api_key}"\n'
+            f'[action_network]\nurl = "{an_served.url}/api/v2"\napi_key = "{an.api_key}"\n'
+            f'[store]\npath = "{settings.store.path}"\n'
+        )
         log_path = Path(tmp) / "csand.log"
         with log_path.open("w") as log_file:
             logs.configure("info", "json", stream=log_file, secrets=settings.secrets())
@@ -133,7 +138,10 @@ def _summarise(console: Console, scenario: Scenario, an: ActionNetworkSim, daemo
     table.add_row("  unsubscribed", str(sum(1 for p in people if p["status"] != "subscribed")))
     table.add_row("mirrored petitions", str(len(an.petitions())))
     table.add_row("signatures (Action History)", str(len(an.signatures())))
-    table.add_row("tags", ", ".join(sorted(t for t in an.tag_names() if t.startswith("controlshift")))[:60] + "…")
+    tags = sorted(t for t in an.tag_names() if t.startswith("controlshift"))
+    categories = [t for t in tags if t.startswith("controlshift:")]
+    table.add_row("tags", f"{len(tags)}: role tags + {len(categories)} categories")
+    table.add_row("  e.g.", ", ".join(categories[:2]))
     table.add_row("activities synced / dead", f"{dispatcher.stats.done} / {dispatcher.stats.dead}")
     table.add_row("AN requests (429s, faults)",
                   f"{stats['requests']} ({stats['rate_limited']}, {sum(stats['faults'].values())})")
@@ -159,8 +167,8 @@ def _summarise(console: Console, scenario: Scenario, an: ActionNetworkSim, daemo
     )
     for problem in result["problems"][:10]:
         console.print(f"  [red]{problem}[/red]")
-    console.print(f"Daemon log (JSON lines): {log_path.name} was in a temporary directory; "
-                  "run `csand run --config FILE` to keep one.")
+    console.print(f"The daemon's JSON log is {log_path}; its queue: "
+                  f"csand status --config {log_path.parent / 'config.toml'}")
     return 0 if ok else 1
 
 
