@@ -15,7 +15,8 @@ from typing import Any, TextIO
 
 import structlog
 
-_EMAIL = re.compile(r"([A-Za-z0-9._%+\-'])[A-Za-z0-9._%+\-']*(@|%40)([A-Za-z0-9.\-]+\.[A-Za-z]{2,})")
+# Anything shaped like local@domain, valid or not ("ann@gmail" is still someone's address).
+_EMAIL = re.compile(r"([^\s@\"'<>(),;:=/?&%])[^\s@\"'<>(),;:=/?&]*(@|%40)([^\s@\"'<>(),;&]+)")
 _SECRET_KEYS = re.compile(r"(api_?key|token|secret|password|authorization)", re.IGNORECASE)
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
