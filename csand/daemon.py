@@ -19,14 +19,14 @@ from pathlib import Path
 import anyio
 import httpx
 
-from csand import __version__
+from csand import __version__, metrics
 from csand.actionnetwork.client import ActionNetworkClient, ANFailure
 from csand.config import Settings
 from csand.controlshift.client import ControlShiftClient, OAuthToken
 from csand.controlshift.poller import Poller
 from csand.logs import get_logger
 from csand.ratelimit import TokenBucket
-from csand.store import Store
+from csand.store import STATUSES, Store
 from csand.sync.outcome import RetryPolicy
 from csand.sync.worker import Dispatcher
 
@@ -190,11 +190,18 @@ class Daemon:
         log.info("daemon.stopped", released=unfinished, ms=round((time.monotonic() - t0) * 1000))
 
     async def _heartbeat(self) -> None:
+        """Every few seconds: liveness for ``csand status``, and the gauges for /metrics."""
         assert self.store and self.dispatcher
         while True:
-            await self.store.set_meta(
-                heartbeat_at=time.time(), an_rate=round(self.dispatcher.an.limiter.current_rate(), 3)
-            )
+            rate = self.dispatcher.an.limiter.current_rate()
+            await self.store.set_meta(heartbeat_at=time.time(), an_rate=round(rate, 3))
+            snapshot = await self.store.status()
+            for state in STATUSES:
+                metrics.outbox_items.labels(state).set(snapshot[state])
+            metrics.oldest_pending_age.set(snapshot["oldest_pending_age_s"] or 0)
+            metrics.an_rate.set(rate)
+            metrics.an_paused.set(1 if self.dispatcher.auth_paused else 0)
+            self.last_status = snapshot
             await anyio.sleep(HEARTBEAT_SECONDS)
 
     async def _watch_signals(self) -> None:

@@ -15,6 +15,7 @@ from urllib.parse import quote
 
 import httpx
 
+from csand import metrics
 from csand.logs import get_logger
 from csand.ratelimit import TokenBucket
 from csand.sync.outcome import Outcome, Verdict, classify_exception, classify_response
@@ -88,7 +89,9 @@ class ActionNetworkClient:
             try:
                 response = await self._http.request(method, url, json=json, headers=self._headers)
             except httpx.HTTPError as exc:
+                metrics.an_requests.labels("error").inc()
                 raise ANFailure(classify_exception(exc)) from exc
+            metrics.an_requests.labels(str(response.status_code)).inc()
             body: Any
             try:
                 body = response.json() if response.content else None
@@ -104,6 +107,7 @@ class ActionNetworkClient:
                 self.limiter.on_success()
                 return body
             if outcome.verdict is Verdict.RATE_LIMITED:
+                metrics.an_rate_limited.inc()
                 pause = self.limiter.on_rate_limited(outcome.retry_after)
                 log.warning("an.rate_limited", pause_s=round(pause, 2),
                             rate=round(self.limiter.current_rate(), 2),

@@ -16,6 +16,7 @@ from urllib.parse import quote
 import anyio
 import httpx
 
+from csand import metrics
 from csand.logs import get_logger
 from csand.ratelimit import TokenBucket
 
@@ -110,12 +111,14 @@ class ControlShiftClient:
             try:
                 response = await self._http.get(url, headers=await self._auth_header())
             except httpx.HTTPError as exc:
+                metrics.cs_requests.labels("error").inc()
                 failures += 1
                 if failures > TRANSIENT_RETRIES:
                     raise CSError(f"ControlShift unreachable: {type(exc).__name__}: {exc}") from exc
                 await self._sleep(min(30.0, 0.5 * 2**failures))
                 continue
             status = response.status_code
+            metrics.cs_requests.labels(str(status)).inc()
             if status == 200:
                 try:
                     return response.json()

@@ -29,6 +29,7 @@ from typing import Any
 
 import anyio
 
+from csand import metrics
 from csand.controlshift.client import ControlShiftClient, CSAuthError, CSError
 from csand.logs import get_logger
 from csand.model import Activity, creator_activity, normalize_email, signature_activity
@@ -124,9 +125,11 @@ class Poller:
         try:
             return await self.cycle(full=full)
         except CSAuthError as exc:
+            metrics.poll_failures.inc()
             log.error("cs.auth_failed", error=str(exc), msg="ControlShift rejected the "
                       "credentials; polling continues every interval. Nothing is lost meanwhile.")
         except CSError as exc:
+            metrics.poll_failures.inc()
             log.warning("poll.failed", error=str(exc), full=full)
         return None
 
@@ -172,6 +175,8 @@ class Poller:
             meta["backfill_done"] = "1"
         await self.store.set_meta(**meta)
         self.cycles += 1
+        metrics.poll_cycles.labels("full" if full or first_run else "incremental").observe(
+            time.monotonic() - t0)
         log.info("poll.cycle", full=full, backfill=first_run, petitions=report.petitions,
                  walked=report.walked, pages=report.pages, enqueued=report.enqueued,
                  malformed=report.malformed, ms=round((time.monotonic() - t0) * 1000))

@@ -17,6 +17,7 @@ from dataclasses import dataclass, replace
 
 import anyio
 
+from csand import metrics
 from csand.actionnetwork.client import ActionNetworkClient, ANFailure
 from csand.logs import get_logger
 from csand.model import PetitionRef
@@ -274,6 +275,7 @@ class Dispatcher:
             if outcome is None:
                 await self.store.finish(item.id, "done", note=note, person=person)
                 self.stats.done += 1
+                metrics.actions.labels(str(activity.kind), "done").inc()
                 log.info("sync.done", outcome="done", note=note, **fields)
             elif outcome.verdict is Verdict.DEAD or (
                 outcome.verdict is Verdict.RETRY and self.policy.gives_up(attempts)
@@ -282,6 +284,7 @@ class Dispatcher:
                     f"gave up after {attempts} attempts: {outcome.reason}")
                 await self.store.finish(item.id, "dead", error=reason, person=person)
                 self.stats.dead += 1
+                metrics.actions.labels(str(activity.kind), "dead").inc()
                 log.warning("sync.dead", outcome="dead", reason=reason, **fields)
             elif outcome.verdict is Verdict.AUTH:
                 await self.store.finish(item.id, "pending", error=outcome.reason,
@@ -302,6 +305,7 @@ class Dispatcher:
                 await self.store.finish(item.id, "pending", error=outcome.reason,
                                         next_attempt_at=self.clock() + delay, person=person)
                 self.stats.retried += 1
+                metrics.actions.labels(str(activity.kind), "retry").inc()
                 log.warning("sync.retry", outcome="retry", reason=outcome.reason,
                             retry_in_s=round(delay, 1), **fields)
             self.in_flight.pop(item.id, None)

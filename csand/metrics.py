@@ -1,0 +1,44 @@
+"""Prometheus metrics (prometheus-client), on a registry of csand's own.
+
+Counters are incremented where things happen (worker, clients, poller, webhook receiver). Figures
+that live in SQLite (outbox depth, oldest pending age) are read by the daemon's heartbeat into
+gauges, because a scrape must not wait on the database.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+REGISTRY = CollectorRegistry(auto_describe=True)
+
+outbox_items = Gauge(
+    "csand_outbox_items", "Outbox items by state.", ["state"], registry=REGISTRY)
+oldest_pending_age = Gauge(
+    "csand_oldest_pending_age_seconds", "Age of the oldest item not yet done.", registry=REGISTRY)
+actions = Counter(
+    "csand_actions_total", "Activities applied to Action Network, by kind and outcome.",
+    ["kind", "outcome"], registry=REGISTRY)
+an_requests = Counter(
+    "csand_an_requests_total", "Action Network requests by HTTP status ('error' for no answer).",
+    ["status"], registry=REGISTRY)
+an_rate_limited = Counter(
+    "csand_an_rate_limited_total", "429 answers from Action Network.", registry=REGISTRY)
+an_rate = Gauge(
+    "csand_an_rate_per_second", "Current token-bucket rate for Action Network.", registry=REGISTRY)
+an_paused = Gauge(
+    "csand_an_paused", "1 while workers are paused because AN rejects the key.", registry=REGISTRY)
+poll_cycles = Histogram(
+    "csand_poll_cycle_seconds", "Duration of ControlShift poll cycles.", ["kind"],
+    buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600), registry=REGISTRY)
+poll_failures = Counter(
+    "csand_poll_failures_total", "Poll cycles that failed.", registry=REGISTRY)
+cs_requests = Counter(
+    "csand_cs_requests_total", "ControlShift API requests by HTTP status.", ["status"],
+    registry=REGISTRY)
+webhooks = Counter(
+    "csand_webhooks_total", "ControlShift webhooks by result (accepted, duplicate, rejected, "
+    "malformed, ignored).", ["result"], registry=REGISTRY)
+
+
+def render() -> bytes:
+    return generate_latest(REGISTRY)
