@@ -146,6 +146,17 @@ class Activity:
         )
 
 
+@dataclass(frozen=True, slots=True)
+class SignatureSeen:
+    """The version of a CS signature csand last recorded (from a poll or a webhook)."""
+
+    cs_id: int
+    petition_id: int
+    fingerprint: str
+    deleted_at: str | None
+    updated_at: str | None = None  # ISO, UTC: an older version seen later is ignored
+
+
 def petition_identifier(org_slug: str, cs_id: int) -> str:
     return f"controlshift-{org_slug}:petition-{cs_id}"
 

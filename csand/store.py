@@ -29,7 +29,7 @@ from typing import Any
 import aiosqlite
 import anyio
 
-from csand.model import Activity, ActivityKind, parse_time
+from csand.model import Activity, ActivityKind, SignatureSeen, parse_time
 from csand.sync.rules import Person
 
 # Each entry migrates from version i to i+1. Append only; never edit a released one.
@@ -98,6 +98,25 @@ MIGRATIONS: list[str] = [
         uuid     TEXT
     );
     """,
+    # v2: webhooks. Received events wait in an inbox until turned into outbox items; signature
+    # versions carry their CS time so an older version seen later never overwrites a newer one;
+    # creator details only webhooks carry (postcode, opt-in) are kept per petition.
+    """
+    CREATE TABLE webhook_events (
+        id              INTEGER PRIMARY KEY,
+        dedupe          TEXT NOT NULL UNIQUE,   -- CS's jid, or a hash of the body
+        type            TEXT NOT NULL,
+        body            TEXT NOT NULL,
+        received_at     REAL NOT NULL,
+        processed_at    REAL,
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        error           TEXT
+    );
+    CREATE INDEX webhook_events_todo ON webhook_events (processed_at, next_attempt_at, id);
+    ALTER TABLE cs_signatures ADD COLUMN updated_at TEXT;
+    ALTER TABLE cs_petitions ADD COLUMN creator_extra TEXT;
+    """,
 ]
 
 STATUSES = ("pending", "in_flight", "done", "dead", "cancelled")
@@ -120,14 +139,6 @@ class PetitionState:
     content: str | None
     total_pages: int | None
     an_uuid: str | None
-
-
-@dataclass(frozen=True, slots=True)
-class SignatureSeen:
-    cs_id: int
-    petition_id: int
-    fingerprint: str
-    deleted_at: str | None
 
 
 def _iso(ts: float | None) -> str | None:
@@ -238,7 +249,7 @@ class Store:
 
     async def signatures_seen(self, petition_id: int) -> dict[int, SignatureSeen]:
         rows = await self._read(
-            "SELECT cs_id, petition_id, fingerprint, deleted_at FROM cs_signatures "
+            "SELECT cs_id, petition_id, fingerprint, deleted_at, updated_at FROM cs_signatures "
             "WHERE petition_id = ?", (petition_id,),
         )
         return {r["cs_id"]: SignatureSeen(**dict(r)) for r in rows}
@@ -258,7 +269,8 @@ class Store:
         """
         now = self._clock()
         rows = [_outbox_row(a, now) for a in activities]
-        sigs = [(s.cs_id, s.petition_id, s.fingerprint, s.deleted_at) for s in signatures]
+        sigs = [(s.cs_id, s.petition_id, s.fingerprint, s.deleted_at, s.updated_at)
+                for s in signatures]
         deleted = [(s,) for s in deleted_sources]
 
         async def tx(db: aiosqlite.Connection) -> int:
@@ -275,9 +287,11 @@ class Store:
                 )
             if sigs:
                 await db.executemany(
-                    "INSERT INTO cs_signatures (cs_id, petition_id, fingerprint, deleted_at) "
-                    "VALUES (?, ?, ?, ?) ON CONFLICT (cs_id) DO UPDATE SET "
-                    "fingerprint = excluded.fingerprint, deleted_at = excluded.deleted_at",
+                    "INSERT INTO cs_signatures "
+                    "(cs_id, petition_id, fingerprint, deleted_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (cs_id) DO UPDATE SET "
+                    "fingerprint = excluded.fingerprint, deleted_at = excluded.deleted_at, "
+                    "updated_at = excluded.updated_at",
                     sigs,
                 )
             before = db.total_changes

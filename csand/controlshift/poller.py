@@ -31,9 +31,10 @@ import anyio
 
 from csand import metrics
 from csand.controlshift.client import ControlShiftClient, CSAuthError, CSError
+from csand.controlshift.versions import see_signature
 from csand.logs import get_logger
-from csand.model import Activity, creator_activity, normalize_email, signature_activity
-from csand.store import PetitionState, SignatureSeen, Store
+from csand.model import Activity, SignatureSeen, creator_activity, normalize_email
+from csand.store import PetitionState, Store
 
 log = get_logger("poller")
 
@@ -201,7 +202,11 @@ class Poller:
         creator = creator_activity(petition, org)
         seen = await self.store.signatures_seen(cs_id)
         live = sum(1 for s in seen.values() if not s.deleted_at)
-        expected_new = None if whole or public is None else max(0, public - live)
+        # How many unseen signatures to look for: the growth since the last walk, or more if an
+        # earlier walk missed some (pages shift while being read). Counting only "live" records
+        # would undercount when CS drops deleted signatures from its lists.
+        expected_new = None if whole or public is None else max(
+            0, public - live, public - (state.public_count or 0))
 
         batch = _Batch()
         batch.activities.append(creator)
@@ -242,33 +247,22 @@ class Poller:
     ) -> int:
         """Compare one signature with its recorded version; returns 1 if it is a new one."""
         try:
-            sig_id = int(record["id"])
-            activity = signature_activity(record, petition, org)
+            seen_now = see_signature(record, petition, org, seen.get(int(record["id"])))
         except (KeyError, TypeError, ValueError) as exc:
             report.malformed += 1
             log.error("cs.malformed_signature", petition=petition.get("slug"),
                       reason=f"{type(exc).__name__}: {exc}", record=str(record)[:200])
             return 0
-        previous = seen.get(sig_id)
-        deleted_at = record.get("deleted_at")
-        if deleted_at:
-            if previous is None or not previous.deleted_at:
-                row = SignatureSeen(sig_id, activity.petition.cs_id, "deleted", str(deleted_at))  # type: ignore[union-attr]
-                seen[sig_id] = row
-                batch.signatures.append(row)
-                if previous is not None:
-                    batch.deleted.append(activity.source_key)
-                    log.info("cs.signature_deleted", source=activity.source_key,
-                             msg="deleted on ControlShift: not synced further; AN unchanged")
-            return 0
-        fingerprint = activity.fingerprint()
-        if previous is not None and previous.fingerprint == fingerprint and not previous.deleted_at:
-            return 0
-        row = SignatureSeen(sig_id, activity.petition.cs_id, fingerprint, None)  # type: ignore[union-attr]
-        seen[sig_id] = row
-        batch.signatures.append(row)
-        batch.activities.append(activity)
-        return 1 if previous is None else 0
+        if seen_now.row is not None:
+            seen[seen_now.row.cs_id] = seen_now.row
+            batch.signatures.append(seen_now.row)
+        if seen_now.activity is not None:
+            batch.activities.append(seen_now.activity)
+        if seen_now.cancel is not None:
+            batch.deleted.append(seen_now.cancel)
+            log.info("cs.signature_deleted", source=seen_now.cancel,
+                     msg="deleted on ControlShift: not synced further; AN unchanged")
+        return 1 if seen_now.new else 0
 
     async def _commit(self, state: PetitionState | None, batch: _Batch) -> int:
         return await self.store.commit_poll(state, batch.signatures, batch.activities, batch.deleted)

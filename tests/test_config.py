@@ -1,0 +1,226 @@
+"""Configuration loading (csand.config): TOML, environment overrides, secret files."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from csand import config
+from csand.config import ConfigError, Settings
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+MINIMAL = """
+[controlshift]
+url = "https://org.controlshiftlabs.com/"
+api_key = "cs_toml_key"
+
+[action_network]
+api_key = "an_toml_key"
+requests_per_second = 2.5
+"""
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name in list(os.environ):
+        if name.startswith("CSAND_") or name == "CREDENTIALS_DIRECTORY":
+            monkeypatch.delenv(name)
+
+
+def write(tmp_path: Path, text: str, name: str = "config.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+def load_text(tmp_path: Path, text: str) -> Settings:
+    return config.load(write(tmp_path, text))
+
+
+def error_for(tmp_path: Path, text: str) -> str:
+    with pytest.raises(ConfigError) as info:
+        load_text(tmp_path, text)
+    return str(info.value)
+
+
+# ---------------------------------------------------------------- the documented keys
+
+
+def test_example_config_in_the_repo_loads() -> None:
+    s = config.load(REPO_ROOT / "config.example.toml")
+    cs, an, sync = s.controlshift, s.action_network, s.sync
+    assert cs.url == "https://example.controlshiftlabs.com"
+    assert cs.api_key is not None and cs.api_key.get_secret_value() == "cs_..."
+    assert (cs.poll_interval, cs.reconcile_interval, cs.requests_per_minute, cs.timeout) == (
+        30.0, 3600.0, 1000.0, 30.0)
+    assert cs.org_slug is None and cs.client_id is None
+    assert an.url == "https://actionnetwork.org/api/v2"
+    assert an.api_key is not None and an.api_key.get_secret_value() == "..."
+    assert (an.requests_per_second, an.timeout) == (4.0, 30.0)
+    assert (sync.workers, sync.origin_system, sync.max_attempts) == (4, "Controlshift Petition", 100)
+    assert (sync.retry_base, sync.retry_cap, sync.lease_seconds) == (2.0, 900.0, 300.0)
+    assert (sync.shutdown_grace, sync.auth_recheck_interval) == (10.0, 60.0)
+    assert s.store.path == Path("/var/lib/csand/csand.db")
+    assert (s.log.level, s.log.format) == ("info", "auto")
+
+
+def test_defaults_and_normalised_url(tmp_path: Path) -> None:
+    s = load_text(tmp_path, MINIMAL)
+    assert s.controlshift.url == "https://org.controlshiftlabs.com"
+    assert s.action_network.url == "https://actionnetwork.org/api/v2"
+    assert s.action_network.requests_per_second == 2.5
+    assert s.sync.workers == 4
+    assert s.log.level == "info"
+    assert sorted(s.secrets()) == ["an_toml_key", "cs_toml_key"]
+    with pytest.raises(ValidationError):
+        s.sync.workers = 8  # type: ignore[misc]
+
+
+def test_documented_optional_keys_are_accepted(tmp_path: Path) -> None:
+    s = load_text(tmp_path, MINIMAL.replace(
+        'api_key = "cs_toml_key"', 'api_key = "cs_toml_key"\norg_slug = "my-org"'))
+    assert s.controlshift.org_slug == "my-org"
+
+
+def test_oauth_client_credentials_instead_of_an_api_key(tmp_path: Path) -> None:
+    secret = write(tmp_path, "oauth-secret\n", "cs_secret")
+    s = load_text(tmp_path, MINIMAL.replace(
+        'api_key = "cs_toml_key"', f'client_id = "cid"\nclient_secret_file = "{secret}"'))
+    assert s.controlshift.api_key is None
+    assert s.controlshift.client_id == "cid"
+    assert s.controlshift.client_secret is not None
+    assert s.controlshift.client_secret.get_secret_value() == "oauth-secret"
+    assert "oauth-secret" in s.secrets()
+
+
+# ---------------------------------------------------------------- environment and secret files
+
+
+def test_environment_overrides_the_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CSAND_ACTION_NETWORK__API_KEY", "an_env_key")
+    monkeypatch.setenv("CSAND_SYNC__WORKERS", "8")
+    s = load_text(tmp_path, MINIMAL)
+    assert s.action_network.api_key is not None
+    assert s.action_network.api_key.get_secret_value() == "an_env_key"
+    assert s.action_network.requests_per_second == 2.5  # the rest of the section still applies
+    assert s.sync.workers == 8
+    assert s.controlshift.api_key is not None
+    assert s.controlshift.api_key.get_secret_value() == "cs_toml_key"
+
+
+def test_environment_alone_without_a_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CSAND_CONTROLSHIFT__URL", "https://cs.example.org")
+    monkeypatch.setenv("CSAND_CONTROLSHIFT__API_KEY", "cs_env")
+    monkeypatch.setenv("CSAND_ACTION_NETWORK__API_KEY", "an_env")
+    s = config.load(tmp_path / "absent.toml")
+    assert s.controlshift.url == "https://cs.example.org"
+
+
+def test_bad_environment_value_names_the_key(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CSAND_CONTROLSHIFT__POLL_INTERVAL", "often")
+    assert "controlshift.poll_interval" in error_for(tmp_path, MINIMAL)
+
+
+def test_api_key_file(tmp_path: Path) -> None:
+    key = write(tmp_path, "  an_file_key\n", "an_key")
+    s = load_text(tmp_path, MINIMAL.replace('api_key = "an_toml_key"', f'api_key_file = "{key}"'))
+    assert s.action_network.api_key is not None
+    assert s.action_network.api_key.get_secret_value() == "an_file_key"
+
+
+def test_systemd_credentials_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "action_network_api_key").write_text("an_credential\n")
+    (creds / "controlshift_api_key").write_text("cs_credential\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    s = load_text(tmp_path, '[controlshift]\nurl = "https://cs.example.org"\n')
+    assert s.action_network.api_key is not None and s.controlshift.api_key is not None
+    assert s.action_network.api_key.get_secret_value() == "an_credential"
+    assert s.controlshift.api_key.get_secret_value() == "cs_credential"
+
+
+def test_inline_key_wins_over_a_credential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "action_network_api_key").write_text("an_credential\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    s = load_text(tmp_path, MINIMAL)
+    assert s.action_network.api_key is not None
+    assert s.action_network.api_key.get_secret_value() == "an_toml_key"
+
+
+# ---------------------------------------------------------------- errors name the key
+
+
+def test_missing_action_network_key(tmp_path: Path) -> None:
+    message = error_for(tmp_path, '[controlshift]\nurl = "https://cs.example.org"\napi_key = "k"\n')
+    assert "action_network" in message and "api_key" in message
+
+
+def test_missing_controlshift_section_and_url(tmp_path: Path) -> None:
+    assert "controlshift: missing (required)" in error_for(tmp_path, '[action_network]\napi_key = "k"\n')
+    message = error_for(tmp_path, MINIMAL.replace('url = "https://org.controlshiftlabs.com/"', ""))
+    assert "controlshift.url: missing (required)" in message
+
+
+def test_missing_controlshift_credentials(tmp_path: Path) -> None:
+    message = error_for(tmp_path, MINIMAL.replace('api_key = "cs_toml_key"', 'client_id = "cid"'))
+    assert "controlshift" in message and "api_key" in message
+
+
+@pytest.mark.parametrize(("section", "line", "key"), [
+    ("sync", "workers = \"many\"", "sync.workers"),
+    ("sync", "workers = 0", "sync.workers"),
+    ("log", "level = \"loud\"", "log.level"),
+    ("controlshift", "poll_interval = -1", "controlshift.poll_interval"),
+    ("store", "path = 12", "store.path"),
+])
+def test_wrong_type_names_the_key(tmp_path: Path, section: str, line: str, key: str) -> None:
+    text = MINIMAL.replace(f"[{section}]", f"[{section}]\n{line}") if f"[{section}]" in MINIMAL \
+        else MINIMAL + f"\n[{section}]\n{line}\n"
+    assert f"{key}:" in error_for(tmp_path, text)
+
+
+def test_url_without_scheme(tmp_path: Path) -> None:
+    message = error_for(tmp_path, MINIMAL.replace("https://org.controlshiftlabs.com/", "org.example"))
+    assert "controlshift.url: must start with http:// or https://" in message
+
+
+@pytest.mark.parametrize(("text", "key"), [
+    (MINIMAL + "\n[sync]\nwrokers = 3\n", "sync.wrokers"),
+    (MINIMAL.replace("[action_network]", "[action_network]\napikey = \"x\""), "action_network.apikey"),
+    (MINIMAL + "\n[metrics]\nport = 9100\n", "metrics"),
+])
+def test_unknown_key(tmp_path: Path, text: str, key: str) -> None:
+    assert f"{key}: unknown key" in error_for(tmp_path, text)
+
+
+@pytest.mark.parametrize("kind", ["missing", "directory", "empty"])
+def test_unreadable_secret_file(tmp_path: Path, kind: str) -> None:
+    target = tmp_path / "secret"
+    if kind == "directory":
+        target.mkdir()
+    elif kind == "empty":
+        target.write_text("\n")
+    message = error_for(tmp_path, MINIMAL.replace('api_key = "an_toml_key"', f'api_key_file = "{target}"'))
+    assert "action_network" in message and "api_key_file" in message
+    assert str(target) in message
+
+
+def test_invalid_toml(tmp_path: Path) -> None:
+    assert "not valid TOML" in error_for(tmp_path, "[controlshift\nurl=")
+
+
+def test_missing_file_without_environment(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match="no such config file"):
+        config.load(tmp_path / "absent.toml")
+
+
+def test_error_never_shows_the_secret(tmp_path: Path) -> None:
+    message = error_for(tmp_path, MINIMAL + "\n[sync]\nworkers = \"many\"\n")
+    assert "an_toml_key" not in message and "cs_toml_key" not in message

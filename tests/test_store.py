@@ -1,0 +1,539 @@
+"""The SQLite outbox (csand.store), on a real database file and a fake clock."""
+
+from __future__ import annotations
+
+import dataclasses
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import aiosqlite
+import pytest
+
+from csand import store as store_module
+from csand.model import Activity, creator_activity, signature_activity
+from csand.store import MIGRATIONS, SignatureSeen, Store
+from csand.sync.rules import Person
+
+ORG = "test-org"
+T0 = 1_700_000_000.0
+
+
+class FakeClock:
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def petition(pid: int = 1, creator_email: str = "creator@example.org", **extra: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": pid,
+        "slug": f"petition-{pid}",
+        "title": f"Petition {pid}",
+        "url": f"https://cs.example.org/petitions/petition-{pid}",
+        "launched": True,
+        "created_at": "2024-01-01T00:00:00Z",
+        "updated_at": "2024-01-01T00:00:00Z",
+        "creator": {"first_name": "Cleo", "last_name": "Ng", "email": creator_email},
+        "categories": [],
+    }
+    data.update(extra)
+    return data
+
+
+def signature(sid: int, email: str, created: str = "2024-01-02T00:00:00Z", **extra: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": sid,
+        "email": email,
+        "first_name": "Ann",
+        "last_name": "Lee",
+        "postcode": "2000",
+        "join_organisation": True,
+        "created_at": created,
+        "updated_at": created,
+    }
+    data.update(extra)
+    return data
+
+
+def sig(sid: int, email: str, created: str = "2024-01-02T00:00:00Z", pid: int = 1, **extra: Any) -> Activity:
+    return signature_activity(signature(sid, email, created, **extra), petition(pid), ORG)
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture
+def db_path(tmp_path: Path) -> Path:
+    return tmp_path / "state" / "csand.db"
+
+
+@pytest.fixture
+async def store(db_path: Path, clock: FakeClock):
+    s = await Store.open(db_path, clock=clock)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+def rows(db_path: Path, sql: str, params: tuple[Any, ...] = ()) -> list[sqlite3.Row]:
+    """Read with a connection of its own, as ``csand status`` does."""
+    conn = sqlite3.connect(db_path, timeout=1)
+    conn.row_factory = sqlite3.Row
+    try:
+        return list(conn.execute(sql, params).fetchall())
+    finally:
+        conn.close()
+
+
+def outbox(db_path: Path) -> list[sqlite3.Row]:
+    return rows(db_path, "SELECT * FROM outbox ORDER BY id")
+
+
+# ---------------------------------------------------------------- migrations
+
+
+@pytest.mark.anyio
+async def test_fresh_database_reaches_latest_version_in_wal_mode(db_path: Path, clock: FakeClock) -> None:
+    s = await Store.open(db_path, clock=clock)
+    try:
+        assert await s.schema_version() == len(MIGRATIONS)
+    finally:
+        await s.close()
+    assert rows(db_path, "PRAGMA user_version")[0][0] == len(MIGRATIONS)
+    assert rows(db_path, "PRAGMA journal_mode")[0][0] == "wal"
+    tables = {r["name"] for r in rows(db_path, "SELECT name FROM sqlite_master WHERE type='table'")}
+    assert {"meta", "outbox", "cs_petitions", "cs_signatures", "an_people", "an_tags"} <= tables
+
+
+@pytest.mark.anyio
+async def test_reopening_is_a_no_op_and_keeps_data(db_path: Path, clock: FakeClock) -> None:
+    s = await Store.open(db_path, clock=clock)
+    await s.enqueue([sig(1, "ann@example.org")])
+    await s.set_meta(org_slug=ORG)
+    await s.close()
+    schema_before = rows(db_path, "SELECT sql FROM sqlite_master ORDER BY name")
+
+    s = await Store.open(db_path, clock=clock)
+    try:
+        assert await s.schema_version() == len(MIGRATIONS)
+        assert (await s.counts())["pending"] == 1
+        assert await s.get_meta("org_slug") == ORG
+    finally:
+        await s.close()
+    assert [tuple(r) for r in rows(db_path, "SELECT sql FROM sqlite_master ORDER BY name")] == [
+        tuple(r) for r in schema_before
+    ]
+
+
+# ---------------------------------------------------------------- enqueue
+
+
+@pytest.mark.anyio
+async def test_enqueue_dedupes_same_version_and_adds_changed_one(store: Store, db_path: Path) -> None:
+    a = sig(1, "ann@example.org", join_organisation=None)
+    assert await store.enqueue([a]) == 1
+    assert await store.enqueue([a]) == 0
+    # Only a CS-side timestamp moved (e.g. a single-petition unsubscribe): same version.
+    bumped = sig(1, "ann@example.org", join_organisation=None, updated_at="2024-03-01T00:00:00Z")
+    assert bumped.fingerprint() == a.fingerprint()
+    assert await store.enqueue([bumped]) == 0
+    assert len(outbox(db_path)) == 1
+
+    opted_in = sig(1, "ann@example.org", join_organisation=True)
+    assert opted_in.fingerprint() != a.fingerprint()
+    assert await store.enqueue([opted_in]) == 1
+    items = outbox(db_path)
+    assert len(items) == 2
+    assert {r["source_key"] for r in items} == {"signature:1"}
+    assert {r["person_key"] for r in items} == {"ann@example.org"}
+
+
+@pytest.mark.anyio
+async def test_enqueue_notifies_listeners_only_when_something_was_added(store: Store) -> None:
+    calls: list[int] = []
+    store.listeners.append(lambda: calls.append(1))
+    a = sig(1, "ann@example.org")
+    await store.enqueue([a])
+    await store.enqueue([a])
+    assert calls == [1]
+
+
+# ---------------------------------------------------------------- lease
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "times",
+    [
+        ["2024-01-03T00:00:00Z", "2024-01-01T00:00:00Z", "2024-01-02T00:00:00Z"],
+        # Whole second vs fractional second, and an offset that normalises to an earlier UTC.
+        ["2024-01-01T00:00:00.500000Z", "2024-01-01T00:00:00Z", "2024-01-01T02:00:01+03:00"],
+    ],
+)
+async def test_lease_one_per_person_in_occurred_order(store: Store, times: list[str]) -> None:
+    activities = [sig(i + 1, "ann@example.org", t) for i, t in enumerate(times)]
+    await store.enqueue(activities)  # enqueued out of time order
+    expected = sorted(activities, key=lambda a: a.occurred_at)  # type: ignore[arg-type, return-value]
+
+    applied: list[str] = []
+    for _ in expected:
+        leased = await store.lease(10, 60)
+        assert len(leased) == 1
+        applied.append(leased[0].activity.source_key)
+        await store.finish(leased[0].id, "done")
+    assert applied == [a.source_key for a in expected]
+    assert await store.lease(10, 60) == []
+
+
+@pytest.mark.anyio
+async def test_lease_takes_one_item_for_each_person(store: Store) -> None:
+    await store.enqueue([
+        sig(1, "ann@example.org", "2024-01-02T00:00:00Z"),
+        sig(2, "ann@example.org", "2024-01-01T00:00:00Z"),
+        sig(3, "bob@example.org", "2024-01-01T00:00:00Z"),
+        sig(4, "cat@example.org", "2024-01-01T00:00:00Z"),
+    ])
+    leased = await store.lease(10, 60)
+    assert sorted(i.activity.source_key for i in leased) == ["signature:2", "signature:3", "signature:4"]
+    assert len({i.activity.person_key for i in leased}) == len(leased)
+    assert (await store.counts())["in_flight"] == 3
+
+
+@pytest.mark.anyio
+async def test_never_two_in_flight_for_one_person_across_lease_calls(store: Store) -> None:
+    await store.enqueue([sig(1, "ann@example.org", "2024-01-01T00:00:00Z")])
+    first = await store.lease(1, 60)
+    assert [i.activity.source_key for i in first] == ["signature:1"]
+    # A newer activity of the same person arrives while the first is in flight.
+    await store.enqueue([sig(2, "ann@example.org", "2024-01-05T00:00:00Z"),
+                         sig(3, "bob@example.org", "2024-01-05T00:00:00Z")])
+    second = await store.lease(10, 60)
+    assert [i.activity.source_key for i in second] == ["signature:3"]
+    await store.finish(first[0].id, "done")
+    third = await store.lease(10, 60)
+    assert [i.activity.source_key for i in third] == ["signature:2"]
+
+
+@pytest.mark.anyio
+async def test_item_scheduled_in_the_future_is_not_leased(store: Store, clock: FakeClock) -> None:
+    await store.enqueue([sig(1, "ann@example.org")])
+    (item,) = await store.lease(1, 60)
+    await store.finish(item.id, "pending", error="boom", next_attempt_at=clock() + 30)
+    assert await store.lease(10, 60) == []
+    clock.t += 29.9
+    assert await store.lease(10, 60) == []
+    clock.t += 0.1
+    (again,) = await store.lease(10, 60)
+    assert again.id == item.id
+    assert again.attempts == 1
+
+
+@pytest.mark.anyio
+async def test_expired_lease_is_reclaimed(store: Store, clock: FakeClock, db_path: Path) -> None:
+    await store.enqueue([sig(1, "ann@example.org")])
+    (item,) = await store.lease(1, lease_seconds=30)
+    assert outbox(db_path)[0]["lease_until"] == pytest.approx(T0 + 30)
+    clock.t += 30
+    assert await store.lease(10, 30) == []  # not yet expired (strictly past the lease)
+    clock.t += 0.5
+    (again,) = await store.lease(10, 30)
+    assert again.id == item.id
+    assert again.attempts == 0  # a crash does not use up an attempt
+    assert outbox(db_path)[0]["lease_until"] == pytest.approx(clock.t + 30)
+
+
+@pytest.mark.anyio
+async def test_release_all_in_flight(store: Store, db_path: Path) -> None:
+    await store.enqueue([sig(1, "ann@example.org"), sig(2, "bob@example.org")])
+    assert len(await store.lease(10, 3600)) == 2
+    assert await store.lease(10, 3600) == []
+    assert await store.release_all_in_flight() == 2
+    counts = await store.counts()
+    assert counts["pending"] == 2 and counts["in_flight"] == 0
+    assert all(r["lease_until"] is None for r in outbox(db_path))
+    assert len(await store.lease(10, 3600)) == 2
+    assert await store.release_all_in_flight() == 2
+
+
+# ---------------------------------------------------------------- signatures behind their creator
+
+
+async def _creator_and_signature(store: Store) -> None:
+    creator = creator_activity(petition(7), ORG)
+    signer = sig(70, "ann@example.org", pid=7)
+    # The signature is the older activity and is enqueued first: it still waits.
+    await store.enqueue([signer, creator])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("outcome", ["done", "dead"])
+async def test_signature_waits_for_its_petition_creator(store: Store, outcome: str) -> None:
+    await _creator_and_signature(store)
+    (creator_item,) = await store.lease(10, 60)
+    assert creator_item.activity.kind == "petition_created"
+    assert await store.lease(10, 60) == []  # creator in flight: still waiting
+
+    await store.finish(creator_item.id, "pending", next_attempt_at=T0)
+    leased = await store.lease(10, 60)
+    assert [i.activity.kind for i in leased] == ["petition_created"]  # creator pending: waiting
+
+    await store.finish(leased[0].id, outcome, error="x" if outcome == "dead" else None)
+    (signer_item,) = await store.lease(10, 60)
+    assert signer_item.activity.source_key == "signature:70"
+
+
+@pytest.mark.anyio
+async def test_signature_leasable_once_petition_is_mirrored(store: Store) -> None:
+    await _creator_and_signature(store)
+    notified: list[int] = []
+    store.listeners.append(lambda: notified.append(1))
+    await store.set_petition_uuid(7, "petition-7", "an-petition-uuid")
+    assert notified == [1]
+    assert await store.petition_uuid(7) == "an-petition-uuid"
+    leased = await store.lease(10, 60)
+    assert sorted(str(i.activity.kind) for i in leased) == ["petition_created", "signature"]
+
+
+@pytest.mark.anyio
+async def test_signature_of_other_petition_does_not_wait(store: Store) -> None:
+    await store.enqueue([creator_activity(petition(7), ORG), sig(80, "ann@example.org", pid=8)])
+    leased = await store.lease(10, 60)
+    assert len(leased) == 2
+
+
+# ---------------------------------------------------------------- finish
+
+
+@pytest.mark.anyio
+async def test_finish_done_dead_and_pending(store: Store, clock: FakeClock, db_path: Path) -> None:
+    await store.enqueue([sig(1, "a@example.org"), sig(2, "b@example.org"),
+                         sig(3, "c@example.org"), sig(4, "d@example.org")])
+    items = {i.activity.source_key: i for i in await store.lease(10, 60)}
+    clock.t += 5
+    await store.finish(items["signature:1"].id, "done", note="signer synced (subscribed)")
+    await store.finish(items["signature:2"].id, "dead", error="Action Network refused the record (400): bad")
+    await store.finish(items["signature:3"].id, "pending", error="503", next_attempt_at=clock() + 40)
+    await store.finish(items["signature:4"].id, "pending", error="shutdown", count_attempt=False)
+
+    by_source = {r["source_key"]: r for r in outbox(db_path)}
+    done = by_source["signature:1"]
+    assert (done["status"], done["attempts"], done["note"]) == ("done", 1, "signer synced (subscribed)")
+    assert done["finished_at"] == pytest.approx(clock())
+    assert done["lease_until"] is None
+    dead = by_source["signature:2"]
+    assert (dead["status"], dead["attempts"]) == ("dead", 1)
+    assert dead["last_error"] == "Action Network refused the record (400): bad"
+    retry = by_source["signature:3"]
+    assert (retry["status"], retry["attempts"], retry["last_error"]) == ("pending", 1, "503")
+    assert retry["next_attempt_at"] == pytest.approx(clock() + 40)
+    assert retry["lease_until"] is None and retry["finished_at"] is None
+    released = by_source["signature:4"]
+    assert (released["status"], released["attempts"]) == ("pending", 0)
+    assert released["next_attempt_at"] == pytest.approx(clock())
+
+    status = await store.status()
+    assert status["retrying"] == 1
+    assert status["dead_reasons"] == [{"reason": "Action Network refused the record (400): bad", "count": 1}]
+    (dead_item,) = await store.dead_items()
+    assert dead_item["source_key"] == "signature:2"
+    assert datetime.fromisoformat(dead_item["finished_at"]).timestamp() == pytest.approx(clock())
+
+    assert await store.requeue_dead() == 1
+    requeued = {r["source_key"]: r for r in outbox(db_path)}["signature:2"]
+    assert (requeued["status"], requeued["attempts"]) == ("pending", 0)
+
+
+@pytest.mark.anyio
+async def test_finish_records_what_was_learned_about_the_person(store: Store) -> None:
+    await store.enqueue([sig(1, "ann@example.org")])
+    (item,) = await store.lease(1, 60)
+    person = Person(exists=True, uuid="p-1", subscribed=True)
+    await store.finish(item.id, "done", person=("ann@example.org", person))
+    assert await store.person("ann@example.org") == person
+
+
+# ---------------------------------------------------------------- commit_poll
+
+
+def _state(pid: int = 1) -> store_module.PetitionState:
+    return store_module.PetitionState(
+        cs_id=pid, slug=f"petition-{pid}", updated_at="2024-01-01T00:00:00Z", public_count=2,
+        content="abc", total_pages=1, an_uuid=None,
+    )
+
+
+def _seen(sid: int, pid: int = 1) -> SignatureSeen:
+    return SignatureSeen(sid, pid, f"fp{sid}", None)
+
+
+async def _nothing_visible(store: Store, db_path: Path) -> None:
+    assert outbox(db_path) == []
+    assert rows(db_path, "SELECT * FROM cs_signatures") == []
+    assert rows(db_path, "SELECT * FROM cs_petitions") == []
+    assert await store.signatures_seen(1) == {}
+    assert await store.petition_state(1) is None
+
+
+@pytest.mark.anyio
+async def test_commit_poll_records_and_enqueues_together(store: Store, db_path: Path) -> None:
+    added = await store.commit_poll(
+        _state(), [_seen(1), _seen(2)], [sig(1, "a@example.org"), sig(2, "b@example.org")]
+    )
+    assert added == 2
+    assert set(await store.signatures_seen(1)) == {1, 2}
+    state = await store.petition_state(1)
+    assert state is not None and state.public_count == 2 and state.content == "abc"
+    assert set(await store.petition_states()) == {1}
+    assert len(outbox(db_path)) == 2
+
+
+@pytest.mark.anyio
+async def test_commit_poll_is_atomic_when_an_activity_cannot_be_serialised(
+    store: Store, db_path: Path
+) -> None:
+    good = sig(1, "a@example.org")
+    broken_ref = dataclasses.replace(good.petition, title=object())  # type: ignore[arg-type]
+    broken = dataclasses.replace(sig(2, "b@example.org"), petition=broken_ref)
+    with pytest.raises(TypeError):
+        await store.commit_poll(_state(), [_seen(1), _seen(2)], [good, broken, sig(3, "c@example.org")])
+    await _nothing_visible(store, db_path)
+
+
+@pytest.mark.anyio
+async def test_commit_poll_is_atomic_when_the_transaction_fails_midway(
+    store: Store, db_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The petition and signature rows are written, then the outbox insert fails.
+    monkeypatch.setattr(
+        store_module, "_INSERT_OUTBOX",
+        "INSERT INTO outbox (no_such_column) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    with pytest.raises(sqlite3.OperationalError):
+        await store.commit_poll(_state(), [_seen(1), _seen(2)], [sig(1, "a@example.org")])
+    await _nothing_visible(store, db_path)
+
+    monkeypatch.undo()  # the writer connection is usable again: no half-open transaction
+    assert await store.commit_poll(_state(), [_seen(1)], [sig(1, "a@example.org")]) == 1
+    assert len(outbox(db_path)) == 1
+
+
+@pytest.mark.anyio
+async def test_deleted_signature_cancels_only_its_pending_items(store: Store, db_path: Path) -> None:
+    await store.enqueue([sig(1, "a@example.org"), sig(2, "b@example.org")])
+    await store.enqueue([sig(2, "b@example.org", first_name="Bea")])  # a second version, same person
+    (b1,) = [i for i in await store.lease(10, 60) if i.activity.source_key == "signature:2"]
+    await store.finish(b1.id, "done")
+
+    added = await store.commit_poll(
+        None, [SignatureSeen(1, 1, "deleted", "2024-02-01T00:00:00Z"),
+               SignatureSeen(2, 1, "deleted", "2024-02-01T00:00:00Z")],
+        deleted_sources=["signature:1", "signature:2"],
+    )
+    assert added == 0
+    statuses = [(r["source_key"], r["status"]) for r in outbox(db_path)]
+    assert statuses == [("signature:1", "in_flight"), ("signature:2", "done"), ("signature:2", "cancelled")]
+
+    await store.release_all_in_flight()
+    await store.commit_poll(None, deleted_sources=["signature:1"])
+    by_id = outbox(db_path)
+    assert by_id[0]["status"] == "cancelled"
+    assert by_id[0]["note"] == "signature deleted on ControlShift before it was synced"
+    assert (await store.counts())["cancelled"] == 2
+    seen = await store.signatures_seen(1)
+    assert seen[1].deleted_at == "2024-02-01T00:00:00Z"
+    assert (await store.status())["signatures_deleted"] == 2
+    assert await store.lease(10, 60) == []
+
+
+# ---------------------------------------------------------------- people, tags, meta, status
+
+
+@pytest.mark.anyio
+async def test_person_knowledge_round_trip(store: Store) -> None:
+    assert await store.person("nobody@example.org") == Person()
+    fields_at = {
+        "given_name": datetime(2024, 1, 2, 3, 4, 5, 678000, tzinfo=UTC),
+        "postal_code": datetime(2023, 12, 31, tzinfo=UTC),
+    }
+    person = Person(exists=True, uuid="u-1", subscribed=False, fields_at=MappingProxyType(fields_at))
+    await store.save_person("ann@example.org", person)
+    loaded = await store.person("ann@example.org")
+    assert loaded == person
+    assert dict(loaded.fields_at) == fields_at
+    assert loaded.fields_at["given_name"].tzinfo is not None
+
+    unknown = Person(exists=None, uuid=None, subscribed=None)
+    await store.save_person("ann@example.org", unknown)
+    assert await store.person("ann@example.org") == unknown
+
+    absent = Person(exists=False)
+    await store.save_person("bob@example.org", absent)
+    assert await store.person("bob@example.org") == absent
+
+
+@pytest.mark.anyio
+async def test_tags_round_trip_case_insensitively(store: Store) -> None:
+    await store.save_tags([("controlshift:Avoiding Taxes", "t-1"), ("Signer", None)])
+    await store.save_tags([("signer", "t-2")])
+    assert await store.tags() == {
+        "controlshift:avoiding taxes": ("controlshift:Avoiding Taxes", "t-1"),
+        "signer": ("Signer", "t-2"),
+    }
+
+
+@pytest.mark.anyio
+async def test_status_figures(store: Store, clock: FakeClock) -> None:
+    status = await store.status()
+    for key in ("pending", "in_flight", "done", "dead", "cancelled"):
+        assert type(status[key]) is int and status[key] == 0
+    assert status["last_poll_at"] is None
+    assert status["last_reconcile_at"] is None
+    assert status["backfill_done"] is False
+    assert status["oldest_pending_age_s"] is None
+
+    await store.enqueue([sig(1, "a@example.org"), sig(2, "b@example.org"), sig(3, "c@example.org")])
+    items = await store.lease(2, 60)
+    await store.finish(items[0].id, "done")
+    await store.set_meta(last_poll_at=clock(), backfill_done="1", last_reconcile_at=clock() - 60)
+    clock.t += 12.5
+    status = await store.status()
+    assert (status["pending"], status["in_flight"], status["done"], status["dead"]) == (1, 1, 1, 0)
+    assert datetime.fromisoformat(status["last_poll_at"]) == datetime.fromtimestamp(T0, UTC)
+    assert datetime.fromisoformat(status["last_reconcile_at"]) == datetime.fromtimestamp(T0 - 60, UTC)
+    assert status["backfill_done"] is True
+    assert status["oldest_pending_age_s"] == 12.5
+
+
+@pytest.mark.anyio
+async def test_a_second_connection_reads_while_the_writer_holds_a_transaction(
+    store: Store, db_path: Path
+) -> None:
+    await store.enqueue([sig(1, "a@example.org")])
+    seen_by_reader: list[int] = []
+
+    async def tx(db: aiosqlite.Connection) -> None:
+        await db.execute(
+            "UPDATE outbox SET status = 'done' WHERE source_key = 'signature:1'"
+        )
+        await db.execute("INSERT INTO meta (key, value) VALUES ('x', 'y')")
+        # The write transaction is open (BEGIN IMMEDIATE holds the write lock) right now.
+        reader = sqlite3.connect(db_path, timeout=0)
+        try:
+            seen_by_reader.append(reader.execute("SELECT COUNT(*) FROM outbox WHERE status = 'pending'").fetchone()[0])
+            seen_by_reader.append(reader.execute("SELECT COUNT(*) FROM meta").fetchone()[0])
+            with pytest.raises(sqlite3.OperationalError, match="locked"):
+                reader.execute("BEGIN IMMEDIATE")
+        finally:
+            reader.close()
+
+    await store._write(tx)
+    assert seen_by_reader == [1, 0]  # the reader saw the last committed state
+    assert (await store.counts())["done"] == 1

@@ -1,0 +1,392 @@
+"""The workers (csand.sync.worker) against the Action Network simulator, in process."""
+
+from __future__ import annotations
+
+import random
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import anyio
+import httpx
+import pytest
+
+from csand.actionnetwork.client import ActionNetworkClient
+from csand.model import CREATOR_TAG, SIGNER_TAG, Activity, creator_activity, signature_activity
+from csand.ratelimit import TokenBucket
+from csand.sim.actionnetwork import ActionNetworkSim
+from csand.store import Store
+from csand.sync.worker import Dispatcher
+
+ORG = "test-org"
+AN_BASE = "http://an.test/api/v2"
+AN_KEY = "an-test-key"
+T0 = 1_727_784_000.0
+
+
+class FakeClock:
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def petition(pid: int = 1, categories: tuple[str, ...] = ()) -> dict[str, Any]:
+    return {
+        "id": pid,
+        "slug": f"petition-{pid}",
+        "title": f"Petition {pid}",
+        "url": f"https://cs.example.org/petitions/petition-{pid}",
+        "launched": True,
+        "created_at": "2024-01-01T00:00:00Z",
+        "creator": {"first_name": "Cleo", "last_name": "Ng", "email": f"creator{pid}@example.org"},
+        "categories": [{"slug": c.lower(), "name": c} for c in categories],
+    }
+
+
+def sig(sid: int, email: str, opted_in: bool | None = True, pid: int = 1,
+        categories: tuple[str, ...] = (), **extra: Any) -> Activity:
+    record = {
+        "id": sid, "email": email, "first_name": "Ann", "last_name": "Lee", "postcode": "2000",
+        "join_organisation": opted_in, "created_at": f"2024-01-02T00:00:{sid % 60:02d}Z",
+    }
+    record.update(extra)
+    return signature_activity(record, petition(pid, categories), ORG)
+
+
+@dataclass
+class Env:
+    sim: ActionNetworkSim
+    store: Store
+    an: ActionNetworkClient
+    http: httpx.AsyncClient
+    clock: FakeClock
+    db_path: Path
+
+    def dispatcher(self, **kw: Any) -> Dispatcher:
+        kw.setdefault("clock", self.clock)
+        kw.setdefault("rng", random.Random(1))
+        return Dispatcher(self.store, self.an, **kw)
+
+    def outbox(self) -> list[sqlite3.Row]:
+        conn = sqlite3.connect(self.db_path)
+        conn.row_factory = sqlite3.Row
+        try:
+            return list(conn.execute("SELECT * FROM outbox ORDER BY id").fetchall())
+        finally:
+            conn.close()
+
+    def routes(self) -> dict[str, int]:
+        return self.sim.stats()["by_route"]
+
+    async def known_tags(self, *names: str) -> None:
+        """Tags that exist in AN and that csand already knows about."""
+        await self.store.save_tags([(name, self.sim.add_tag(name)) for name in names])
+
+    async def mirrored(self, pid: int = 1) -> str:
+        """An AN petition csand already created and recorded for CS petition ``pid``."""
+        uuid = await self.create_an_petition(f"controlshift-{ORG}:petition-{pid}")
+        await self.store.set_petition_uuid(pid, f"petition-{pid}", uuid)
+        return uuid
+
+    async def create_an_petition(self, identifier: str) -> str:
+        response = await self.http.post(
+            f"{AN_BASE}/petitions", headers={"OSDI-API-Token": AN_KEY},
+            json={"title": "Existing", "origin_system": "Controlshift Petition",
+                  "identifiers": [identifier]})
+        response.raise_for_status()
+        return response.json()["identifiers"][0].split(":", 1)[1]
+
+
+@asynccontextmanager
+async def make_env(tmp_path: Path, api_key: str = AN_KEY) -> AsyncIterator[Env]:
+    sim = ActionNetworkSim(api_key=AN_KEY, requests_per_second=None)
+    clock = FakeClock()
+    db_path = tmp_path / "csand.db"
+    store = await Store.open(db_path, clock=clock)
+    try:
+        async with httpx.AsyncClient(transport=httpx.ASGITransport(app=sim.app)) as http:
+            an = ActionNetworkClient(http, AN_BASE, api_key, TokenBucket(1e6))
+            yield Env(sim, store, an, http, clock, db_path)
+    finally:
+        await store.close()
+
+
+@pytest.fixture
+async def env(tmp_path: Path) -> AsyncIterator[Env]:
+    async with make_env(tmp_path) as e:
+        yield e
+
+
+async def drain(dispatcher: Dispatcher, finishes: int) -> None:
+    """Run the dispatcher until ``finishes`` outcomes are recorded, then shut it down."""
+    store = dispatcher.store
+    recorded = 0
+    enough = anyio.Event()
+    finish = store.finish
+
+    async def counting_finish(*args: Any, **kwargs: Any) -> None:
+        nonlocal recorded
+        await finish(*args, **kwargs)
+        recorded += 1
+        if recorded >= finishes:
+            enough.set()
+
+    store.finish = counting_finish  # type: ignore[method-assign]
+    try:
+        with anyio.fail_after(20):
+            async with anyio.create_task_group() as tg:
+                await tg.start(dispatcher.run)
+                await enough.wait()
+                dispatcher.stop_intake()
+    finally:
+        store.finish = finish  # type: ignore[method-assign]
+
+
+# ---------------------------------------------------------------- the cheap path
+
+
+@pytest.mark.anyio
+async def test_opted_in_signature_on_mirrored_petition_costs_one_request(env: Env) -> None:
+    await env.known_tags(SIGNER_TAG)
+    pet_uuid = await env.mirrored()
+    await env.store.enqueue([sig(1, "ann@example.org", opted_in=True)])
+    env.sim.reset_stats()
+    dispatcher = env.dispatcher()
+
+    await drain(dispatcher, 1)
+
+    assert env.sim.stats()["requests"] == 1
+    assert env.routes() == {"POST /petitions/{uuid}/signatures": 1}
+    person = env.sim.person("ann@example.org")
+    assert person is not None
+    assert person["status"] == "subscribed"
+    assert person["tags"] == {SIGNER_TAG}
+    assert (person["given_name"], person["family_name"], person["postal_code"]) == ("Ann", "Lee", "2000")
+    assert [(s["petition_uuid"], s["person_uuid"]) for s in env.sim.signatures()] == [(pet_uuid, person["uuid"])]
+    assert [r["status"] for r in env.outbox()] == ["done"]
+    assert dispatcher.stats.done == 1
+    known = await env.store.person("ann@example.org")
+    assert (known.exists, known.uuid, known.subscribed) == (True, person["uuid"], True)
+
+
+# ---------------------------------------------------------------- the mirrored petition
+
+
+@pytest.mark.anyio
+async def test_petition_created_once_with_four_concurrent_workers(env: Env) -> None:
+    await env.known_tags(SIGNER_TAG)
+    await env.store.enqueue([sig(i, f"s{i}@example.org") for i in range(1, 21)])
+
+    await drain(env.dispatcher(workers=4), 20)
+
+    petitions = env.sim.petitions()
+    assert len(petitions) == 1
+    assert env.routes()["POST /petitions"] == 1
+    assert env.sim.stats()["duplicate_identifier_posts"] == 0
+    assert f"controlshift-{ORG}:petition-1" in petitions[0]["identifiers"]
+    assert petitions[0]["origin_system"] == "Controlshift Petition"
+    assert len(env.sim.signatures()) == 20
+    assert {s["petition_uuid"] for s in env.sim.signatures()} == {petitions[0]["uuid"]}
+    assert await env.store.petition_uuid(1) == petitions[0]["uuid"]
+    assert [r["status"] for r in env.outbox()] == ["done"] * 20
+
+
+@pytest.mark.anyio
+async def test_existing_petition_found_by_identifier_is_not_created_again(env: Env) -> None:
+    await env.known_tags(SIGNER_TAG)
+    existing = await env.create_an_petition(f"controlshift-{ORG}:petition-1")
+    await env.store.enqueue([sig(1, "ann@example.org")])
+    env.sim.reset_stats()
+
+    await drain(env.dispatcher(), 1)
+
+    assert "POST /petitions" not in env.routes()
+    assert env.routes()["GET /petitions"] == 1
+    assert await env.store.petition_uuid(1) == existing
+    assert [s["petition_uuid"] for s in env.sim.signatures()] == [existing]
+
+
+@pytest.mark.anyio
+async def test_creator_first_then_petition_linked_to_creator(env: Env) -> None:
+    await env.store.enqueue([sig(1, "ann@example.org"), creator_activity(petition(1), ORG)])
+
+    await drain(env.dispatcher(), 2)
+
+    creator = env.sim.person("creator1@example.org")
+    assert creator is not None
+    (mirrored,) = env.sim.petitions()
+    assert mirrored["creator_uuid"] == creator["uuid"]
+    assert mirrored["title"] == "Petition 1"
+    assert "https://cs.example.org/petitions/petition-1" in mirrored["description"]
+    assert creator["tags"] == {CREATOR_TAG}
+    assert creator["status"] == "unsubscribed"  # REST creators carry no opt-in
+    assert len(env.sim.signatures()) == 2
+
+
+# ---------------------------------------------------------------- tags
+
+
+@pytest.mark.anyio
+async def test_tags_created_before_use(env: Env) -> None:
+    await env.mirrored()
+    env.sim.add_tag(SIGNER_TAG)  # exists in AN but csand has not seen it yet
+    await env.store.enqueue([sig(1, "ann@example.org", categories=("Avoiding Taxes",))])
+
+    await drain(env.dispatcher(), 1)
+
+    person = env.sim.person("ann@example.org")
+    assert person is not None
+    assert person["tags"] == {SIGNER_TAG, "controlshift:Avoiding Taxes"}
+    assert env.routes()["GET /tags"] >= 1
+    assert env.routes()["POST /tags"] == 1  # only the missing one
+    assert set(await env.store.tags()) == {SIGNER_TAG, "controlshift:avoiding taxes"}
+
+
+# ---------------------------------------------------------------- subscription rules
+
+
+@pytest.mark.anyio
+async def test_not_opted_in_new_person_is_never_subscribed(env: Env) -> None:
+    await env.known_tags(SIGNER_TAG)
+    await env.mirrored()
+    await env.store.enqueue([sig(1, "Ann@Example.org ", opted_in=None)])
+
+    await drain(env.dispatcher(), 1)
+
+    person = env.sim.person("ann@example.org")
+    assert person is not None and person["status"] == "unsubscribed"
+    history = env.sim.history("ann@example.org")
+    assert history
+    assert all(h["status"] != "subscribed" for h in history)
+    assert person["tags"] == {SIGNER_TAG}
+    assert len(env.sim.signatures()) == 1
+    assert env.routes()["GET /people"] >= 1  # looked up before anything was posted
+    assert [r["status"] for r in env.outbox()] == ["done"]
+
+
+@pytest.mark.anyio
+async def test_not_opted_in_keeps_an_existing_subscription(env: Env) -> None:
+    await env.known_tags(SIGNER_TAG)
+    await env.mirrored()
+    env.sim.add_person("ann@example.org", status="subscribed")
+    await env.store.enqueue([sig(1, "ann@example.org", opted_in=False)])
+
+    await drain(env.dispatcher(), 1)
+
+    person = env.sim.person("ann@example.org")
+    assert person is not None and person["status"] == "subscribed"
+    assert len(env.sim.signatures()) == 1
+
+
+@pytest.mark.anyio
+async def test_opt_in_subscribes_an_existing_unsubscribed_person(env: Env) -> None:
+    await env.known_tags(SIGNER_TAG)
+    await env.mirrored()
+    env.sim.add_person("ann@example.org", status="unsubscribed")
+    await env.store.enqueue([sig(1, "ann@example.org", opted_in=True)])
+
+    await drain(env.dispatcher(), 1)
+
+    person = env.sim.person("ann@example.org")
+    assert person is not None and person["status"] == "subscribed"
+
+
+# ---------------------------------------------------------------- failures
+
+
+@pytest.mark.anyio
+async def test_empty_200_puts_the_item_back_with_a_counted_attempt(env: Env) -> None:
+    await env.known_tags(SIGNER_TAG)
+    await env.mirrored()
+    await env.store.enqueue([sig(1, "ann@example.org")])
+    env.sim.faults.empty_200_rate = 1.0
+    dispatcher = env.dispatcher()
+
+    await drain(dispatcher, 1)
+
+    (row,) = env.outbox()
+    assert row["status"] == "pending"
+    assert row["attempts"] == 1
+    assert row["next_attempt_at"] > env.clock()
+    assert "empty body" in row["last_error"]
+    assert dispatcher.stats.retried == 1
+    assert await env.store.lease(10, 60) == []  # not before its time
+
+
+@pytest.mark.anyio
+async def test_400_is_dead_with_an_error_message(env: Env) -> None:
+    await env.known_tags(SIGNER_TAG)
+    await env.mirrored()
+    await env.store.enqueue([sig(1, "ann@example.org", postcode="9" * 80)])
+    dispatcher = env.dispatcher()
+
+    await drain(dispatcher, 1)
+
+    (row,) = env.outbox()
+    assert row["status"] == "dead"
+    assert "postal_code is too long (maximum is 64 characters)" in row["last_error"]
+    assert "400" in row["last_error"]
+    (dead,) = await env.store.dead_items()
+    assert dead["last_error"] == row["last_error"]
+    assert dispatcher.stats.dead == 1
+
+
+@pytest.mark.anyio
+async def test_invalid_email_is_dead_without_a_request(env: Env) -> None:
+    await env.store.enqueue([sig(1, "not an email")])
+    await drain(env.dispatcher(), 1)
+    (row,) = env.outbox()
+    assert row["status"] == "dead"
+    assert "invalid email address" in row["last_error"]
+    assert env.sim.stats()["requests"] == 0
+
+
+@pytest.mark.anyio
+async def test_403_pauses_workers_without_using_an_attempt(tmp_path: Path) -> None:
+    async with make_env(tmp_path, api_key="wrong-key") as env:
+        await env.known_tags(SIGNER_TAG)
+        await env.mirrored()
+        await env.store.enqueue([sig(1, "ann@example.org"), sig(2, "bob@example.org")])
+        dispatcher = env.dispatcher(workers=1)
+
+        await drain(dispatcher, 1)
+
+        assert dispatcher.auth_paused is not None
+        assert "403" in dispatcher.auth_paused
+        rows = env.outbox()
+        assert [r["status"] for r in rows] == ["pending", "pending"]
+        assert [r["attempts"] for r in rows] == [0, 0]
+        assert "403" in rows[0]["last_error"]
+        assert rows[1]["last_error"] is None  # nothing else was tried while paused
+        assert (await env.store.status())["an_paused"] == dispatcher.auth_paused
+        assert env.sim.stats()["forbidden"] == 1
+
+
+# ---------------------------------------------------------------- shutdown
+
+
+@pytest.mark.anyio
+async def test_stop_intake_returns(env: Env) -> None:
+    dispatcher = env.dispatcher()
+    with anyio.fail_after(5):
+        async with anyio.create_task_group() as tg:
+            await tg.start(dispatcher.run)
+            dispatcher.stop_intake()
+    assert dispatcher.in_flight == {}
+
+
+@pytest.mark.anyio
+async def test_release_in_flight_hands_items_back(env: Env) -> None:
+    await env.store.enqueue([sig(1, "ann@example.org")])
+    dispatcher = env.dispatcher()
+    (item,) = await env.store.lease(1, 60)
+    dispatcher.in_flight[item.id] = item
+    await dispatcher.release_in_flight()
+    (row,) = env.outbox()
+    assert (row["status"], row["attempts"]) == ("pending", 0)
+    assert dispatcher.in_flight == {}
