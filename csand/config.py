@@ -58,6 +58,11 @@ class ControlShiftSettings(_Section):
     requests_per_minute: Positive = 1000.0
     timeout: Positive = 30.0
     org_slug: str | None = None  # read from /api/v1/organisation when not set
+    webhook_secret: SecretStr | None = None  # enables POST /webhooks/controlshift
+    webhook_secret_file: Path | None = None
+    global_unsubscribes: bool = True  # org-wide unsubscribes make the AN person unsubscribed
+    webhook_url: str | None = None  # csand's endpoint as registered in CS, to watch its health
+    webhook_check_interval: Positive = 600.0
 
 
 class ActionNetworkSettings(_Section):
@@ -66,6 +71,20 @@ class ActionNetworkSettings(_Section):
     api_key_file: Path | None = None
     requests_per_second: Positive = 4.0
     timeout: Positive = 30.0
+
+
+class HttpSettings(_Section):
+    listen: str | None = None  # "127.0.0.1:8080"; no listener when absent
+
+    @field_validator("listen")
+    @classmethod
+    def _listen(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError("must be HOST:PORT, for example 127.0.0.1:8080")
+        return value
 
 
 class SyncSettings(_Section):
@@ -98,6 +117,7 @@ class Settings(BaseSettings):
     sync: SyncSettings = SyncSettings()
     store: StoreSettings = StoreSettings()
     log: LogSettings = LogSettings()
+    http: HttpSettings = HttpSettings()
 
     @classmethod
     def settings_customise_sources(
@@ -119,7 +139,8 @@ class Settings(BaseSettings):
     def secrets(self) -> list[str]:
         """Every secret value, for the log redactor."""
         values = [
-            self.controlshift.api_key, self.controlshift.client_secret, self.action_network.api_key
+            self.controlshift.api_key, self.controlshift.client_secret,
+            self.controlshift.webhook_secret, self.action_network.api_key,
         ]
         return [v.get_secret_value() for v in values if v is not None]
 
@@ -136,7 +157,8 @@ def _read_secret(path: Path, key: str) -> SecretStr:
 
 def _resolve_secrets(section: _Section, name: str) -> _Section:
     updates: dict[str, Any] = {}
-    secret_names = ["api_key"] + (["client_secret"] if name == "controlshift" else [])
+    secret_names = ["api_key"] + (
+        ["client_secret", "webhook_secret"] if name == "controlshift" else [])
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
     for key in secret_names:
         file = getattr(section, f"{key}_file")

@@ -9,12 +9,14 @@ queue without using up an attempt. Exit code 0, well within systemd's 15 s defau
 from __future__ import annotations
 
 import fcntl
+import json
 import os
 import signal
 import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
+from typing import Any
 
 import anyio
 import httpx
@@ -22,13 +24,15 @@ import httpx
 from csand import __version__, metrics
 from csand.actionnetwork.client import ActionNetworkClient, ANFailure
 from csand.config import Settings
-from csand.controlshift.client import ControlShiftClient, OAuthToken
+from csand.controlshift.client import ControlShiftClient, CSError, OAuthToken
 from csand.controlshift.poller import Poller
+from csand.controlshift.webhooks import WebhookProcessor
 from csand.logs import get_logger
 from csand.ratelimit import TokenBucket
 from csand.store import STATUSES, Store
 from csand.sync.outcome import RetryPolicy
 from csand.sync.worker import Dispatcher
+from csand.web import Listener, build_app
 
 log = get_logger("daemon")
 
@@ -76,8 +80,12 @@ class Daemon:
         self.store: Store | None = None
         self.poller: Poller | None = None
         self.dispatcher: Dispatcher | None = None
+        self.webhooks: WebhookProcessor | None = None
+        self.listener: Listener | None = None
         self.started = anyio.Event()
         self._stop = anyio.Event()
+        self._started_at = time.time()
+        self.last_status: dict = {}
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -116,11 +124,19 @@ class Daemon:
                     lease_seconds=s.sync.lease_seconds,
                     auth_recheck_interval=s.sync.auth_recheck_interval,
                 )
+                if s.controlshift.webhook_secret is not None:
+                    self.webhooks = WebhookProcessor(
+                        store, self.poller.directory, self.poller.org_slug, self.poller.poke,
+                        global_unsubscribes=s.controlshift.global_unsubscribes,
+                    )
+                if s.http.listen:
+                    self.listener = Listener(self._http_app(), s.http.listen)
                 await store.set_meta(an_paused=None, pid=os.getpid())
                 log.info("daemon.start", version=__version__, db=str(s.store.path),
                          workers=s.sync.workers, an_rate=s.action_network.requests_per_second,
                          poll_interval=s.controlshift.poll_interval,
                          reconcile_interval=s.controlshift.reconcile_interval,
+                         http=s.http.listen, webhooks=self.webhooks is not None,
                          released_in_flight=released)
                 await self._check_an_key(an)
                 await self._supervise(handle_signals)
@@ -173,10 +189,18 @@ class Daemon:
                 work_done.set()
 
             tg.start_soon(work)
+            if self.webhooks is not None:
+                tg.start_soon(self.webhooks.run)
+                tg.start_soon(self._watch_webhook_endpoint)
+            if self.listener is not None:
+                await tg.start(self.listener.run)
+                log.info("http.listening", listen=self.settings.http.listen)
             self.started.set()
             await self._stop.wait()
             t0 = time.monotonic()
             log.info("daemon.stopping", in_flight=len(dispatcher.in_flight))
+            if self.listener is not None:
+                self.listener.stop()  # webhooks in flight finish; nothing acknowledged is lost
             poll_scope.cancel()
             dispatcher.stop_intake()
             with anyio.move_on_after(self.settings.sync.shutdown_grace):
@@ -203,6 +227,65 @@ class Daemon:
             metrics.an_paused.set(1 if self.dispatcher.auth_paused else 0)
             self.last_status = snapshot
             await anyio.sleep(HEARTBEAT_SECONDS)
+
+    def _http_app(self) -> Any:
+        secret = self.settings.controlshift.webhook_secret
+        assert self.store is not None
+
+        def woke() -> None:
+            if self.webhooks is not None:
+                self.webhooks.wake()
+
+        return build_app(
+            receive=self.store.receive_event if secret is not None else None,
+            secret=secret.get_secret_value() if secret is not None else None,
+            health=self.health, on_event=woke,
+        )
+
+    async def health(self) -> list[str]:
+        """Reasons csand is unhealthy; empty when it is fine (``/healthz``)."""
+        assert self.store is not None and self.dispatcher is not None
+        reasons: list[str] = []
+        try:
+            with anyio.fail_after(5):
+                await self.store.set_meta(healthz_at=time.time())
+        except Exception as exc:  # noqa: BLE001 - any failure means "not writable"
+            reasons.append(f"store not writable: {type(exc).__name__}: {exc}")
+        cs = self.settings.controlshift
+        limit = 3 * cs.poll_interval + 120
+        last_poll = float(await self.store.get_meta("last_poll_at") or 0) or self._started_at
+        if time.time() - last_poll > limit:
+            reasons.append(f"no successful ControlShift poll for {time.time() - last_poll:.0f} s")
+        if self.dispatcher.auth_paused:
+            reasons.append(f"workers paused: {self.dispatcher.auth_paused}")
+        endpoint = await self.store.get_meta("webhook_endpoint")
+        if endpoint and json.loads(endpoint).get("disabled_at"):
+            reasons.append("ControlShift disabled csand's webhook endpoint")
+        return reasons
+
+    async def _watch_webhook_endpoint(self) -> None:
+        """Now and then, ask CS whether it still delivers to csand (``disabled_at``, failures)."""
+        assert self.poller is not None and self.store is not None
+        cs = self.settings.controlshift
+        while True:
+            try:
+                endpoints = await self.poller.directory.webhook_endpoints()
+            except CSError as exc:
+                log.warning("webhook.endpoint_check_failed", error=str(exc))
+            else:
+                mine = [e for e in endpoints if isinstance(e, dict) and (
+                    e.get("url") == cs.webhook_url if cs.webhook_url
+                    else str(e.get("url", "")).rstrip("/").endswith("/webhooks/controlshift"))]
+                state = mine[0] if mine else {"url": cs.webhook_url, "missing": True}
+                await self.store.set_meta(webhook_endpoint=json.dumps(state))
+                if state.get("disabled_at") or state.get("last_failure") or state.get("missing"):
+                    log.warning("webhook.endpoint_unhealthy", endpoint=state.get("url"),
+                                disabled_at=state.get("disabled_at"),
+                                last_failure=state.get("last_failure"),
+                                missing=state.get("missing", False),
+                                msg="ControlShift reports problems delivering to csand; polling "
+                                "still catches up, but re-enable the endpoint in ControlShift")
+            await anyio.sleep(cs.webhook_check_interval)
 
     async def _watch_signals(self) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:

@@ -182,13 +182,15 @@ def category_tags(petition: dict[str, Any]) -> tuple[str, ...]:
     return tuple(sorted(set(names)))
 
 
-def creator_activity(petition: dict[str, Any], org_slug: str) -> Activity:
+def creator_activity(
+    petition: dict[str, Any], org_slug: str, extra: dict[str, Any] | None = None
+) -> Activity:
     """The creation of a launched petition, as an activity of its creator.
 
-    The REST petition carries no opt-in for its creator, so ``join_organisation`` counts only
-    where a source (a webhook) provides it.
+    The REST petition carries no postcode and no opt-in for its creator; ``extra`` adds what a
+    ``petition.*`` webhook told csand, so both sources build the same activity.
     """
-    creator = petition.get("creator") or {}
+    creator = {**(petition.get("creator") or {}), **(extra or {})}
     ref = petition_ref(petition, org_slug)
     created = parse_time(petition.get("created_at"))
     return Activity(

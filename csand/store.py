@@ -139,6 +139,15 @@ class PetitionState:
     content: str | None
     total_pages: int | None
     an_uuid: str | None
+    creator_extra: str | None = None  # JSON: creator details only webhooks carry
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookEvent:
+    id: int
+    type: str
+    body: str
+    attempts: int
 
 
 def _iso(ts: float | None) -> str | None:
@@ -235,14 +244,16 @@ class Store:
 
     async def petition_states(self) -> dict[int, PetitionState]:
         rows = await self._read(
-            "SELECT cs_id, slug, updated_at, public_count, content, total_pages, an_uuid "
+            "SELECT cs_id, slug, updated_at, public_count, content, total_pages, an_uuid, "
+            "creator_extra "
             "FROM cs_petitions"
         )
         return {r["cs_id"]: PetitionState(**dict(r)) for r in rows}
 
     async def petition_state(self, cs_id: int) -> PetitionState | None:
         rows = await self._read(
-            "SELECT cs_id, slug, updated_at, public_count, content, total_pages, an_uuid "
+            "SELECT cs_id, slug, updated_at, public_count, content, total_pages, an_uuid, "
+            "creator_extra "
             "FROM cs_petitions WHERE cs_id = ?", (cs_id,),
         )
         return PetitionState(**dict(rows[0])) if rows else None
@@ -260,9 +271,14 @@ class Store:
         signatures: Iterable[SignatureSeen] = (),
         activities: Iterable[Activity] = (),
         deleted_sources: Iterable[str] = (),
+        *,
+        event_id: int | None = None,
+        creator_extra: tuple[int, str, str] | None = None,
     ) -> int:
-        """Record what the poller saw and enqueue what it produced, atomically.
+        """Record what was seen and enqueue what it produced, atomically.
 
+        Used by the poller and by the webhook processor (``event_id`` marks that event
+        processed in the same transaction; ``creator_extra`` is ``(cs_id, slug, json)``).
         Returns the number of new outbox items (re-seen versions are ignored by the unique
         dedupe key). Pending items of deleted signatures are cancelled: CS says to treat a
         deleted signature as if it never happened.
@@ -305,6 +321,17 @@ class Store:
                     "WHERE source_key = ? AND status = 'pending'",
                     [(now, s) for (s,) in deleted],
                 )
+            if creator_extra is not None:
+                await db.execute(
+                    "INSERT INTO cs_petitions (cs_id, slug, creator_extra) VALUES (?, ?, ?) "
+                    "ON CONFLICT (cs_id) DO UPDATE SET creator_extra = excluded.creator_extra",
+                    creator_extra,
+                )
+            if event_id is not None:
+                await db.execute(
+                    "UPDATE webhook_events SET processed_at = ?, error = NULL WHERE id = ?",
+                    (now, event_id),
+                )
             return added
 
         added = await self._write(tx)
@@ -314,6 +341,52 @@ class Store:
 
     async def enqueue(self, activities: Iterable[Activity]) -> int:
         return await self.commit_poll(None, (), activities)
+
+    async def signature_seen(self, cs_id: int) -> SignatureSeen | None:
+        rows = await self._read(
+            "SELECT cs_id, petition_id, fingerprint, deleted_at, updated_at FROM cs_signatures "
+            "WHERE cs_id = ?", (cs_id,),
+        )
+        return SignatureSeen(**dict(rows[0])) if rows else None
+
+    # ---- webhook inbox ----
+
+    async def receive_event(self, dedupe: str, type_: str, body: str) -> bool:
+        """Durably accept a webhook; False when it was received before (a redelivery)."""
+        now = self._clock()
+
+        async def tx(db: aiosqlite.Connection) -> bool:
+            cur = await db.execute(
+                "INSERT OR IGNORE INTO webhook_events (dedupe, type, body, received_at) "
+                "VALUES (?, ?, ?, ?)", (dedupe, type_, body, now),
+            )
+            return cur.rowcount == 1
+
+        return await self._write(tx)
+
+    async def events_due(self, limit: int = 50) -> list[WebhookEvent]:
+        rows = await self._read(
+            "SELECT id, type, body, attempts FROM webhook_events "
+            "WHERE processed_at IS NULL AND next_attempt_at <= ? ORDER BY id LIMIT ?",
+            (self._clock(), limit),
+        )
+        return [WebhookEvent(**dict(r)) for r in rows]
+
+    async def event_failed(self, event_id: int, error: str, retry_at: float | None) -> None:
+        """Retry later (``retry_at``), or give up on a malformed event (``None``)."""
+        now = self._clock()
+
+        async def tx(db: aiosqlite.Connection) -> None:
+            if retry_at is None:
+                await db.execute(
+                    "UPDATE webhook_events SET processed_at = ?, error = ?, "
+                    "attempts = attempts + 1 WHERE id = ?", (now, error, event_id))
+            else:
+                await db.execute(
+                    "UPDATE webhook_events SET next_attempt_at = ?, error = ?, "
+                    "attempts = attempts + 1 WHERE id = ?", (retry_at, error, event_id))
+
+        await self._write(tx)
 
     # ---- worker side ----
 
@@ -503,6 +576,10 @@ class Store:
         signatures = await self._read(
             "SELECT COUNT(*) AS n, COUNT(deleted_at) AS deleted FROM cs_signatures"
         )
+        events = await self._read(
+            "SELECT COUNT(*) AS n, COUNT(processed_at) AS processed, "
+            "SUM(processed_at IS NOT NULL AND error IS NOT NULL) AS failed FROM webhook_events"
+        )
         oldest_t = oldest[0]["t"]
         return {
             **{k: counts[k] for k in STATUSES},
@@ -518,6 +595,11 @@ class Store:
             "an_paused": meta.get("an_paused") or None,
             "an_rate": _float(meta.get("an_rate")),
             "daemon_heartbeat_at": _iso(_float(meta.get("heartbeat_at"))),
+            "webhooks_received": events[0]["n"],
+            "webhooks_waiting": events[0]["n"] - events[0]["processed"],
+            "webhooks_failed": events[0]["failed"] or 0,
+            "webhook_endpoint": json.loads(meta["webhook_endpoint"])
+            if meta.get("webhook_endpoint") else None,
             "dead_reasons": [{"reason": r["reason"], "count": r["n"]} for r in reasons],
         }
 

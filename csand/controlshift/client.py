@@ -179,3 +179,42 @@ def _seconds(value: str | None, default: float) -> float:
         return max(1.0, float(value)) if value is not None else default
     except ValueError:
         return default
+
+
+class PetitionDirectory:
+    """Petitions by slug, for webhooks, whose payloads carry a slug but no id or categories.
+
+    Every poll cycle refreshes it with the list it fetched anyway; a miss (a petition launched
+    since) fetches that one petition.
+    """
+
+    def __init__(self, cs: ControlShiftClient, max_age: float = 600.0,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        self._cs = cs
+        self._max_age = max_age
+        self._clock = clock
+        self._by_slug: dict[str, tuple[float, dict[str, Any]]] = {}
+
+    def remember(self, petitions: list[dict[str, Any]]) -> None:
+        now = self._clock()
+        for petition in petitions:
+            if isinstance(petition, dict) and petition.get("slug"):
+                self._by_slug[str(petition["slug"])] = (now, petition)
+
+    def forget_all(self) -> None:
+        self._by_slug.clear()
+
+    async def get(self, slug: str, *, fresh: bool = False) -> dict[str, Any]:
+        cached = self._by_slug.get(slug)
+        if cached and not fresh and self._clock() - cached[0] < self._max_age:
+            return cached[1]
+        body = await self._cs.get(f"/petitions/{quote(slug, safe='')}")
+        petition = body.get("petition") if isinstance(body, dict) else None
+        if not isinstance(petition, dict) or "id" not in petition:
+            raise CSError(f"ControlShift returned no petition for {slug!r}")
+        self.remember([petition])
+        return petition
+
+    async def webhook_endpoints(self) -> list[dict[str, Any]]:
+        body = await self._cs.get("/webhook_endpoints")
+        return body if isinstance(body, list) else []

@@ -30,7 +30,12 @@ from typing import Any
 import anyio
 
 from csand import metrics
-from csand.controlshift.client import ControlShiftClient, CSAuthError, CSError
+from csand.controlshift.client import (
+    ControlShiftClient,
+    CSAuthError,
+    CSError,
+    PetitionDirectory,
+)
 from csand.controlshift.versions import see_signature
 from csand.logs import get_logger
 from csand.model import Activity, SignatureSeen, creator_activity, normalize_email
@@ -93,8 +98,13 @@ class Poller:
         self._locks: dict[int, anyio.Lock] = {}
         self.cycles = 0
         self.poked = anyio.Event()  # set to start the next cycle early (webhooks, tests)
+        self.directory = PetitionDirectory(cs)
 
     # ---- loops ----
+
+    def poke(self) -> None:
+        """Start the next incremental cycle now (a webhook said something changed)."""
+        self.poked.set()
 
     async def run(self) -> None:
         """Incremental cycles every ``poll_interval``; reconciliation sweeps beside them."""
@@ -153,6 +163,7 @@ class Poller:
         org = await self.org_slug()
         report = CycleReport()
         petitions = await self.cs.petitions()
+        self.directory.remember(petitions)
         first_run = await self.store.get_meta("backfill_done") is None
         for petition in petitions:
             try:
@@ -199,7 +210,8 @@ class Poller:
         if not whole and public == state.public_count and petition.get("updated_at") == state.updated_at:
             return  # nothing moved: no signature request at all
         report.walked += 1
-        creator = creator_activity(petition, org)
+        extra = json.loads(state.creator_extra) if state and state.creator_extra else None
+        creator = creator_activity(petition, org, extra)
         seen = await self.store.signatures_seen(cs_id)
         live = sum(1 for s in seen.values() if not s.deleted_at)
         # How many unseen signatures to look for: the growth since the last walk, or more if an

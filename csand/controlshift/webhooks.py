@@ -1,0 +1,218 @@
+"""ControlShift webhooks: verify, accept durably, then turn events into outbox items.
+
+Receiving and processing are separate on purpose. The HTTP handler only checks the signature,
+parses the JSON and writes the raw event to the ``webhook_events`` inbox (one SQLite commit), so
+the 2xx that stops ControlShift from retrying goes out fast and only once the event is durable.
+The :class:`WebhookProcessor` then maps each event through the same rules as polled records
+(fetching the petition by slug where the payload lacks it) and commits the outbox rows and
+"event processed" together. A redelivered event (same ``jid``) is recognised in the inbox, and
+the same signature from a webhook and a poll is one version with one fingerprint.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import anyio
+
+from csand import metrics
+from csand.controlshift.client import CSAuthError, CSError, PetitionDirectory
+from csand.controlshift.versions import see_signature
+from csand.logs import get_logger
+from csand.model import (
+    Activity,
+    creator_activity,
+    global_unsubscribe_activity,
+    now_utc,
+    parse_time,
+)
+from csand.store import Store, WebhookEvent
+from csand.sync.outcome import RetryPolicy
+
+log = get_logger("webhooks")
+
+SIGNATURE_HEADER = "x-controlshift-webhook-signature"
+MAX_BODY_BYTES = 1024 * 1024
+
+SIGNATURE_EVENTS = {"signature.created", "signature.updated", "signature.confirmed",
+                    "signature.deleted"}
+PETITION_EVENTS = {"petition.launched", "petition.updated"}
+CATEGORY_EVENTS = {"category.created", "category.updated", "category.deleted"}
+HANDLED = SIGNATURE_EVENTS | PETITION_EVENTS | CATEGORY_EVENTS | {"unsubscribe.created"}
+
+
+def sign(body: bytes, secret: str) -> str:
+    return "sha256:" + hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+
+
+def verify(body: bytes, header: str | None, secret: str) -> bool:
+    """Constant-time check of ``sha256:<hex HMAC-SHA256 of the raw body>``."""
+    if not header:
+        return False
+    scheme, _, digest = header.strip().partition(":")
+    if scheme.lower() != "sha256" or not digest:
+        return False
+    expected = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
+    return hmac.compare_digest(digest.strip().lower().encode(), expected.encode())
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    type: str
+    dedupe: str  # CS's jid, or the body's hash when there is none
+
+
+def parse(body: bytes) -> Received:
+    """Raise ValueError for anything that is not a CS event envelope."""
+    data = json.loads(body)
+    if not isinstance(data, dict) or not isinstance(data.get("type"), str):
+        raise ValueError("not a ControlShift event: no type")
+    if not isinstance(data.get("data"), dict):
+        raise ValueError("not a ControlShift event: no data object")
+    jid = data.get("jid")
+    dedupe = f"jid:{jid}" if jid else "sha256:" + hashlib.sha256(body).hexdigest()
+    return Received(data["type"], dedupe)
+
+
+class WebhookProcessor:
+    """Drains the inbox into the outbox; retries while ControlShift cannot be read."""
+
+    def __init__(
+        self,
+        store: Store,
+        directory: PetitionDirectory,
+        org_slug: Callable[[], Any],
+        poke_poller: Callable[[], None],
+        *,
+        global_unsubscribes: bool = True,
+        policy: RetryPolicy = RetryPolicy(base=1.0, cap=300.0, max_attempts=1_000_000),
+        clock: Callable[[], float] = time.time,
+    ) -> None:
+        self.store = store
+        self.directory = directory
+        self._org_slug = org_slug
+        self._poke = poke_poller
+        self.global_unsubscribes = global_unsubscribes
+        self.policy = policy
+        self.clock = clock
+        self._wake = anyio.Event()
+        self.processed = 0
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    async def run(self) -> None:
+        while True:
+            events = await self.store.events_due()
+            for event in events:
+                await self.process(event)
+            if not events:
+                with anyio.move_on_after(1.0):
+                    await self._wake.wait()
+                self._wake = anyio.Event()
+
+    async def process(self, event: WebhookEvent) -> None:
+        t0 = time.monotonic()
+        try:
+            note = await self._apply(event)
+        except (CSAuthError, CSError) as exc:
+            delay = self.policy.delay(event.attempts + 1)
+            await self.store.event_failed(event.id, str(exc), self.clock() + delay)
+            log.warning("webhook.retry", event_id=event.id, type=event.type, error=str(exc),
+                        retry_in_s=round(delay, 1))
+            return
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            reason = f"malformed {event.type} event: {type(exc).__name__}: {exc}"
+            await self.store.event_failed(event.id, reason, None)
+            metrics.webhooks.labels("malformed").inc()
+            log.error("webhook.malformed", event_id=event.id, type=event.type, reason=reason)
+            return
+        self.processed += 1
+        log.info("webhook.processed", event_id=event.id, type=event.type, note=note,
+                 ms=round((time.monotonic() - t0) * 1000))
+
+    async def _apply(self, event: WebhookEvent) -> str:
+        envelope = json.loads(event.body)
+        data: dict[str, Any] = envelope["data"]
+        if event.type in SIGNATURE_EVENTS:
+            return await self._signature(event, data)
+        if event.type in PETITION_EVENTS:
+            return await self._petition(event, data)
+        if event.type == "unsubscribe.created":
+            return await self._unsubscribe(event, data)
+        if event.type in CATEGORY_EVENTS:
+            self.directory.forget_all()
+            await self.store.commit_poll(None, event_id=event.id)
+            self._poke()  # the poller re-reads petitions; changed categories re-tag signers
+            return "categories changed: petitions re-read at the next poll"
+        await self.store.commit_poll(None, event_id=event.id)
+        return "ignored"
+
+    async def _signature(self, event: WebhookEvent, data: dict[str, Any]) -> str:
+        slug = str(data["petition"]["slug"])
+        petition = await self.directory.get(slug)
+        if petition.get("launched") is not True:
+            petition = await self.directory.get(slug, fresh=True)
+            if petition.get("launched") is not True:
+                await self.store.commit_poll(None, event_id=event.id)
+                return "petition not launched: ignored"
+        if event.type == "signature.deleted" and not data.get("deleted_at"):
+            data = {**data, "deleted_at": now_utc().isoformat()}
+        org = await self._org_slug()
+        activities: list[Activity] = []
+        state = await self.store.petition_state(int(petition["id"]))
+        if state is None or state.content is None:
+            # First sight of this petition: its creator goes first, as in a poll.
+            extra = json.loads(state.creator_extra) if state and state.creator_extra else None
+            activities.append(creator_activity(petition, org, extra))
+            self._poke()
+        previous = await self.store.signature_seen(int(data["id"]))
+        seen = see_signature(data, petition, org, previous)
+        if seen.activity is not None:
+            activities.append(seen.activity)
+        await self.store.commit_poll(
+            None, [seen.row] if seen.row else (), activities,
+            [seen.cancel] if seen.cancel else (), event_id=event.id,
+        )
+        if seen.cancel:
+            return "signature deleted: not synced"
+        return "enqueued" if seen.activity else "already known"
+
+    async def _petition(self, event: WebhookEvent, data: dict[str, Any]) -> str:
+        petition = await self.directory.get(str(data["slug"]), fresh=True)
+        if petition.get("launched") is not True:
+            await self.store.commit_poll(None, event_id=event.id)
+            return "not launched"
+        creator = data.get("creator") or {}
+        extra: dict[str, Any] = {}
+        if isinstance(creator.get("join_organisation"), bool):
+            extra["join_organisation"] = creator["join_organisation"]
+        if creator.get("postcode"):
+            extra["postcode"] = creator["postcode"]
+        org = await self._org_slug()
+        activity = creator_activity(petition, org, extra)
+        await self.store.commit_poll(
+            None, (), [activity], event_id=event.id,
+            creator_extra=(int(petition["id"]), str(petition["slug"]), json.dumps(extra)),
+        )
+        self._poke()  # a launch has signatures to walk soon
+        return "creator enqueued"
+
+    async def _unsubscribe(self, event: WebhookEvent, data: dict[str, Any]) -> str:
+        if data.get("unsubscribe_organisation") is not True:
+            await self.store.commit_poll(None, event_id=event.id)
+            return "single-petition or partnership unsubscribe: nothing changes in AN"
+        if not self.global_unsubscribes:
+            await self.store.commit_poll(None, event_id=event.id)
+            return "org-wide unsubscribe ignored (controlshift.global_unsubscribes = false)"
+        activity = global_unsubscribe_activity(
+            data["id"], data.get("email"), parse_time(data.get("created_at")) or now_utc()
+        )
+        await self.store.commit_poll(None, (), [activity], event_id=event.id)
+        return "global unsubscribe enqueued"
