@@ -28,6 +28,21 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
     table.add_row("AN rate", f"{rate:g} req/s" if rate else "-")
     table.add_row("daemon", f"alive (heartbeat {data['daemon_heartbeat_at']})"
                   if data.get("daemon_heartbeat_at") else "not running")
+    if data.get("webhooks_received"):
+        table.add_row("webhooks", f"{data['webhooks_received']} received, "
+                      f"{data.get('webhooks_waiting', 0)} waiting, "
+                      f"{data.get('webhooks_failed', 0)} malformed")
+    endpoint = data.get("webhook_endpoint")
+    if endpoint:
+        if endpoint.get("disabled_at"):
+            health = f"[red]DISABLED by ControlShift since {endpoint['disabled_at']}[/red]"
+        elif endpoint.get("missing"):
+            health = "[yellow]not registered in ControlShift[/yellow]"
+        elif endpoint.get("last_failure"):
+            health = f"[yellow]ok, last failure {endpoint['last_failure']}[/yellow]"
+        else:
+            health = "ok"
+        table.add_row("webhook endpoint", health)
     if data.get("an_paused"):
         table.add_row("[red]PAUSED[/red]", f"[red]{data['an_paused']}[/red]")
     console.print(table)

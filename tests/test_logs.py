@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import logging
 from collections.abc import Iterator
 from typing import Any
 
@@ -29,6 +30,8 @@ def scrub(redactor: Redactor, **event: Any) -> dict[str, Any]:
 @pytest.fixture
 def json_logs() -> Iterator[io.StringIO]:
     saved = list(logs.redactor.secrets)
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     stream = io.StringIO()
     logs.configure("info", "json", stream=stream, secrets=[SECRET])
     try:
@@ -36,6 +39,8 @@ def json_logs() -> Iterator[io.StringIO]:
     finally:
         structlog.reset_defaults()
         logs.redactor.secrets = saved
+        root.handlers = handlers
+        root.setLevel(level)
 
 
 def lines(stream: io.StringIO) -> list[dict[str, Any]]:
@@ -164,3 +169,11 @@ def test_level_filter(json_logs: io.StringIO) -> None:
     log.info("hidden")
     log.error("shown", count=1)
     assert [r["event"] for r in lines(stream)] == ["shown"]
+
+
+def test_standard_library_logs_are_json_and_redacted(json_logs: io.StringIO) -> None:
+    logging.getLogger("uvicorn.error").warning("client ann@example.org sent key %s", SECRET)
+    (record,) = lines(json_logs)
+    assert record["level"] == "warning"
+    assert "a***@example.org" in record["event"]
+    assert SECRET not in json_logs.getvalue() and "ann@" not in json_logs.getvalue()

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
-from csand.controlshift.client import ControlShiftClient
+from csand.controlshift.client import ControlShiftClient, CSError
 from csand.controlshift.poller import Poller, edge_order
 from csand.ratelimit import TokenBucket
 from csand.sim.controlshift import ControlShiftSim
@@ -320,3 +320,52 @@ async def test_meta_after_cycles(env: Env) -> None:
     assert datetime.fromisoformat(status["last_poll_at"]).timestamp() == first + 60
     assert env.routes()["GET /api/v1/organisation"] == 1
     assert env.poller.cycles == 3
+
+
+@pytest.mark.anyio
+async def test_big_petition_committed_in_chunks_and_resumed_after_a_failure(
+    env: Env, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    p = env.sim.add_petition(title="Huge", creator=creator())
+    for i in range(110):  # 22 pages at 5 a page: more than one commit chunk
+        env.sim.add_signature(p["slug"], email=f"s{i}@example.org")
+    real = env.poller.cs.signatures_page
+    fetched: list[int] = []
+
+    async def failing_late(slug: str, page: int) -> tuple[list[Any], dict[str, Any]]:
+        if len(fetched) == 21:  # the last page of the walk fails
+            raise CSError("ControlShift answered 503")
+        fetched.append(page)
+        return await real(slug, page)
+
+    monkeypatch.setattr(env.poller.cs, "signatures_page", failing_late)
+    with pytest.raises(CSError):
+        await env.poller.cycle()
+    # What was seen before the failure is kept, and it was enqueued with it.
+    seen = await env.store.signatures_seen(p["id"])
+    assert len(env.outbox("kind = 'signature'")) == len(seen) >= 100
+    assert await env.store.get_meta("backfill_done") is None
+
+    monkeypatch.undo()
+    await env.poller.cycle()
+    signatures = env.outbox("kind = 'signature'")
+    assert len(signatures) == 110
+    assert len({s["source_key"] for s in signatures}) == 110
+    assert len(env.outbox("kind = 'petition_created'")) == 1
+    assert len(await env.store.signatures_seen(p["id"])) == 110
+
+
+@pytest.mark.anyio
+async def test_malformed_petition_is_logged_and_skipped(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    p = env.sim.add_petition(title="P", creator=creator())
+    env.sim.add_signature(p["slug"], email="s@example.org")
+    real = env.poller.cs.petitions
+
+    async def with_garbage() -> list[Any]:
+        return [{"slug": "no-id", "launched": True}, "garbage", *(await real())]
+
+    monkeypatch.setattr(env.poller.cs, "petitions", with_garbage)
+    with capture_logs() as logs:
+        report = await env.poller.cycle()
+    assert report.malformed == 2 and report.petitions == 1 and report.enqueued == 2
+    assert sum(e["event"] == "cs.malformed_petition" for e in logs) == 2

@@ -10,12 +10,23 @@ Tests drive it through plain, thread-safe Python methods (``add_petition``, ``ad
 ``update_signature``, ...) while the app is served from another thread by
 :class:`csand.sim.server.ServedApp`. Time comes from two injectable callables: ``clock``
 (monotonic seconds: token expiry, rate-limit windows) and ``now`` (wall time: record timestamps).
+
+It also pushes webhooks the way ControlShift does: every endpoint registered with
+``add_webhook_endpoint`` receives each event as a signed JSON POST (``{"type", "data", "jid"}``
+with ``x-controlshift-webhook-signature: sha256:<hex HMAC-SHA256 of the body>``), in order and
+one at a time per endpoint, from a background thread. A non-2xx answer or a transport error is
+retried with the identical body after each of ``webhook_retry_delays`` (real seconds, on
+``time.monotonic``); after 9 failed retries of one event that event is dropped and the endpoint is
+disabled until ``enable_webhook_endpoint``. Mutators emit ``signature.*``, ``petition.*`` and
+``unsubscribe.created``; ``emit`` sends any other event.
 """
 
 from __future__ import annotations
 
 import base64
 import copy
+import hashlib
+import hmac
 import json
 import math
 import random
@@ -24,7 +35,7 @@ import secrets
 import threading
 import time
 import unicodedata
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -32,6 +43,7 @@ from typing import Any, Literal
 from urllib.parse import parse_qs
 
 import anyio
+import httpx
 from starlette.applications import Starlette
 from starlette.middleware import Middleware
 from starlette.requests import Request
@@ -39,7 +51,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Match, Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-__all__ = ["ConnectionDropped", "ControlShiftSim", "Faults"]
+__all__ = [
+    "WEBHOOK_MAX_RETRIES",
+    "WEBHOOK_SIGNATURE_HEADER",
+    "ConnectionDropped",
+    "ControlShiftSim",
+    "Faults",
+    "webhook_signature",
+]
 
 _TICK = timedelta(microseconds=1)
 _WINDOW_SECONDS = 60
@@ -49,6 +68,14 @@ _SIGNATURE_FIXED = frozenset({"id", "member", "petition", "created_at"})
 _PETITION_EDITABLE = frozenset(
     {"title", "launched", "categories", "ended", "admin_status", "creator"}
 )
+# The creator as the REST API shows it (postcode and opt-in only travel in petition webhooks).
+_REST_CREATOR_FIELDS = ("full_name", "first_name", "last_name", "email", "phone_number")
+
+WEBHOOK_SIGNATURE_HEADER = "x-controlshift-webhook-signature"
+# Retries of one event before the endpoint is disabled (10 attempts in all).
+WEBHOOK_MAX_RETRIES = 9
+_WEBHOOK_TIMEOUT = 5.0
+_DEFAULT_RETRY_DELAYS: tuple[float, ...] = (15, 30, 90, 300, 900, 1800, 3600, 7200, 14400)
 
 
 class ConnectionDropped(ConnectionError):
@@ -120,6 +147,37 @@ class _Window:
         return self.count > limit, max(0, limit - self.count), reset
 
 
+@dataclass
+class _Outgoing:
+    """One event queued for one endpoint; ``body`` is sent byte for byte on every attempt."""
+
+    jid: str
+    type: str
+    body: bytes
+    attempts: int = 0
+    duplicate: bool = False
+
+
+@dataclass
+class _Endpoint:
+    id: int
+    url: str
+    secret: str
+    created_at: datetime
+    updated_at: datetime
+    disabled_at: datetime | None = None
+    last_failure: str | None = None
+    queue: deque[_Outgoing] = field(default_factory=deque)
+    due: float = 0.0  # time.monotonic() at which the head of the queue may be sent
+    in_flight: bool = False
+
+
+def webhook_signature(body: bytes, secret: str) -> str:
+    """The ``x-controlshift-webhook-signature`` value for a raw body: ``sha256:<hex HMAC>``."""
+    digest = hmac.new(secret.encode("utf-8"), body, hashlib.sha256).hexdigest()
+    return f"sha256:{digest}"
+
+
 def _slugify(text: str) -> str:
     folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
     return re.sub(r"[^a-z0-9]+", "-", folded.lower()).strip("-")
@@ -155,6 +213,8 @@ class ControlShiftSim:
         seed: int = 0,
         clock: Callable[[], float] = time.monotonic,
         now: Callable[[], datetime] = lambda: datetime.now(UTC),
+        webhook_retry_delays: Sequence[float] = _DEFAULT_RETRY_DELAYS,
+        webhook_duplicate_rate: float = 0.0,
     ) -> None:
         # Knobs: plain attributes, safe to change between requests.
         self.org_slug = org_slug
@@ -173,6 +233,11 @@ class ControlShiftSim:
         self.clock = clock
         self.now = now
         self.faults = Faults(rng=random.Random(seed))
+        # Webhook knobs: the wait (real seconds) before retry n is webhook_retry_delays[n] (the
+        # last one repeats if the tuple is short); webhook_duplicate_rate is the probability that
+        # a delivered event is delivered once more, identical.
+        self.webhook_retry_delays: tuple[float, ...] = tuple(webhook_retry_delays)
+        self.webhook_duplicate_rate = webhook_duplicate_rate
 
         self._lock = threading.Lock()
         self._petitions: dict[str, dict[str, Any]] = {}  # slug -> stored petition
@@ -191,6 +256,17 @@ class ControlShiftSim:
         self._token_window = _Window()
         self._stats: dict[str, Any] = {}
         self.reset_stats()
+        self._unsubscribes: list[dict[str, Any]] = []
+        self._next_unsubscribe_id = 1
+        # Webhook state has its own lock: the sender thread never takes ``_lock`` while holding
+        # it, and never holds either during HTTP. Lock order: ``_lock`` before ``_wh_cond``.
+        self._wh_cond = threading.Condition(threading.Lock())
+        self._endpoints: dict[int, _Endpoint] = {}
+        self._next_endpoint_id = 1
+        self._deliveries: list[dict[str, Any]] = []
+        self._webhook_rng = random.Random(seed)
+        self._sender: threading.Thread | None = None
+        self._sender_stop: threading.Event | None = None
 
         routes = [
             Route("/oauth/token", self._token, methods=["POST"]),
@@ -204,6 +280,7 @@ class ControlShiftSim:
                 methods=["GET"],
             ),
             Route("/api/v1/members/lookup", self._member_lookup, methods=["GET"]),
+            Route("/api/v1/webhook_endpoints", self._webhook_endpoint_list, methods=["GET"]),
         ]
         self.app = Starlette(
             routes=routes,
@@ -223,7 +300,9 @@ class ControlShiftSim:
         creator: dict[str, Any],
         created_at: datetime | None = None,
     ) -> dict[str, Any]:
-        """Create a petition; ``creator`` has first_name, last_name, email, phone_number."""
+        """Create a petition; ``creator`` has first_name, last_name, email, phone_number and
+        optionally postcode and join_organisation (shown only in ``petition.*`` webhooks).
+        A launched petition emits ``petition.launched``."""
         with self._lock:
             if slug is None:
                 base = _slugify(title) or "petition"
@@ -250,15 +329,19 @@ class ControlShiftSim:
             self._petitions[slug] = petition
             self._by_petition[slug] = []
             self._touch_member(petition["creator"]["email"], stamp)
+            if petition["launched"]:
+                self._emit("petition.launched", self._petition_event_data(petition))
             return self._render_petition(petition)
 
     def update_petition(self, slug: str, **changes: Any) -> dict[str, Any]:
-        """Change title, launched, categories (names), ended, admin_status or creator fields."""
+        """Change title, launched, categories (names), ended, admin_status or creator fields.
+        Emits ``petition.launched`` when this launches the petition, else ``petition.updated``."""
         unknown = set(changes) - _PETITION_EDITABLE
         if unknown:
             raise TypeError(f"cannot update petition fields {sorted(unknown)}")
         with self._lock:
             petition = self._petitions[slug]
+            was_launched = bool(petition["launched"])
             for key, value in changes.items():
                 if key == "creator":
                     merged = {**petition["creator"], **value}
@@ -270,6 +353,9 @@ class ControlShiftSim:
                 else:
                     petition[key] = value
             petition["updated_at"] = self._bump(petition["updated_at"])
+            launching = not was_launched and bool(petition["launched"])
+            event = "petition.launched" if launching else "petition.updated"
+            self._emit(event, self._petition_event_data(petition))
             return self._render_petition(petition)
 
     def add_signature(
@@ -285,7 +371,8 @@ class ControlShiftSim:
         **extra: Any,
     ) -> dict[str, Any]:
         """Sign a petition. ``extra`` sets any other field (phone_number, country, confirmed_at,
-        unsubscribe_at, email_opt_in_type, deleted_at, or fields csand does not use)."""
+        unsubscribe_at, email_opt_in_type, deleted_at, or fields csand does not use).
+        Emits ``signature.created`` if the petition is launched."""
         fixed = _SIGNATURE_FIXED & set(extra)
         if fixed:
             raise TypeError(f"cannot set signature fields {sorted(fixed)}")
@@ -320,12 +407,15 @@ class ControlShiftSim:
             if signature["deleted_at"] is None:
                 self._live_count[petition_slug] += 1
             self._versions[petition_slug] += 1
-            return self._render_signature(signature)
+            rendered = self._render_signature(signature)
+            if self._petitions[petition_slug]["launched"]:
+                self._emit("signature.created", rendered)
+            return rendered
 
     def update_signature(self, signature_id: int, **changes: Any) -> dict[str, Any]:
         """Change any field (e.g. ``join_organisation=True``, ``unsubscribe_at=...``); bumps
         ``updated_at``. Changing ``join_organisation`` also updates ``email_opt_in_type.mailable``
-        unless ``email_opt_in_type`` is given too."""
+        unless ``email_opt_in_type`` is given too. Emits ``signature.updated``."""
         fixed = (_SIGNATURE_FIXED | {"updated_at"}) & set(changes)
         if fixed:
             raise TypeError(f"cannot update signature fields {sorted(fixed)}")
@@ -342,17 +432,67 @@ class ControlShiftSim:
                 member = self._touch_member(signature["email"], signature["updated_at"])
                 signature["member_id"] = member["id"] if member else None
             self._after_signature_change(signature, was_deleted)
-            return self._render_signature(signature)
+            rendered = self._render_signature(signature)
+            self._emit("signature.updated", rendered)
+            return rendered
+
+    def confirm_signature(
+        self, signature_id: int, join_organisation: bool = True
+    ) -> dict[str, Any]:
+        """The signer confirms by email: sets ``confirmed_at``, ``join_organisation`` (and
+        ``email_opt_in_type.mailable``), bumps ``updated_at``; emits ``signature.confirmed``."""
+        with self._lock:
+            signature = self._signatures[signature_id]
+            was_deleted = signature["deleted_at"] is not None
+            stamp = self._bump(signature["updated_at"])
+            signature["confirmed_at"] = signature["updated_at"] = stamp
+            signature["join_organisation"] = join_organisation
+            opt_in = dict(signature["email_opt_in_type"] or {})
+            opt_in["mailable"] = join_organisation is True
+            signature["email_opt_in_type"] = opt_in
+            self._after_signature_change(signature, was_deleted)
+            rendered = self._render_signature(signature)
+            self._emit("signature.confirmed", rendered)
+            return rendered
 
     def delete_signature(self, signature_id: int) -> dict[str, Any]:
-        """Mark a signature deleted ("This wasn't me"): sets ``deleted_at`` and ``updated_at``."""
+        """Mark a signature deleted ("This wasn't me"): sets ``deleted_at`` and ``updated_at``
+        and emits ``signature.deleted`` (nothing happens to an already deleted signature)."""
         with self._lock:
             signature = self._signatures[signature_id]
             if signature["deleted_at"] is None:
                 stamp = self._bump(signature["updated_at"])
                 signature["deleted_at"] = signature["updated_at"] = stamp
                 self._after_signature_change(signature, was_deleted=False)
+                rendered = self._render_signature(signature)
+                self._emit("signature.deleted", rendered)
+                return rendered
             return self._render_signature(signature)
+
+    def add_unsubscribe(
+        self, email: str, *, organisation: bool, unsubscribable_type: str | None = None
+    ) -> dict[str, Any]:
+        """Record an unsubscribe and emit ``unsubscribe.created``. ``organisation=True`` is an
+        org-wide unsubscribe; otherwise it is from one petition / partnership, named by
+        ``unsubscribable_type`` (e.g. "Signature", "PartnershipSubscription"; null allowed)."""
+        with self._lock:
+            record = {
+                "id": self._next_unsubscribe_id,
+                "email": email,
+                "unsubscribe_organisation": bool(organisation),
+                "unsubscribable_type": unsubscribable_type,
+                "created_at": self._stamp(),
+            }
+            self._next_unsubscribe_id += 1
+            self._unsubscribes.append(record)
+            rendered = {key: self._ts(value) for key, value in record.items()}
+            self._emit("unsubscribe.created", rendered)
+            return dict(rendered)
+
+    def unsubscribes(self) -> list[dict[str, Any]]:
+        """Every unsubscribe recorded by ``add_unsubscribe``, oldest first."""
+        with self._lock:
+            return [{k: self._ts(v) for k, v in u.items()} for u in self._unsubscribes]
 
     def petition(self, slug: str) -> dict[str, Any]:
         with self._lock:
@@ -395,6 +535,86 @@ class ControlShiftSim:
                 "faults": {"slow": 0, "drop": 0, "error": 0},
             }
 
+    # ------------------------------------------------------------------ webhooks (test-side API)
+
+    def add_webhook_endpoint(self, url: str, secret: str) -> dict[str, Any]:
+        """Register an endpoint that receives every event emitted from now on, signed with
+        ``secret``; starts the sender thread if it is not running."""
+        stamp = self._wall()
+        with self._wh_cond:
+            endpoint = _Endpoint(
+                id=self._next_endpoint_id,
+                url=url,
+                secret=secret,
+                created_at=stamp,
+                updated_at=stamp,
+            )
+            self._next_endpoint_id += 1
+            self._endpoints[endpoint.id] = endpoint
+            self._ensure_sender()
+            return self._render_endpoint(endpoint)
+
+    def enable_webhook_endpoint(self, endpoint_id: int) -> None:
+        """Re-enable a disabled endpoint by hand: clears ``disabled_at``; the events queued while
+        it was disabled are then delivered, in order."""
+        stamp = self._wall()
+        with self._wh_cond:
+            endpoint = self._endpoints[endpoint_id]
+            if endpoint.disabled_at is not None:
+                endpoint.disabled_at = None
+                endpoint.updated_at = stamp
+                endpoint.due = time.monotonic()
+                for item in endpoint.queue:
+                    item.attempts = 0
+            self._ensure_sender()
+            self._wh_cond.notify_all()
+
+    def webhook_endpoints(self) -> list[dict[str, Any]]:
+        """The endpoints as ``GET /api/v1/webhook_endpoints`` lists them."""
+        with self._wh_cond:
+            return [self._render_endpoint(e) for e in self._endpoints.values()]
+
+    def webhook_deliveries(self) -> list[dict[str, Any]]:
+        """Every delivery attempt, in the order made: ``endpoint_id``, ``jid``, ``type``,
+        ``status`` (HTTP status, None after a transport error), ``error`` (None on a 2xx, else a
+        short reason), ``at`` (timestamp from ``now``) and ``attempt`` (1 for the first send of
+        an event, 2.. for its retries; a duplicate redelivery starts again at 1)."""
+        with self._wh_cond:
+            return [dict(d) for d in self._deliveries]
+
+    def wait_webhooks_idle(self, timeout: float = 10) -> bool:
+        """Wait until no event is queued for an enabled endpoint and no delivery is in flight
+        (events queued for disabled endpoints do not count); False if ``timeout`` passes first."""
+        deadline = time.monotonic() + timeout
+        with self._wh_cond:
+            while True:
+                if all(
+                    not e.in_flight and (e.disabled_at is not None or not e.queue)
+                    for e in self._endpoints.values()
+                ):
+                    return True
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                self._wh_cond.wait(remaining)
+
+    def emit(self, type: str, data: dict[str, Any], jid: str | None = None) -> str:
+        """Queue an event of any ``type`` (``category.updated``, ``member.deleted``, an unknown
+        one, ...) for every endpoint; ``jid`` defaults to fresh random hex. Returns the jid."""
+        return self._emit(type, data, jid)
+
+    def close(self) -> None:
+        """Stop the sender thread (after the delivery in flight, if any). Queued events stay
+        queued; registering or enabling an endpoint starts a new sender."""
+        with self._wh_cond:
+            thread, stop = self._sender, self._sender_stop
+            self._sender = self._sender_stop = None
+            if stop is not None:
+                stop.set()
+                self._wh_cond.notify_all()
+        if thread is not None and thread is not threading.current_thread():
+            thread.join(timeout=_WEBHOOK_TIMEOUT * 2)
+
     # ------------------------------------------------------------------ storage helpers
 
     def _stamp(self) -> datetime:
@@ -418,6 +638,8 @@ class ControlShiftSim:
             "last_name": last,
             "email": creator.get("email"),
             "phone_number": creator.get("phone_number"),
+            "postcode": creator.get("postcode"),
+            "join_organisation": creator.get("join_organisation"),
         }
 
     @staticmethod
@@ -472,6 +694,185 @@ class ControlShiftSim:
         self._order_cache[slug] = (key, ids)
         return ids
 
+    # ------------------------------------------------------------------ webhook delivery
+
+    def _wall(self) -> datetime:
+        """Wall time from ``now``, read under ``_lock`` (never call it holding ``_wh_cond``)."""
+        with self._lock:
+            return _aware(self.now())
+
+    def _json_default(self, value: Any) -> Any:
+        if isinstance(value, datetime):
+            return self._ts(value)
+        return str(value)
+
+    def _emit(self, type_: str, data: dict[str, Any], jid: str | None = None) -> str:
+        """Queue one event for every endpoint. Mutators call it while holding ``_lock`` so
+        events are queued in the order the changes happened."""
+        jid = jid if jid is not None else secrets.token_hex(12)
+        with self._wh_cond:
+            if not self._endpoints:
+                return jid
+            body = json.dumps(
+                {"type": type_, "data": data, "jid": jid}, default=self._json_default
+            ).encode("utf-8")
+            now = time.monotonic()
+            for endpoint in self._endpoints.values():
+                if not endpoint.queue:
+                    endpoint.due = now
+                endpoint.queue.append(_Outgoing(jid=jid, type=type_, body=body))
+            self._wh_cond.notify_all()
+        return jid
+
+    def _petition_event_data(self, p: dict[str, Any]) -> dict[str, Any]:
+        """A petition as ``petition.*`` webhooks carry it: no numeric id, no categories, and a
+        creator with member id, postcode and opt-in."""
+        creator = p["creator"]
+        member = self._members.get(_norm_email(creator["email"]))
+        opt_in = self._opt_in_type(creator["join_organisation"])
+        opt_in["context"] = "petition_creation"
+        return {
+            "slug": p["slug"],
+            "title": p["title"],
+            "url": self._petition_url(p["slug"]),
+            "created_at": self._ts(p["created_at"]),
+            "updated_at": self._ts(p["updated_at"]),
+            "creator": {
+                "id": member["id"] if member else None,
+                "email": creator["email"],
+                "first_name": creator["first_name"],
+                "last_name": creator["last_name"],
+                "postcode": creator["postcode"],
+                "join_organisation": creator["join_organisation"],
+                "email_opt_in_type": opt_in,
+            },
+        }
+
+    def _render_endpoint(self, e: _Endpoint) -> dict[str, Any]:
+        return {
+            "id": e.id,
+            "url": e.url,
+            "created_at": self._ts(e.created_at),
+            "updated_at": self._ts(e.updated_at),
+            "disabled_at": self._ts(e.disabled_at),
+            "last_failure": e.last_failure,
+        }
+
+    def _ensure_sender(self) -> None:
+        """Start the sender thread unless it runs (call holding ``_wh_cond``)."""
+        if self._sender is not None:
+            return
+        stop = threading.Event()
+        thread = threading.Thread(
+            target=self._send_loop, args=(stop,), name="controlshift-webhooks", daemon=True
+        )
+        self._sender, self._sender_stop = thread, stop
+        thread.start()
+
+    def _next_due(self) -> tuple[_Endpoint | None, float | None]:
+        """The enabled endpoint whose queue head is due soonest, or how long to wait for one."""
+        now = time.monotonic()
+        best: _Endpoint | None = None
+        wait: float | None = None
+        for endpoint in self._endpoints.values():
+            if endpoint.disabled_at is not None or endpoint.in_flight or not endpoint.queue:
+                continue
+            if endpoint.due <= now:
+                if best is None or endpoint.due < best.due:
+                    best = endpoint
+            else:
+                left = endpoint.due - now
+                wait = left if wait is None else min(wait, left)
+        return best, wait
+
+    def _send_loop(self, stop: threading.Event) -> None:
+        with httpx.Client(timeout=_WEBHOOK_TIMEOUT) as client:
+            while True:
+                with self._wh_cond:
+                    while True:
+                        if stop.is_set():
+                            return
+                        endpoint, wait = self._next_due()
+                        if endpoint is not None:
+                            break
+                        self._wh_cond.wait(wait)
+                    item = endpoint.queue[0]
+                    item.attempts += 1
+                    endpoint.in_flight = True
+                    url, secret, attempt = endpoint.url, endpoint.secret, item.attempts
+                status, error = self._post(client, url, secret, item.body)
+                try:
+                    at = self._wall()
+                except Exception:  # a test's `now` may run dry; the attempt still counts
+                    at = datetime.now(UTC)
+                with self._wh_cond:
+                    endpoint.in_flight = False
+                    self._settle(endpoint, item, attempt, status, error, at)
+                    self._wh_cond.notify_all()
+
+    @staticmethod
+    def _post(
+        client: httpx.Client, url: str, secret: str, body: bytes
+    ) -> tuple[int | None, str | None]:
+        headers = {
+            "Content-Type": "application/json",
+            WEBHOOK_SIGNATURE_HEADER: webhook_signature(body, secret),
+        }
+        try:
+            response = client.post(url, content=body, headers=headers)
+        except Exception as exc:  # any transport failure is a failed attempt
+            reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            return None, reason[:200]
+        if 200 <= response.status_code < 300:
+            return response.status_code, None
+        return response.status_code, f"HTTP {response.status_code}"
+
+    def _settle(
+        self,
+        endpoint: _Endpoint,
+        item: _Outgoing,
+        attempt: int,
+        status: int | None,
+        error: str | None,
+        at: datetime,
+    ) -> None:
+        """Record one attempt and decide what comes next (call holding ``_wh_cond``)."""
+        stamp = self._ts(at)
+        self._deliveries.append(
+            {
+                "endpoint_id": endpoint.id,
+                "jid": item.jid,
+                "type": item.type,
+                "status": status,
+                "error": error,
+                "at": stamp,
+                "attempt": attempt,
+            }
+        )
+        now = time.monotonic()
+        if not endpoint.queue or endpoint.queue[0] is not item:
+            return
+        if error is None:
+            endpoint.queue.popleft()
+            rate = self.webhook_duplicate_rate
+            if not item.duplicate and rate > 0 and self._webhook_rng.random() < rate:
+                endpoint.queue.appendleft(
+                    _Outgoing(jid=item.jid, type=item.type, body=item.body, duplicate=True)
+                )
+            endpoint.due = now
+            return
+        endpoint.last_failure = f"{stamp} {error}"
+        retries_done = attempt - 1
+        if retries_done >= WEBHOOK_MAX_RETRIES:
+            # The event is given up on and the endpoint disabled until re-enabled by hand.
+            endpoint.queue.popleft()
+            endpoint.disabled_at = endpoint.updated_at = at
+            endpoint.due = now
+            return
+        delays = self.webhook_retry_delays
+        delay = delays[min(retries_done, len(delays) - 1)] if delays else 0.0
+        endpoint.due = now + max(0.0, float(delay))
+
     # ------------------------------------------------------------------ rendering
 
     def _ts(self, value: Any) -> Any:
@@ -496,7 +897,7 @@ class ControlShiftSim:
             "public_signature_count": self._live_count[p["slug"]],
             "admin_status": p["admin_status"],
             "locale": "en",
-            "creator": dict(p["creator"]),
+            "creator": {key: p["creator"][key] for key in _REST_CREATOR_FIELDS},
             "categories": [{"slug": _slugify(name), "name": name} for name in p["categories"]],
         }
 
@@ -744,6 +1145,9 @@ class ControlShiftSim:
             if member is None:
                 return _error(404, "not found")
             return JSONResponse({"member": self._render_member(member)})
+
+    async def _webhook_endpoint_list(self, request: Request) -> Response:
+        return JSONResponse(self.webhook_endpoints())
 
 
 class _Gate:
