@@ -16,7 +16,7 @@ from typing import Any, TextIO
 import structlog
 
 # Anything shaped like local@domain, valid or not ("ann@gmail" is still someone's address).
-_EMAIL = re.compile(r"([^\s@\"'<>(),;:=/?&%])[^\s@\"'<>(),;:=/?&]*(@|%40)([^\s@\"'<>(),;&]+)")
+_EMAIL = re.compile(r"([^\s@\"'<>(),;:=/?&%])[^\s@\"'<>(),;:=/?&]*(@+|%40)([^\s\"'<>(),;&]+)")
 _SECRET_KEYS = re.compile(r"(api_?key|token|secret|password|authorization)", re.IGNORECASE)
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING,
            "error": logging.ERROR}
@@ -92,7 +92,10 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     root.handlers = [handler]
     root.setLevel(logging.WARNING)
     for noisy in ("httpx", "httpcore", "uvicorn", "uvicorn.error", "uvicorn.access"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
+        library = logging.getLogger(noisy)
+        library.setLevel(logging.WARNING)
+        library.handlers = []  # a library's own handlers would bypass JSON and redaction
+        library.propagate = True
 
 
 def get_logger(name: str) -> Any:

@@ -301,12 +301,6 @@ async def test_oauth_token_endpoint_spaced_out(http: httpx.AsyncClient, clock: F
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="OAuthToken's limiter is TokenBucket(10/60, burst=3): after an idle spell the burst "
-    "lets 3 token requests through at once on top of the steady 1 per 6 s, so 12 requests land "
-    "in one minute, above ControlShift's 10/minute on /oauth/token",
-)
 async def test_oauth_token_endpoint_at_most_10_per_minute_after_idle(
     http: httpx.AsyncClient, clock: FakeClock, mock: respx.MockRouter
 ) -> None:
@@ -322,13 +316,6 @@ async def test_oauth_token_endpoint_at_most_10_per_minute_after_idle(
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="OAuthToken.get (csand/controlshift/client.py) reads the token answer with an unguarded "
-    "response.json() and body['access_token']: a 200 that is not JSON (a proxy or maintenance "
-    "page) or has no access_token raises JSONDecodeError/KeyError instead of CSError; "
-    "Poller._guarded_cycle only catches CSError, so the poller task, and with it the daemon, dies",
-)
 @pytest.mark.parametrize("answer", [
     httpx.Response(200, text="<html>down for maintenance</html>"),
     httpx.Response(200, json={"error": "temporarily_unavailable"}),
@@ -349,12 +336,6 @@ async def test_non_json_200_is_cs_error(http: httpx.AsyncClient, clock: FakeCloc
 
 
 @pytest.mark.anyio
-@pytest.mark.xfail(
-    strict=True,
-    reason="ControlShiftClient.pages/signatures_page/organisation (csand/controlshift/client.py) "
-    "call body.get(...) on whatever JSON a 200 carried: a JSON array or null raises "
-    "AttributeError instead of CSError, which Poller._guarded_cycle does not catch",
-)
 @pytest.mark.parametrize("content", [b"[]", b"null"])
 async def test_non_object_json_is_cs_error(
     http: httpx.AsyncClient, clock: FakeClock, mock: respx.MockRouter, content: bytes

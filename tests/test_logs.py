@@ -84,12 +84,6 @@ def test_text_without_emails_is_unchanged(redact: Redactor) -> None:
                      "ok": True, "nothing": None}
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="csand/logs.py _EMAIL needs a non-'@' character right after the '@', so a mistyped "
-    "address such as 'ann@@example.org' is logged unmasked; the worker logs exactly such "
-    "addresses (sync.dead with person=... and reason \"invalid email address '...'\")",
-)
 def test_mistyped_address_in_a_dead_letter_reason_is_masked(redact: Redactor) -> None:
     event = scrub(redact, person="ann@@example.org",
                   reason="invalid email address 'ann@@example.org'")
@@ -177,3 +171,21 @@ def test_standard_library_logs_are_json_and_redacted(json_logs: io.StringIO) -> 
     assert record["level"] == "warning"
     assert "a***@example.org" in record["event"]
     assert SECRET not in json_logs.getvalue() and "ann@" not in json_logs.getvalue()
+
+
+@pytest.mark.xfail(
+    strict=True,
+    reason="csand/logs.py configure(): the standard-library handler's foreign_pre_chain has no "
+    "format_exc_info ahead of the redactor, which turns the exc_info tuple into strings, so an "
+    "exception logged through the standard library (uvicorn.error, httpx) loses its traceback "
+    "and shows '<traceback object at 0x…>' instead",
+)
+def test_standard_library_exceptions_keep_their_traceback(json_logs: io.StringIO) -> None:
+    try:
+        raise RuntimeError("failed for ann@example.org")
+    except RuntimeError:
+        logging.getLogger("uvicorn.error").exception("Exception in ASGI application")
+    (record,) = lines(json_logs)
+    rendered = json.dumps(record)
+    assert "Traceback (most recent call last)" in rendered
+    assert "RuntimeError" in rendered and "ann@" not in rendered

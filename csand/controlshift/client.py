@@ -46,7 +46,7 @@ class OAuthToken:
         self._token: str | None = None
         self._expires = 0.0
         self._lock = anyio.Lock()
-        self._limiter = TokenBucket(10 / 60, burst=3, clock=clock)
+        self._limiter = TokenBucket(10 / 60, clock=clock)  # no burst: never 11 in a minute
         self.requests = 0
 
     def invalidate(self) -> None:
@@ -69,10 +69,15 @@ class OAuthToken:
                 )
             if response.status_code != 200:
                 raise CSError(f"ControlShift token endpoint answered {response.status_code}")
-            body = response.json()
-            self._token = body["access_token"]
-            self._expires = self._clock() + float(body.get("expires_in") or 7200)
-            return self._token
+            try:
+                body = response.json()
+                token = str(body["access_token"])
+                lifetime = float(body.get("expires_in") or 7200)
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise CSError("ControlShift token endpoint answered 200 without a token") from None
+            self._token = token
+            self._expires = self._clock() + lifetime
+            return token
 
 
 class ControlShiftClient:
@@ -121,9 +126,12 @@ class ControlShiftClient:
             metrics.cs_requests.labels(str(status)).inc()
             if status == 200:
                 try:
-                    return response.json()
+                    body = response.json()
                 except ValueError as exc:
                     raise CSError(f"ControlShift answered non-JSON for {path}") from exc
+                if not isinstance(body, dict | list):
+                    raise CSError(f"ControlShift answered unexpected JSON for {path}")
+                return body
             if status == 429:
                 self.rate_limited += 1
                 reset = _seconds(response.headers.get("RateLimit-Reset"), default=5.0)
@@ -148,20 +156,27 @@ class ControlShiftClient:
                 continue
             raise CSError(f"ControlShift answered {status} for {path}: {response.text[:200]}")
 
+    async def get_object(self, path: str) -> dict[str, Any]:
+        body = await self.get(path)
+        if not isinstance(body, dict):
+            raise CSError(f"ControlShift answered a JSON {type(body).__name__} for {path}, "
+                          "expected an object")
+        return body
+
     async def pages(self, path: str, key: str, start: int = 1) -> AsyncIterator[tuple[list[dict], dict]]:
         """Yield ``(items, meta)`` page by page, following ``meta.next_page`` until null."""
         page: int | None = start
         seen: set[int] = set()
         while page is not None and page not in seen:
             seen.add(page)
-            body = await self.get(f"{path}{'&' if '?' in path else '?'}page={page}")
+            body = await self.get_object(f"{path}{'&' if '?' in path else '?'}page={page}")
             items, meta = body.get(key) or [], body.get("meta") or {}
             yield items, meta
             nxt = meta.get("next_page")
             page = int(nxt) if nxt else None
 
     async def organisation(self) -> dict[str, Any]:
-        return (await self.get("/organisation")).get("organisation") or {}
+        return (await self.get_object("/organisation")).get("organisation") or {}
 
     async def petitions(self) -> list[dict[str, Any]]:
         result: list[dict[str, Any]] = []
@@ -170,7 +185,7 @@ class ControlShiftClient:
         return result
 
     async def signatures_page(self, slug: str, page: int) -> tuple[list[dict[str, Any]], dict]:
-        body = await self.get(f"/petitions/{quote(slug, safe='')}/signatures?page={page}")
+        body = await self.get_object(f"/petitions/{quote(slug, safe='')}/signatures?page={page}")
         return body.get("signatures") or [], body.get("meta") or {}
 
 
@@ -208,8 +223,8 @@ class PetitionDirectory:
         cached = self._by_slug.get(slug)
         if cached and not fresh and self._clock() - cached[0] < self._max_age:
             return cached[1]
-        body = await self._cs.get(f"/petitions/{quote(slug, safe='')}")
-        petition = body.get("petition") if isinstance(body, dict) else None
+        body = await self._cs.get_object(f"/petitions/{quote(slug, safe='')}")
+        petition = body.get("petition")
         if not isinstance(petition, dict) or "id" not in petition:
             raise CSError(f"ControlShift returned no petition for {slug!r}")
         self.remember([petition])

@@ -32,6 +32,7 @@ class ServedApp:
         config = uvicorn.Config(
             app,
             log_level="error",
+            log_config=None,  # leave the process's logging alone
             access_log=False,
             lifespan="off",
             timeout_graceful_shutdown=1,

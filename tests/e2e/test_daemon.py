@@ -68,6 +68,7 @@ def _world(tmp_path: Path, **cs_kwargs) -> Iterator[World]:
             for daemon in world.daemons:
                 if daemon.alive():
                     daemon.kill9()
+            cs.close()
 
 
 @pytest.fixture
