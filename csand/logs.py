@@ -86,7 +86,8 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
     handler.setFormatter(structlog.stdlib.ProcessorFormatter(
         processor=renderer,
         foreign_pre_chain=[structlog.stdlib.add_logger_name, structlog.processors.add_log_level,
-                           structlog.processors.TimeStamper(fmt="iso", utc=True), redactor],
+                           structlog.processors.TimeStamper(fmt="iso", utc=True),
+                           structlog.processors.format_exc_info, redactor],
     ))
     root = logging.getLogger()
     root.handlers = [handler]

@@ -349,6 +349,18 @@ class Store:
         )
         return SignatureSeen(**dict(rows[0])) if rows else None
 
+    async def pending_signature_emails(self, petition_id: int) -> dict[str, str | None]:
+        """source key → email (as CS gave it) of this petition's signatures still to sync."""
+        rows = await self._read(
+            "SELECT source_key, payload FROM outbox WHERE petition_id = ? AND kind = 'signature' "
+            "AND status = 'pending'", (petition_id,),
+        )
+        result: dict[str, str | None] = {}
+        for r in rows:
+            payload = json.loads(r["payload"])
+            result[r["source_key"]] = (payload.get("raw_email") or payload.get("email") or "").strip() or None
+        return result
+
     # ---- webhook inbox ----
 
     async def receive_event(self, dedupe: str, type_: str, body: str) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import pytest
@@ -66,6 +67,30 @@ def test_example_config_in_the_repo_loads() -> None:
     assert (sync.shutdown_grace, sync.auth_recheck_interval) == (10.0, 60.0)
     assert s.store.path == Path("/var/lib/csand/csand.db")
     assert (s.log.level, s.log.format) == ("info", "auto")
+
+
+def _example_keys() -> dict[str, set[str]]:
+    """Every key config.example.toml shows, set or commented out, by section."""
+    keys: dict[str, set[str]] = {}
+    section = None
+    for line in (REPO_ROOT / "config.example.toml").read_text().splitlines():
+        if match := re.match(r"^\[(\w+)\]", line):
+            section = match.group(1)
+            keys.setdefault(section, set())
+        elif section and (match := re.match(r"^#?\s*(\w+)\s*=", line)):
+            keys[section].add(match.group(1))
+    return keys
+
+
+def test_every_setting_is_documented_in_the_example() -> None:
+    documented = _example_keys()
+    missing = [
+        f"{section}.{key}"
+        for section, field in Settings.model_fields.items()
+        for key in field.annotation.model_fields  # type: ignore[union-attr]
+        if key not in documented.get(section, set())
+    ]
+    assert missing == []
 
 
 def test_defaults_and_normalised_url(tmp_path: Path) -> None:
@@ -224,3 +249,8 @@ def test_missing_file_without_environment(tmp_path: Path) -> None:
 def test_error_never_shows_the_secret(tmp_path: Path) -> None:
     message = error_for(tmp_path, MINIMAL + "\n[sync]\nworkers = \"many\"\n")
     assert "an_toml_key" not in message and "cs_toml_key" not in message
+
+
+def test_http_listen_is_validated(tmp_path: Path) -> None:
+    assert load_text(tmp_path, MINIMAL + '\n[http]\nlisten = "127.0.0.1:8080"\n').http.listen == "127.0.0.1:8080"
+    assert "http.listen" in error_for(tmp_path, MINIMAL + '\n[http]\nlisten = "8080"\n')

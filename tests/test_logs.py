@@ -173,13 +173,6 @@ def test_standard_library_logs_are_json_and_redacted(json_logs: io.StringIO) -> 
     assert SECRET not in json_logs.getvalue() and "ann@" not in json_logs.getvalue()
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="csand/logs.py configure(): the standard-library handler's foreign_pre_chain has no "
-    "format_exc_info ahead of the redactor, which turns the exc_info tuple into strings, so an "
-    "exception logged through the standard library (uvicorn.error, httpx) loses its traceback "
-    "and shows '<traceback object at 0x…>' instead",
-)
 def test_standard_library_exceptions_keep_their_traceback(json_logs: io.StringIO) -> None:
     try:
         raise RuntimeError("failed for ann@example.org")

@@ -180,12 +180,7 @@ async def test_late_opt_in_found_only_by_a_full_cycle(env: Env) -> None:
 @pytest.mark.anyio
 @pytest.mark.parametrize("deleted_visible", [
     True,
-    pytest.param(False, marks=pytest.mark.xfail(
-        strict=True,
-        reason="Poller._see only handles deletions it sees as a record with deleted_at; when "
-        "ControlShift drops deleted signatures from the list (a documented unknown), the vanished "
-        "signature is never recorded as deleted and its pending outbox item is not cancelled, "
-        "so it is still synced to Action Network")),
+    False,
 ])
 async def test_deleted_signature_cancels_its_pending_item(tmp_path: Path, deleted_visible: bool) -> None:
     async with make_env(tmp_path, deleted_visible=deleted_visible) as env:
@@ -369,3 +364,15 @@ async def test_malformed_petition_is_logged_and_skipped(env: Env, monkeypatch: p
         report = await env.poller.cycle()
     assert report.malformed == 2 and report.petitions == 1 and report.enqueued == 2
     assert sum(e["event"] == "cs.malformed_petition" for e in logs) == 2
+
+
+@pytest.mark.anyio
+async def test_petition_launched_later_is_walked_whole(env: Env) -> None:
+    p = env.sim.add_petition(title="Draft", creator=creator(), launched=False)
+    for i in range(7):
+        env.sim.add_signature(p["slug"], email=f"s{i}@example.org")
+    assert (await env.poller.cycle()).enqueued == 0
+    env.sim.update_petition(p["slug"], launched=True)
+    report = await env.poller.cycle()
+    assert report.enqueued == 8
+    assert len(env.outbox("kind = 'signature'")) == 7

@@ -133,6 +133,40 @@ async def test_reopening_is_a_no_op_and_keeps_data(db_path: Path, clock: FakeClo
     ]
 
 
+@pytest.mark.anyio
+async def test_older_database_is_upgraded_in_place(
+    db_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:1])
+    s = await Store.open(db_path, clock=clock)
+    await s.enqueue([sig(1, "ann@example.org")])
+    await s.close()
+    assert rows(db_path, "PRAGMA user_version")[0][0] == 1
+
+    monkeypatch.undo()
+    s = await Store.open(db_path, clock=clock)
+    try:
+        assert await s.schema_version() == len(MIGRATIONS)
+        (item,) = await s.lease(1, 60)
+        assert item.activity == sig(1, "ann@example.org")
+    finally:
+        await s.close()
+
+
+@pytest.mark.anyio
+async def test_failed_migration_leaves_the_database_as_it_was(
+    db_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = await Store.open(db_path, clock=clock)
+    await s.close()
+    broken = "CREATE TABLE half_done (a INTEGER); CREATE TABLE broken (;"
+    monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS, broken])
+    with pytest.raises(sqlite3.OperationalError):
+        await Store.open(db_path, clock=clock)
+    assert rows(db_path, "PRAGMA user_version")[0][0] == len(MIGRATIONS)
+    assert rows(db_path, "SELECT name FROM sqlite_master WHERE name = 'half_done'") == []
+
+
 # ---------------------------------------------------------------- enqueue
 
 

@@ -228,6 +228,30 @@ async def test_creator_first_then_petition_linked_to_creator(env: Env) -> None:
     assert len(env.sim.signatures()) == 2
 
 
+@pytest.mark.anyio
+@pytest.mark.parametrize("opted_in", [True, None])
+async def test_writes_that_failed_after_commit_are_not_duplicated(env: Env, opted_in: bool | None) -> None:
+    await env.known_tags(SIGNER_TAG)
+    await env.store.enqueue([sig(1, "ann@example.org", opted_in=opted_in)])
+    env.sim.faults.fail_after_commit_rate = 1.0  # AN stores every write, then answers 500
+
+    await drain(env.dispatcher(), 1)
+    (row,) = env.outbox()
+    assert (row["status"], row["attempts"]) == ("pending", 1)
+    assert len(env.sim.petitions()) == 1  # created in AN, unknown to csand
+
+    env.sim.faults.fail_after_commit_rate = 0.0
+    env.clock.t = row["next_attempt_at"]
+    await drain(env.dispatcher(), 1)
+
+    assert [r["status"] for r in env.outbox()] == ["done"]
+    assert len(env.sim.petitions()) == 1
+    assert env.sim.stats()["duplicate_identifier_posts"] == 0
+    assert len(env.sim.signatures()) == 1
+    expected = "subscribed" if opted_in else "unsubscribed"
+    assert {h["status"] for h in env.sim.history("ann@example.org")} == {expected}
+
+
 # ---------------------------------------------------------------- tags
 
 
@@ -294,6 +318,27 @@ async def test_opt_in_subscribes_an_existing_unsubscribed_person(env: Env) -> No
 
     person = env.sim.person("ann@example.org")
     assert person is not None and person["status"] == "subscribed"
+
+
+@pytest.mark.anyio
+async def test_older_activity_found_later_never_overwrites_newer_fields(env: Env) -> None:
+    await env.known_tags(SIGNER_TAG)
+    await env.mirrored(1)
+    await env.mirrored(2)
+    newer = sig(2, "ann@example.org", pid=2, first_name="Annie", last_name="Lee-Smith",
+                postcode=None, created_at="2024-03-01T00:00:00Z")
+    older = sig(1, "ann@example.org", pid=1, first_name="Ann", last_name="Lee",
+                postcode="2000", created_at="2024-01-01T00:00:00Z")
+    await env.store.enqueue([newer])
+    await drain(env.dispatcher(), 1)
+    await env.store.enqueue([older])  # e.g. its petition was walked in a later cycle
+    await drain(env.dispatcher(), 1)
+
+    person = env.sim.person("ann@example.org")
+    assert person is not None
+    assert (person["given_name"], person["family_name"]) == ("Annie", "Lee-Smith")
+    assert person["postal_code"] == "2000"  # no newer activity gave one
+    assert len(env.sim.signatures()) == 2
 
 
 # ---------------------------------------------------------------- failures
@@ -365,6 +410,28 @@ async def test_403_pauses_workers_without_using_an_attempt(tmp_path: Path) -> No
         assert rows[1]["last_error"] is None  # nothing else was tried while paused
         assert (await env.store.status())["an_paused"] == dispatcher.auth_paused
         assert env.sim.stats()["forbidden"] == 1
+
+
+@pytest.mark.anyio
+async def test_workers_resume_once_the_key_is_accepted_again(tmp_path: Path) -> None:
+    async with make_env(tmp_path, api_key="rotated-key") as env:
+        await env.known_tags(SIGNER_TAG)
+        await env.mirrored()
+        await env.store.enqueue([sig(1, "ann@example.org")])
+        dispatcher = env.dispatcher(workers=1, auth_recheck_interval=0.01)
+        finish = env.store.finish
+
+        async def finish_then_fix_key(*args: Any, **kwargs: Any) -> None:
+            await finish(*args, **kwargs)
+            env.sim.api_key = "rotated-key"  # the operator fixed AN's side
+
+        env.store.finish = finish_then_fix_key  # type: ignore[method-assign]
+        await drain(dispatcher, 2)
+
+        assert dispatcher.auth_paused is None
+        assert (await env.store.status())["an_paused"] is None
+        assert [r["status"] for r in env.outbox()] == ["done"]
+        assert env.routes()["GET /"] >= 1
 
 
 # ---------------------------------------------------------------- shutdown

@@ -33,6 +33,10 @@ class CSAuthError(CSError):
     pass
 
 
+class CSNotFound(CSError):
+    pass
+
+
 class OAuthToken:
     """Client-credentials token, cached until shortly before it expires (CS allows 10/minute)."""
 
@@ -147,7 +151,7 @@ class ControlShiftClient:
                     "ControlShift rejected the credentials (401); check controlshift.api_key"
                 )
             if status == 404:
-                raise CSError(f"ControlShift: {path} not found (404)")
+                raise CSNotFound(f"ControlShift: {path.split('?')[0]} not found (404)")
             if status >= 500 or status == 408:
                 failures += 1
                 if failures > TRANSIENT_RETRIES:
@@ -174,6 +178,16 @@ class ControlShiftClient:
             yield items, meta
             nxt = meta.get("next_page")
             page = int(nxt) if nxt else None
+
+    async def lookup_signature(self, slug: str, email: str) -> dict[str, Any] | None:
+        """The petition's signature for ``email``, or None when CS has none."""
+        try:
+            body = await self.get_object(
+                f"/petitions/{quote(slug, safe='')}/signatures/lookup?email={quote(email, safe='')}")
+        except CSNotFound:
+            return None
+        signature = body.get("signature")
+        return signature if isinstance(signature, dict) else None
 
     async def organisation(self) -> dict[str, Any]:
         return (await self.get_object("/organisation")).get("organisation") or {}

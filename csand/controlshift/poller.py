@@ -38,7 +38,7 @@ from csand.controlshift.client import (
 )
 from csand.controlshift.versions import see_signature
 from csand.logs import get_logger
-from csand.model import Activity, SignatureSeen, creator_activity, normalize_email
+from csand.model import Activity, SignatureSeen, creator_activity, normalize_email, now_utc
 from csand.store import PetitionState, Store
 
 log = get_logger("poller")
@@ -226,6 +226,7 @@ class Poller:
         new_found = 0
         order = [1]
         index = 0
+        walked: set[int] = set()
         while index < len(order):
             page = order[index]
             index += 1
@@ -241,17 +242,50 @@ class Poller:
                 total_pages = max(total_pages, int(next_page))
             for record in items:
                 new_found += self._see(record, petition, org, seen, batch, report)
+                if isinstance(record, dict) and isinstance(record.get("id"), int):
+                    walked.add(record["id"])
             if len(batch.pages) >= COMMIT_EVERY_PAGES:
                 report.enqueued += await self._commit(None, batch)
                 batch = _Batch()
             batch.pages.append(page)
             if expected_new is not None and new_found >= expected_new:
                 break
+        else:  # every page was read
+            await self._confirm_vanished(slug, cs_id, seen, walked, batch)
         new_state = PetitionState(
             cs_id=cs_id, slug=slug, updated_at=petition.get("updated_at"), public_count=public,
             content=content, total_pages=total_pages, an_uuid=None,
         )
         report.enqueued += await self._commit(new_state, batch)
+
+    async def _confirm_vanished(
+        self, slug: str, cs_id: int, seen: dict[int, SignatureSeen], walked: set[int],
+        batch: _Batch,
+    ) -> None:
+        """Signatures that dropped out of a complete walk may have been deleted.
+
+        Whether CS lists deleted signatures is not documented. One that vanished while it still
+        waits in the outbox is looked up by email: only if CS confirms it is gone (or deleted) is
+        it cancelled — a signature merely skipped by a page shift during the walk stays.
+        """
+        vanished = {f"signature:{sid}": sid for sid, s in seen.items()
+                    if not s.deleted_at and sid not in walked}
+        if not vanished:
+            return
+        waiting = await self.store.pending_signature_emails(cs_id)
+        for source, email in waiting.items():
+            sid = vanished.get(source)
+            if sid is None or not email:
+                continue
+            found = await self.cs.lookup_signature(slug, email)
+            if found is not None and found.get("id") == sid and not found.get("deleted_at"):
+                continue
+            row = SignatureSeen(sid, cs_id, "deleted", now_utc().isoformat(), None)
+            seen[sid] = row
+            batch.signatures.append(row)
+            batch.deleted.append(source)
+            log.info("cs.signature_vanished", source=source,
+                     msg="no longer on ControlShift: treated as deleted, not synced")
 
     def _see(
         self, record: Any, petition: dict[str, Any], org: str, seen: dict[int, SignatureSeen],
