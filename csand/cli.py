@@ -39,7 +39,7 @@ def run(config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH) -> None:
     settings = _load(config)
     logs.configure(settings.log.level, settings.log.format, secrets=settings.secrets())
     try:
-        anyio.run(Daemon(settings).run, backend="asyncio")
+        anyio.run(Daemon(settings, config_path=config).run, backend="asyncio")
     except AlreadyRunning as exc:
         typer.echo(f"csand: {exc}", err=True)
         raise typer.Exit(1) from None

@@ -21,7 +21,8 @@ from typing import Any
 import anyio
 import httpx
 
-from csand import __version__, metrics
+from csand import __version__, logs, metrics
+from csand import config as config_mod
 from csand.actionnetwork.client import ActionNetworkClient, ANFailure
 from csand.config import Settings
 from csand.controlshift.client import ControlShiftClient, CSError, OAuthToken
@@ -32,6 +33,7 @@ from csand.ratelimit import TokenBucket
 from csand.store import STATUSES, Store
 from csand.sync.outcome import RetryPolicy
 from csand.sync.worker import Dispatcher
+from csand.systemd import Notifier
 from csand.web import Listener, build_app
 
 log = get_logger("daemon")
@@ -73,6 +75,7 @@ class Daemon:
         *,
         an_transport: httpx.AsyncBaseTransport | None = None,
         cs_transport: httpx.AsyncBaseTransport | None = None,
+        config_path: Path | None = None,
     ) -> None:
         self.settings = settings
         self._an_transport = an_transport
@@ -86,6 +89,8 @@ class Daemon:
         self._stop = anyio.Event()
         self._started_at = time.time()
         self.last_status: dict = {}
+        self.notifier = Notifier()
+        self.config_path = config_path
 
     def request_stop(self) -> None:
         self._stop.set()
@@ -139,6 +144,7 @@ class Daemon:
                          http=s.http.listen, webhooks=self.webhooks is not None,
                          released_in_flight=released)
                 await self._check_an_key(an)
+                await self._check_cs()
                 await self._supervise(handle_signals)
 
     def _cs_client(self, http: httpx.AsyncClient) -> ControlShiftClient:
@@ -165,6 +171,16 @@ class Daemon:
             await self.store.set_meta(an_paused=reason)
             log.error("an.auth_failed", reason=reason,
                       msg="workers paused until the key works; polling continues")
+
+    async def _check_cs(self) -> None:
+        assert self.poller is not None
+        try:
+            org = await self.poller.org_slug()
+        except CSError as exc:
+            log.error("cs.check_failed", error=str(exc),
+                      msg="ControlShift could not be read at start-up; polling keeps trying")
+        else:
+            log.info("cs.connected", org=org)
 
     async def _supervise(self, handle_signals: bool) -> None:
         assert self.poller and self.dispatcher and self.store
@@ -195,10 +211,14 @@ class Daemon:
             if self.listener is not None:
                 await tg.start(self.listener.run)
                 log.info("http.listening", listen=self.settings.http.listen)
+            if self.notifier.watchdog_seconds:
+                tg.start_soon(self._watchdog)
             self.started.set()
+            self.notifier.ready("started: store migrated, connections checked")
             await self._stop.wait()
             t0 = time.monotonic()
             log.info("daemon.stopping", in_flight=len(dispatcher.in_flight))
+            self.notifier.stopping()
             if self.listener is not None:
                 self.listener.stop()  # webhooks in flight finish; nothing acknowledged is lost
             poll_scope.cancel()
@@ -226,6 +246,7 @@ class Daemon:
             metrics.an_rate.set(rate)
             metrics.an_paused.set(1 if self.dispatcher.auth_paused else 0)
             self.last_status = snapshot
+            self.notifier.status(_status_line(snapshot, self.dispatcher.auth_paused))
             await anyio.sleep(HEARTBEAT_SECONDS)
 
     def _http_app(self) -> Any:
@@ -287,13 +308,40 @@ class Daemon:
                                 "still catches up, but re-enable the endpoint in ControlShift")
             await anyio.sleep(cs.webhook_check_interval)
 
+    async def _watchdog(self) -> None:
+        """Pets systemd's watchdog from the event loop: a blocked loop stops the petting."""
+        assert self.notifier.watchdog_seconds
+        while True:
+            self.notifier.watchdog()
+            await anyio.sleep(self.notifier.watchdog_seconds / 2)
+
     async def _watch_signals(self) -> None:
-        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT) as signals:
+        with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
             async for signum in signals:
                 log.info("daemon.signal", signal=signal.Signals(signum).name)
+                if signum == signal.SIGHUP:
+                    self.reload()
+                    continue
                 self.request_stop()
                 return
 
+    def reload(self) -> None:
+        """SIGHUP: re-read the config and apply what can change without a restart (logging)."""
+        if self.config_path is None:
+            return
+        self.notifier.reloading()
+        try:
+            fresh = config_mod.load(self.config_path)
+        except config_mod.ConfigError as exc:
+            log.error("daemon.reload_failed", error=str(exc), msg="keeping the running config")
+        else:
+            logs.configure(fresh.log.level, fresh.log.format, secrets=fresh.secrets())
+            log.info("daemon.reloaded", log_level=fresh.log.level, log_format=fresh.log.format)
+        self.notifier.ready("reloaded")
 
-def run(settings: Settings) -> None:
-    anyio.run(Daemon(settings).run, backend="asyncio")
+
+def _status_line(snapshot: dict[str, Any], paused: str | None) -> str:
+    text = (f"pending {snapshot['pending']}, in flight {snapshot['in_flight']}, "
+            f"done {snapshot['done']}, dead {snapshot['dead']}; "
+            f"last poll {snapshot['last_poll_at'] or 'never'}")
+    return f"PAUSED ({paused}); {text}" if paused else text
