@@ -1,26 +1,56 @@
-"""The command line: ``csand run``, ``csand status``, ``csand demo``."""
+"""The command line. Exit codes a monitoring check can use:
+
+0 all good · 1 the thing asked for failed (a check, a missing database, an unknown item) ·
+2 bad configuration or usage · 3 ``status``: csand is unhealthy.
+"""
 
 from __future__ import annotations
 
 import json
 import sys
+import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any, TypeVar
 
 import anyio
 import typer
 
+from csand import __version__, logs
 from csand import config as config_mod
-from csand import logs
+
+T = TypeVar("T")
 
 app = typer.Typer(
     help="Keep Action Network in sync with ControlShift petitions.",
     no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
 )
+dead_app = typer.Typer(help="See why items died; put them back after fixing the cause.",
+                       no_args_is_help=True)
+app.add_typer(dead_app, name="dead")
 
 ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="TOML config file.", envvar="CSAND_CONFIG")
 ]
+JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+
+UNHEALTHY = 3
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"csand {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """csand: ControlShift → Action Network sync daemon."""
+    # Commands print their results on stdout; stray library warnings go to stderr, redacted.
+    logs.configure("warning", "auto", stream=sys.stderr)
 
 
 def _load(path: Path) -> config_mod.Settings:
@@ -31,15 +61,39 @@ def _load(path: Path) -> config_mod.Settings:
         raise typer.Exit(2) from None
 
 
+def _with_store(settings: config_mod.Settings, fn: Callable[[Any], Awaitable[T]],
+                *, must_exist: bool = True) -> T:
+    from csand.store import Store
+
+    path = Path(settings.store.path)
+    if must_exist and not path.exists():
+        typer.echo(f"csand: no database at {path} yet (has csand run started?)", err=True)
+        raise typer.Exit(1)
+
+    async def go() -> T:
+        store = await Store.open(path)
+        try:
+            return await fn(store)
+        finally:
+            await store.close()
+
+    return anyio.run(go, backend="asyncio")
+
+
 @app.command()
-def run(config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH) -> None:
-    """Run the daemon in the foreground until SIGTERM or SIGINT."""
+def run(
+    config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Poll and decide, log every AN write it would make, write nothing "
+        "to Action Network (works on a copy of the database).")] = False,
+) -> None:
+    """Run the daemon in the foreground until SIGTERM or SIGINT (SIGHUP reloads logging)."""
     from csand.daemon import AlreadyRunning, Daemon
 
     settings = _load(config)
     logs.configure(settings.log.level, settings.log.format, secrets=settings.secrets())
     try:
-        anyio.run(Daemon(settings, config_path=config).run, backend="asyncio")
+        anyio.run(Daemon(settings, config_path=config, dry_run=dry_run).run, backend="asyncio")
     except AlreadyRunning as exc:
         typer.echo(f"csand: {exc}", err=True)
         raise typer.Exit(1) from None
@@ -48,33 +102,142 @@ def run(config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH) -> None:
 
 
 @app.command()
-def status(
-    config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH,
-    as_json: Annotated[bool, typer.Option("--json", help="One JSON object.")] = False,
-) -> None:
-    """Show the queue and the last poll; safe to run while ``csand run`` is running."""
-    from csand.store import Store
+def status(config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH, as_json: JsonOption = False
+           ) -> None:
+    """The queue, the last poll, AN's rate, dead letters and webhook health; exit 3 if unhealthy.
+
+    Safe to run while ``csand run`` is running.
+    """
+    from csand import health
 
     settings = _load(config)
-    path = Path(settings.store.path)
-    if not path.exists():
-        typer.echo(f"csand: no database at {path} yet (has csand run started?)", err=True)
-        raise typer.Exit(1)
-
-    async def read() -> dict:
-        store = await Store.open(path)
-        try:
-            return await store.status()
-        finally:
-            await store.close()
-
-    data = anyio.run(read, backend="asyncio")
+    data = _with_store(settings, lambda store: store.status())
+    problems = health.reasons(data, poll_interval=settings.controlshift.poll_interval,
+                              now=time.time())
+    data["healthy"] = not problems
+    data["problems"] = problems
     if as_json:
         typer.echo(json.dumps(data))
-        return
-    from csand.report import print_status
+    else:
+        from csand.report import print_status
 
-    print_status(data)
+        print_status(data)
+    if problems:
+        raise typer.Exit(UNHEALTHY)
+
+
+@app.command()
+def check(config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH, as_json: JsonOption = False
+          ) -> None:
+    """Validate the config, reach ControlShift and Action Network, and check the store."""
+    from csand.checks import run_checks
+
+    try:
+        settings = config_mod.load(config)
+    except config_mod.ConfigError as exc:
+        results = [{"check": "config", "ok": False, "detail": str(exc)}]
+    else:
+        results = [{"check": "config", "ok": True, "detail": f"{config} is valid"}]
+        results += anyio.run(run_checks, settings, backend="asyncio")
+    if as_json:
+        typer.echo(json.dumps(results))
+    else:
+        for r in results:
+            typer.echo(f"{'✓' if r['ok'] else '✗'} {r['check']}: {r['detail']}")
+    if not all(r["ok"] for r in results):
+        raise typer.Exit(1)
+
+
+@dead_app.command("list")
+def dead_list(config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH, as_json: JsonOption = False,
+              limit: Annotated[int, typer.Option(help="At most this many.")] = 100) -> None:
+    """Dead items, oldest first, with the reason."""
+    settings = _load(config)
+    items = _with_store(settings, lambda store: store.dead_items(limit))
+    if as_json:
+        typer.echo(json.dumps(items))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{len(items)} dead item(s)")
+    for column in ("id", "record", "attempts", "died", "reason"):
+        table.add_column(column)
+    for item in items:
+        table.add_row(str(item["id"]), item["source_key"], str(item["attempts"]),
+                      item["finished_at"] or "", item["last_error"] or "")
+    Console().print(table)
+
+
+@dead_app.command("show")
+def dead_show(item_id: int, config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH,
+              reveal: Annotated[bool, typer.Option(help="Show the email address unmasked.")]
+              = False) -> None:
+    """One item in full: the activity, its attempts and why it died (as JSON)."""
+    settings = _load(config)
+    item = _with_store(settings, lambda store: store.dead_item(item_id))
+    if item is None:
+        typer.echo(f"csand: no item {item_id}", err=True)
+        raise typer.Exit(1)
+    text = json.dumps(item, indent=2, ensure_ascii=False)
+    typer.echo(text if reveal else logs.mask_email(text))
+
+
+@dead_app.command("retry")
+def dead_retry(item_id: Annotated[int | None, typer.Argument()] = None,
+               all_: Annotated[bool, typer.Option("--all", help="Every dead item.")] = False,
+               config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH) -> None:
+    """Put dead items back in the queue (attempts reset); the running daemon picks them up."""
+    ids = _ids(item_id, all_)
+    settings = _load(config)
+    count = _with_store(settings, lambda store: store.requeue_dead(ids))
+    typer.echo(f"{count} item(s) queued again")
+    if ids and count == 0:
+        raise typer.Exit(1)
+
+
+@dead_app.command("drop")
+def dead_drop(item_id: Annotated[int | None, typer.Argument()] = None,
+              all_: Annotated[bool, typer.Option("--all", help="Every dead item.")] = False,
+              config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH) -> None:
+    """Give up on dead items: they are marked cancelled (kept for the record)."""
+    ids = _ids(item_id, all_)
+    settings = _load(config)
+    count = _with_store(settings, lambda store: store.drop_dead(ids))
+    typer.echo(f"{count} item(s) dropped")
+    if ids and count == 0:
+        raise typer.Exit(1)
+
+
+def _ids(item_id: int | None, all_: bool) -> list[int] | None:
+    if (item_id is None) == (not all_):
+        typer.echo("csand: give an item ID or --all", err=True)
+        raise typer.Exit(2)
+    return None if all_ else [item_id]  # type: ignore[list-item]
+
+
+@app.command()
+def backfill(
+    config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH,
+    since: Annotated[str | None, typer.Option(
+        help="Also re-sync activities since this date (YYYY-MM-DD or ISO time) that were "
+        "synced already.")] = None,
+) -> None:
+    """Sync all history now, with progress and an ETA. Safe to interrupt and run again."""
+    from csand.backfill import run_backfill
+    from csand.model import parse_time
+
+    settings = _load(config)
+    since_iso = None
+    if since is not None:
+        parsed = parse_time(since)
+        if parsed is None:
+            typer.echo(f"csand: --since {since!r} is not a date", err=True)
+            raise typer.Exit(2)
+        since_iso = parsed.isoformat()
+    logs.configure("warning", "json", stream=open(  # noqa: SIM115 - lives as long as the process
+        Path(settings.store.path).with_suffix(".backfill.log"), "a"), secrets=settings.secrets())
+    raise typer.Exit(anyio.run(run_backfill, settings, since_iso, backend="asyncio"))
 
 
 @app.command()
@@ -90,11 +253,3 @@ def demo(
 
     code = run_demo(petitions=petitions, signatures=signatures, rate=rate, faults=faults, seed=seed)
     raise typer.Exit(code)
-
-
-def main() -> None:  # pragma: no cover - entry point
-    app()
-
-
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(app())

@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import signal
+import tempfile
 import time
 from collections.abc import Iterator
 from contextlib import AsyncExitStack, contextmanager
@@ -21,13 +22,14 @@ from typing import Any
 import anyio
 import httpx
 
-from csand import __version__, logs, metrics
+from csand import __version__, health, logs, metrics
 from csand import config as config_mod
 from csand.actionnetwork.client import ActionNetworkClient, ANFailure
 from csand.config import Settings
 from csand.controlshift.client import ControlShiftClient, CSError, OAuthToken
 from csand.controlshift.poller import Poller
 from csand.controlshift.webhooks import WebhookProcessor
+from csand.dryrun import DryRunActionNetworkClient, copy_database
 from csand.logs import get_logger
 from csand.ratelimit import TokenBucket
 from csand.store import STATUSES, Store
@@ -76,6 +78,7 @@ class Daemon:
         an_transport: httpx.AsyncBaseTransport | None = None,
         cs_transport: httpx.AsyncBaseTransport | None = None,
         config_path: Path | None = None,
+        dry_run: bool = False,
     ) -> None:
         self.settings = settings
         self._an_transport = an_transport
@@ -90,6 +93,7 @@ class Daemon:
         self._started_at = time.time()
         self.last_status: dict = {}
         self.notifier = Notifier()
+        self.dry_run = dry_run
         self.config_path = config_path
 
     def request_stop(self) -> None:
@@ -97,9 +101,14 @@ class Daemon:
 
     async def run(self, *, handle_signals: bool = True) -> None:
         s = self.settings
-        with single_instance(Path(s.store.path)):
+        with single_instance(Path(s.store.path)), tempfile.TemporaryDirectory(
+                prefix="csand-dry-run-") as scratch:
+            db_path = Path(s.store.path)
+            if self.dry_run:  # decisions on a copy: the real queue and knowledge stay as they are
+                db_path = Path(scratch) / "csand.db"
+                copy_database(Path(s.store.path), db_path)
             async with AsyncExitStack() as stack:
-                store = await Store.open(s.store.path)
+                store = await Store.open(db_path)
                 stack.push_async_callback(store.close)
                 self.store = store
                 released = await store.release_all_in_flight()
@@ -112,7 +121,7 @@ class Daemon:
                     transport=self._cs_transport, timeout=s.controlshift.timeout,
                     headers={"User-Agent": f"csand/{__version__}"},
                 ))
-                an = ActionNetworkClient(
+                an = (DryRunActionNetworkClient if self.dry_run else ActionNetworkClient)(
                     an_http, s.action_network.url, s.action_network.api_key.get_secret_value(),  # type: ignore[union-attr]
                     TokenBucket(s.action_network.requests_per_second),
                 )
@@ -129,15 +138,17 @@ class Daemon:
                     lease_seconds=s.sync.lease_seconds,
                     auth_recheck_interval=s.sync.auth_recheck_interval,
                 )
-                if s.controlshift.webhook_secret is not None:
+                # A dry run must not acknowledge webhooks it would only keep in a scratch copy.
+                if s.controlshift.webhook_secret is not None and not self.dry_run:
                     self.webhooks = WebhookProcessor(
                         store, self.poller.directory, self.poller.org_slug, self.poller.poke,
                         global_unsubscribes=s.controlshift.global_unsubscribes,
                     )
-                if s.http.listen:
+                if s.http.listen and not self.dry_run:
                     self.listener = Listener(self._http_app(), s.http.listen)
-                await store.set_meta(an_paused=None, pid=os.getpid())
+                await store.set_meta(an_paused=None, pid=os.getpid(), started_at=time.time())
                 log.info("daemon.start", version=__version__, db=str(s.store.path),
+                         dry_run=self.dry_run,
                          workers=s.sync.workers, an_rate=s.action_network.requests_per_second,
                          poll_interval=s.controlshift.poll_interval,
                          reconcile_interval=s.controlshift.reconcile_interval,
@@ -272,16 +283,13 @@ class Daemon:
                 await self.store.set_meta(healthz_at=time.time())
         except Exception as exc:  # noqa: BLE001 - any failure means "not writable"
             reasons.append(f"store not writable: {type(exc).__name__}: {exc}")
-        cs = self.settings.controlshift
-        limit = 3 * cs.poll_interval + 120
-        last_poll = float(await self.store.get_meta("last_poll_at") or 0) or self._started_at
-        if time.time() - last_poll > limit:
-            reasons.append(f"no successful ControlShift poll for {time.time() - last_poll:.0f} s")
-        if self.dispatcher.auth_paused:
-            reasons.append(f"workers paused: {self.dispatcher.auth_paused}")
-        endpoint = await self.store.get_meta("webhook_endpoint")
-        if endpoint and json.loads(endpoint).get("disabled_at"):
-            reasons.append("ControlShift disabled csand's webhook endpoint")
+        found = health.reasons(
+            await self.store.status(), poll_interval=self.settings.controlshift.poll_interval,
+            now=time.time(), daemon_expected=False, dead_growth=False,
+        )
+        if self.dispatcher.auth_paused and not any("paused" in r for r in found):
+            found.append(f"workers paused: {self.dispatcher.auth_paused}")
+        reasons.extend(found)
         return reasons
 
     async def _watch_webhook_endpoint(self) -> None:

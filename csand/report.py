@@ -46,6 +46,8 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
     if data.get("an_paused"):
         table.add_row("[red]PAUSED[/red]", f"[red]{data['an_paused']}[/red]")
     console.print(table)
+    for problem in data.get("problems") or ():
+        console.print(f"[red]✗ {problem}[/red]")
     if data.get("dead_reasons"):
         dead = Table(title="dead letters by reason")
         dead.add_column("count", justify="right")

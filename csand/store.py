@@ -503,6 +503,54 @@ class Store:
             self._notify()
         return count
 
+    async def requeue_since(self, since: str) -> int:
+        """Re-sync history: the latest version of every activity that happened since ``since``
+        (ISO time) and already finished is queued again under a fresh dedupe key."""
+        now = self._clock()
+
+        async def tx(db: aiosqlite.Connection) -> int:
+            cur = await db.execute(
+                "INSERT INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, "
+                "payload, occurred_at, enqueued_at) "
+                "SELECT dedupe_key || '#resync@' || :now, source_key, person_key, petition_id, "
+                "kind, payload, occurred_at, :now FROM outbox "
+                "WHERE status IN ('done', 'dead') AND occurred_at >= :since "
+                "AND id IN (SELECT MAX(id) FROM outbox GROUP BY source_key)",
+                {"now": now, "since": since},
+            )
+            return cur.rowcount
+
+        count = await self._write(tx)
+        if count:
+            self._notify()
+        return count
+
+    async def dead_item(self, item_id: int) -> dict[str, Any] | None:
+        rows = await self._read(
+            "SELECT id, source_key, kind, status, attempts, last_error, payload, enqueued_at, "
+            "finished_at FROM outbox WHERE id = ?", (item_id,),
+        )
+        if not rows:
+            return None
+        row = dict(rows[0])
+        row["activity"] = json.loads(row.pop("payload"))
+        row["enqueued_at"] = _iso(row["enqueued_at"])
+        row["finished_at"] = _iso(row["finished_at"])
+        return row
+
+    async def drop_dead(self, ids: Sequence[int] | None = None) -> int:
+        """The operator gives up on dead items: they become ``cancelled`` (kept for the record)."""
+        now = self._clock()
+
+        async def tx(db: aiosqlite.Connection) -> int:
+            sql = ("UPDATE outbox SET status = 'cancelled', finished_at = ?, "
+                   "note = 'dropped by the operator' WHERE status = 'dead'")
+            if ids is None:
+                return (await db.execute(sql, (now,))).rowcount
+            return (await db.executemany(sql + " AND id = ?", [(now, i) for i in ids])).rowcount
+
+        return await self._write(tx)
+
     # ---- what csand knows about AN ----
 
     async def person(self, email: str) -> Person:
@@ -575,6 +623,10 @@ class Store:
         oldest = await self._read(
             "SELECT MIN(enqueued_at) AS t FROM outbox WHERE status IN ('pending', 'in_flight')"
         )
+        dead_recent = await self._read(
+            "SELECT COUNT(*) AS n FROM outbox WHERE status = 'dead' AND finished_at > ?",
+            (now - 3600,),
+        )
         waiting = await self._read(
             "SELECT COUNT(*) AS n FROM outbox WHERE status = 'pending' AND attempts > 0"
         )
@@ -607,6 +659,8 @@ class Store:
             "an_paused": meta.get("an_paused") or None,
             "an_rate": _float(meta.get("an_rate")),
             "daemon_heartbeat_at": _iso(_float(meta.get("heartbeat_at"))),
+            "daemon_started_at": _iso(_float(meta.get("started_at"))),
+            "dead_last_hour": dead_recent[0]["n"],
             "webhooks_received": events[0]["n"],
             "webhooks_waiting": events[0]["n"] - events[0]["processed"],
             "webhooks_failed": events[0]["failed"] or 0,

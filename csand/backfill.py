@@ -1,0 +1,108 @@
+"""``csand backfill``: walk all of ControlShift now and drain the queue, with progress and an ETA.
+
+Works whether or not the daemon is running. If it is not, the daemon runs here, in the
+foreground, until the sweep is done and the queue is empty. If it is (systemd), the sweep is done
+here and the running daemon drains the queue while this watches. Either way everything goes
+through the outbox, so an interrupted backfill just continues when run again.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import anyio
+import httpx
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from csand.config import Settings
+from csand.controlshift.poller import Poller
+from csand.daemon import AlreadyRunning, Daemon, single_instance
+from csand.store import Store
+
+REQUESTS_PER_ITEM = 1.5  # typical AN requests per activity (README benchmarks), for the ETA
+
+
+async def run_backfill(settings: Settings, since: str | None, console: Console | None = None
+                       ) -> int:
+    console = console or Console()
+    path = Path(settings.store.path)
+    started = time.time()
+    store = await Store.open(path)
+    try:
+        if since:
+            count = await store.requeue_since(since)
+            console.print(f"{count} activities since {since} queued again")
+        try:
+            with single_instance(path):
+                pass
+        except AlreadyRunning:
+            console.print("The daemon is running: walking ControlShift here, it drains the queue.")
+            await _sweep_here(settings, store)
+            await _watch(store, settings, console, started, sweep_done=_always)
+            return 0
+        # Nobody runs: the daemon runs here, asked for a full sweep at once.
+        await store.set_meta(last_reconcile_at=0)
+        daemon = Daemon(settings)
+        async with anyio.create_task_group() as tg:
+            tg.start_soon(daemon.run)
+            await daemon.started.wait()
+
+            async def swept() -> bool:
+                return float(await store.get_meta("last_reconcile_at") or 0) >= started
+
+            await _watch(store, settings, console, started, sweep_done=swept)
+            daemon.request_stop()
+        return 0
+    finally:
+        await store.close()
+
+
+async def _always() -> bool:
+    return True
+
+
+async def _sweep_here(settings: Settings, store: Store) -> None:
+    cs_settings = settings.controlshift
+    async with httpx.AsyncClient(timeout=cs_settings.timeout) as http:
+        cs = Daemon(settings)._cs_client(http)
+        poller = Poller(cs, store, org_slug=cs_settings.org_slug)
+        await poller.cycle(full=True)
+
+
+async def _watch(store: Store, settings: Settings, console: Console, started: float,
+                 sweep_done: Callable[[], Awaitable[bool]]) -> None:
+    rate = settings.action_network.requests_per_second
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+                  TextColumn("{task.fields[detail]}"), TimeElapsedColumn(),
+                  console=console) as progress:
+        task = progress.add_task("backfill", total=None, detail="walking ControlShift")
+        while True:
+            counts = await store.counts()
+            remaining = counts["pending"] + counts["in_flight"]
+            finished = counts["done"] + counts["dead"]
+            eta = remaining * REQUESTS_PER_ITEM / rate
+            swept = await sweep_done()
+            progress.update(
+                task, total=finished + remaining, completed=finished,
+                detail=(f"{remaining} to go, ETA {_duration(eta)} at {rate:g} req/s"
+                        if swept else f"walking ControlShift; {remaining} queued so far"),
+            )
+            if swept and remaining == 0:
+                break
+            await anyio.sleep(0.5)
+    counts = await store.counts()
+    console.print(f"Backfill done in {_duration(time.time() - started)}: "
+                  f"{counts['done']} synced, {counts['dead']} dead "
+                  f"(see `csand dead list`).")
+
+
+def _duration(seconds: float) -> str:
+    seconds = int(seconds)
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"

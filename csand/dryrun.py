@@ -1,0 +1,70 @@
+"""``csand run --dry-run``: poll and decide for real, write nothing to Action Network.
+
+Reads (lookups, the tag and petition lists) go to AN as usual, so the decisions are the ones a
+real run would make; every write is logged as ``dry_run.would`` with what it would send, and
+answered with a made-up id. The daemon runs on a copy of the database, so the real queue and
+what csand knows are untouched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import sqlite3
+from pathlib import Path
+
+from csand.actionnetwork.client import ActionNetworkClient, PersonRecord
+from csand.logs import get_logger
+from csand.sync.rules import Fields
+
+log = get_logger("dry_run")
+
+
+def _fake_id(*parts: object) -> str:
+    return "dry-run-" + hashlib.sha256(repr(parts).encode()).hexdigest()[:16]
+
+
+def copy_database(source: Path, target: Path) -> None:
+    """A consistent copy (SQLite's backup API) of the real store, if there is one."""
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if not source.exists():
+        return
+    with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
+        src.backup(dst)
+
+
+class DryRunActionNetworkClient(ActionNetworkClient):
+    writes = 0
+
+    def _would(self, operation: str, **details: object) -> None:
+        self.writes += 1
+        log.info("dry_run.would", operation=operation, **details)
+
+    async def signup(self, fields: Fields, status: str | None, tags: tuple[str, ...]) -> PersonRecord:
+        self._would("POST /people (Person Signup Helper)", person=fields.email, status=status,
+                    tags=list(tags), given_name=fields.given_name, family_name=fields.family_name,
+                    postal_code=fields.postal_code)
+        return PersonRecord(_fake_id("person", fields.email),
+                            None if status is None else status == "subscribed")
+
+    async def record_signature(self, petition_uuid: str, fields: Fields, status: str | None,
+                               tags: tuple[str, ...]) -> str | None:
+        self._would("POST /petitions/{id}/signatures (Record Signature Helper)",
+                    petition=petition_uuid, person=fields.email, status=status, tags=list(tags))
+        return _fake_id("person", fields.email)
+
+    async def sign_as(self, petition_uuid: str, person_uuid: str) -> None:
+        self._would("POST /petitions/{id}/signatures", petition=petition_uuid,
+                    person_id=person_uuid)
+
+    async def set_status(self, person_uuid: str, email: str, status: str) -> None:
+        self._would("PUT /people/{id}", person=email, status=status)
+
+    async def create_petition(self, *, title: str, description: str, identifier: str,
+                              origin_system: str, creator_uuid: str | None) -> str:
+        self._would("POST /petitions", title=title, identifier=identifier,
+                    origin_system=origin_system, creator_id=creator_uuid)
+        return _fake_id("petition", identifier)
+
+    async def create_tag(self, name: str) -> str:
+        self._would("POST /tags", tag=name)
+        return _fake_id("tag", name)

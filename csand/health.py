@@ -1,0 +1,40 @@
+"""Is csand healthy? One pure judgement of the store's status figures, shared by ``/healthz`` and
+``csand status`` (whose exit code a monitoring check can use)."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+HEARTBEAT_STALE_SECONDS = 60.0
+
+
+def _age(iso: str | None, now: float) -> float | None:
+    if not iso:
+        return None
+    return now - datetime.fromisoformat(iso).timestamp()
+
+
+def reasons(status: dict[str, Any], *, poll_interval: float, now: float,
+            daemon_expected: bool = True, dead_growth: bool = True) -> list[str]:
+    """What is wrong, in words an operator can act on; empty when all is well."""
+    found: list[str] = []
+    stale_after = 3 * poll_interval + 120
+    heartbeat = _age(status.get("daemon_heartbeat_at"), now)
+    if daemon_expected and (heartbeat is None or heartbeat > HEARTBEAT_STALE_SECONDS):
+        found.append("the daemon is not running (no heartbeat)")
+    poll = _age(status.get("last_poll_at"), now)
+    if poll is not None and poll > stale_after:
+        found.append(f"last successful ControlShift poll was {poll:.0f} s ago")
+    elif poll is None and heartbeat is not None and status.get("daemon_started_at"):
+        started = _age(status["daemon_started_at"], now)
+        if started is not None and started > stale_after:
+            found.append("no successful ControlShift poll since the daemon started")
+    if status.get("an_paused"):
+        found.append(f"workers paused: {status['an_paused']}")
+    if dead_growth and status.get("dead_last_hour"):
+        found.append(f"{status['dead_last_hour']} items went to the dead letters in the last hour")
+    endpoint = status.get("webhook_endpoint") or {}
+    if endpoint.get("disabled_at"):
+        found.append(f"ControlShift disabled csand's webhook endpoint at {endpoint['disabled_at']}")
+    return found
