@@ -9,9 +9,15 @@ import sqlite3
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+from csand.sim.actionnetwork import ActionNetworkSim
+from csand.sim.controlshift import ControlShiftSim
+from csand.sim.scenario import Scenario, populate
+from csand.sim.server import ServedApp
+from csand.sim.verify import compare
 
 DEADLINE = 120.0  # generous: a CI machine may be slow; normal runs take a few seconds
 
@@ -142,3 +148,50 @@ def _toml(sections: dict[str, dict[str, Any]]) -> str:
             lines.append(f"{key} = {json.dumps(value)}")
         lines.append("")
     return "\n".join(lines)
+
+
+CS_KEY = "cs-e2e-secret-key-1234"
+AN_KEY = "an-e2e-secret-key-5678"
+
+
+class World:
+    """Both simulators served on loopback, the generated scenario, and the csand processes."""
+
+    def __init__(self, tmp: Path, cs: ControlShiftSim, an: ActionNetworkSim, cs_url: str,
+                 an_url: str) -> None:
+        self.tmp, self.cs, self.an, self.cs_url, self.an_url = tmp, cs, an, cs_url, an_url
+        self.scenario: Scenario | None = None
+        self.daemons: list[Csand] = []
+
+    def populate(self, **kwargs: Any) -> Scenario:
+        self.scenario = populate(self.cs, self.an, **kwargs)
+        return self.scenario
+
+    def csand(self, **overrides: dict[str, Any]) -> Csand:
+        daemon = Csand(self.tmp, self.cs_url, CS_KEY, f"{self.an_url}/api/v2", AN_KEY, **overrides)
+        self.daemons.append(daemon)
+        return daemon
+
+    def check(self) -> dict[str, Any]:
+        """AN's end state matches INTEGRATION.md for the scenario."""
+        assert self.scenario is not None
+        result = compare(self.scenario, self.an)
+        assert result["problems"] == []
+        assert result["wrongly_subscribed"] == 0
+        assert result["duplicate_petitions"] == 0
+        assert result["duplicate_signatures"] == 0
+        return result
+
+
+def make_world(tmp_path: Path, **cs_kwargs: Any) -> Iterator[World]:
+    cs = ControlShiftSim(api_key=CS_KEY, page_size=cs_kwargs.pop("page_size", 7), **cs_kwargs)
+    an = ActionNetworkSim(api_key=AN_KEY, requests_per_second=None)
+    with ServedApp(cs.app) as cs_served, ServedApp(an.app) as an_served:
+        world = World(tmp_path, cs, an, cs_served.url, an_served.url)
+        try:
+            yield world
+        finally:
+            for daemon in world.daemons:
+                if daemon.alive():
+                    daemon.kill9()
+            cs.close()

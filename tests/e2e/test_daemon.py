@@ -13,68 +13,14 @@ import re
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from csand.sim.actionnetwork import ActionNetworkSim
-from csand.sim.controlshift import ControlShiftSim
-from csand.sim.scenario import Scenario, populate
-from csand.sim.server import ServedApp
-from csand.sim.verify import compare
-from tests.e2e.harness import Csand
+from csand.sim.scenario import Scenario
+from tests.e2e.harness import AN_KEY, CS_KEY, Csand, World, make_world
 
 pytestmark = pytest.mark.e2e
-
-CS_KEY = "cs-e2e-secret-key-1234"
-AN_KEY = "an-e2e-secret-key-5678"
-
-
-class World:
-    def __init__(self, tmp: Path, cs: ControlShiftSim, an: ActionNetworkSim, cs_url: str,
-                 an_url: str) -> None:
-        self.tmp, self.cs, self.an, self.cs_url, self.an_url = tmp, cs, an, cs_url, an_url
-        self.scenario: Scenario | None = None
-        self.daemons: list[Csand] = []
-
-    def populate(self, **kwargs) -> Scenario:
-        self.scenario = populate(self.cs, self.an, **kwargs)
-        return self.scenario
-
-    def csand(self, **overrides) -> Csand:
-        daemon = Csand(self.tmp, self.cs_url, CS_KEY, f"{self.an_url}/api/v2", AN_KEY, **overrides)
-        self.daemons.append(daemon)
-        return daemon
-
-    def check(self) -> dict:
-        assert self.scenario is not None
-        result = compare(self.scenario, self.an)
-        assert result["problems"] == []
-        assert result["wrongly_subscribed"] == 0
-        assert result["duplicate_petitions"] == 0
-        assert result["duplicate_signatures"] == 0
-        return result
-
-
-def _world(tmp_path: Path, **cs_kwargs) -> Iterator[World]:
-    cs = ControlShiftSim(api_key=CS_KEY, page_size=cs_kwargs.pop("page_size", 7), **cs_kwargs)
-    an = ActionNetworkSim(api_key=AN_KEY, requests_per_second=None)
-    with ServedApp(cs.app) as cs_served, ServedApp(an.app) as an_served:
-        world = World(tmp_path, cs, an, cs_served.url, an_served.url)
-        try:
-            yield world
-        finally:
-            for daemon in world.daemons:
-                if daemon.alive():
-                    daemon.kill9()
-            cs.close()
-
-
-@pytest.fixture
-def world(tmp_path: Path) -> Iterator[World]:
-    yield from _world(tmp_path)
-
 
 def assert_logs_clean(daemon: Csand, scenario: Scenario) -> None:
     """Every line is JSON; no API key and no raw email address anywhere."""
@@ -91,7 +37,7 @@ def assert_logs_clean(daemon: Csand, scenario: Scenario) -> None:
 
 @pytest.mark.parametrize("order", ["asc", "desc"])
 def test_backfill_then_incremental_matches_the_rules(tmp_path: Path, order: str) -> None:
-    for world in _world(tmp_path, signature_order=order):
+    for world in make_world(tmp_path, signature_order=order):
         scenario = world.populate(petitions=6, signatures=120, bad_records=5, seed=11)
         daemon = world.csand().start()
         counts = daemon.wait_drained()
@@ -188,10 +134,12 @@ def test_bad_an_key_pauses_instead_of_burning_the_queue(world: World) -> None:
     assert daemon.counts()["dead"] == 0 and daemon.counts()["done"] == 0
     status = subprocess.run(
         [sys.executable, "-m", "csand", "status", "--json", "--config", str(daemon.config)],
-        capture_output=True, text=True, check=True,
+        capture_output=True, text=True,
     )
+    assert status.returncode == 3  # unhealthy: a monitoring check alerts
     data = json.loads(status.stdout)
     assert data["an_paused"] and data["pending"] > 0
+    assert any("paused" in problem for problem in data["problems"])
     for key in ("pending", "in_flight", "done", "dead"):
         assert isinstance(data[key], int)
     assert any(e.get("event") == "an.auth_failed" and e.get("level") == "error"

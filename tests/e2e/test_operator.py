@@ -9,8 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.e2e.harness import Csand
-from tests.e2e.test_daemon import World, world  # noqa: F401 - the fixture
+from tests.e2e.harness import Csand, World
 
 pytestmark = pytest.mark.e2e
 

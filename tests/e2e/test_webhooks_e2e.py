@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from csand.controlshift.webhooks import SIGNATURE_HEADER, sign
-from tests.e2e.test_daemon import World, _world
+from tests.e2e.harness import World, make_world
 
 pytestmark = pytest.mark.e2e
 
@@ -37,7 +37,7 @@ def wait_until(condition, what: str, timeout: float = 30.0) -> None:
 
 @pytest.fixture
 def world(tmp_path: Path):
-    yield from _world(tmp_path, webhook_retry_delays=(0.05,), webhook_duplicate_rate=0.3)
+    yield from make_world(tmp_path, webhook_retry_delays=(0.05,), webhook_duplicate_rate=0.3)
 
 
 def test_webhooks_sync_in_real_time_and_apply_unsubscribe_rules(world: World) -> None:
@@ -150,6 +150,6 @@ def test_disabled_webhook_endpoint_is_reported(world: World) -> None:
     assert any(e.get("event") == "webhook.endpoint_unhealthy" for e in daemon.log_events())
     human = subprocess.run(
         [sys.executable, "-m", "csand", "status", "--config", str(daemon.config)],
-        capture_output=True, text=True, check=True).stdout
-    assert "DISABLED" in human
+        capture_output=True, text=True)
+    assert human.returncode == 3 and "DISABLED" in human.stdout
     assert daemon.terminate()[0] == 0
