@@ -41,6 +41,7 @@ from csand.web import Listener, build_app
 log = get_logger("daemon")
 
 HEARTBEAT_SECONDS = 5.0
+AN_HEADROOM = 0.97  # 3% under AN's limit: arrival jitter must not cost 429s
 
 
 class AlreadyRunning(Exception):
@@ -123,7 +124,7 @@ class Daemon:
                 ))
                 an = (DryRunActionNetworkClient if self.dry_run else ActionNetworkClient)(
                     an_http, s.action_network.url, s.action_network.api_key.get_secret_value(),  # type: ignore[union-attr]
-                    TokenBucket(s.action_network.requests_per_second),
+                    TokenBucket(s.action_network.requests_per_second, headroom=AN_HEADROOM),
                 )
                 cs = self._cs_client(cs_http)
                 self.poller = Poller(

@@ -23,6 +23,7 @@ class TokenBucket:
         rate: float,
         *,
         burst: float = 1.0,
+        headroom: float = 1.0,
         min_rate_fraction: float = 0.125,
         recovery_seconds: float = 20.0,
         clock: Callable[[], float] = time.monotonic,
@@ -30,9 +31,13 @@ class TokenBucket:
     ) -> None:
         if rate <= 0:
             raise ValueError("rate must be positive")
-        self.target_rate = rate
+        if not 0 < headroom <= 1:
+            raise ValueError("headroom must be in (0, 1]")
+        # Run a little under the limit: requests scheduled exactly 1/rate apart arrive a
+        # millisecond closer now and then, which a strict limiter answers with a 429.
+        self.target_rate = rate * headroom
         self.burst = max(1.0, burst)
-        self.min_rate = rate * min_rate_fraction
+        self.min_rate = self.target_rate * min_rate_fraction
         self.recovery_seconds = recovery_seconds
         self._clock = clock
         self._sleep = sleep

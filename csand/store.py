@@ -117,6 +117,11 @@ MIGRATIONS: list[str] = [
     ALTER TABLE cs_signatures ADD COLUMN updated_at TEXT;
     ALTER TABLE cs_petitions ADD COLUMN creator_extra TEXT;
     """,
+    # v3: the lease query walks pending items in id order and stops at its LIMIT, instead of
+    # examining and sorting the whole backlog on every lease.
+    """
+    CREATE INDEX outbox_pending ON outbox (id) WHERE status = 'pending';
+    """,
 ]
 
 STATUSES = ("pending", "in_flight", "done", "dead", "cancelled")
@@ -702,11 +707,12 @@ _INSERT_OUTBOX = (
     "payload, occurred_at, enqueued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
-# A petition-creation item goes first among items ready at the same time: signatures of its
-# petition wait for it.
+# Oldest first (a petition's creator item is enqueued before its signatures). The partial index
+# keeps this a walk over pending ids that stops at the LIMIT; every condition below is an index
+# lookup per candidate.
 _LEASE_QUERY = """
 SELECT o.id, o.payload, o.attempts, o.enqueued_at
-FROM outbox AS o
+FROM outbox AS o INDEXED BY outbox_pending
 WHERE o.status = 'pending'
   AND o.next_attempt_at <= :now
   AND NOT EXISTS (
@@ -723,7 +729,7 @@ WHERE o.status = 'pending'
        OR NOT EXISTS (SELECT 1 FROM outbox AS c
                       WHERE c.petition_id = o.petition_id AND c.kind = 'petition_created'
                         AND c.status IN ('pending', 'in_flight')))
-ORDER BY (o.kind = 'petition_created') DESC, o.id
+ORDER BY o.id
 LIMIT :limit
 """
 

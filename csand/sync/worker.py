@@ -71,12 +71,17 @@ class PetitionMirror:
         self._store = store
         self._origin = origin_system
         self._locks: dict[int, anyio.Lock] = {}
+        self._known: dict[int, str] = {}  # cs id → AN uuid, once mirrored (never changes)
 
     async def ensure(self, petition: PetitionRef, creator_uuid: str | None) -> str:
+        known = self._known.get(petition.cs_id)
+        if known:
+            return known
         lock = self._locks.setdefault(petition.cs_id, anyio.Lock())
         async with lock:
             uuid = await self._store.petition_uuid(petition.cs_id)
             if uuid:
+                self._known[petition.cs_id] = uuid
                 return uuid
             uuid = await self._an.find_petition(petition.identifier)
             if uuid is None:
@@ -91,6 +96,7 @@ class PetitionMirror:
                 log.info("an.petition_created", petition=petition.slug, an_petition=uuid,
                          creator_linked=creator_uuid is not None)
             await self._store.set_petition_uuid(petition.cs_id, petition.slug, uuid)
+            self._known[petition.cs_id] = uuid
             return uuid
 
 
