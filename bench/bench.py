@@ -571,7 +571,10 @@ def log_summary(path: Path) -> dict[str, int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs (about 2 minutes)")
+    parser.add_argument("--only", default="1234",
+                        help="which measurements to run, e.g. --only 3 (default: all)")
     args = parser.parse_args()
+    only = set(args.only)
     quick = args.quick
     began = time.monotonic()
     sniffio = importlib.util.find_spec("sniffio") is not None
@@ -583,16 +586,20 @@ def main() -> int:
         log_path = tmp / "csand.log"
         with log_path.open("w", encoding="utf-8") as log_file:
             logs.configure("warning", "json", stream=log_file)
-            bench_requests_per_action(tmp, quick)
-            bench_rate(tmp, burst=None, name="a", signatures=60 if quick else 400, target=True)
-            bench_rate(tmp, burst=1.0, name="b", signatures=30 if quick else 80, target=False)
-            signatures = 1000 if quick else 5000
-            say(f"\n[3] Engine capacity, AN limit lifted (csand 100000 req/s), queued backlog "
-                f"petitions=20, signatures={signatures}")
-            for workers in (8, 4):
-                bench_capacity_inprocess(tmp, signatures, workers)
-            bench_capacity_subprocess(tmp, signatures, 8)
-            bench_latency(tmp, quick)
+            if "1" in only:
+                bench_requests_per_action(tmp, quick)
+            if "2" in only:
+                bench_rate(tmp, burst=None, name="a", signatures=60 if quick else 400, target=True)
+                bench_rate(tmp, burst=1.0, name="b", signatures=30 if quick else 80, target=False)
+            if "3" in only:
+                signatures = 1000 if quick else 5000
+                say(f"\n[3] Engine capacity, AN limit lifted (csand 100000 req/s), queued "
+                    f"backlog petitions=20, signatures={signatures}")
+                for workers in (8, 4):
+                    bench_capacity_inprocess(tmp, signatures, workers)
+                bench_capacity_subprocess(tmp, signatures, 8)
+            if "4" in only:
+                bench_latency(tmp, quick)
         FIGURES["csand_log_events"] = log_summary(log_path)
     elapsed = time.monotonic() - began
     FIGURES["mode"] = "quick" if quick else "full"
