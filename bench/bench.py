@@ -27,6 +27,7 @@ import os
 import random
 import resource
 import signal
+import socket
 import sqlite3
 import statistics
 import subprocess
@@ -553,6 +554,45 @@ def bench_latency(tmp: Path, quick: bool) -> None:
     }
 
 
+def bench_webhook_latency(tmp: Path, quick: bool) -> None:
+    """A signature pushed by a signed webhook, until AN has it (the poll is an hour away)."""
+    samples = 5 if quick else 20
+    say(f"\n[5] Webhook → Action Network latency while idle (poll_interval 3600 s, AN limit "
+        f"4 req/s, {samples} samples)")
+    cs = ControlShiftSim(seed=5, webhook_retry_delays=(0.2,))
+    an = ActionNetworkSim(requests_per_second=4.0, seed=5)
+    scenario = populate(cs, an, petitions=5, signatures=20, seed=5)
+    rng = random.Random(5)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    secret = "bench-webhook-secret"
+    with ServedApp(cs.app) as cs_s, ServedApp(an.app) as an_s:
+        data = settings_dict(cs_s.url, cs, an_s.url, an, tmp / "m5.db", an_rate=4.0,
+                             poll_interval=3600.0)
+        data["controlshift"]["webhook_secret"] = secret
+        data["http"] = {"listen": f"127.0.0.1:{port}"}
+        settings = config_mod.Settings.model_validate(data)
+
+        async def body(daemon: Daemon) -> list[float]:
+            await wait_drained(daemon)
+            cs.add_webhook_endpoint(f"http://127.0.0.1:{port}/webhooks/controlshift", secret)
+            return await _latency_samples(daemon, cs, an, samples, rng)
+
+        _, latencies = anyio.run(run_daemon, settings, body, backend="asyncio")
+    cs.close()
+    ok = check(scenario, an, "[5]")
+    p50 = statistics.median(latencies)
+    p95 = percentile(latencies, 0.95)
+    row("latency p50 / p95 / max", f"{p50:.2f} / {p95:.2f} / {max(latencies):.2f} s",
+        f"p95 <= 2 s: {verdict(p95 <= 2.0)}")
+    FIGURES["webhook_latency"] = {
+        "samples": samples, "p50_s": round(p50, 3), "p95_s": round(p95, 3),
+        "max_s": round(max(latencies), 3), "target_s": 2.0, "pass": p95 <= 2.0,
+        "end_state_ok": ok,
+    }
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -571,7 +611,7 @@ def log_summary(path: Path) -> dict[str, int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs (about 2 minutes)")
-    parser.add_argument("--only", default="1234",
+    parser.add_argument("--only", default="12345",
                         help="which measurements to run, e.g. --only 3 (default: all)")
     args = parser.parse_args()
     only = set(args.only)
@@ -600,6 +640,8 @@ def main() -> int:
                 bench_capacity_subprocess(tmp, signatures, 8)
             if "4" in only:
                 bench_latency(tmp, quick)
+            if "5" in only:
+                bench_webhook_latency(tmp, quick)
         FIGURES["csand_log_events"] = log_summary(log_path)
     elapsed = time.monotonic() - began
     FIGURES["mode"] = "quick" if quick else "full"
