@@ -188,12 +188,7 @@ def dead_retry(item_id: Annotated[int | None, typer.Argument()] = None,
                all_: Annotated[bool, typer.Option("--all", help="Every dead item.")] = False,
                config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH) -> None:
     """Put dead items back in the queue (attempts reset); the running daemon picks them up."""
-    ids = _ids(item_id, all_)
-    settings = _load(config)
-    count = _with_store(settings, lambda store: store.requeue_dead(ids))
-    typer.echo(f"{count} item(s) queued again")
-    if ids and count == 0:
-        raise typer.Exit(1)
+    _change_dead(item_id, all_, config, lambda store, ids: store.requeue_dead(ids), "queued again")
 
 
 @dead_app.command("drop")
@@ -201,10 +196,15 @@ def dead_drop(item_id: Annotated[int | None, typer.Argument()] = None,
               all_: Annotated[bool, typer.Option("--all", help="Every dead item.")] = False,
               config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH) -> None:
     """Give up on dead items: they are marked cancelled (kept for the record)."""
+    _change_dead(item_id, all_, config, lambda store, ids: store.drop_dead(ids), "dropped")
+
+
+def _change_dead(item_id: int | None, all_: bool, config: Path,
+                 change: Callable[[Any, list[int] | None], Awaitable[int]], done: str) -> None:
     ids = _ids(item_id, all_)
     settings = _load(config)
-    count = _with_store(settings, lambda store: store.drop_dead(ids))
-    typer.echo(f"{count} item(s) dropped")
+    count = _with_store(settings, lambda store: change(store, ids))
+    typer.echo(f"{count} item(s) {done}")
     if ids and count == 0:
         raise typer.Exit(1)
 

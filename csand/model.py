@@ -193,38 +193,40 @@ def creator_activity(
     creator = {**(petition.get("creator") or {}), **(extra or {})}
     ref = petition_ref(petition, org_slug)
     created = parse_time(petition.get("created_at"))
-    return Activity(
-        kind=ActivityKind.PETITION_CREATED,
-        source_key=f"petition:{ref.cs_id}:creator",
-        email=normalize_email(creator.get("email")),
-        raw_email=creator.get("email"),
-        first_name=_clean(creator.get("first_name")),
-        last_name=_clean(creator.get("last_name")),
-        postcode=_clean(creator.get("postcode")),
-        opted_in=creator.get("join_organisation") is True,
-        occurred_at=created,
-        fields_at=created,
-        petition=ref,
+    return _person_activity(
+        ActivityKind.PETITION_CREATED, f"petition:{ref.cs_id}:creator", creator,
+        occurred_at=created, fields_at=created, petition=ref,
         tags=(CREATOR_TAG, *category_tags(petition)),
     )
 
 
 def signature_activity(signature: dict[str, Any], petition: dict[str, Any], org_slug: str) -> Activity:
     created = parse_time(signature.get("created_at"))
-    updated = parse_time(signature.get("updated_at")) or created
+    return _person_activity(
+        ActivityKind.SIGNATURE, f"signature:{int(signature['id'])}", signature,
+        occurred_at=parse_time(signature.get("updated_at")) or created, fields_at=created,
+        petition=petition_ref(petition, org_slug), tags=(SIGNER_TAG, *category_tags(petition)),
+    )
+
+
+def _person_activity(
+    kind: ActivityKind, source_key: str, person: dict[str, Any], *, occurred_at: datetime | None,
+    fields_at: datetime | None, petition: PetitionRef, tags: tuple[str, ...],
+) -> Activity:
+    """Creators and signers carry the same person fields; only ``true`` is an opt-in."""
     return Activity(
-        kind=ActivityKind.SIGNATURE,
-        source_key=f"signature:{int(signature['id'])}",
-        email=normalize_email(signature.get("email")),
-        raw_email=signature.get("email"),
-        first_name=_clean(signature.get("first_name")),
-        last_name=_clean(signature.get("last_name")),
-        postcode=_clean(signature.get("postcode")),
-        opted_in=signature.get("join_organisation") is True,
-        occurred_at=updated,
-        fields_at=created,
-        petition=petition_ref(petition, org_slug),
-        tags=(SIGNER_TAG, *category_tags(petition)),
+        kind=kind,
+        source_key=source_key,
+        email=normalize_email(person.get("email")),
+        raw_email=person.get("email"),
+        first_name=_clean(person.get("first_name")),
+        last_name=_clean(person.get("last_name")),
+        postcode=_clean(person.get("postcode")),
+        opted_in=person.get("join_organisation") is True,
+        occurred_at=occurred_at,
+        fields_at=fields_at,
+        petition=petition,
+        tags=tags,
     )
 
 
