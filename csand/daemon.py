@@ -91,7 +91,6 @@ class Daemon:
         self.listener: Listener | None = None
         self.started = anyio.Event()
         self._stop = anyio.Event()
-        self._started_at = time.time()
         self.last_status: dict = {}
         self.notifier = Notifier()
         self.dry_run = dry_run
