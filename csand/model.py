@@ -157,6 +157,12 @@ class SignatureSeen:
     updated_at: str | None = None  # ISO, UTC: an older version seen later is ignored
 
 
+def is_launched(petition: dict[str, Any]) -> bool:
+    """Only launched petitions are synced. A record without the field (not the documented shape)
+    counts as launched: skipping every petition would lose everything, silently."""
+    return petition.get("launched", True) is True
+
+
 def petition_identifier(org_slug: str, cs_id: int) -> str:
     return f"controlshift-{org_slug}:petition-{cs_id}"
 

@@ -408,3 +408,12 @@ def test_to_json_is_plain_json() -> None:
     assert data["occurred_at"] == "2024-03-02T10:00:00+00:00"
     assert data["tags"] == [SIGNER_TAG, "controlshift:Avoiding Taxes"]
     assert data["petition"]["identifier"] == "controlshift-acme:petition-12"
+
+
+def test_is_launched_only_for_true_or_an_absent_field() -> None:
+    from csand.model import is_launched
+
+    assert is_launched({"launched": True})
+    assert not is_launched({"launched": False})
+    assert not is_launched({"launched": None})
+    assert is_launched({})  # not the documented shape: syncing beats silently skipping

@@ -18,9 +18,10 @@ from csand.systemd import Notifier
 
 UNITS = Path(__file__).resolve().parent.parent / "systemd"
 INSTALLED_BINARY = "/usr/local/bin/csand"
-# What `systemd-analyze security --offline=true` gives both units with systemd 252 is 1.1; the
-# bound leaves room for other systemd versions weighing the same settings a little differently.
-MAX_EXPOSURE = 2.0
+# `systemd-analyze security --offline=true` rates both units 1.1 with systemd 252. The bound leaves
+# room for other systemd versions weighing the same settings a little differently, and still fails
+# when a group of settings goes (the system call filter, the capability set, ProtectKernel*=).
+MAX_EXPOSURE = 1.5
 
 needs_analyze = pytest.mark.skipif(
     shutil.which("systemd-analyze") is None,
@@ -63,7 +64,7 @@ def test_unit_verifies_cleanly(tmp_path: Path, unit_file: str, unit: str) -> Non
     # verify also reports problems of unrelated units on the machine: keep only this unit's.
     own = [line for line in output if unit_file in line or unit in line or str(tmp_path) in line]
     assert result.returncode == 0, "\n".join(output)
-    assert own == []
+    assert own == [], "\n".join(output)
 
 
 @needs_analyze

@@ -38,7 +38,14 @@ from csand.controlshift.client import (
 )
 from csand.controlshift.versions import see_signature
 from csand.logs import get_logger
-from csand.model import Activity, SignatureSeen, creator_activity, normalize_email, now_utc
+from csand.model import (
+    Activity,
+    SignatureSeen,
+    creator_activity,
+    is_launched,
+    normalize_email,
+    now_utc,
+)
 from csand.store import PetitionState, Store
 
 log = get_logger("poller")
@@ -174,7 +181,7 @@ class Poller:
                 log.error("cs.malformed_petition", reason="petition without id or slug",
                           record=str(petition)[:200])
                 continue
-            if petition.get("launched") is not True:
+            if not is_launched(petition):
                 continue
             report.petitions += 1
             lock = self._locks.setdefault(cs_id, anyio.Lock())

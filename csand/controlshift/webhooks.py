@@ -29,6 +29,7 @@ from csand.model import (
     Activity,
     creator_activity,
     global_unsubscribe_activity,
+    is_launched,
     now_utc,
     parse_time,
 )
@@ -157,9 +158,9 @@ class WebhookProcessor:
     async def _signature(self, event: WebhookEvent, data: dict[str, Any]) -> str:
         slug = str(data["petition"]["slug"])
         petition = await self.directory.get(slug)
-        if petition.get("launched") is not True:
+        if not is_launched(petition):
             petition = await self.directory.get(slug, fresh=True)
-            if petition.get("launched") is not True:
+            if not is_launched(petition):
                 await self.store.commit_poll(None, event_id=event.id)
                 return "petition not launched: ignored"
         if event.type == "signature.deleted" and not data.get("deleted_at"):
@@ -186,7 +187,7 @@ class WebhookProcessor:
 
     async def _petition(self, event: WebhookEvent, data: dict[str, Any]) -> str:
         petition = await self.directory.get(str(data["slug"]), fresh=True)
-        if petition.get("launched") is not True:
+        if not is_launched(petition):
             await self.store.commit_poll(None, event_id=event.id)
             return "not launched"
         creator = data.get("creator") or {}

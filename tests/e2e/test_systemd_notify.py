@@ -125,15 +125,17 @@ def test_ready_status_watchdog_then_stopping(world: World, notify: NotifySocket)
     assert not any(m.has("STOPPING=1") or m.has("RELOADING=1") for m in notify.seen)
 
     # The heartbeat reports the queue every 5 s; wait for one that shows synced work.
-    synced = notify.expect(lambda m: (m.status() or {}).get("done", 0) > 0,
-                           "a STATUS= line with items done", daemon)
+    notify.expect(lambda m: (m.status() or {}).get("done", 0) > 0,
+                  "a STATUS= line with items done", daemon)
     statuses = [m.status() for m in notify.seen if m.status() is not None]
-    assert len(statuses) >= 2  # the first heartbeat (at start) and this one
     assert all(set(s) == {"pending", "in_flight", "done", "dead"} for s in statuses)
 
+    def pinged(count: int) -> Callable[[Message], bool]:
+        return lambda _m: sum(m.has("WATCHDOG=1") for m in notify.seen) >= count
+
+    notify.expect(pinged(10), "10 WATCHDOG=1", daemon, timeout=30)
     pings = [m.at for m in notify.seen if m.has("WATCHDOG=1")]
-    assert pings and min(pings) > ready.at  # the watchdog starts with the service
-    assert len(pings) >= 10, f"{len(pings)} WATCHDOG=1 in {synced.at - ready.at:.1f} s"
+    assert min(pings) > ready.at  # the watchdog starts with the service
     gaps = [b - a for a, b in zip(pings, pings[1:], strict=False)]
     # Half of WATCHDOG_USEC, and never as late as WATCHDOG_USEC (systemd would kill csand).
     assert 0.15 <= statistics.median(gaps) <= 0.3, gaps
@@ -192,10 +194,14 @@ def test_sighup_reloads_logging_and_keeps_syncing(world: World, notify: NotifySo
 
 
 @pytest.mark.xfail(reason="csand sends READY=1 before its SIGTERM/SIGHUP handlers are installed, "
-                          "so a signal right after READY=1 gets the default action", strict=False)
+                          "so a signal right after READY=1 gets the default action",
+                   raises=AssertionError, strict=False)
 def test_signal_right_after_ready_is_handled(world: World, notify: NotifySocket) -> None:
-    """What `systemctl start csand && systemctl stop csand` does."""
-    world.populate(petitions=1, signatures=5, seed=9)
+    """What `systemctl start csand && systemctl stop csand` does.
+
+    The window is one turn of csand's event loop, so this usually fails, but not always.
+    """
+    world.populate(petitions=2, signatures=5, seed=9)
     daemon = world.csand().start()
     notify.expect(lambda m: m.has("READY=1"), "READY=1", daemon)
     assert daemon.proc is not None
