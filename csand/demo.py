@@ -9,6 +9,7 @@ checked against the rules of INTEGRATION.md.
 
 from __future__ import annotations
 
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -28,7 +29,14 @@ from csand.sim.scenario import Scenario, populate
 from csand.sim.server import ServedApp
 from csand.sim.verify import compare
 
-RECONCILE_SECONDS = 8.0  # short, so the demo shows a late opt-in caught by a sweep
+RECONCILE_SECONDS = 8.0  # short, so the demo also shows a reconciliation sweep
+WEBHOOK_SECRET = "demo-webhook-secret"
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed: int) -> int:
@@ -42,9 +50,13 @@ def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed
         an.faults.drop_rate = 0.01
     tmp = tempfile.mkdtemp(prefix="csand-demo-")  # kept: the user may inspect log and queue
     with ServedApp(cs.app) as cs_served, ServedApp(an.app) as an_served:
+        port = _free_port()
+        webhook_url = f"http://127.0.0.1:{port}/webhooks/controlshift"
         settings = config_mod.Settings.model_validate({
             "controlshift": {"url": cs_served.url, "api_key": cs.api_key, "poll_interval": 2.0,
-                             "reconcile_interval": RECONCILE_SECONDS},
+                             "reconcile_interval": RECONCILE_SECONDS,
+                             "webhook_secret": WEBHOOK_SECRET, "webhook_url": webhook_url},
+            "http": {"listen": f"127.0.0.1:{port}"},
             "action_network": {"url": f"{an_served.url}/api/v2", "api_key": an.api_key,
                                "requests_per_second": rate},
             "sync": {"retry_base": 0.5, "retry_cap": 5.0},
@@ -70,8 +82,12 @@ def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed
                 f"in Action Network, {summary['bad_records']} broken records)."
             )
             started = time.monotonic()
+            cs.add_webhook_endpoint(webhook_url, WEBHOOK_SECRET)  # what happens from now on
             daemon = Daemon(settings)
-            anyio.run(_drive, daemon, cs, scenario, console, backend="asyncio")
+            try:
+                anyio.run(_drive, daemon, cs, scenario, console, backend="asyncio")
+            finally:
+                cs.close()
             elapsed = time.monotonic() - started
         return _summarise(console, scenario, an, daemon, elapsed, log_path)
 
@@ -101,7 +117,7 @@ async def _drive(daemon: Daemon, cs: ControlShiftSim, scenario: Scenario, consol
                     _live_activity(cs, scenario)
                     live_added = True
                     progress.console.print("New signatures and a late opt-in arrive on "
-                                           "ControlShift; the next poll picks them up.")
+                                           "ControlShift: its webhooks bring them in at once.")
                     live_at = time.time()
                     daemon.poller.poked.set()
                 swept = float(await store.get_meta("last_reconcile_at") or 0)
