@@ -160,6 +160,9 @@ def test_sigterm_mid_drain_exits_zero_and_releases_work(world: World) -> None:
     assert code == 0
     assert seconds < 15
     assert daemon.counts()["in_flight"] == 0
+    # Work handed back on shutdown is not charged an attempt.
+    assert daemon.query("SELECT COUNT(*) FROM outbox WHERE status = 'pending' "
+                        "AND attempts > 0") == [(0,)]
     assert any(e.get("event") == "daemon.stopped" for e in daemon.log_events())
     world.an.faults.slow_rate = 0
     daemon.start()
