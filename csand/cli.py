@@ -53,9 +53,9 @@ def main(
     logs.configure("warning", "auto", stream=sys.stderr)
 
 
-def _load(path: Path) -> config_mod.Settings:
+def _load(path: Path, *, secrets: bool = True) -> config_mod.Settings:
     try:
-        return config_mod.load(path)
+        return config_mod.load(path, secrets=secrets)
     except config_mod.ConfigError as exc:
         typer.echo(f"csand: {exc}", err=True)
         raise typer.Exit(2) from None
@@ -110,7 +110,7 @@ def status(config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH, as_json: JsonO
     """
     from csand import health
 
-    settings = _load(config)
+    settings = _load(config, secrets=False)
     data = _with_store(settings, lambda store: store.status())
     problems = health.reasons(data, poll_interval=settings.controlshift.poll_interval,
                               now=time.time())
@@ -152,7 +152,7 @@ def check(config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH, as_json: JsonOp
 def dead_list(config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH, as_json: JsonOption = False,
               limit: Annotated[int, typer.Option(help="At most this many.")] = 100) -> None:
     """Dead items, oldest first, with the reason."""
-    settings = _load(config)
+    settings = _load(config, secrets=False)
     items = _with_store(settings, lambda store: store.dead_items(limit))
     if as_json:
         typer.echo(json.dumps(items))
@@ -174,7 +174,7 @@ def dead_show(item_id: int, config: ConfigOption = config_mod.DEFAULT_CONFIG_PAT
               reveal: Annotated[bool, typer.Option(help="Show the email address unmasked.")]
               = False) -> None:
     """One item in full: the activity, its attempts and why it died (as JSON)."""
-    settings = _load(config)
+    settings = _load(config, secrets=False)
     item = _with_store(settings, lambda store: store.dead_item(item_id))
     if item is None:
         typer.echo(f"csand: no item {item_id}", err=True)
@@ -202,7 +202,7 @@ def dead_drop(item_id: Annotated[int | None, typer.Argument()] = None,
 def _change_dead(item_id: int | None, all_: bool, config: Path,
                  change: Callable[[Any, list[int] | None], Awaitable[int]], done: str) -> None:
     ids = _ids(item_id, all_)
-    settings = _load(config)
+    settings = _load(config, secrets=False)
     count = _with_store(settings, lambda store: change(store, ids))
     typer.echo(f"{count} item(s) {done}")
     if ids and count == 0:

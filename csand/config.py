@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import tomllib
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -28,6 +29,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_CONFIG_PATH = Path("/etc/csand/config.toml")
+# Commands that only read the database (status, dead) must work for an operator whose shell has
+# no systemd credentials: for them a missing secret is not an error.
+_SECRETS_REQUIRED: ContextVar[bool] = ContextVar("csand_secrets_required", default=True)
 Positive = Annotated[float, Field(gt=0)]
 
 
@@ -145,10 +149,12 @@ class Settings(BaseSettings):
         return [v.get_secret_value() for v in values if v is not None]
 
 
-def _read_secret(path: Path, key: str) -> SecretStr:
+def _read_secret(path: Path, key: str) -> SecretStr | None:
     try:
         value = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
+        if not _SECRETS_REQUIRED.get():
+            return None
         raise ValueError(f"cannot read {key} from {path}: {exc.strerror or exc}") from None
     if not value:
         raise ValueError(f"{key} file {path} is empty")
@@ -167,6 +173,8 @@ def _resolve_secrets(section: _Section, name: str) -> _Section:
         elif getattr(section, key) is None and creds and (Path(creds) / f"{name}_{key}").is_file():
             updates[key] = _read_secret(Path(creds) / f"{name}_{key}", key)
     section = section.model_copy(update=updates)
+    if not _SECRETS_REQUIRED.get():
+        return section
     if name == "action_network" and section.api_key is None:  # type: ignore[attr-defined]
         raise ValueError("api_key is required (or api_key_file, or a systemd credential)")
     if name == "controlshift":
@@ -178,8 +186,21 @@ def _resolve_secrets(section: _Section, name: str) -> _Section:
     return section
 
 
-def load(path: Path | str | None = None, *, env: bool = True, **overrides: Any) -> Settings:
-    """Read, merge and validate; raise :class:`ConfigError` with a one-line reason."""
+def load(path: Path | str | None = None, *, env: bool = True, secrets: bool = True,
+         **overrides: Any) -> Settings:
+    """Read, merge and validate; raise :class:`ConfigError` with a one-line reason.
+
+    ``secrets=False`` accepts missing API keys (and unreadable secret files), for commands that
+    only read csand's own database.
+    """
+    token = _SECRETS_REQUIRED.set(secrets)
+    try:
+        return _load(path, env=env, **overrides)
+    finally:
+        _SECRETS_REQUIRED.reset(token)
+
+
+def _load(path: Path | str | None, *, env: bool, **overrides: Any) -> Settings:
     path = Path(path) if path is not None else DEFAULT_CONFIG_PATH
     data: dict[str, Any] = {}
     if path.exists():

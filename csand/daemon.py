@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import anyio
+import anyio.abc
 import httpx
 
 from csand import __version__, health, logs, metrics
@@ -100,6 +101,14 @@ class Daemon:
         self._stop.set()
 
     async def run(self, *, handle_signals: bool = True) -> None:
+        """Run until :meth:`request_stop` (or SIGTERM/SIGINT when ``handle_signals``)."""
+        async with anyio.create_task_group() as signals:
+            if handle_signals:  # before any start-up work: a signal must never kill csand
+                await signals.start(self._watch_signals)
+            await self._run()
+            signals.cancel_scope.cancel()
+
+    async def _run(self) -> None:
         s = self.settings
         with single_instance(Path(s.store.path)), tempfile.TemporaryDirectory(
                 prefix="csand-dry-run-") as scratch:
@@ -156,7 +165,7 @@ class Daemon:
                          released_in_flight=released)
                 await self._check_an_key(an)
                 await self._check_cs()
-                await self._supervise(handle_signals)
+                await self._supervise()
 
     def _cs_client(self, http: httpx.AsyncClient) -> ControlShiftClient:
         cs = self.settings.controlshift
@@ -193,12 +202,10 @@ class Daemon:
         else:
             log.info("cs.connected", org=org)
 
-    async def _supervise(self, handle_signals: bool) -> None:
+    async def _supervise(self) -> None:
         assert self.poller and self.dispatcher and self.store
         dispatcher = self.dispatcher
         async with anyio.create_task_group() as tg:
-            if handle_signals:
-                tg.start_soon(self._watch_signals)
             poll_scope = anyio.CancelScope()
 
             async def poll() -> None:
@@ -323,8 +330,11 @@ class Daemon:
             self.notifier.watchdog()
             await anyio.sleep(self.notifier.watchdog_seconds / 2)
 
-    async def _watch_signals(self) -> None:
+    async def _watch_signals(
+        self, *, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED
+    ) -> None:
         with anyio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as signals:
+            task_status.started()
             async for signum in signals:
                 log.info("daemon.signal", signal=signal.Signals(signum).name)
                 if signum == signal.SIGHUP:

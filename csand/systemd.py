@@ -35,6 +35,7 @@ class Notifier:
             return False
         try:
             with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+                sock.setblocking(False)  # called from the event loop: never wait on systemd
                 sock.connect(self.address)
                 sock.sendall("\n".join(fields).encode())
             return True

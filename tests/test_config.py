@@ -254,3 +254,14 @@ def test_error_never_shows_the_secret(tmp_path: Path) -> None:
 def test_http_listen_is_validated(tmp_path: Path) -> None:
     assert load_text(tmp_path, MINIMAL + '\n[http]\nlisten = "127.0.0.1:8080"\n').http.listen == "127.0.0.1:8080"
     assert "http.listen" in error_for(tmp_path, MINIMAL + '\n[http]\nlisten = "8080"\n')
+
+
+def test_read_only_commands_load_without_secrets(tmp_path: Path) -> None:
+    config_file = tmp_path / "config.toml"
+    config_file.write_text('[controlshift]\nurl = "https://cs.example"\n'
+                      '[action_network]\napi_key_file = "/nonexistent/key"\n'
+                      f'[store]\npath = "{tmp_path / "csand.db"}"\n')
+    settings = config.load(config_file, secrets=False)
+    assert settings.action_network.api_key is None
+    with pytest.raises(ConfigError, match="api_key"):
+        config.load(config_file)

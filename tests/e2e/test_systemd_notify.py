@@ -193,13 +193,10 @@ def test_sighup_reloads_logging_and_keeps_syncing(world: World, notify: NotifySo
     assert daemon.terminate()[0] == 0
 
 
-@pytest.mark.xfail(reason="csand sends READY=1 before its SIGTERM/SIGHUP handlers are installed, "
-                          "so a signal right after READY=1 gets the default action",
-                   raises=AssertionError, strict=False)
 def test_signal_right_after_ready_is_handled(world: World, notify: NotifySocket) -> None:
     """What `systemctl start csand && systemctl stop csand` does.
 
-    The window is one turn of csand's event loop, so this usually fails, but not always.
+    The signal handlers are installed before any start-up work, so there is no window.
     """
     world.populate(petitions=2, signatures=5, seed=9)
     daemon = world.csand().start()
