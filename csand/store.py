@@ -449,6 +449,17 @@ class Store:
 
         return await self._write(tx)
 
+    async def renew_leases(self, ids: Sequence[int], lease_seconds: float) -> None:
+        until = self._clock() + lease_seconds
+
+        async def tx(db: aiosqlite.Connection) -> None:
+            await db.executemany(
+                "UPDATE outbox SET lease_until = ? WHERE id = ? AND status = 'in_flight'",
+                [(until, i) for i in ids],
+            )
+
+        await self._write(tx)
+
     async def finish(
         self,
         item_id: int,

@@ -285,6 +285,18 @@ async def test_expired_lease_is_reclaimed(store: Store, clock: FakeClock, db_pat
 
 
 @pytest.mark.anyio
+async def test_renewed_lease_is_not_reclaimed(store: Store, clock: FakeClock) -> None:
+    await store.enqueue([sig(1, "ann@example.org")])
+    (item,) = await store.lease(1, lease_seconds=30)
+    clock.t += 20
+    await store.renew_leases([item.id], 30)  # the worker is still on it
+    clock.t += 25
+    assert await store.lease(10, 30) == []  # 45 s after leasing, yet not handed out twice
+    clock.t += 6
+    assert [i.id for i in await store.lease(10, 30)] == [item.id]
+
+
+@pytest.mark.anyio
 async def test_release_all_in_flight(store: Store, db_path: Path) -> None:
     await store.enqueue([sig(1, "ann@example.org"), sig(2, "bob@example.org")])
     assert len(await store.lease(10, 3600)) == 2

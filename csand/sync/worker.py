@@ -150,6 +150,13 @@ class Dispatcher:
     async def run(self, task_status: anyio.abc.TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Lease and apply until :meth:`stop_intake`; then wait for the items in flight."""
         async with anyio.create_task_group() as tg:
+            renewal = anyio.CancelScope()
+
+            async def renew() -> None:
+                with renewal:
+                    await self._renew_leases()
+
+            tg.start_soon(renew)
             task_status.started()
             while not self._stopping:
                 if self.auth_paused:
@@ -164,6 +171,17 @@ class Dispatcher:
                         tg.start_soon(self._apply_and_record, item)
                 if not leased or free <= len(leased):
                     await self._idle(1.0)
+            while self.in_flight:  # let them finish (the daemon bounds this by its grace)
+                await self._idle(0.1)
+            renewal.cancel()
+
+    async def _renew_leases(self) -> None:
+        """An item still being worked on (a long 429 pause, a slow AN) keeps its lease, so the
+        expiry that rescues items of a crashed process never hands a live one out twice."""
+        while True:
+            await anyio.sleep(self.lease_seconds / 3)
+            if self.in_flight:
+                await self.store.renew_leases(list(self.in_flight), self.lease_seconds)
 
     async def _idle(self, seconds: float) -> None:
         """Sleep until woken (new work, a finished item, shutdown) or ``seconds`` pass."""
