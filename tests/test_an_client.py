@@ -378,3 +378,23 @@ async def test_find_petition_pages_when_the_filter_is_refused(
     assert await an.find_petition(identifier) == "pet-12"
     assert route.call_count == 3
     assert await an.find_petition("controlshift-org:petition-99") is None
+
+
+@pytest.mark.parametrize("body", [{}, None, {"_embedded": {}}, {"_embedded": {"osdi:people": None}}])
+@pytest.mark.anyio
+async def test_a_lookup_without_a_list_is_a_failure_not_absence(
+        an: ActionNetworkClient, mock: respx.MockRouter, body: Any) -> None:
+    """Reading AN's ``200 {}`` as "not in AN" would force unsubscribed on a subscribed person."""
+    mock.get(f"{BASE}/people").mock(return_value=httpx.Response(
+        200, content=b"" if body is None else json.dumps(body).encode()))
+    with pytest.raises(ANFailure) as failure:
+        await an.find_person("ann@example.org")
+    assert failure.value.outcome.verdict is Verdict.RETRY
+
+
+@pytest.mark.anyio
+async def test_a_petition_lookup_without_a_list_is_a_failure(
+        an: ActionNetworkClient, mock: respx.MockRouter) -> None:
+    mock.get(f"{BASE}/petitions").mock(return_value=httpx.Response(200, json={}))
+    with pytest.raises(ANFailure):
+        await an.find_petition("controlshift-org:petition-1")

@@ -123,12 +123,14 @@ class ActionNetworkClient:
         for spelling in dict.fromkeys((email, *also)):
             query = quote(f"email_address eq '{_odata_quote(spelling)}'", safe="")
             body = await self._call("GET", f"/people?filter={query}")
-            people = ((body or {}).get("_embedded") or {}).get("osdi:people") or []
-            for resource in people:
+            for resource in _embedded(body, "osdi:people"):
                 addresses = [(a.get("address") or "").strip().lower()
                              for a in resource.get("email_addresses") or ()]
                 if email in addresses:
-                    return _person_record(resource)
+                    record = _person_record(resource)
+                    if record is None:
+                        raise ANFailure(Outcome(Verdict.RETRY, "person found without an id"))
+                    return record
         return None
 
     async def signup(self, fields: Fields, status: str | None, tags: tuple[str, ...]) -> PersonRecord:
@@ -184,7 +186,7 @@ class ActionNetworkClient:
             log.warning("an.petition_filter_refused", reason=failure.outcome.reason)
         for page in range(1, MAX_PAGES + 1):
             body = await self._call("GET", f"/petitions?page={page}")
-            if not ((body or {}).get("_embedded") or {}).get("osdi:petitions"):
+            if not _embedded(body, "osdi:petitions"):
                 return None
             found = _with_identifier(body, identifier)
             if found:
@@ -214,7 +216,7 @@ class ActionNetworkClient:
         tags: dict[str, str] = {}
         for page in range(1, MAX_PAGES + 1):
             body = await self._call("GET", f"/tags?page={page}")
-            items = ((body or {}).get("_embedded") or {}).get("osdi:tags") or []
+            items = _embedded(body, "osdi:tags")
             for item in items:
                 if item.get("name"):
                     tags[item["name"]] = uuid_of(item) or ""
@@ -232,8 +234,17 @@ class ActionNetworkClient:
         return "osdi:tags" in ((body or {}).get("_links") or {})
 
 
+def _embedded(body: Any, rel: str) -> list[dict[str, Any]]:
+    """The items of a list answer. An answer that is not a list (AN's ``200 {}``, an empty body)
+    is a failure, never "no match": taking it for "not in AN" would create or force people."""
+    items = ((body or {}).get("_embedded") or {}).get(rel) if isinstance(body, dict) else None
+    if not isinstance(items, list):
+        raise ANFailure(Outcome(Verdict.RETRY, f"Action Network answered a list without {rel}"))
+    return [item for item in items if isinstance(item, dict)]
+
+
 def _with_identifier(body: Any, identifier: str) -> str | None:
-    for resource in ((body or {}).get("_embedded") or {}).get("osdi:petitions") or []:
+    for resource in _embedded(body, "osdi:petitions"):
         if identifier in (resource.get("identifiers") or ()):
             return uuid_of(resource)
     return None
