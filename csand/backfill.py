@@ -13,12 +13,10 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 import anyio
-import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from csand.config import Settings
-from csand.controlshift.poller import Poller
 from csand.daemon import AlreadyRunning, Daemon, single_instance
 from csand.store import Store
 
@@ -39,37 +37,37 @@ async def run_backfill(settings: Settings, since: str | None, console: Console |
             with single_instance(path):
                 pass
         except AlreadyRunning:
-            console.print("The daemon is running: walking ControlShift here, it drains the queue.")
-            await _sweep_here(settings, store)
-            await _watch(store, settings, console, started, sweep_done=_always)
+            # One sweeper only: two would share ControlShift's 1000 requests/minute unknowingly.
+            console.print("The daemon is running: asking it for a full sweep, and watching.")
+            await _ask_for_sweep(store)
+            await _watch(store, settings, console, started, sweep_done=_swept_since(store, started))
             return 0
         # Nobody runs: the daemon runs here, asked for a full sweep at once.
-        await store.set_meta(last_reconcile_at=0)
+        await _ask_for_sweep(store)
         daemon = Daemon(settings)
         async with anyio.create_task_group() as tg:
             tg.start_soon(daemon.run)
             await daemon.started.wait()
 
-            async def swept() -> bool:
-                return float(await store.get_meta("last_reconcile_at") or 0) >= started
-
-            await _watch(store, settings, console, started, sweep_done=swept)
+            await _watch(store, settings, console, started,
+                         sweep_done=_swept_since(store, started))
             daemon.request_stop()
         return 0
     finally:
         await store.close()
 
 
-async def _always() -> bool:
-    return True
+async def _ask_for_sweep(store: Store) -> None:
+    """A full sweep at once; before the first backfill, the first poll cycle is that sweep."""
+    if await store.get_meta("backfill_done"):
+        await store.set_meta(last_reconcile_at=0)
 
 
-async def _sweep_here(settings: Settings, store: Store) -> None:
-    cs_settings = settings.controlshift
-    async with httpx.AsyncClient(timeout=cs_settings.timeout) as http:
-        cs = Daemon(settings)._cs_client(http)
-        poller = Poller(cs, store, org_slug=cs_settings.org_slug)
-        await poller.cycle(full=True)
+def _swept_since(store: Store, started: float) -> Callable[[], Awaitable[bool]]:
+    async def swept() -> bool:
+        return float(await store.get_meta("last_reconcile_at") or 0) >= started
+
+    return swept
 
 
 async def _watch(store: Store, settings: Settings, console: Console, started: float,

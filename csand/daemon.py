@@ -169,7 +169,8 @@ class Daemon:
 
     def _cs_client(self, http: httpx.AsyncClient) -> ControlShiftClient:
         cs = self.settings.controlshift
-        limiter = TokenBucket(cs.requests_per_minute / 60.0, burst=5)
+        # 5% under the per-minute budget: a small burst on top must still fit in any minute.
+        limiter = TokenBucket(cs.requests_per_minute / 60.0, burst=5, headroom=0.95)
         if cs.api_key is not None:
             return ControlShiftClient(http, cs.url, api_key=cs.api_key.get_secret_value(),
                                       limiter=limiter)

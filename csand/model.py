@@ -194,9 +194,12 @@ def creator_activity(
     """The creation of a launched petition, as an activity of its creator.
 
     The REST petition carries no postcode and no opt-in for its creator; ``extra`` adds what a
-    ``petition.*`` webhook told csand, so both sources build the same activity.
+    ``petition.*`` webhook told csand, so both sources build the same activity. It belongs to
+    the person it was given for (its ``for_email``): a new creator does not inherit it.
     """
-    creator = {**(petition.get("creator") or {}), **(extra or {})}
+    creator = dict(petition.get("creator") or {})
+    if extra and extra.get("for_email") == normalize_email(creator.get("email")):
+        creator.update({k: v for k, v in extra.items() if k != "for_email"})
     ref = petition_ref(petition, org_slug)
     created = parse_time(petition.get("created_at"))
     return _person_activity(

@@ -273,3 +273,20 @@ async def test_malformed_event_data_is_recorded_not_retried(tmp_path: Path) -> N
         row = (await rig.store._read("SELECT processed_at, error FROM webhook_events"))[0]
         assert row["processed_at"] is not None and "malformed" in row["error"]
         assert await rig.items() == []
+
+
+@pytest.mark.anyio
+async def test_a_new_creator_does_not_inherit_the_old_creators_opt_in(tmp_path: Path) -> None:
+    async with Rig(tmp_path) as rig:
+        petition = _petition(rig.cs)
+        await rig.deliver("petition.launched", {
+            "slug": petition["slug"], "title": petition["title"],
+            "creator": {"email": "Cy@Example.org", "postcode": "2000",
+                        "join_organisation": True}}, "p1")
+        rig.cs.update_petition(petition["slug"], creator={
+            "first_name": "New", "last_name": "Owner", "email": "new.owner@example.org"})
+        await rig.poller.cycle()
+        creators = {p["email"]: p for k, _, p in await rig.items() if k == "petition_created"}
+        assert creators["cy@example.org"]["opted_in"] is True
+        assert creators["new.owner@example.org"]["opted_in"] is False
+        assert creators["new.owner@example.org"]["postcode"] is None

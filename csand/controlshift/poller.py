@@ -135,7 +135,9 @@ class Poller:
                 await anyio.sleep(min(self.poll_interval, 5.0))
                 continue
             if now < due:
-                await anyio.sleep(due - now)
+                # Wake at least every poll interval: `csand backfill` asks for a sweep by
+                # resetting last_reconcile_at in the database.
+                await anyio.sleep(min(due - now, self.poll_interval))
                 continue
             await self._guarded_cycle(full=True)
 
@@ -186,7 +188,15 @@ class Poller:
             report.petitions += 1
             lock = self._locks.setdefault(cs_id, anyio.Lock())
             async with lock:
-                await self._sync_petition(petition, cs_id, slug, org, full or first_run, report)
+                try:
+                    await self._sync_petition(petition, cs_id, slug, org, full or first_run,
+                                              report)
+                except CSError:
+                    raise  # ControlShift itself failed: the cycle is retried as a whole
+                except Exception as exc:  # one odd record must not stop every other petition
+                    report.malformed += 1
+                    log.error("cs.malformed_petition", petition=slug,
+                              reason=f"{type(exc).__name__}: {exc}", record=str(petition)[:200])
         meta: dict[str, float | str] = {"last_poll_at": started}
         if full or first_run:
             meta["last_reconcile_at"] = started

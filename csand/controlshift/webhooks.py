@@ -30,6 +30,7 @@ from csand.model import (
     creator_activity,
     global_unsubscribe_activity,
     is_launched,
+    normalize_email,
     now_utc,
     parse_time,
 )
@@ -191,7 +192,7 @@ class WebhookProcessor:
             await self.store.commit_poll(None, event_id=event.id)
             return "not launched"
         creator = data.get("creator") or {}
-        extra: dict[str, Any] = {}
+        extra: dict[str, Any] = {"for_email": normalize_email(creator.get("email"))}
         if isinstance(creator.get("join_organisation"), bool):
             extra["join_organisation"] = creator["join_organisation"]
         if creator.get("postcode"):
