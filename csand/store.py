@@ -293,12 +293,19 @@ class Store:
         deleted signature as if it never happened.
         """
         now = self._clock()
-        rows = [_outbox_row(a, now) for a in activities]
-        sigs = [(s.cs_id, s.petition_id, s.fingerprint, s.deleted_at, s.updated_at)
-                for s in signatures]
+        activities = list(activities)
+        signatures = list(signatures)
         deleted = [(s,) for s in deleted_sources]
 
         async def tx(db: aiosqlite.Connection) -> int:
+            # What was read before this transaction may be stale: a webhook processed meanwhile
+            # may have recorded a deletion or a newer version. Those win; the stale copy and the
+            # activity built from it are dropped here, under the write lock.
+            stale = await _stale_signatures(db, signatures)
+            sigs = [(s.cs_id, s.petition_id, s.fingerprint, s.deleted_at, s.updated_at)
+                    for s in signatures if s.cs_id not in stale]
+            rows = [_outbox_row(a, now) for a in activities
+                    if _signature_id(a.source_key) not in stale]
             if petition is not None:
                 await db.execute(
                     "INSERT INTO cs_petitions "
@@ -747,6 +754,40 @@ WHERE o.status = 'pending'
 ORDER BY o.id
 LIMIT :limit
 """
+
+
+def _signature_id(source_key: str) -> int | None:
+    kind, _, rest = source_key.partition(":")
+    return int(rest) if kind == "signature" and rest.isdigit() else None
+
+
+async def _stale_signatures(
+    db: aiosqlite.Connection, signatures: Sequence[SignatureSeen]
+) -> set[int]:
+    """Ids among ``signatures`` older than what is recorded (or live copies of deleted ones)."""
+    if not signatures:
+        return set()
+    stale: set[int] = set()
+    by_id = {s.cs_id: s for s in signatures}
+    ids = list(by_id)
+    for start in range(0, len(ids), 500):
+        chunk = ids[start:start + 500]
+        cursor = await db.execute(
+            f"SELECT cs_id, deleted_at, updated_at FROM cs_signatures "
+            f"WHERE cs_id IN ({','.join('?' * len(chunk))})", chunk,
+        )
+        for cs_id, deleted_at, updated_at in await cursor.fetchall():
+            new = by_id[cs_id]
+            if deleted_at and not new.deleted_at:
+                stale.add(cs_id)
+            elif updated_at and new.updated_at and _newer(updated_at, new.updated_at):
+                stale.add(cs_id)
+    return stale
+
+
+def _newer(recorded: str, seen: str) -> bool:
+    a, b = parse_time(recorded), parse_time(seen)
+    return a is not None and b is not None and a > b
 
 
 def _outbox_row(a: Activity, now: float) -> tuple[Any, ...]:

@@ -583,3 +583,22 @@ async def test_a_second_connection_reads_while_the_writer_holds_a_transaction(
     await store._write(tx)
     assert seen_by_reader == [1, 0]  # the reader saw the last committed state
     assert (await store.counts())["done"] == 1
+
+
+@pytest.mark.anyio
+async def test_a_stale_poll_never_undoes_a_deletion_or_a_newer_version(store: Store) -> None:
+    """The poller read a page; a webhook then recorded a deletion; the poll's commit comes last."""
+    await store.commit_poll(None, [SignatureSeen(1, 1, "deleted", "2024-02-01T00:00:00+00:00",
+                                                 "2024-02-01T00:00:00+00:00")])
+    stale = sig(1, "ann@example.org")
+    await store.commit_poll(None, [SignatureSeen(1, 1, stale.fingerprint(), None,
+                                                 "2024-01-02T00:00:00+00:00")], [stale])
+    assert (await store.counts())["pending"] == 0
+    assert (await store.signature_seen(1)).deleted_at is not None
+    newer = SignatureSeen(2, 1, "fp-new", None, "2024-03-01T00:00:00+00:00")
+    await store.commit_poll(None, [newer])
+    older = sig(2, "bob@example.org")
+    await store.commit_poll(None, [SignatureSeen(2, 1, older.fingerprint(), None,
+                                                 "2024-01-02T00:00:00+00:00")], [older])
+    assert (await store.counts())["pending"] == 0
+    assert (await store.signature_seen(2)).fingerprint == "fp-new"
