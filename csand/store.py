@@ -122,6 +122,16 @@ MIGRATIONS: list[str] = [
     """
     CREATE INDEX outbox_pending ON outbox (id) WHERE status = 'pending';
     """,
+    # v4: an opt-in counts once, at its time. Records whose opt-in reached AN, and each
+    # person's latest org-wide unsubscribe, so a re-sync or a late-found older opt-in never
+    # subscribes someone who unsubscribed since.
+    """
+    CREATE TABLE opt_ins (
+        source_key TEXT PRIMARY KEY,
+        applied_at REAL NOT NULL
+    );
+    ALTER TABLE an_people ADD COLUMN unsubscribed_at TEXT;
+    """,
 ]
 
 STATUSES = ("pending", "in_flight", "done", "dead", "cancelled")
@@ -481,6 +491,7 @@ class Store:
         next_attempt_at: float | None = None,
         count_attempt: bool = True,
         person: tuple[str, Person] | None = None,
+        opt_in_source: str | None = None,
     ) -> None:
         """Record an item's outcome and what was learned about its person, in one transaction.
 
@@ -506,6 +517,11 @@ class Store:
                 )
             if person is not None:
                 await _save_person(db, person[0], person[1], now)
+            if opt_in_source is not None:
+                await db.execute(
+                    "INSERT OR IGNORE INTO opt_ins (source_key, applied_at) VALUES (?, ?)",
+                    (opt_in_source, now),
+                )
 
         await self._write(tx)
 
@@ -582,7 +598,8 @@ class Store:
 
     async def person(self, email: str) -> Person:
         rows = await self._read(
-            "SELECT exists_, uuid, subscribed, fields_at FROM an_people WHERE email = ?", (email,)
+            "SELECT exists_, uuid, subscribed, fields_at, unsubscribed_at FROM an_people "
+            "WHERE email = ?", (email,)
         )
         if not rows:
             return Person()
@@ -592,7 +609,12 @@ class Store:
             uuid=r["uuid"],
             subscribed=None if r["subscribed"] is None else bool(r["subscribed"]),
             fields_at=_field_times(r["fields_at"]),
+            unsubscribed_at=parse_time(r["unsubscribed_at"]),
         )
+
+    async def opt_in_applied(self, source_key: str) -> bool:
+        rows = await self._read("SELECT 1 FROM opt_ins WHERE source_key = ?", (source_key,))
+        return bool(rows)
 
     async def save_person(self, email: str, person: Person) -> None:
         now = self._clock()
@@ -806,16 +828,19 @@ def _outbox_row(a: Activity, now: float) -> tuple[Any, ...]:
 
 async def _save_person(db: aiosqlite.Connection, email: str, p: Person, now: float) -> None:
     await db.execute(
-        "INSERT INTO an_people (email, exists_, uuid, subscribed, fields_at, learned_at) "
-        "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (email) DO UPDATE SET "
+        "INSERT INTO an_people "
+        "(email, exists_, uuid, subscribed, fields_at, unsubscribed_at, learned_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (email) DO UPDATE SET "
         "exists_ = excluded.exists_, uuid = excluded.uuid, subscribed = excluded.subscribed, "
-        "fields_at = excluded.fields_at, learned_at = excluded.learned_at",
+        "fields_at = excluded.fields_at, unsubscribed_at = excluded.unsubscribed_at, "
+        "learned_at = excluded.learned_at",
         (
             email,
             None if p.exists is None else int(p.exists),
             p.uuid,
             None if p.subscribed is None else int(p.subscribed),
             json.dumps({k: v.isoformat() for k, v in p.fields_at.items()}) if p.fields_at else None,
+            p.unsubscribed_at.isoformat() if p.unsubscribed_at else None,
             now,
         ),
     )

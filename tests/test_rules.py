@@ -46,9 +46,12 @@ from csand.sync.rules import (
     after_lookup,
     after_person_write,
     after_status,
+    after_unsubscribe,
     fields_for,
     forget_person,
+    knowledge_to_keep,
     next_step,
+    opts_in,
 )
 
 PROPERTY_SETTINGS = settings(
@@ -973,3 +976,42 @@ def test_from_cs_records_to_an() -> None:
     cre = creator_activity({**pet, "creator": {"email": EMAIL, "first_name": "Ann"}}, "org")
     run = drive(an, cre)
     assert an.status_of(EMAIL) == UNSUBSCRIBED  # REST carries no opt-in for creators
+
+
+# ---------------------------------------------------------------------------------------------
+# An opt-in counts once, at the time it happened
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("opted_in", "applied", "unsubscribed", "expected"),
+    [
+        (True, False, None, True),  # a fresh opt-in
+        (False, False, None, False),
+        (True, True, None, False),  # the same record synced again (new category, retry)
+        (True, False, T0 + timedelta(days=1), False),  # an org-wide unsubscribe came later
+        (True, False, T0 - timedelta(days=1), True),  # the opt-in came after the unsubscribe
+        (True, False, T0, False),  # same instant: the unsubscribe wins
+    ],
+)
+def test_opts_in_counts_each_opt_in_once_and_in_time_order(
+    opted_in: bool, applied: bool, unsubscribed: datetime | None, expected: bool
+) -> None:
+    activity = replace(signer(opted_in=opted_in), occurred_at=T0)
+    progress = Progress(person=Person(unsubscribed_at=unsubscribed), opt_in_applied=applied)
+    assert opts_in(activity, progress) is expected
+
+
+def test_a_spent_opt_in_plans_like_no_opt_in() -> None:
+    activity = replace(signer(opted_in=True), occurred_at=T0)
+    ready = Progress(tags_ready=True, petition_uuid="pet", opt_in_applied=True)
+    assert next_step(activity, ready) == LookupPerson(EMAIL)
+
+
+def test_after_unsubscribe_keeps_the_latest_time_and_knowledge_keeps_it() -> None:
+    early, late = unsubscribe(at=T0), unsubscribe(at=T0 + timedelta(hours=1))
+    p = after_unsubscribe(after_unsubscribe(Progress(), late), early)
+    assert p.person.unsubscribed_at == T0 + timedelta(hours=1)
+    kept = knowledge_to_keep(replace(p.person, exists=True, subscribed=True, uuid="u"))
+    assert (kept.exists, kept.subscribed, kept.uuid) == (None, None, "u")
+    assert kept.unsubscribed_at == T0 + timedelta(hours=1)

@@ -15,7 +15,15 @@ import httpx
 import pytest
 
 from csand.actionnetwork.client import ActionNetworkClient
-from csand.model import CREATOR_TAG, SIGNER_TAG, Activity, creator_activity, signature_activity
+from csand.model import (
+    CREATOR_TAG,
+    SIGNER_TAG,
+    Activity,
+    creator_activity,
+    global_unsubscribe_activity,
+    parse_time,
+    signature_activity,
+)
 from csand.ratelimit import TokenBucket
 from csand.sim.actionnetwork import ActionNetworkSim
 from csand.store import Store
@@ -171,7 +179,8 @@ async def test_opted_in_signature_on_mirrored_petition_costs_one_request(env: En
     assert [r["status"] for r in env.outbox()] == ["done"]
     assert dispatcher.stats.done == 1
     known = await env.store.person("ann@example.org")
-    assert (known.exists, known.uuid, known.subscribed) == (True, person["uuid"], True)
+    # AN's state is looked up afresh each time; csand keeps its own history (uuid, field times).
+    assert (known.exists, known.uuid, known.subscribed) == (None, person["uuid"], None)
 
 
 # ---------------------------------------------------------------- the mirrored petition
@@ -457,3 +466,56 @@ async def test_release_in_flight_hands_items_back(env: Env) -> None:
     (row,) = env.outbox()
     assert (row["status"], row["attempts"]) == ("pending", 0)
     assert dispatcher.in_flight == {}
+
+
+# ---------------------------------------------------------------- an opt-in counts once
+
+
+@pytest.mark.anyio
+async def test_a_resynced_opt_in_does_not_resubscribe_someone_who_unsubscribed(env: Env) -> None:
+    """Ann opted in, then unsubscribed through AN; a category added later re-syncs her record."""
+    await env.mirrored()
+    await env.store.enqueue([sig(1, "ann@example.org", opted_in=True)])
+    await drain(env.dispatcher(), 1)
+    assert env.sim.person("ann@example.org")["status"] == "subscribed"
+    uuid = env.sim.person("ann@example.org")["uuid"]
+    response = await env.http.put(  # the footer's unsubscribe link, on AN's side
+        f"{AN_BASE}/people/{uuid}", headers={"OSDI-API-Token": AN_KEY},
+        json={"email_addresses": [{"address": "ann@example.org", "status": "unsubscribed"}]})
+    response.raise_for_status()
+    await env.store.enqueue([sig(1, "ann@example.org", opted_in=True, categories=("Climate",))])
+    await drain(env.dispatcher(), 1)
+    person = env.sim.person("ann@example.org")
+    assert person["status"] == "unsubscribed"  # the old opt-in was not applied again
+    assert "controlshift:Climate" in person["tags"]  # but the new tag landed
+
+
+@pytest.mark.anyio
+async def test_an_older_opt_in_found_after_an_org_wide_unsubscribe_does_not_subscribe(
+        env: Env) -> None:
+    await env.mirrored()
+    env.sim.add_person("bo@example.org", status="subscribed")
+    unsubscribe = global_unsubscribe_activity(7, "bo@example.org",
+                                              parse_time("2024-06-01T00:00:00Z"))
+    await env.store.enqueue([unsubscribe])
+    await drain(env.dispatcher(), 1)
+    assert env.sim.person("bo@example.org")["status"] == "unsubscribed"
+    # A backfill now finds an opt-in from January, older than the unsubscribe.
+    await env.store.enqueue([sig(2, "bo@example.org", opted_in=True)])
+    await drain(env.dispatcher(), 1)
+    person = env.sim.person("bo@example.org")
+    assert person["status"] == "unsubscribed"
+    assert len([s for s in env.sim.signatures() if s["person_uuid"] == person["uuid"]]) == 1
+
+
+@pytest.mark.anyio
+async def test_a_person_deleted_from_an_is_not_recreated_subscribed(env: Env) -> None:
+    """csand synced Cy (not opted in); AN then erased Cy; Cy signs again without opting in."""
+    await env.mirrored()
+    await env.store.enqueue([sig(3, "cy@example.org", opted_in=False)])
+    await drain(env.dispatcher(), 1)
+    assert env.sim.person("cy@example.org")["status"] == "unsubscribed"
+    env.sim.delete_person("cy@example.org")
+    await env.store.enqueue([sig(4, "cy@example.org", opted_in=False)])
+    await drain(env.dispatcher(), 1)
+    assert env.sim.person("cy@example.org")["status"] == "unsubscribed"

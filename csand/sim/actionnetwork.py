@@ -247,6 +247,18 @@ class ActionNetworkSim:
             self._record(person, "setup")
             return person.uuid
 
+    def delete_person(self, email: str) -> None:
+        """An AN admin erases the person (a data-protection request): gone with their
+        signatures; a later write by email creates a new person."""
+        with self._lock:
+            person = self._find_person(email)
+            if person is None:
+                raise KeyError(email)
+            del self._people[person.uuid]
+            del self._person_by_email[_email_key(person.email)]
+            for key in [k for k in self._signatures if k[1] == person.uuid]:
+                del self._signatures[key]
+
     def add_tag(self, name: str) -> str:
         """Create a tag (or find it, case-insensitively); returns its uuid."""
         with self._lock:

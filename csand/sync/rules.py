@@ -32,6 +32,7 @@ class Person:
     subscribed: bool | None = None  # None: present but status unknown
     # Per field (given_name, family_name, postal_code): CS time of the activity that set it.
     fields_at: Mapping[str, datetime] = field(default_factory=lambda: MappingProxyType({}))
+    unsubscribed_at: datetime | None = None  # CS time of the latest org-wide unsubscribe
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,6 +54,8 @@ class Progress:
     tags_ready: bool = False
     person_written: bool = False  # fields/tags/status applied for this activity
     signed: bool = False  # signature recorded on the mirrored petition
+    opt_in_applied: bool = False  # this record's opt-in reached AN before (an earlier version)
+    opt_in_sent: bool = False  # this attempt sent "subscribed" for it
 
 
 # ---- operations: each is one AN request (EnsureTags/EnsurePetition are cached sub-protocols) ----
@@ -195,6 +198,19 @@ def _unsubscribe_step(activity: Activity, p: Progress) -> Step:
     return SetStatus(p.person.uuid, activity.email, "unsubscribed")
 
 
+def opts_in(activity: Activity, p: Progress) -> bool:
+    """An opt-in counts once, at the time it happened.
+
+    Not again when the same record is synced again (a category added to its petition, an
+    operator's retry): the person may have unsubscribed since, through AN itself. And not when
+    an org-wide unsubscribe came after it, however late csand learns of the opt-in.
+    """
+    if not activity.opted_in or p.opt_in_applied:
+        return False
+    after = p.person.unsubscribed_at
+    return not (after and activity.occurred_at and activity.occurred_at <= after)
+
+
 def _action_step(activity: Activity, p: Progress) -> Step:
     """A petition creation or a signature: person upsert + tags + Action History entry."""
     assert activity.email is not None and activity.petition is not None
@@ -210,7 +226,7 @@ def _action_step(activity: Activity, p: Progress) -> Step:
         return EnsurePetition(activity.petition, p.person.uuid if is_creator else None)
 
     if not p.person_written:
-        if activity.opted_in:
+        if opts_in(activity, p):
             if is_creator:
                 return Signup(fields, "subscribed", activity.tags)
             assert p.petition_uuid is not None
@@ -264,9 +280,11 @@ def after_person_write(
             if getattr(op.fields, name):
                 fields_at[name] = activity.fields_at
     person = Person(exists=True, uuid=uuid, subscribed=subscribed,
-                    fields_at=MappingProxyType(fields_at))
+                    fields_at=MappingProxyType(fields_at),
+                    unsubscribed_at=p.person.unsubscribed_at)
     return replace(
-        p, person=person, person_written=True, signed=p.signed or isinstance(op, RecordSignature)
+        p, person=person, person_written=True, signed=p.signed or isinstance(op, RecordSignature),
+        opt_in_sent=p.opt_in_sent or op.status == "subscribed",
     )
 
 
@@ -276,16 +294,25 @@ def after_status(p: Progress, status: str) -> Progress:
     )
 
 
-def knowledge_to_keep(person: Person) -> Person:
-    """What may be trusted on a later attempt: presence, never absence.
+def after_unsubscribe(p: Progress, activity: Activity) -> Progress:
+    """Remember an org-wide unsubscribe, applied or not (the person may not be in AN): an
+    older opt-in learnt later must not undo it."""
+    at = activity.occurred_at
+    if at is None or (p.person.unsubscribed_at and p.person.unsubscribed_at >= at):
+        return p
+    return replace(p, person=replace(p.person, unsubscribed_at=at))
 
-    "Not in AN" goes stale the moment someone else adds the person, and acting on it later would
-    force ``unsubscribed`` onto a subscribed person; so absence is forgotten (a later attempt
-    looks up again) while the field times are kept.
+
+def knowledge_to_keep(person: Person) -> Person:
+    """What may be trusted on a later attempt: csand's own history, not AN's current state.
+
+    Whether and how a person is in AN goes stale the moment someone else changes AN: "absent"
+    would force ``unsubscribed`` onto a person subscribed since, "present" would let a helper
+    create (and subscribe) a person deleted since. So each attempt looks them up again; what is
+    kept is when fields were set and when the person unsubscribed.
     """
-    if person.exists:
-        return person
-    return Person(fields_at=person.fields_at)
+    return Person(uuid=person.uuid, fields_at=person.fields_at,
+                  unsubscribed_at=person.unsubscribed_at)
 
 
 def forget_person(p: Progress) -> Progress:

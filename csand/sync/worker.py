@@ -20,7 +20,7 @@ import anyio
 from csand import metrics
 from csand.actionnetwork.client import ActionNetworkClient, ANFailure
 from csand.logs import get_logger
-from csand.model import PetitionRef
+from csand.model import ActivityKind, PetitionRef
 from csand.store import Item, Store
 from csand.sync import rules
 from csand.sync.outcome import Outcome, RetryPolicy, Verdict
@@ -88,11 +88,24 @@ class PetitionMirror:
                 if creator_uuid is None and petition.creator_email:
                     creator_uuid = (await self._store.person(petition.creator_email)).uuid
                 description = f"Petition on ControlShift: {petition.url or petition.slug}"
-                uuid = await self._an.create_petition(
-                    title=petition.title, description=description,
-                    identifier=petition.identifier, origin_system=self._origin,
-                    creator_uuid=creator_uuid,
-                )
+                try:
+                    uuid = await self._an.create_petition(
+                        title=petition.title, description=description,
+                        identifier=petition.identifier, origin_system=self._origin,
+                        creator_uuid=creator_uuid,
+                    )
+                except ANFailure as failure:
+                    if failure.outcome.verdict is not Verdict.DEAD or creator_uuid is None:
+                        raise
+                    # A creator csand knew may be gone from AN: the petition matters more.
+                    log.warning("an.creator_link_refused", petition=petition.slug,
+                                reason=failure.outcome.reason)
+                    creator_uuid = None
+                    uuid = await self._an.create_petition(
+                        title=petition.title, description=description,
+                        identifier=petition.identifier, origin_system=self._origin,
+                        creator_uuid=None,
+                    )
                 log.info("an.petition_created", petition=petition.slug, an_petition=uuid,
                          creator_linked=creator_uuid is not None)
             await self._store.set_petition_uuid(petition.cs_id, petition.slug, uuid)
@@ -222,12 +235,17 @@ class Dispatcher:
         note = ""
         try:
             if activity.email:
-                progress = rules.Progress(person=await self.store.person(activity.email))
+                progress = rules.Progress(
+                    person=await self.store.person(activity.email),
+                    opt_in_applied=await self.store.opt_in_applied(activity.source_key),
+                )
             progress, step = await self._apply(item, progress)
             if isinstance(step, rules.Dead):
                 outcome = Outcome(Verdict.DEAD, step.reason)
             else:
                 note = step.note
+                if activity.kind is ActivityKind.GLOBAL_UNSUBSCRIBE:
+                    progress = rules.after_unsubscribe(progress, activity)
         except ANFailure as failure:
             outcome = failure.outcome
         except Exception as exc:  # a bug must not lose the item: retry it, loudly
@@ -297,7 +315,10 @@ class Dispatcher:
                   "person": activity.email, "attempt": attempts, "ms": round(seconds * 1000)}
         with anyio.CancelScope(shield=True):
             if outcome is None:
-                await self.store.finish(item.id, "done", note=note, person=person)
+                await self.store.finish(
+                    item.id, "done", note=note, person=person,
+                    opt_in_source=activity.source_key if progress.opt_in_sent else None,
+                )
                 self.stats.done += 1
                 metrics.actions.labels(str(activity.kind), "done").inc()
                 log.info("sync.done", outcome="done", note=note, **fields)
