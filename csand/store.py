@@ -639,6 +639,12 @@ class Store:
         await self._write(tx)
         self._notify()  # signatures waiting for this petition are ready now
 
+    async def clear_petition_uuid(self, cs_id: int) -> None:
+        async def tx(db: aiosqlite.Connection) -> None:
+            await db.execute("UPDATE cs_petitions SET an_uuid = NULL WHERE cs_id = ?", (cs_id,))
+
+        await self._write(tx)
+
     async def tags(self) -> dict[str, tuple[str, str | None]]:
         rows = await self._read("SELECT name_key, name, uuid FROM an_tags")
         return {r["name_key"]: (r["name"], r["uuid"]) for r in rows}

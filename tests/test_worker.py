@@ -519,3 +519,17 @@ async def test_a_person_deleted_from_an_is_not_recreated_subscribed(env: Env) ->
     await env.store.enqueue([sig(4, "cy@example.org", opted_in=False)])
     await drain(env.dispatcher(), 1)
     assert env.sim.person("cy@example.org")["status"] == "unsubscribed"
+
+
+@pytest.mark.anyio
+async def test_a_mirrored_petition_deleted_from_an_is_mirrored_again(env: Env) -> None:
+    await env.store.set_petition_uuid(1, "petition-1", "00000000-0000-4000-8000-000000000000")
+    await env.store.enqueue([sig(5, "dee@example.org", opted_in=True),
+                             sig(6, "eve@example.org", opted_in=False)])
+    await drain(env.dispatcher(), 2)
+    assert [r["status"] for r in env.outbox()] == ["done", "done"]
+    (petition,) = env.sim.petitions()
+    assert petition["identifiers"][-1] == f"controlshift-{ORG}:petition-1"
+    assert {s["petition_uuid"] for s in env.sim.signatures()} == {petition["uuid"]}
+    assert len(env.sim.signatures()) == 2
+    assert await env.store.petition_uuid(1) == petition["uuid"]

@@ -20,7 +20,7 @@ import anyio
 from csand import metrics
 from csand.actionnetwork.client import ActionNetworkClient, ANFailure
 from csand.logs import get_logger
-from csand.model import ActivityKind, PetitionRef
+from csand.model import Activity, ActivityKind, PetitionRef
 from csand.store import Item, Store
 from csand.sync import rules
 from csand.sync.outcome import Outcome, RetryPolicy, Verdict
@@ -72,6 +72,10 @@ class PetitionMirror:
         self._origin = origin_system
         self._locks: dict[int, anyio.Lock] = {}
         self._known: dict[int, str] = {}  # cs id → AN uuid, once mirrored (never changes)
+
+    async def forget(self, cs_id: int) -> None:
+        self._known.pop(cs_id, None)
+        await self._store.clear_petition_uuid(cs_id)
 
     async def ensure(self, petition: PetitionRef, creator_uuid: str | None) -> str:
         known = self._known.get(petition.cs_id)
@@ -282,7 +286,8 @@ class Dispatcher:
                     except ANFailure as failure:
                         if failure.outcome.verdict is not Verdict.GONE:
                             raise
-                        raise ANFailure(Outcome(Verdict.RETRY, failure.outcome.reason)) from None
+                        progress = await self._petition_gone(activity, progress)
+                        continue
                     progress = rules.after_person_write(progress, activity, step, uuid, None)
                 case rules.SignAs(petition_uuid=pet, person_uuid=person):
                     try:
@@ -290,7 +295,8 @@ class Dispatcher:
                     except ANFailure as failure:
                         if failure.outcome.verdict is not Verdict.GONE:
                             raise
-                        progress = rules.forget_person(progress)
+                        # Either the person or the petition is gone: find both again.
+                        progress = rules.forget_person(await self._petition_gone(activity, progress))
                         continue
                     progress = replace(progress, signed=True)
                 case rules.SetStatus(person_uuid=person, email=email, status=status):
@@ -303,6 +309,14 @@ class Dispatcher:
                         continue
                     progress = rules.after_status(progress, status)
         return progress, rules.Dead(f"no plan finished within {rules.MAX_STEPS} steps")
+
+    async def _petition_gone(self, activity: Activity, progress: rules.Progress) -> rules.Progress:
+        """AN answered 404 for the mirrored petition (deleted by an admin): mirror it again."""
+        assert activity.petition is not None
+        log.warning("an.petition_gone", petition=activity.petition.slug,
+                    msg="the mirrored petition is gone from Action Network; mirroring it again")
+        await self.petitions.forget(activity.petition.cs_id)
+        return replace(progress, petition_uuid=None)
 
     async def _record(
         self, item: Item, outcome: Outcome | None, note: str, progress: rules.Progress,
