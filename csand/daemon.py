@@ -163,6 +163,10 @@ class Daemon:
                          reconcile_interval=s.controlshift.reconcile_interval,
                          http=s.http.listen, webhooks=self.webhooks is not None,
                          released_in_flight=released)
+                if self.webhooks is None and not self.dry_run:
+                    log.warning("webhooks.off", msg="no controlshift.webhook_secret: new activity "
+                                "arrives by polling only, and org-wide unsubscribes, which the "
+                                "ControlShift API does not list, are not synced to AN")
                 await self._check_an_key(an)
                 await self._check_cs()
                 await self._supervise()
@@ -320,8 +324,9 @@ class Daemon:
                                 disabled_at=state.get("disabled_at"),
                                 last_failure=state.get("last_failure"),
                                 missing=state.get("missing", False),
-                                msg="ControlShift reports problems delivering to csand; polling "
-                                "still catches up, but re-enable the endpoint in ControlShift")
+                                msg="ControlShift reports problems delivering to csand: polling "
+                                "catches up petitions and signatures, but org-wide unsubscribes "
+                                "arrive only by webhook. Re-enable the endpoint in ControlShift")
             await anyio.sleep(cs.webhook_check_interval)
 
     async def _watchdog(self) -> None:
