@@ -601,20 +601,18 @@ class Store:
             "SELECT exists_, uuid, subscribed, fields_at, unsubscribed_at FROM an_people "
             "WHERE email = ?", (email,)
         )
-        if not rows:
-            return Person()
-        r = rows[0]
-        return Person(
-            exists=None if r["exists_"] is None else bool(r["exists_"]),
-            uuid=r["uuid"],
-            subscribed=None if r["subscribed"] is None else bool(r["subscribed"]),
-            fields_at=_field_times(r["fields_at"]),
-            unsubscribed_at=parse_time(r["unsubscribed_at"]),
-        )
+        return _person(rows[0]) if rows else Person()
 
-    async def opt_in_applied(self, source_key: str) -> bool:
-        rows = await self._read("SELECT 1 FROM opt_ins WHERE source_key = ?", (source_key,))
-        return bool(rows)
+    async def knowledge(self, email: str, source_key: str) -> tuple[Person, bool]:
+        """What a worker needs before planning, in one round trip: the person, and whether this
+        record's opt-in already reached AN."""
+        rows = await self._read(
+            "SELECT p.exists_, p.uuid, p.subscribed, p.fields_at, p.unsubscribed_at, "
+            "(SELECT 1 FROM opt_ins WHERE source_key = :source) AS applied "
+            "FROM (SELECT 1) LEFT JOIN an_people AS p ON p.email = :email",
+            {"email": email, "source": source_key},
+        )
+        return _person(rows[0]), bool(rows[0]["applied"])
 
     async def save_person(self, email: str, person: Person) -> None:
         now = self._clock()
@@ -730,6 +728,17 @@ class Store:
             "WHERE status = 'dead' ORDER BY id LIMIT ?", (limit,),
         )
         return [dict(r) | {"finished_at": _iso(r["finished_at"])} for r in rows]
+
+
+def _person(r: sqlite3.Row) -> Person:
+    """An ``an_people`` row (all NULL when there is none) as :class:`Person`."""
+    return Person(
+        exists=None if r["exists_"] is None else bool(r["exists_"]),
+        uuid=r["uuid"],
+        subscribed=None if r["subscribed"] is None else bool(r["subscribed"]),
+        fields_at=_field_times(r["fields_at"]),
+        unsubscribed_at=parse_time(r["unsubscribed_at"]),
+    )
 
 
 def _field_times(value: str | None) -> MappingProxyType[str, datetime]:

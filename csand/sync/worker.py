@@ -239,10 +239,8 @@ class Dispatcher:
         note = ""
         try:
             if activity.email:
-                progress = rules.Progress(
-                    person=await self.store.person(activity.email),
-                    opt_in_applied=await self.store.opt_in_applied(activity.source_key),
-                )
+                person, applied = await self.store.knowledge(activity.email, activity.source_key)
+                progress = rules.Progress(person=person, opt_in_applied=applied)
             progress, step = await self._apply(item, progress)
             if isinstance(step, rules.Dead):
                 outcome = Outcome(Verdict.DEAD, step.reason)
