@@ -176,6 +176,8 @@ class Store:
         self._db = conn
         self._clock = clock
         self._lock = anyio.Lock()  # one transaction at a time on the writer connection
+        self._reader: aiosqlite.Connection | None = None
+        self._read_lock = anyio.Lock()
         self.listeners: list[Callable[[], None]] = []  # called when work becomes ready
 
     def _notify(self) -> None:
@@ -198,12 +200,22 @@ class Store:
         store = cls(conn, clock)
         try:
             await store._migrate()
+            if str(path) != ":memory:":
+                # Reads get their own connection (and thread): under WAL they see every
+                # committed write and never queue behind the writer's transactions.
+                reader = await aiosqlite.connect(str(path), isolation_level=None, timeout=30)
+                reader.row_factory = sqlite3.Row
+                await reader.execute("PRAGMA busy_timeout=30000")
+                await reader.execute("PRAGMA query_only=ON")
+                store._reader = reader
         except BaseException:
             await conn.close()
             raise
         return store
 
     async def close(self) -> None:
+        if self._reader is not None:
+            await self._reader.close()
         await self._db.close()
 
     async def _migrate(self) -> None:
@@ -239,8 +251,12 @@ class Store:
         return result
 
     async def _read(self, sql: str, params: Sequence[Any] | dict[str, Any] = ()) -> list[sqlite3.Row]:
-        async with self._lock:
-            cursor = await self._db.execute(sql, params)
+        if self._reader is None:  # an in-memory database has one connection only
+            async with self._lock:
+                cursor = await self._db.execute(sql, params)
+                return list(await cursor.fetchall())
+        async with self._read_lock:
+            cursor = await self._reader.execute(sql, params)
             return list(await cursor.fetchall())
 
     # ---- meta ----
