@@ -261,7 +261,10 @@ class Daemon:
         assert self.store and self.dispatcher
         while True:
             rate = self.dispatcher.an.limiter.current_rate()
-            await self.store.set_meta(heartbeat_at=time.time(), an_rate=round(rate, 3))
+            await self.store.set_meta(
+                heartbeat_at=time.time(), an_rate=round(rate, 3),
+                an_rate_limited=self.dispatcher.an.limiter.rate_limited_count,
+            )
             snapshot = await self.store.status()
             for state in STATUSES:
                 metrics.outbox_items.labels(state).set(snapshot[state])

@@ -17,7 +17,8 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
         table.add_row(key.replace("_", " "), str(data.get(key, 0)))
     age = data.get("oldest_pending_age_s")
     table.add_row("oldest waiting", f"{age:.0f} s" if age is not None else "-")
-    table.add_row("last poll", data.get("last_poll_at") or "never")
+    table.add_row("last poll", f"{data.get('last_poll_at') or 'never'}"
+                  + (f" ({data['last_poll_result']})" if data.get("last_poll_result") else ""))
     table.add_row("last reconciliation", data.get("last_reconcile_at") or "never")
     table.add_row("backfill", "done" if data.get("backfill_done") else "not finished")
     table.add_row("petitions", f"{data.get('petitions_seen', 0)} seen, "
@@ -25,7 +26,8 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
     table.add_row("signatures", f"{data.get('signatures_seen', 0)} seen, "
                   f"{data.get('signatures_deleted', 0)} deleted on ControlShift")
     rate = data.get("an_rate")
-    table.add_row("AN rate", f"{rate:g} req/s" if rate else "-")
+    table.add_row("AN rate", (f"{rate:g} req/s, {data.get('an_429s_since_start', 0)} 429s "
+                              "since start") if rate else "-")
     table.add_row("daemon", f"alive (heartbeat {data['daemon_heartbeat_at']})"
                   if data.get("daemon_heartbeat_at") else "not running")
     if data.get("webhooks_received"):

@@ -727,6 +727,8 @@ class Store:
             "signatures_deleted": signatures[0]["deleted"],
             "an_paused": meta.get("an_paused") or None,
             "an_rate": _float(meta.get("an_rate")),
+            "an_429s_since_start": int(meta.get("an_rate_limited") or 0),
+            "last_poll_result": meta.get("last_poll_result"),
             "daemon_heartbeat_at": _iso(_float(meta.get("heartbeat_at"))),
             "daemon_started_at": _iso(_float(meta.get("started_at"))),
             "dead_last_hour": dead_recent[0]["n"],

@@ -146,10 +146,12 @@ class Poller:
             return await self.cycle(full=full)
         except CSAuthError as exc:
             metrics.poll_failures.inc()
+            await self.store.set_meta(last_poll_result=f"failed: {exc}")
             log.error("cs.auth_failed", error=str(exc), msg="ControlShift rejected the "
                       "credentials; polling continues every interval. Nothing is lost meanwhile.")
         except CSError as exc:
             metrics.poll_failures.inc()
+            await self.store.set_meta(last_poll_result=f"failed: {exc}")
             log.warning("poll.failed", error=str(exc), full=full)
         return None
 
@@ -197,7 +199,13 @@ class Poller:
                     report.malformed += 1
                     log.error("cs.malformed_petition", petition=slug,
                               reason=f"{type(exc).__name__}: {exc}", record=str(petition)[:200])
-        meta: dict[str, float | str] = {"last_poll_at": started}
+        meta: dict[str, float | str] = {
+            "last_poll_at": started,
+            "last_poll_result": f"ok: {report.petitions} petitions, {report.walked} walked, "
+                                f"{report.enqueued} new activities"
+                                + (f", {report.malformed} malformed records" if report.malformed
+                                   else ""),
+        }
         if full or first_run:
             meta["last_reconcile_at"] = started
         if first_run:
