@@ -70,6 +70,14 @@ def compare(
         creator = people_by_uuid.get(petition["creator_uuid"] or "")
         slug = next((s for s, i in cs_ids.items()
                      if any(ident.endswith(f":petition-{i}") for ident in petition["identifiers"])), None)
+        cs_petition = next((p for p in scenario.cs.petitions() if p["slug"] == slug), None)
+        if cs_petition is None:
+            problems.append(f"petition {petition['identifiers']}: no such ControlShift petition")
+            continue
+        if petition["title"] != cs_petition["title"]:
+            problems.append(f"petition {slug}: title {petition['title']!r}")
+        if cs_petition["url"] not in (petition["description"] or ""):
+            problems.append(f"petition {slug}: description lacks the ControlShift URL")
         want_creator = (creators.get(slug) or "").strip().lower()
         if want_creator in expected and (creator is None or creator["email"].strip().lower() != want_creator):
             problems.append(f"petition {slug}: creator link missing or wrong")
