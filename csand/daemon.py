@@ -15,7 +15,7 @@ import signal
 import tempfile
 import time
 from collections.abc import Iterator
-from contextlib import AsyncExitStack, contextmanager
+from contextlib import AsyncExitStack, contextmanager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -110,8 +110,9 @@ class Daemon:
 
     async def _run(self) -> None:
         s = self.settings
-        with single_instance(Path(s.store.path)), tempfile.TemporaryDirectory(
-                prefix="csand-dry-run-") as scratch:
+        # A dry run works on its own copy, so it may run beside the real daemon.
+        lock = nullcontext() if self.dry_run else single_instance(Path(s.store.path))
+        with lock, tempfile.TemporaryDirectory(prefix="csand-dry-run-") as scratch:
             db_path = Path(s.store.path)
             if self.dry_run:  # decisions on a copy: the real queue and knowledge stay as they are
                 db_path = Path(scratch) / "csand.db"
