@@ -380,7 +380,7 @@ async def test_find_petition_pages_when_the_filter_is_refused(
     assert await an.find_petition("controlshift-org:petition-99") is None
 
 
-@pytest.mark.parametrize("body", [{}, None, {"_embedded": {}}, {"_embedded": {"osdi:people": None}}])
+@pytest.mark.parametrize("body", [{}, None, {"_embedded": {"osdi:people": "oops"}}])
 @pytest.mark.anyio
 async def test_a_lookup_without_a_list_is_a_failure_not_absence(
         an: ActionNetworkClient, mock: respx.MockRouter, body: Any) -> None:
@@ -398,3 +398,15 @@ async def test_a_petition_lookup_without_a_list_is_a_failure(
     mock.get(f"{BASE}/petitions").mock(return_value=httpx.Response(200, json={}))
     with pytest.raises(ANFailure):
         await an.find_petition("controlshift-org:petition-1")
+
+
+@pytest.mark.parametrize("body", [
+    {"_links": {"self": {"href": f"{BASE}/people"}}},
+    {"_embedded": {}, "_links": {}},
+    {"_embedded": {"osdi:people": []}, "total_pages": 1},
+])
+@pytest.mark.anyio
+async def test_a_real_list_answer_without_items_is_no_match(
+        an: ActionNetworkClient, mock: respx.MockRouter, body: Any) -> None:
+    mock.get(f"{BASE}/people").mock(return_value=httpx.Response(200, json=body))
+    assert await an.find_person("ann@example.org") is None

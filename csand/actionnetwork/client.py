@@ -235,11 +235,19 @@ class ActionNetworkClient:
 
 
 def _embedded(body: Any, rel: str) -> list[dict[str, Any]]:
-    """The items of a list answer. An answer that is not a list (AN's ``200 {}``, an empty body)
-    is a failure, never "no match": taking it for "not in AN" would create or force people."""
-    items = ((body or {}).get("_embedded") or {}).get(rel) if isinstance(body, dict) else None
+    """The items of a list answer.
+
+    An empty answer (AN's ``200 {}`` quirk, or no body) is a failure, never "no match": taking
+    it for "not in AN" would create people or force their status. A real list answer carries
+    links or other members, and an absent or null list in it means no items.
+    """
+    if not isinstance(body, dict) or not body:
+        raise ANFailure(Outcome(Verdict.RETRY, f"Action Network answered an empty {rel} list"))
+    items = (body.get("_embedded") or {}).get(rel)
+    if items is None:
+        return []
     if not isinstance(items, list):
-        raise ANFailure(Outcome(Verdict.RETRY, f"Action Network answered a list without {rel}"))
+        raise ANFailure(Outcome(Verdict.RETRY, f"Action Network answered {rel} not as a list"))
     return [item for item in items if isinstance(item, dict)]
 
 
