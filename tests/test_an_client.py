@@ -14,22 +14,10 @@ from csand.actionnetwork.client import ActionNetworkClient, ANFailure, PersonRec
 from csand.ratelimit import TokenBucket
 from csand.sync.outcome import Verdict
 from csand.sync.rules import Fields
+from tests.fakes import FakeClock
 
 BASE = "https://an.test/api/v2"
 KEY = "an-secret-key-123"
-
-
-class FakeClock:
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
 
 
 @pytest.fixture

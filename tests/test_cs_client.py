@@ -12,28 +12,16 @@ import respx
 
 from csand.controlshift.client import ControlShiftClient, CSAuthError, CSError, OAuthToken
 from csand.ratelimit import TokenBucket
+from tests.fakes import FakeClock
 
 BASE = "https://org.cs.test"
 API = f"{BASE}/api/v1"
 TOKEN_URL = f"{BASE}/oauth/token"
 
 
-class FakeClock:
-    def __init__(self, now: float = 5000.0) -> None:
-        self.now = now
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        self.slept.append(seconds)
-        self.now += seconds
-
-
 @pytest.fixture
 def clock() -> FakeClock:
-    return FakeClock()
+    return FakeClock(5000.0)
 
 
 @pytest.fixture

@@ -11,25 +11,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from csand.ratelimit import TokenBucket
+from tests.fakes import FakeClock
 
 PROPERTY_SETTINGS = settings(max_examples=100, deadline=None, derandomize=True, database=None)
 EPS = 1e-9
-
-
-class FakeClock:
-    """Time stands still until someone sleeps; sleeping just moves it forward."""
-
-    def __init__(self, now: float = 1000.0) -> None:
-        self.now = now
-        self.slept: list[float] = []
-
-    def __call__(self) -> float:
-        return self.now
-
-    async def sleep(self, seconds: float) -> None:
-        assert seconds >= 0
-        self.slept.append(seconds)
-        self.now += seconds
 
 
 class VirtualClock:
