@@ -277,14 +277,6 @@ class Store:
 
     # ---- poller side ----
 
-    async def petition_states(self) -> dict[int, PetitionState]:
-        rows = await self._read(
-            "SELECT cs_id, slug, updated_at, public_count, content, total_pages, an_uuid, "
-            "creator_extra "
-            "FROM cs_petitions"
-        )
-        return {r["cs_id"]: PetitionState(**dict(r)) for r in rows}
-
     async def petition_state(self, cs_id: int) -> PetitionState | None:
         rows = await self._read(
             "SELECT cs_id, slug, updated_at, public_count, content, total_pages, an_uuid, "
