@@ -31,8 +31,10 @@ async def run_backfill(settings: Settings, since: str | None, console: Console |
     store = await Store.open(path)
     try:
         if since:
-            count = await store.requeue_since(since)
-            console.print(f"{count} activities since {since} queued again")
+            result = await store.requeue_since(since)
+            console.print(f"{result.queued} activities since {since} queued again")
+            if result.skipped_deleted:
+                console.print(f"{result.skipped_deleted} not queued: deleted on ControlShift")
         try:
             with single_instance(path):
                 pass

@@ -187,8 +187,19 @@ def dead_show(item_id: int, config: ConfigOption = config_mod.DEFAULT_CONFIG_PAT
 def dead_retry(item_id: Annotated[int | None, typer.Argument()] = None,
                all_: Annotated[bool, typer.Option("--all", help="Every dead item.")] = False,
                config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH) -> None:
-    """Put dead items back in the queue (attempts reset); the running daemon picks them up."""
-    _change_dead(item_id, all_, config, lambda store, ids: store.requeue_dead(ids), "queued again")
+    """Put dead items back in the queue (attempts reset); the running daemon picks them up.
+
+    Items whose record ControlShift deleted since they died stay dead: that data must not
+    reach Action Network (drop them with ``csand dead drop``)."""
+    ids = _ids(item_id, all_)
+    settings = _load(config, secrets=False)
+    result = _with_store(settings, lambda store: store.requeue_dead(ids))
+    typer.echo(f"{result.queued} item(s) queued again")
+    if result.skipped_deleted:
+        typer.echo(f"{result.skipped_deleted} item(s) not queued: their record was deleted on "
+                   "ControlShift since (csand dead drop gives up on them)")
+    if ids and result.queued == 0:
+        raise typer.Exit(1)
 
 
 @dead_app.command("drop")

@@ -92,9 +92,24 @@ class Activity:
     postcode: str | None = None
     opted_in: bool = False
     occurred_at: datetime | None = None  # when this version happened: ordering per person
+    # When the person opted in (confirmed_at, else created_at): never the record's updated_at,
+    # which any later edit bumps. None when not opted in, or for payloads written before.
+    opted_in_at: datetime | None = None
     fields_at: datetime | None = None  # when the person's fields were given: precedence
     petition: PetitionRef | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def opt_in_time(self) -> datetime | None:
+        """The time of this record's opt-in, for the consent timeline (None when there is none).
+
+        Older payloads carry no ``opted_in_at``: their ``fields_at`` is the record's
+        ``created_at``, the earliest moment the person can have opted in, so an org-wide
+        unsubscribe after it still wins.
+        """
+        if not self.opted_in:
+            return None
+        return self.opted_in_at or self.fields_at
 
     @property
     def person_key(self) -> str:
@@ -122,7 +137,7 @@ class Activity:
         data = asdict(self)
         data["kind"] = str(self.kind)
         data["tags"] = list(self.tags)
-        for key in ("occurred_at", "fields_at"):
+        for key in ("occurred_at", "fields_at", "opted_in_at"):
             value = data[key]
             data[key] = value.isoformat() if value else None
         return data
@@ -141,6 +156,7 @@ class Activity:
             opted_in=bool(data.get("opted_in")),
             occurred_at=parse_time(data.get("occurred_at")),
             fields_at=parse_time(data.get("fields_at")),
+            opted_in_at=parse_time(data.get("opted_in_at")),
             petition=PetitionRef(**petition) if petition else None,
             tags=tuple(data.get("tags") or ()),
         )
@@ -204,7 +220,7 @@ def creator_activity(
     created = parse_time(petition.get("created_at"))
     return _person_activity(
         ActivityKind.PETITION_CREATED, f"petition:{ref.cs_id}:creator", creator,
-        occurred_at=created, fields_at=created, petition=ref,
+        occurred_at=created, fields_at=created, opted_in_at=created, petition=ref,
         tags=(CREATOR_TAG, *category_tags(petition)),
     )
 
@@ -214,15 +230,19 @@ def signature_activity(signature: dict[str, Any], petition: dict[str, Any], org_
     return _person_activity(
         ActivityKind.SIGNATURE, f"signature:{int(signature['id'])}", signature,
         occurred_at=parse_time(signature.get("updated_at")) or created, fields_at=created,
+        # A late confirmation is an opt-in at its time; without one, the signature's creation.
+        opted_in_at=parse_time(signature.get("confirmed_at")) or created,
         petition=petition_ref(petition, org_slug), tags=(SIGNER_TAG, *category_tags(petition)),
     )
 
 
 def _person_activity(
     kind: ActivityKind, source_key: str, person: dict[str, Any], *, occurred_at: datetime | None,
-    fields_at: datetime | None, petition: PetitionRef, tags: tuple[str, ...],
+    fields_at: datetime | None, opted_in_at: datetime | None, petition: PetitionRef,
+    tags: tuple[str, ...],
 ) -> Activity:
     """Creators and signers carry the same person fields; only ``true`` is an opt-in."""
+    opted_in = person.get("join_organisation") is True
     return Activity(
         kind=kind,
         source_key=source_key,
@@ -231,9 +251,10 @@ def _person_activity(
         first_name=_clean(person.get("first_name")),
         last_name=_clean(person.get("last_name")),
         postcode=_clean(person.get("postcode")),
-        opted_in=person.get("join_organisation") is True,
+        opted_in=opted_in,
         occurred_at=occurred_at,
         fields_at=fields_at,
+        opted_in_at=opted_in_at if opted_in else None,
         petition=petition,
         tags=tags,
     )

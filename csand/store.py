@@ -17,6 +17,7 @@ Times are Unix seconds (float, from an injectable clock) for scheduling, ISO 860
 from __future__ import annotations
 
 import json
+import secrets
 import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -132,6 +133,45 @@ MIGRATIONS: list[str] = [
     );
     ALTER TABLE an_people ADD COLUMN unsubscribed_at TEXT;
     """,
+    # v5: consent and no-loss under every interleaving.
+    # * A lease is a token the finishing worker must still hold: after a clock jump the same
+    #   item may be handed out again, and the first worker then writes nothing more.
+    # * What AN acknowledged is kept per item as it happens, so a retry continues the plan.
+    # * Once ControlShift deleted a record, every item of it says so (checked before each AN
+    #   request, by `dead retry` and by re-syncs).
+    # * Each person's consent timeline gains the latest opt-in AN applied.
+    # And what earlier versions stored that this one does not trust is cleared or rebuilt.
+    """
+    ALTER TABLE outbox ADD COLUMN lease_token TEXT;
+    ALTER TABLE outbox ADD COLUMN progress TEXT;
+    ALTER TABLE outbox ADD COLUMN source_deleted_at TEXT;
+    ALTER TABLE an_people ADD COLUMN opted_in_at TEXT;
+
+    -- Whether a person is in AN, and subscribed, goes stale the moment someone else changes AN:
+    -- versions before v4 kept it, and it made csand skip the lookup for a person erased since.
+    UPDATE an_people SET exists_ = NULL, subscribed = NULL;
+
+    UPDATE outbox SET source_deleted_at = (
+        SELECT s.deleted_at FROM cs_signatures AS s
+        WHERE s.cs_id = CAST(substr(outbox.source_key, 11) AS INTEGER))
+    WHERE source_key LIKE 'signature:%';
+    UPDATE outbox SET status = 'cancelled', lease_until = NULL,
+        note = 'signature deleted on ControlShift before it was synced'
+    WHERE status IN ('pending', 'in_flight') AND source_deleted_at IS NOT NULL;
+
+    -- Versions before v4 did not record which opt-ins reached AN: every finished opt-in is
+    -- taken as applied. That can only stop a re-subscription, never cause one.
+    INSERT OR IGNORE INTO opt_ins (source_key, applied_at)
+    SELECT source_key, MIN(COALESCE(finished_at, enqueued_at)) FROM outbox
+    WHERE status = 'done' AND json_extract(payload, '$.opted_in') = 1
+    GROUP BY source_key;
+    UPDATE an_people SET opted_in_at = (
+        SELECT MAX(COALESCE(json_extract(o.payload, '$.opted_in_at'),
+                            json_extract(o.payload, '$.fields_at')))
+        FROM outbox AS o
+        WHERE o.person_key = an_people.email AND o.status = 'done'
+          AND json_extract(o.payload, '$.opted_in') = 1);
+    """,
 ]
 
 STATUSES = ("pending", "in_flight", "done", "dead", "cancelled")
@@ -143,6 +183,14 @@ class Item:
     activity: Activity
     attempts: int
     enqueued_at: float
+    token: str = ""  # the lease: only its holder may record an outcome
+    done_steps: frozenset[str] = frozenset()  # what AN acknowledged on earlier attempts
+
+
+@dataclass(frozen=True, slots=True)
+class Requeued:
+    queued: int
+    skipped_deleted: int  # records ControlShift deleted: never sent to AN again
 
 
 @dataclass(frozen=True, slots=True)
@@ -349,6 +397,13 @@ class Store:
                 await db.executemany(_INSERT_OUTBOX, rows)
             added = db.total_changes - before
             if deleted:
+                # Every item of the record learns it, whatever its state: one in flight stops
+                # before its next AN request, a dead one is not revived, a done one not re-synced.
+                await db.executemany(
+                    "UPDATE outbox SET source_deleted_at = COALESCE(source_deleted_at, ?) "
+                    "WHERE source_key = ?",
+                    [(_iso(now), s) for (s,) in deleted],
+                )
                 await db.executemany(
                     "UPDATE outbox SET status = 'cancelled', finished_at = ?, "
                     "note = 'signature deleted on ControlShift before it was synced' "
@@ -441,7 +496,7 @@ class Store:
 
         async def tx(db: aiosqlite.Connection) -> int:
             cur = await db.execute(
-                "UPDATE outbox SET status = 'pending', lease_until = NULL "
+                "UPDATE outbox SET status = 'pending', lease_until = NULL, lease_token = NULL "
                 "WHERE status = 'in_flight'"
             )
             return cur.rowcount
@@ -455,39 +510,83 @@ class Store:
         no earlier item of that person is still pending, and — for a signature — its petition is
         mirrored in AN or no creator item for it is still to run (the creator link needs the
         creator's AN person). Expired leases of a crashed worker are reclaimed first.
+
+        Each lease is a fresh token. Expiry is wall-clock time, so a clock jump can hand out an
+        item whose worker still runs; that worker's token no longer matches, and it learns so
+        before its next AN request (:meth:`guard`) and when it tries to record an outcome.
         """
         now = self._clock()
 
         async def tx(db: aiosqlite.Connection) -> list[Item]:
             await db.execute(
-                "UPDATE outbox SET status = 'pending', lease_until = NULL "
+                "UPDATE outbox SET status = 'pending', lease_until = NULL, lease_token = NULL "
                 "WHERE status = 'in_flight' AND lease_until < ?", (now,),
             )
             cursor = await db.execute(_LEASE_QUERY, {"now": now, "limit": limit})
             rows = list(await cursor.fetchall())
+            tokens = [secrets.token_hex(8) for _ in rows]
             if rows:
                 await db.executemany(
-                    "UPDATE outbox SET status = 'in_flight', lease_until = ? WHERE id = ?",
-                    [(now + lease_seconds, r["id"]) for r in rows],
+                    "UPDATE outbox SET status = 'in_flight', lease_until = ?, lease_token = ? "
+                    "WHERE id = ?",
+                    [(now + lease_seconds, t, r["id"]) for r, t in zip(rows, tokens, strict=True)],
                 )
             return [
                 Item(r["id"], Activity.from_json(json.loads(r["payload"])), r["attempts"],
-                     r["enqueued_at"])
-                for r in rows
+                     r["enqueued_at"], token, _steps(r["progress"]))
+                for r, token in zip(rows, tokens, strict=True)
             ]
 
         return await self._write(tx)
 
-    async def renew_leases(self, ids: Sequence[int], lease_seconds: float) -> None:
+    async def renew_leases(self, leases: Sequence[int | tuple[int, str]], lease_seconds: float
+                           ) -> None:
+        """Extend leases still worked on: ``(id, token)`` pairs (a bare id renews any holder)."""
         until = self._clock() + lease_seconds
+        pairs = [lease if isinstance(lease, tuple) else (lease, None) for lease in leases]
 
         async def tx(db: aiosqlite.Connection) -> None:
             await db.executemany(
-                "UPDATE outbox SET lease_until = ? WHERE id = ? AND status = 'in_flight'",
-                [(until, i) for i in ids],
+                "UPDATE outbox SET lease_until = ? WHERE id = ? AND status = 'in_flight' "
+                "AND (? IS NULL OR lease_token = ?)",
+                [(until, i, t, t) for i, t in pairs],
             )
 
         await self._write(tx)
+
+    async def guard(self, item_id: int, token: str) -> str | None:
+        """Why the holder of this lease must not send its next AN request, or None.
+
+        ``"deleted"``: ControlShift deleted the record since (its data must not reach AN);
+        ``"lost"``: the lease expired and the item was handed out again, or it finished.
+        """
+        rows = await self._read(
+            "SELECT status, lease_token, source_deleted_at FROM outbox WHERE id = ?", (item_id,)
+        )
+        if not rows or rows[0]["status"] != "in_flight" or rows[0]["lease_token"] != token:
+            return "lost"
+        return "deleted" if rows[0]["source_deleted_at"] else None
+
+    async def record_step(
+        self, item_id: int, token: str, steps: Iterable[str], *,
+        person: tuple[str, Person] | None = None, opt_in: str | None = None,
+    ) -> bool:
+        """Persist what AN just acknowledged, before the plan goes on: the steps done (a retry
+        continues from there instead of replaying them), what was learnt about the person, and
+        the opt-in (source key) if this step sent one. The facts about AN are kept even when
+        the lease was lost; the item's steps only while it is held. False if it was lost."""
+        now = self._clock()
+        progress = json.dumps(sorted(set(steps)))
+
+        async def tx(db: aiosqlite.Connection) -> bool:
+            cur = await db.execute(
+                "UPDATE outbox SET progress = ? WHERE id = ? AND lease_token = ? "
+                "AND status = 'in_flight'", (progress, item_id, token),
+            )
+            await _save_knowledge(db, person, opt_in, now)
+            return cur.rowcount == 1
+
+        return await self._write(tx)
 
     async def finish(
         self,
@@ -500,81 +599,97 @@ class Store:
         count_attempt: bool = True,
         person: tuple[str, Person] | None = None,
         opt_in_source: str | None = None,
-    ) -> None:
+        token: str | None = None,
+    ) -> bool:
         """Record an item's outcome and what was learned about its person, in one transaction.
 
-        ``status`` is ``done``, ``dead`` or ``pending`` (retry at ``next_attempt_at``; with
-        ``count_attempt=False`` the item is released without using up an attempt).
+        ``status`` is ``done``, ``dead``, ``cancelled`` or ``pending`` (retry at
+        ``next_attempt_at``; with ``count_attempt=False`` the item is released without using up
+        an attempt). A retry of a record ControlShift deleted meanwhile is cancelled instead.
+        With ``token`` the outcome is recorded only while that lease is held; what was learnt
+        about AN is kept either way. Returns whether the outcome was recorded.
         """
         now = self._clock()
+        held = "(:token IS NULL OR (lease_token = :token AND status = 'in_flight'))"
 
-        async def tx(db: aiosqlite.Connection) -> None:
+        async def tx(db: aiosqlite.Connection) -> bool:
             if status == "pending":
-                await db.execute(
-                    "UPDATE outbox SET status = 'pending', lease_until = NULL, "
-                    "attempts = attempts + ?, next_attempt_at = ?, last_error = COALESCE(?, last_error) "
-                    "WHERE id = ?",
-                    (1 if count_attempt else 0, next_attempt_at or now, error, item_id),
-                )
-            else:
-                await db.execute(
-                    "UPDATE outbox SET status = ?, lease_until = NULL, finished_at = ?, "
-                    "attempts = attempts + 1, last_error = COALESCE(?, last_error), note = ? "
-                    "WHERE id = ?",
-                    (status, now, error, note, item_id),
-                )
-            if person is not None:
-                await _save_person(db, person[0], person[1], now)
-            if opt_in_source is not None:
-                await db.execute(
-                    "INSERT OR IGNORE INTO opt_ins (source_key, applied_at) VALUES (?, ?)",
-                    (opt_in_source, now),
-                )
-
-        await self._write(tx)
-
-    async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
-        """Put dead items back in the queue (after the operator fixed the cause)."""
-
-        async def tx(db: aiosqlite.Connection) -> int:
-            if ids is None:
                 cur = await db.execute(
-                    "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = 0, "
-                    "finished_at = NULL WHERE status = 'dead'"
+                    "UPDATE outbox SET lease_until = NULL, lease_token = NULL, "
+                    "status = CASE WHEN source_deleted_at IS NULL THEN 'pending' "
+                    "ELSE 'cancelled' END, "
+                    "finished_at = CASE WHEN source_deleted_at IS NULL THEN NULL ELSE :now END, "
+                    "note = CASE WHEN source_deleted_at IS NULL THEN note ELSE "
+                    "'signature deleted on ControlShift while it was being synced' END, "
+                    "attempts = attempts + :count, next_attempt_at = :next, "
+                    "last_error = COALESCE(:error, last_error) "
+                    f"WHERE id = :id AND {held}",
+                    {"count": 1 if count_attempt else 0, "next": next_attempt_at or now,
+                     "error": error, "id": item_id, "token": token, "now": now},
                 )
             else:
-                cur = await db.executemany(
-                    "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = 0, "
-                    "finished_at = NULL WHERE status = 'dead' AND id = ?", [(i,) for i in ids],
+                cur = await db.execute(
+                    "UPDATE outbox SET status = :status, lease_until = NULL, lease_token = NULL, "
+                    "finished_at = :now, attempts = attempts + 1, "
+                    "last_error = COALESCE(:error, last_error), note = :note "
+                    f"WHERE id = :id AND {held}",
+                    {"status": status, "now": now, "error": error, "note": note, "id": item_id,
+                     "token": token},
                 )
-            return cur.rowcount
+            await _save_knowledge(db, person, opt_in_source, now)
+            return cur.rowcount == 1
 
-        count = await self._write(tx)
-        if count:
+        return await self._write(tx)
+
+    async def requeue_dead(self, ids: Sequence[int] | None = None) -> Requeued:
+        """Put dead items back in the queue (after the operator fixed the cause); never those
+        whose record ControlShift deleted since they died (they are counted as skipped)."""
+        requeue = ("UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = 0, "
+                   "finished_at = NULL WHERE status = 'dead' AND source_deleted_at IS NULL")
+        skipped = ("SELECT COUNT(*) FROM outbox WHERE status = 'dead' "
+                   "AND source_deleted_at IS NOT NULL")
+
+        async def tx(db: aiosqlite.Connection) -> Requeued:
+            if ids is None:
+                deleted = (await (await db.execute(skipped)).fetchone())[0]
+                cur = await db.execute(requeue)
+                return Requeued(cur.rowcount, deleted)
+            deleted = 0
+            for i in ids:
+                deleted += (await (await db.execute(skipped + " AND id = ?", (i,))).fetchone())[0]
+            cur = await db.executemany(requeue + " AND id = ?", [(i,) for i in ids])
+            return Requeued(cur.rowcount, deleted)
+
+        result = await self._write(tx)
+        if result.queued:
             self._notify()
-        return count
+        return result
 
-    async def requeue_since(self, since: str) -> int:
+    async def requeue_since(self, since: str) -> Requeued:
         """Re-sync history: the latest version of every activity that happened since ``since``
-        (ISO time) and already finished is queued again under a fresh dedupe key."""
+        (ISO time) and already finished is queued again under a fresh dedupe key; never one
+        whose record ControlShift deleted (counted as skipped)."""
         now = self._clock()
+        latest = ("FROM outbox WHERE status IN ('done', 'dead') AND occurred_at >= :since "
+                  "AND id IN (SELECT MAX(id) FROM outbox GROUP BY source_key)")
 
-        async def tx(db: aiosqlite.Connection) -> int:
+        async def tx(db: aiosqlite.Connection) -> Requeued:
+            deleted = (await (await db.execute(
+                f"SELECT COUNT(*) {latest} AND source_deleted_at IS NOT NULL",
+                {"since": since})).fetchone())[0]
             cur = await db.execute(
                 "INSERT INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, "
                 "payload, occurred_at, enqueued_at) "
                 "SELECT dedupe_key || '#resync@' || :now, source_key, person_key, petition_id, "
-                "kind, payload, occurred_at, :now FROM outbox "
-                "WHERE status IN ('done', 'dead') AND occurred_at >= :since "
-                "AND id IN (SELECT MAX(id) FROM outbox GROUP BY source_key)",
+                f"kind, payload, occurred_at, :now {latest} AND source_deleted_at IS NULL",
                 {"now": now, "since": since},
             )
-            return cur.rowcount
+            return Requeued(cur.rowcount, deleted)
 
-        count = await self._write(tx)
-        if count:
+        result = await self._write(tx)
+        if result.queued:
             self._notify()
-        return count
+        return result
 
     async def dead_item(self, item_id: int) -> dict[str, Any] | None:
         rows = await self._read(
@@ -606,8 +721,8 @@ class Store:
 
     async def person(self, email: str) -> Person:
         rows = await self._read(
-            "SELECT exists_, uuid, subscribed, fields_at, unsubscribed_at FROM an_people "
-            "WHERE email = ?", (email,)
+            "SELECT exists_, uuid, subscribed, fields_at, unsubscribed_at, opted_in_at "
+            "FROM an_people WHERE email = ?", (email,)
         )
         return _person(rows[0]) if rows else Person()
 
@@ -616,7 +731,7 @@ class Store:
         record's opt-in already reached AN."""
         rows = await self._read(
             "SELECT p.exists_, p.uuid, p.subscribed, p.fields_at, p.unsubscribed_at, "
-            "(SELECT 1 FROM opt_ins WHERE source_key = :source) AS applied "
+            "p.opted_in_at, (SELECT 1 FROM opt_ins WHERE source_key = :source) AS applied "
             "FROM (SELECT 1) LEFT JOIN an_people AS p ON p.email = :email",
             {"email": email, "source": source_key},
         )
@@ -748,6 +863,7 @@ def _person(r: sqlite3.Row) -> Person:
         subscribed=None if r["subscribed"] is None else bool(r["subscribed"]),
         fields_at=_field_times(r["fields_at"]),
         unsubscribed_at=parse_time(r["unsubscribed_at"]),
+        opted_in_at=parse_time(r["opted_in_at"]),
     )
 
 
@@ -780,10 +896,11 @@ _INSERT_OUTBOX = (
 # keeps this a walk over pending ids that stops at the LIMIT; every condition below is an index
 # lookup per candidate.
 _LEASE_QUERY = """
-SELECT o.id, o.payload, o.attempts, o.enqueued_at
+SELECT o.id, o.payload, o.attempts, o.enqueued_at, o.progress
 FROM outbox AS o INDEXED BY outbox_pending
 WHERE o.status = 'pending'
   AND o.next_attempt_at <= :now
+  AND o.source_deleted_at IS NULL
   AND NOT EXISTS (
         SELECT 1 FROM outbox AS busy
         WHERE busy.person_key = o.person_key AND busy.status = 'in_flight')
@@ -851,13 +968,32 @@ def _outbox_row(a: Activity, now: float) -> tuple[Any, ...]:
     )
 
 
+async def _save_knowledge(
+    db: aiosqlite.Connection, person: tuple[str, Person] | None, opt_in: str | None, now: float
+) -> None:
+    if person is not None:
+        await _save_person(db, person[0], person[1], now)
+    if opt_in is not None:
+        await db.execute(
+            "INSERT OR IGNORE INTO opt_ins (source_key, applied_at) VALUES (?, ?)", (opt_in, now)
+        )
+
+
 async def _save_person(db: aiosqlite.Connection, email: str, p: Person, now: float) -> None:
+    # The consent timeline only moves forward: a writer holding an older view (a worker whose
+    # lease was lost) must not take back a newer opt-in or unsubscribe. Times are UTC ISO
+    # strings of one format, so they compare as text.
     await db.execute(
         "INSERT INTO an_people "
-        "(email, exists_, uuid, subscribed, fields_at, unsubscribed_at, learned_at) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?) ON CONFLICT (email) DO UPDATE SET "
+        "(email, exists_, uuid, subscribed, fields_at, unsubscribed_at, opted_in_at, learned_at) "
+        "VALUES (?, ?, ?, ?, ?, ?, ?, ?) ON CONFLICT (email) DO UPDATE SET "
         "exists_ = excluded.exists_, uuid = excluded.uuid, subscribed = excluded.subscribed, "
-        "fields_at = excluded.fields_at, unsubscribed_at = excluded.unsubscribed_at, "
+        "fields_at = excluded.fields_at, "
+        "unsubscribed_at = CASE WHEN unsubscribed_at IS NULL "
+        "OR excluded.unsubscribed_at > unsubscribed_at THEN excluded.unsubscribed_at "
+        "ELSE unsubscribed_at END, "
+        "opted_in_at = CASE WHEN opted_in_at IS NULL "
+        "OR excluded.opted_in_at > opted_in_at THEN excluded.opted_in_at ELSE opted_in_at END, "
         "learned_at = excluded.learned_at",
         (
             email,
@@ -866,9 +1002,14 @@ async def _save_person(db: aiosqlite.Connection, email: str, p: Person, now: flo
             None if p.subscribed is None else int(p.subscribed),
             json.dumps({k: v.isoformat() for k, v in p.fields_at.items()}) if p.fields_at else None,
             p.unsubscribed_at.isoformat() if p.unsubscribed_at else None,
+            p.opted_in_at.isoformat() if p.opted_in_at else None,
             now,
         ),
     )
+
+
+def _steps(progress: str | None) -> frozenset[str]:
+    return frozenset(json.loads(progress)) if progress else frozenset()
 
 
 __all__ = ["Item", "PetitionState", "SignatureSeen", "Store", "ActivityKind", "MIGRATIONS"]

@@ -392,7 +392,7 @@ async def test_finish_done_dead_and_pending(store: Store, clock: FakeClock, db_p
     assert dead_item["source_key"] == "signature:2"
     assert datetime.fromisoformat(dead_item["finished_at"]).timestamp() == pytest.approx(clock())
 
-    assert await store.requeue_dead() == 1
+    assert (await store.requeue_dead()).queued == 1
     requeued = {r["source_key"]: r for r in outbox(db_path)}["signature:2"]
     assert (requeued["status"], requeued["attempts"]) == ("pending", 0)
 

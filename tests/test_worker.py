@@ -137,12 +137,13 @@ async def drain(dispatcher: Dispatcher, finishes: int) -> None:
     enough = anyio.Event()
     finish = store.finish
 
-    async def counting_finish(*args: Any, **kwargs: Any) -> None:
+    async def counting_finish(*args: Any, **kwargs: Any) -> bool:
         nonlocal recorded
-        await finish(*args, **kwargs)
+        held = await finish(*args, **kwargs)
         recorded += 1
         if recorded >= finishes:
             enough.set()
+        return held
 
     store.finish = counting_finish  # type: ignore[method-assign]
     try:
@@ -430,9 +431,10 @@ async def test_workers_resume_once_the_key_is_accepted_again(tmp_path: Path) -> 
         dispatcher = env.dispatcher(workers=1, auth_recheck_interval=0.01)
         finish = env.store.finish
 
-        async def finish_then_fix_key(*args: Any, **kwargs: Any) -> None:
-            await finish(*args, **kwargs)
+        async def finish_then_fix_key(*args: Any, **kwargs: Any) -> bool:
+            held = await finish(*args, **kwargs)
             env.sim.api_key = "rotated-key"  # the operator fixed AN's side
+            return held
 
         env.store.finish = finish_then_fix_key  # type: ignore[method-assign]
         await drain(dispatcher, 2)
@@ -461,7 +463,7 @@ async def test_release_in_flight_hands_items_back(env: Env) -> None:
     await env.store.enqueue([sig(1, "ann@example.org")])
     dispatcher = env.dispatcher()
     (item,) = await env.store.lease(1, 60)
-    dispatcher.in_flight[item.id] = item
+    dispatcher.in_flight[item.token] = item
     await dispatcher.release_in_flight()
     (row,) = env.outbox()
     assert (row["status"], row["attempts"]) == ("pending", 0)

@@ -32,7 +32,10 @@ class Person:
     subscribed: bool | None = None  # None: present but status unknown
     # Per field (given_name, family_name, postal_code): CS time of the activity that set it.
     fields_at: Mapping[str, datetime] = field(default_factory=lambda: MappingProxyType({}))
-    unsubscribed_at: datetime | None = None  # CS time of the latest org-wide unsubscribe
+    # The person's consent timeline, in ControlShift times (when the person acted, not when
+    # csand learnt of it): the latest org-wide unsubscribe, and the latest opt-in AN acknowledged.
+    unsubscribed_at: datetime | None = None
+    opted_in_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -190,6 +193,8 @@ def _unsubscribe_step(activity: Activity, p: Progress) -> Step:
     assert activity.email is not None
     if p.person_written:
         return Done("unsubscribed in Action Network")
+    if superseded_by_opt_in(activity, p.person):
+        return Done("the person opted in again after this unsubscribe: subscription kept")
     if p.person.exists is None or (p.person.exists and p.person.uuid is None):
         return LookupPerson(activity.email, _spellings(activity))
     if not p.person.exists:
@@ -198,17 +203,33 @@ def _unsubscribe_step(activity: Activity, p: Progress) -> Step:
     return SetStatus(p.person.uuid, activity.email, "unsubscribed")
 
 
-def opts_in(activity: Activity, p: Progress) -> bool:
-    """An opt-in counts once, at the time it happened.
+def superseded_by_opt_in(unsubscribe: Activity, person: Person) -> bool:
+    """An org-wide unsubscribe older than an opt-in AN already applied changes nothing: the
+    person acted later (ControlShift retries webhooks for hours, so old news arrives late).
+    An unsubscribe without a time is applied: unsubscribing is the safe side."""
+    at = unsubscribe.occurred_at
+    return at is not None and person.opted_in_at is not None and person.opted_in_at > at
 
-    Not again when the same record is synced again (a category added to its petition, an
-    operator's retry): the person may have unsubscribed since, through AN itself. And not when
-    an org-wide unsubscribe came after it, however late csand learns of the opt-in.
+
+def opts_in(activity: Activity, p: Progress) -> bool:
+    """Whether this activity's opt-in is sent to AN: only the newest consent counts, once.
+
+    Decided from the times the person acted (:attr:`Activity.opt_in_time`: confirmation, else
+    creation; never a later edit). Not again when the same record is synced again (a category
+    added to its petition, an operator's retry, a retry after a later step failed): the person
+    may have unsubscribed since, through AN itself. Not when an org-wide unsubscribe is as new
+    or newer, however late csand learns of the opt-in. And not when it is no newer than an
+    opt-in AN already applied: the person may have unsubscribed in AN after that one, and an
+    older opt-in found late (a backfill) says nothing new. An opt-in without a time counts only
+    for a person with no consent history at all.
     """
     if not activity.opted_in or p.opt_in_applied:
         return False
-    after = p.person.unsubscribed_at
-    return not (after and activity.occurred_at and activity.occurred_at <= after)
+    at = activity.opt_in_time
+    timeline = [t for t in (p.person.unsubscribed_at, p.person.opted_in_at) if t is not None]
+    if at is None:
+        return not timeline
+    return all(at > t for t in timeline)
 
 
 def _action_step(activity: Activity, p: Progress) -> Step:
@@ -279,13 +300,20 @@ def after_person_write(
         for name in FIELD_NAMES:
             if getattr(op.fields, name):
                 fields_at[name] = activity.fields_at
+    opted_in_at = p.person.opted_in_at
+    if op.status == "subscribed":
+        opted_in_at = _latest(opted_in_at, activity.opt_in_time)
     person = Person(exists=True, uuid=uuid, subscribed=subscribed,
                     fields_at=MappingProxyType(fields_at),
-                    unsubscribed_at=p.person.unsubscribed_at)
+                    unsubscribed_at=p.person.unsubscribed_at, opted_in_at=opted_in_at)
     return replace(
         p, person=person, person_written=True, signed=p.signed or isinstance(op, RecordSignature),
         opt_in_sent=p.opt_in_sent or op.status == "subscribed",
     )
+
+
+def _latest(a: datetime | None, b: datetime | None) -> datetime | None:
+    return b if a is None else a if b is None else max(a, b)
 
 
 def after_status(p: Progress, status: str) -> Progress:
@@ -297,9 +325,7 @@ def after_status(p: Progress, status: str) -> Progress:
 def after_unsubscribe(p: Progress, activity: Activity) -> Progress:
     """Remember an org-wide unsubscribe, applied or not (the person may not be in AN): an
     older opt-in learnt later must not undo it."""
-    at = activity.occurred_at
-    if at is None or (p.person.unsubscribed_at and p.person.unsubscribed_at >= at):
-        return p
+    at = _latest(p.person.unsubscribed_at, activity.occurred_at)
     return replace(p, person=replace(p.person, unsubscribed_at=at))
 
 
@@ -312,7 +338,7 @@ def knowledge_to_keep(person: Person) -> Person:
     kept is when fields were set and when the person unsubscribed.
     """
     return Person(uuid=person.uuid, fields_at=person.fields_at,
-                  unsubscribed_at=person.unsubscribed_at)
+                  unsubscribed_at=person.unsubscribed_at, opted_in_at=person.opted_in_at)
 
 
 def forget_person(p: Progress) -> Progress:

@@ -6,6 +6,12 @@ asking :func:`csand.sync.rules.next_step` what to do next until it says done or 
 operation is idempotent (helpers match by email, signing again overwrites, tags are sets, the
 mirrored petition is looked up by identifier before it is created), so replaying an item after a
 crash between AN's answer and csand's commit duplicates nothing.
+
+Two checks keep consent under every interleaving. Before each AN request the worker asks the
+store whether it still holds the lease and whether ControlShift deleted the record meanwhile
+(:meth:`Store.guard`): either way it sends nothing more. And every person write AN acknowledges
+mid-plan (the opt-in above all) is persisted at once (:meth:`Store.record_step`), so a retry, a
+shutdown or a crash continues the plan instead of replaying it.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import Any
 
 import anyio
 
@@ -122,6 +129,26 @@ class WorkerStats:
     done: int = 0
     dead: int = 0
     retried: int = 0
+    cancelled: int = 0
+    lost: int = 0
+
+
+class Stop(Exception):
+    """The plan stops before its next AN request; ``why`` is ``deleted``, ``lost`` or
+    ``shutdown``."""
+
+    def __init__(self, why: str) -> None:
+        super().__init__(why)
+        self.why = why
+
+
+PERSON_WRITTEN = "person_written"
+SIGNED = "signed"
+
+
+@dataclass
+class _Attempt:
+    progress: rules.Progress
 
 
 class Dispatcher:
@@ -151,7 +178,8 @@ class Dispatcher:
         self.tags = TagCache(an, store)
         self.petitions = PetitionMirror(an, store, origin_system)
         self.stats = WorkerStats()
-        self.in_flight: dict[int, Item] = {}
+        # By lease token: after a clock jump the same item may be leased twice, briefly.
+        self.in_flight: dict[str, Item] = {}
         self.auth_paused: str | None = None
         self._wake = anyio.Event()
         self._stopping = False
@@ -184,7 +212,7 @@ class Dispatcher:
                 if free > 0:
                     leased = await self.store.lease(free, self.lease_seconds)
                     for item in leased:
-                        self.in_flight[item.id] = item
+                        self.in_flight[item.token] = item
                         tg.start_soon(self._apply_and_record, item)
                 if not leased or free <= len(leased):
                     await self._idle(1.0)
@@ -198,7 +226,9 @@ class Dispatcher:
         while True:
             await anyio.sleep(self.lease_seconds / 3)
             if self.in_flight:
-                await self.store.renew_leases(list(self.in_flight), self.lease_seconds)
+                await self.store.renew_leases(
+                    [(item.id, item.token) for item in self.in_flight.values()],
+                    self.lease_seconds)
 
     async def _idle(self, seconds: float) -> None:
         """Sleep until woken (new work, a finished item, shutdown) or ``seconds`` pass."""
@@ -226,42 +256,86 @@ class Dispatcher:
                       "workers stay paused. Fix action_network.api_key and restart or wait.")
 
     async def release_in_flight(self) -> None:
-        """On shutdown: hand back what was not finished, without using up an attempt."""
-        for item_id in list(self.in_flight):
-            await self.store.finish(item_id, "pending", count_attempt=False)
-            self.in_flight.pop(item_id, None)
+        """On shutdown: hand back what was not finished, without using up an attempt (what AN
+        acknowledged of it is already persisted: the next attempt continues from there)."""
+        for token, item in list(self.in_flight.items()):
+            await self.store.finish(item.id, "pending", count_attempt=False, token=token)
+            self.in_flight.pop(token, None)
 
     async def _apply_and_record(self, item: Item) -> None:
         started = time.monotonic()
         activity = item.activity
-        progress = rules.Progress()
+        attempt = _Attempt(rules.Progress())
         outcome: Outcome | None = None
+        stopped: str | None = None
         note = ""
         try:
             if activity.email:
                 person, applied = await self.store.knowledge(activity.email, activity.source_key)
-                progress = rules.Progress(person=person, opt_in_applied=applied)
-            progress, step = await self._apply(item, progress)
+                # Steps AN acknowledged on an earlier attempt are not sent again. A person
+                # written without a known uuid cannot be signed for: that step is redone.
+                written = PERSON_WRITTEN in item.done_steps and person.uuid is not None
+                attempt.progress = rules.Progress(
+                    person=person, opt_in_applied=applied, person_written=written,
+                    signed=written and SIGNED in item.done_steps)
+            step = await self._apply(item, attempt)
             if isinstance(step, rules.Dead):
                 outcome = Outcome(Verdict.DEAD, step.reason)
             else:
                 note = step.note
                 if activity.kind is ActivityKind.GLOBAL_UNSUBSCRIBE:
-                    progress = rules.after_unsubscribe(progress, activity)
+                    attempt.progress = rules.after_unsubscribe(attempt.progress, activity)
+        except Stop as stop:
+            stopped = stop.why
         except ANFailure as failure:
             outcome = failure.outcome
         except Exception as exc:  # a bug must not lose the item: retry it, loudly
             log.exception("worker.error", item=item.id)
             outcome = Outcome(Verdict.RETRY, f"internal error: {type(exc).__name__}: {exc}")
-        await self._record(item, outcome, note, progress, time.monotonic() - started)
+        # What was learnt before a failure is kept too: the outcome is recorded with it.
+        if stopped is not None:
+            await self._stopped(item, stopped, attempt.progress)
+        else:
+            await self._record(item, outcome, note, attempt.progress, time.monotonic() - started)
 
-    async def _apply(self, item: Item, progress: rules.Progress) -> tuple[rules.Progress, rules.Done | rules.Dead]:
+    async def _before_request(self, item: Item) -> None:
+        """Nothing more goes to AN for an item whose record was deleted or whose lease was lost,
+        nor once shutdown began (the item is handed back and continues where it stopped)."""
+        why = await self.store.guard(item.id, item.token)
+        if why is None and self._stopping:
+            why = "shutdown"
+        if why is not None:
+            raise Stop(why)
+
+    async def _acknowledged(self, item: Item, progress: rules.Progress) -> None:
+        """Persist a person write AN acknowledged, unless it completed the plan (then the
+        outcome is recorded with it, in the same transaction)."""
+        if isinstance(rules.next_step(item.activity, progress), rules.Done | rules.Dead):
+            return
+        activity = item.activity
+        steps = {PERSON_WRITTEN} if progress.person_written else set()
+        if progress.signed:
+            steps.add(SIGNED)
+        with anyio.CancelScope(shield=True):
+            await self.store.record_step(
+                item.id, item.token, steps,
+                person=(activity.email, rules.knowledge_to_keep(progress.person))
+                if activity.email else None,
+                opt_in=activity.source_key if progress.opt_in_sent else None,
+            )
+
+    async def _apply(self, item: Item, attempt: _Attempt) -> rules.Done | rules.Dead:
+        """Run the plan; ``attempt.progress`` holds what is known at every moment, also when a
+        request fails and this raises."""
         activity = item.activity
         for _ in range(rules.MAX_STEPS):
+            progress = attempt.progress
             step = rules.next_step(activity, progress)
+            if not isinstance(step, rules.Done | rules.Dead):
+                await self._before_request(item)
             match step:
                 case rules.Done() | rules.Dead():
-                    return progress, step
+                    return step
                 case rules.EnsureTags(names=names):
                     await self.tags.ensure(names)
                     progress = replace(progress, tags_ready=True)
@@ -275,18 +349,21 @@ class Dispatcher:
                     )
                 case rules.Signup(fields=fields, status=status, tags=tags):
                     record = await self.an.signup(fields, status, tags)
-                    progress = rules.after_person_write(
+                    progress = attempt.progress = rules.after_person_write(
                         progress, activity, step, record.uuid, record.subscribed
                     )
+                    await self._acknowledged(item, progress)
                 case rules.RecordSignature(petition_uuid=pet, fields=fields, status=status, tags=tags):
                     try:
                         uuid = await self.an.record_signature(pet, fields, status, tags)
                     except ANFailure as failure:
                         if failure.outcome.verdict is not Verdict.GONE:
                             raise
-                        progress = await self._petition_gone(activity, progress)
+                        attempt.progress = await self._petition_gone(activity, progress)
                         continue
-                    progress = rules.after_person_write(progress, activity, step, uuid, None)
+                    progress = attempt.progress = rules.after_person_write(
+                        progress, activity, step, uuid, None)
+                    await self._acknowledged(item, progress)
                 case rules.SignAs(petition_uuid=pet, person_uuid=person):
                     try:
                         await self.an.sign_as(pet, person)
@@ -294,7 +371,8 @@ class Dispatcher:
                         if failure.outcome.verdict is not Verdict.GONE:
                             raise
                         # Either the person or the petition is gone: find both again.
-                        progress = rules.forget_person(await self._petition_gone(activity, progress))
+                        attempt.progress = rules.forget_person(
+                            await self._petition_gone(activity, progress))
                         continue
                     progress = replace(progress, signed=True)
                 case rules.SetStatus(person_uuid=person, email=email, status=status):
@@ -303,10 +381,11 @@ class Dispatcher:
                     except ANFailure as failure:
                         if failure.outcome.verdict is not Verdict.GONE:
                             raise
-                        progress = rules.forget_person(progress)
+                        attempt.progress = rules.forget_person(progress)
                         continue
                     progress = rules.after_status(progress, status)
-        return progress, rules.Dead(f"no plan finished within {rules.MAX_STEPS} steps")
+            attempt.progress = progress
+        return rules.Dead(f"no plan finished within {rules.MAX_STEPS} steps")
 
     async def _petition_gone(self, activity: Activity, progress: rules.Progress) -> rules.Progress:
         """AN answered 404 for the mirrored petition (deleted by an admin): mirror it again."""
@@ -321,31 +400,29 @@ class Dispatcher:
         seconds: float,
     ) -> None:
         activity = item.activity
-        person = (activity.email, rules.knowledge_to_keep(progress.person)) if activity.email else None
         attempts = item.attempts + 1
         fields = {"item": item.id, "source": activity.source_key, "kind": str(activity.kind),
                   "person": activity.email, "attempt": attempts, "ms": round(seconds * 1000)}
         with anyio.CancelScope(shield=True):
             if outcome is None:
-                await self.store.finish(
-                    item.id, "done", note=note, person=person,
-                    opt_in_source=activity.source_key if progress.opt_in_sent else None,
-                )
-                self.stats.done += 1
-                metrics.actions.labels(str(activity.kind), "done").inc()
-                log.info("sync.done", outcome="done", note=note, **fields)
+                held = await self._finish(item, progress, "done", note=note)
+                if held:
+                    self.stats.done += 1
+                    metrics.actions.labels(str(activity.kind), "done").inc()
+                    log.info("sync.done", outcome="done", note=note, **fields)
             elif outcome.verdict is Verdict.DEAD or (
                 outcome.verdict is Verdict.RETRY and self.policy.gives_up(attempts)
             ):
                 reason = outcome.reason if outcome.verdict is Verdict.DEAD else (
                     f"gave up after {attempts} attempts: {outcome.reason}")
-                await self.store.finish(item.id, "dead", error=reason, person=person)
-                self.stats.dead += 1
-                metrics.actions.labels(str(activity.kind), "dead").inc()
-                log.warning("sync.dead", outcome="dead", reason=reason, **fields)
+                held = await self._finish(item, progress, "dead", error=reason)
+                if held:
+                    self.stats.dead += 1
+                    metrics.actions.labels(str(activity.kind), "dead").inc()
+                    log.warning("sync.dead", outcome="dead", reason=reason, **fields)
             elif outcome.verdict is Verdict.AUTH:
-                await self.store.finish(item.id, "pending", error=outcome.reason,
-                                        count_attempt=False, person=person)
+                held = await self._finish(item, progress, "pending", error=outcome.reason,
+                                          count_attempt=False)
                 if not self.auth_paused:
                     self.auth_paused = outcome.reason
                     await self.store.set_meta(an_paused=outcome.reason)
@@ -354,16 +431,61 @@ class Dispatcher:
                               "nothing is dropped. Check action_network.api_key.", **fields)
             elif outcome.verdict is Verdict.RATE_LIMITED:
                 retry_at = self.clock() + max(1.0, self.an.limiter.paused_until - time.monotonic())
-                await self.store.finish(item.id, "pending", error=outcome.reason,
-                                        next_attempt_at=retry_at, count_attempt=False, person=person)
-                log.info("sync.retry", outcome="rate_limited", **fields)
+                held = await self._finish(item, progress, "pending", error=outcome.reason,
+                                          next_attempt_at=retry_at, count_attempt=False)
+                if held:
+                    log.info("sync.retry", outcome="rate_limited", **fields)
             else:  # RETRY, or GONE from a call that has no re-plan
                 delay = self.policy.delay(attempts, self.rng)
-                await self.store.finish(item.id, "pending", error=outcome.reason,
-                                        next_attempt_at=self.clock() + delay, person=person)
-                self.stats.retried += 1
-                metrics.actions.labels(str(activity.kind), "retry").inc()
-                log.warning("sync.retry", outcome="retry", reason=outcome.reason,
-                            retry_in_s=round(delay, 1), **fields)
-            self.in_flight.pop(item.id, None)
-            self.wake()
+                held = await self._finish(item, progress, "pending", error=outcome.reason,
+                                          next_attempt_at=self.clock() + delay)
+                if held:
+                    self.stats.retried += 1
+                    metrics.actions.labels(str(activity.kind), "retry").inc()
+                    log.warning("sync.retry", outcome="retry", reason=outcome.reason,
+                                retry_in_s=round(delay, 1), **fields)
+            if not held:
+                self._lost(item)
+            self._release(item)
+
+    async def _finish(self, item: Item, progress: rules.Progress, status: str, **kwargs: Any
+                      ) -> bool:
+        """Record the outcome with what was learnt about the person and the opt-in sent."""
+        activity = item.activity
+        return await self.store.finish(
+            item.id, status, token=item.token,
+            person=(activity.email, rules.knowledge_to_keep(progress.person))
+            if activity.email else None,
+            opt_in_source=activity.source_key if progress.opt_in_sent else None, **kwargs,
+        )
+
+    async def _stopped(self, item: Item, why: str, progress: rules.Progress) -> None:
+        """The plan stopped before an AN request (see :meth:`_before_request`)."""
+        activity = item.activity
+        fields = {"item": item.id, "source": activity.source_key, "kind": str(activity.kind),
+                  "person": activity.email}
+        with anyio.CancelScope(shield=True):
+            if why == "deleted":
+                note = "signature deleted on ControlShift while it was being synced"
+                if await self._finish(item, progress, "cancelled", note=note):
+                    self.stats.cancelled += 1
+                    metrics.actions.labels(str(activity.kind), "cancelled").inc()
+                    log.info("sync.cancelled", outcome="cancelled", note=note, **fields)
+                else:
+                    self._lost(item)
+            elif why == "shutdown":
+                if not await self._finish(item, progress, "pending", count_attempt=False):
+                    self._lost(item)
+            else:
+                self._lost(item)
+            self._release(item)
+
+    def _lost(self, item: Item) -> None:
+        self.stats.lost += 1
+        log.warning("sync.lease_lost", item=item.id, source=item.activity.source_key,
+                    msg="the item was handed out again (its lease expired: a clock jump or a "
+                    "stall); this worker wrote nothing more for it")
+
+    def _release(self, item: Item) -> None:
+        self.in_flight.pop(item.token, None)
+        self.wake()
