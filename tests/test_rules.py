@@ -1043,3 +1043,85 @@ def test_after_unsubscribe_keeps_the_latest_time_and_knowledge_keeps_it() -> Non
     kept = knowledge_to_keep(replace(p.person, exists=True, subscribed=True, uuid="u"))
     assert (kept.exists, kept.subscribed, kept.uuid) == (None, None, "u")
     assert kept.unsubscribed_at == T0 + timedelta(hours=1)
+
+
+# ---------------------------------------------------------------------------------------------
+# The consent timeline: decided from the times the person acted
+# ---------------------------------------------------------------------------------------------
+
+
+def test_an_opt_in_is_timed_by_confirmation_or_creation_never_by_the_last_edit() -> None:
+    """Signed with an opt-in in January; unsubscribed org-wide in March; the signature edited
+    in June (a single-petition unsubscribe). The opt-in is January's: it does not count."""
+    record = {"id": 1, "email": EMAIL, "join_organisation": True,
+              "created_at": "2024-01-02T00:00:00Z", "updated_at": "2024-06-01T00:00:00Z",
+              "unsubscribe_at": "2024-06-01T00:00:00Z"}
+    activity = signature_activity(record, {"id": 20, "slug": "p", "title": "P"}, "org")
+    assert activity.opt_in_time == datetime(2024, 1, 2, tzinfo=UTC)
+    assert activity.occurred_at == datetime(2024, 6, 1, tzinfo=UTC)  # still orders the queue
+    march = Person(unsubscribed_at=datetime(2024, 3, 1, tzinfo=UTC))
+    assert opts_in(activity, Progress(person=march)) is False
+    confirmed = signature_activity({**record, "confirmed_at": "2024-04-01T00:00:00Z"},
+                                   {"id": 20, "slug": "p", "title": "P"}, "org")
+    assert confirmed.opt_in_time == datetime(2024, 4, 1, tzinfo=UTC)
+    assert opts_in(confirmed, Progress(person=march)) is True
+    not_opted = signature_activity({**record, "join_organisation": None},
+                                   {"id": 20, "slug": "p", "title": "P"}, "org")
+    assert not_opted.opt_in_time is None
+
+
+@pytest.mark.parametrize(
+    ("opted_in_at", "unsubscribed_at", "expected"),
+    [
+        (None, None, True),
+        (T0 - timedelta(days=1), None, True),  # newer than the last opt-in applied
+        (T0, None, False),  # the same opt-in again
+        (T0 + timedelta(days=1), None, False),  # an older one found late says nothing new
+        (None, T0 - timedelta(days=1), True),
+        (T0 - timedelta(days=2), T0 + timedelta(days=1), False),
+    ],
+)
+def test_only_the_newest_opt_in_counts(opted_in_at, unsubscribed_at, expected) -> None:
+    activity = replace(signer(opted_in=True), occurred_at=T0, fields_at=T0)
+    person = Person(opted_in_at=opted_in_at, unsubscribed_at=unsubscribed_at)
+    assert opts_in(activity, Progress(person=person)) is expected
+
+
+def test_an_opt_in_without_a_time_counts_only_without_consent_history() -> None:
+    activity = replace(signer(opted_in=True), occurred_at=None, fields_at=None)
+    assert opts_in(activity, Progress()) is True
+    assert opts_in(activity, Progress(person=Person(unsubscribed_at=T0))) is False
+    assert opts_in(activity, Progress(person=Person(opted_in_at=T0))) is False
+
+
+@pytest.mark.parametrize(
+    ("unsubscribed", "opted_in_at", "changes"),
+    [
+        (T0, None, True),
+        (T0, T0 - timedelta(minutes=5), True),  # the unsubscribe is the newer act
+        (T0, T0, True),  # same instant: the unsubscribe wins
+        (T0 - timedelta(minutes=5), T0, False),  # 10:05 unsubscribe after a 10:10 opt-in
+    ],
+)
+def test_an_org_wide_unsubscribe_older_than_an_applied_opt_in_changes_nothing(
+        unsubscribed, opted_in_at, changes) -> None:
+    activity = unsubscribe(at=unsubscribed)
+    known = Progress(person=Person(exists=True, uuid="u", subscribed=True,
+                                   opted_in_at=opted_in_at))
+    step = next_step(activity, known)
+    assert isinstance(step, SetStatus) is changes
+    if not changes:
+        assert step == Done("the person opted in again after this unsubscribe: subscription kept")
+        assert after_unsubscribe(known, activity).person.unsubscribed_at == unsubscribed
+
+
+def test_a_sent_opt_in_moves_the_timeline_forward_only() -> None:
+    activity = replace(signer(opted_in=True), fields_at=T0)
+    op = RecordSignature("pet", Fields(EMAIL), "subscribed", ())
+    later = T0 + timedelta(days=3)
+    p = Progress(person=Person(opted_in_at=later))
+    assert after_person_write(p, activity, op, "u", None).person.opted_in_at == later
+    assert after_person_write(Progress(), activity, op, "u", None).person.opted_in_at == T0
+    quiet = RecordSignature("pet", Fields(EMAIL), None, ())
+    assert after_person_write(Progress(), activity, quiet, "u", None).person.opted_in_at is None
+    assert knowledge_to_keep(Person(opted_in_at=T0)).opted_in_at == T0
