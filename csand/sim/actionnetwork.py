@@ -66,6 +66,8 @@ class Faults:
     drop_rate: float = 0.0
     empty_200_rate: float = 0.0
     fail_after_commit_rate: float = 0.0
+    # Route keys ("POST /petitions") the slow answers apply to; empty: every route.
+    slow_routes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True)
@@ -382,7 +384,8 @@ class ActionNetworkSim:
         f = self.faults
         if self._hit(f.drop_rate, "drop"):
             return _Verdict(drop=True)
-        delay = f.slow_seconds if self._hit(f.slow_rate, "slow") else 0.0
+        slow = not f.slow_routes or key in f.slow_routes
+        delay = f.slow_seconds if slow and self._hit(f.slow_rate, "slow") else 0.0
         if self._hit(f.error_rate, "error"):
             return _Verdict(answer=self._fault_page(), delay=delay)
         if key in (SIGNUP, SIGNATURE) and self._hit(f.empty_200_rate, "empty_200"):
