@@ -9,6 +9,8 @@ nothing about the record.
 from __future__ import annotations
 
 import time
+from collections.abc import Awaitable, Callable
+from contextvars import ContextVar
 from dataclasses import dataclass
 from typing import Any
 from urllib.parse import quote
@@ -25,6 +27,11 @@ log = get_logger("actionnetwork")
 
 MAX_429_RETRIES = 4
 MAX_PAGES = 2000  # a guard against a list that never ends
+
+# Awaited right before each request leaves (after the rate limiter let it through): the worker
+# sets it for its task to check that it may still write for its item; raising stops the request.
+before_request: ContextVar[Callable[[], Awaitable[None]] | None] = ContextVar(
+    "an_before_request", default=None)
 
 
 class ANFailure(Exception):
@@ -84,6 +91,9 @@ class ActionNetworkClient:
         url = path if path.startswith("http") else f"{self.base_url}{path}"
         for _ in range(MAX_429_RETRIES + 1):
             await self.limiter.acquire()
+            check = before_request.get()
+            if check is not None:
+                await check()
             self.requests += 1
             started = time.monotonic()
             try:

@@ -25,7 +25,7 @@ from typing import Any
 import anyio
 
 from csand import metrics
-from csand.actionnetwork.client import ActionNetworkClient, ANFailure
+from csand.actionnetwork.client import ActionNetworkClient, ANFailure, before_request
 from csand.logs import get_logger
 from csand.model import Activity, ActivityKind, PetitionRef
 from csand.store import Item, Store
@@ -278,7 +278,11 @@ class Dispatcher:
                 attempt.progress = rules.Progress(
                     person=person, opt_in_applied=applied, person_written=written,
                     signed=written and SIGNED in item.done_steps)
-            step = await self._apply(item, attempt)
+            token = before_request.set(lambda: self._before_request(item))
+            try:
+                step = await self._apply(item, attempt)
+            finally:
+                before_request.reset(token)
             if isinstance(step, rules.Dead):
                 outcome = Outcome(Verdict.DEAD, step.reason)
             else:
@@ -299,8 +303,10 @@ class Dispatcher:
             await self._record(item, outcome, note, attempt.progress, time.monotonic() - started)
 
     async def _before_request(self, item: Item) -> None:
-        """Nothing more goes to AN for an item whose record was deleted or whose lease was lost,
-        nor once shutdown began (the item is handed back and continues where it stopped)."""
+        """Runs before every AN request made for the item (whatever part of the plan makes it:
+        a lookup, a tag or petition creation, a person write). Nothing more goes to AN for an
+        item whose record was deleted or whose lease was lost, nor once shutdown began (the
+        item is handed back and continues where it stopped)."""
         why = await self.store.guard(item.id, item.token)
         if why is None and self._stopping:
             why = "shutdown"
@@ -331,8 +337,6 @@ class Dispatcher:
         for _ in range(rules.MAX_STEPS):
             progress = attempt.progress
             step = rules.next_step(activity, progress)
-            if not isinstance(step, rules.Done | rules.Dead):
-                await self._before_request(item)
             match step:
                 case rules.Done() | rules.Dead():
                     return step
