@@ -227,6 +227,10 @@ class Store:
         self._reader: aiosqlite.Connection | None = None
         self._read_lock = anyio.Lock()
         self.listeners: list[Callable[[], None]] = []  # called when work becomes ready
+        # Bumped by every commit that can take an item from its worker (a deletion, a reclaimed
+        # lease); a lease checked since the last bump needs no read (see guard).
+        self._epoch = 0
+        self._checked: dict[tuple[int, str], int] = {}
 
     def _notify(self) -> None:
         for listener in self.listeners:
@@ -424,6 +428,8 @@ class Store:
             return added
 
         added = await self._write(tx)
+        if deleted:
+            self._epoch += 1
         if added:
             self._notify()
         return added
@@ -501,6 +507,7 @@ class Store:
             )
             return cur.rowcount
 
+        self._epoch += 1
         return await self._write(tx)
 
     async def lease(self, limit: int, lease_seconds: float) -> list[Item]:
@@ -518,10 +525,12 @@ class Store:
         now = self._clock()
 
         async def tx(db: aiosqlite.Connection) -> list[Item]:
-            await db.execute(
+            reclaimed = await db.execute(
                 "UPDATE outbox SET status = 'pending', lease_until = NULL, lease_token = NULL "
                 "WHERE status = 'in_flight' AND lease_until < ?", (now,),
             )
+            if reclaimed.rowcount:
+                self._epoch += 1
             cursor = await db.execute(_LEASE_QUERY, {"now": now, "limit": limit})
             rows = list(await cursor.fetchall())
             tokens = [secrets.token_hex(8) for _ in rows]
@@ -559,13 +568,26 @@ class Store:
 
         ``"deleted"``: ControlShift deleted the record since (its data must not reach AN);
         ``"lost"``: the lease expired and the item was handed out again, or it finished.
+
+        Only this process writes the database (the daemon's single-instance lock), so a lease
+        found intact is still intact until a commit of this store could have changed that:
+        until then the answer comes from memory, and the common case costs no read.
         """
+        key = (item_id, token)
+        if self._checked.get(key) == self._epoch:
+            return None
+        epoch = self._epoch
         rows = await self._read(
             "SELECT status, lease_token, source_deleted_at FROM outbox WHERE id = ?", (item_id,)
         )
         if not rows or rows[0]["status"] != "in_flight" or rows[0]["lease_token"] != token:
             return "lost"
-        return "deleted" if rows[0]["source_deleted_at"] else None
+        if rows[0]["source_deleted_at"]:
+            return "deleted"
+        if len(self._checked) > 10_000:  # leases never finished here (lost ones): forget them
+            self._checked.clear()
+        self._checked[key] = epoch
+        return None
 
     async def record_step(
         self, item_id: int, token: str, steps: Iterable[str], *,
@@ -611,6 +633,8 @@ class Store:
         """
         now = self._clock()
         held = "(:token IS NULL OR (lease_token = :token AND status = 'in_flight'))"
+        if token is not None:
+            self._checked.pop((item_id, token), None)
 
         async def tx(db: aiosqlite.Connection) -> bool:
             if status == "pending":
@@ -760,9 +784,11 @@ class Store:
         await self._write(tx)
         self._notify()  # signatures waiting for this petition are ready now
 
-    async def clear_petition_uuid(self, cs_id: int) -> None:
+    async def clear_petition_uuid(self, cs_id: int, uuid: str | None) -> None:
+        """Forget the mirrored petition ``uuid`` (gone from AN); a newer one stays."""
         async def tx(db: aiosqlite.Connection) -> None:
-            await db.execute("UPDATE cs_petitions SET an_uuid = NULL WHERE cs_id = ?", (cs_id,))
+            await db.execute("UPDATE cs_petitions SET an_uuid = NULL WHERE cs_id = ? "
+                             "AND an_uuid IS ?", (cs_id, uuid))
 
         await self._write(tx)
 

@@ -80,9 +80,14 @@ class PetitionMirror:
         self._locks: dict[int, anyio.Lock] = {}
         self._known: dict[int, str] = {}  # cs id → AN uuid, once mirrored (never changes)
 
-    async def forget(self, cs_id: int) -> None:
-        self._known.pop(cs_id, None)
-        await self._store.clear_petition_uuid(cs_id)
+    async def forget(self, cs_id: int, gone: str | None) -> None:
+        """AN no longer has petition ``gone``: forget it, but not a twin mirrored since by
+        another worker that met the same 404 first."""
+        lock = self._locks.setdefault(cs_id, anyio.Lock())
+        async with lock:
+            if self._known.get(cs_id) == gone:
+                self._known.pop(cs_id, None)
+            await self._store.clear_petition_uuid(cs_id, gone)
 
     async def ensure(self, petition: PetitionRef, creator_uuid: str | None) -> str:
         known = self._known.get(petition.cs_id)
@@ -396,7 +401,7 @@ class Dispatcher:
         assert activity.petition is not None
         log.warning("an.petition_gone", petition=activity.petition.slug,
                     msg="the mirrored petition is gone from Action Network; mirroring it again")
-        await self.petitions.forget(activity.petition.cs_id)
+        await self.petitions.forget(activity.petition.cs_id, progress.petition_uuid)
         return replace(progress, petition_uuid=None)
 
     async def _record(
