@@ -26,6 +26,18 @@ def mask_email(text: str) -> str:
     return _EMAIL.sub(lambda m: f"{m.group(1)}***{m.group(2)}{m.group(3)}", text)
 
 
+def mask_data(value: Any) -> Any:
+    """``value`` with :func:`mask_email` applied to every string in it, through dicts and lists:
+    what the operator commands print, unless asked to ``--reveal``."""
+    if isinstance(value, str):
+        return mask_email(value)
+    if isinstance(value, dict):
+        return {k: mask_data(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [mask_data(v) for v in value]
+    return value
+
+
 class Redactor:
     """structlog processor: secrets out, emails masked, recursively through values."""
 
