@@ -242,8 +242,8 @@ def backfill(
             typer.echo(f"csand: --since {since!r} is not a date", err=True)
             raise typer.Exit(2)
         since_iso = parsed.isoformat()
-    logs.configure("warning", "json", stream=open(  # noqa: SIM115 - lives as long as the process
-        Path(settings.store.path).with_suffix(".backfill.log"), "a"), secrets=settings.secrets())
+    logs.configure("warning", "json", stream=logs.open_private(  # lives as long as the process
+        Path(settings.store.path).with_suffix(".backfill.log")), secrets=settings.secrets())
     raise typer.Exit(anyio.run(run_backfill, settings, since_iso, backend="asyncio"))
 
 

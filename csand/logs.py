@@ -8,9 +8,11 @@ are replaced wherever they appear, keys that name a secret are blanked, and emai
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterable, MutableMapping
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
@@ -109,6 +111,12 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         library.setLevel(logging.WARNING)
         library.handlers = []  # a library's own handlers would bypass JSON and redaction
         library.propagate = True
+
+
+def open_private(path: Path) -> TextIO:
+    """``path`` opened for appending; created owner-only (0600) whatever the umask."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a",
+                     encoding="utf-8")
 
 
 def get_logger(name: str) -> Any:

@@ -17,7 +17,9 @@ Times are Unix seconds (float, from an injectable clock) for scheduling, ISO 860
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -29,6 +31,7 @@ from typing import Any
 import aiosqlite
 import anyio
 
+from csand.logs import get_logger
 from csand.model import Activity, ActivityKind, SignatureSeen, parse_time
 from csand.sync.rules import Person
 
@@ -136,6 +139,8 @@ MIGRATIONS: list[str] = [
 
 STATUSES = ("pending", "in_flight", "done", "dead", "cancelled")
 
+log = get_logger("store")
+
 
 @dataclass(frozen=True, slots=True)
 class Item:
@@ -191,6 +196,7 @@ class Store:
         path = Path(path)
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(path)
         conn = await aiosqlite.connect(str(path), isolation_level=None, timeout=30)
         conn.row_factory = sqlite3.Row
         await conn.execute("PRAGMA journal_mode=WAL")
@@ -765,6 +771,23 @@ def _float(value: str | None) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file owner-only (0600), whatever the umask: it holds names, emails and
+    postcodes, and SQLite gives its ``-wal`` and ``-shm`` files the database file's mode.
+
+    An existing database keeps the mode it has (the operator may have chosen it); one that others
+    can read gets a warning.
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            log.warning("store.readable_by_others", path=str(path), mode=f"{mode:04o}",
+                        msg="the database holds personal data; chmod 600 it (and its -wal and "
+                        "-shm files) unless other users must read it")
 
 
 def _statements(script: str) -> list[str]:
