@@ -31,8 +31,11 @@ async def run_backfill(settings: Settings, since: str | None, console: Console |
     store = await Store.open(path)
     try:
         if since:
-            count = await store.requeue_since(since)
+            count, pruned = await store.requeue_since(since)
             console.print(f"{count} activities since {since} queued again")
+            if pruned:
+                console.print(f"{pruned} more could not be: their personal data was pruned "
+                              f"(store.retention_days = {settings.store.retention_days:g})")
         try:
             with single_instance(path):
                 pass

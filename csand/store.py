@@ -140,6 +140,7 @@ MIGRATIONS: list[str] = [
 STATUSES = ("pending", "in_flight", "done", "dead", "cancelled")
 
 log = get_logger("store")
+PRUNED = "pruned:"  # person key prefix of items whose personal data was pruned (Store.prune)
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +202,7 @@ class Store:
         conn.row_factory = sqlite3.Row
         await conn.execute("PRAGMA journal_mode=WAL")
         await conn.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL
+        await conn.execute("PRAGMA secure_delete=ON")  # pruned data is overwritten, not unlinked
         await conn.execute("PRAGMA foreign_keys=ON")
         await conn.execute("PRAGMA busy_timeout=30000")
         store = cls(conn, clock)
@@ -560,27 +562,37 @@ class Store:
             self._notify()
         return count
 
-    async def requeue_since(self, since: str) -> int:
+    async def requeue_since(self, since: str) -> tuple[int, int]:
         """Re-sync history: the latest version of every activity that happened since ``since``
-        (ISO time) and already finished is queued again under a fresh dedupe key."""
-        now = self._clock()
+        (ISO time) and already finished is queued again under a fresh dedupe key.
 
-        async def tx(db: aiosqlite.Connection) -> int:
+        Returns ``(queued, pruned)``: versions whose personal data was pruned (see
+        :meth:`prune`) cannot be replayed and are only counted.
+        """
+        now = self._clock()
+        latest = ("status IN ('done', 'dead') AND occurred_at >= :since "
+                  "AND id IN (SELECT MAX(id) FROM outbox GROUP BY source_key)")
+
+        async def tx(db: aiosqlite.Connection) -> tuple[int, int]:
+            cur = await db.execute(
+                f"SELECT COUNT(*) FROM outbox WHERE {latest} AND person_key LIKE :pruned",
+                {"since": since, "pruned": f"{PRUNED}%"},
+            )
+            pruned = (await cur.fetchone())[0]
             cur = await db.execute(
                 "INSERT INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, "
                 "payload, occurred_at, enqueued_at) "
                 "SELECT dedupe_key || '#resync@' || :now, source_key, person_key, petition_id, "
                 "kind, payload, occurred_at, :now FROM outbox "
-                "WHERE status IN ('done', 'dead') AND occurred_at >= :since "
-                "AND id IN (SELECT MAX(id) FROM outbox GROUP BY source_key)",
-                {"now": now, "since": since},
+                f"WHERE {latest} AND person_key NOT LIKE :pruned",
+                {"now": now, "since": since, "pruned": f"{PRUNED}%"},
             )
-            return cur.rowcount
+            return cur.rowcount, pruned
 
-        count = await self._write(tx)
+        count, pruned = await self._write(tx)
         if count:
             self._notify()
-        return count
+        return count, pruned
 
     async def dead_item(self, item_id: int) -> dict[str, Any] | None:
         rows = await self._read(
@@ -673,6 +685,71 @@ class Store:
 
         if values:
             await self._write(tx)
+
+    # ---- retention ----
+
+    async def prune(self, retention_seconds: float, *, batch: int = 1000) -> dict[str, int]:
+        """Forget personal data that served its purpose more than ``retention_seconds`` ago.
+
+        * ``done`` and ``cancelled`` items (a dropped dead letter is ``cancelled``) finished
+          before then keep what deduplication and the reports need — id, dedupe key, source,
+          kind, status, times, note, attempts — and lose the rest: the payload becomes
+          ``{"kind", "source_key", "pruned": true}``, the person key ``pruned:<id>`` (only
+          pending and in-flight person keys order the queue) and the last error goes.
+          Dead, pending and in-flight items keep everything.
+        * Webhook events processed before then keep their ``dedupe`` (a redelivery is still
+          recognised) and lose their body.
+
+        Candidates are found on the reader connection and changed ``batch`` rows per write
+        transaction, so the worker's transactions never wait long behind a prune. Returns the
+        number of rows pruned per table.
+        """
+        cutoff = self._clock() - retention_seconds
+        counts = {"outbox": 0, "webhook_events": 0}
+        after = 0
+        while True:  # id order over the whole table: one pass, whatever the backlog
+            rows = await self._read(
+                "SELECT id, kind, source_key FROM outbox NOT INDEXED WHERE id > ? "
+                "AND status IN ('done', 'cancelled') AND finished_at < ? "
+                "AND person_key NOT LIKE ? ORDER BY id LIMIT ?",
+                (after, cutoff, f"{PRUNED}%", batch),
+            )
+            if not rows:
+                break
+            after = rows[-1]["id"]
+            values = [(f"{PRUNED}{r['id']}",
+                       json.dumps({"kind": r["kind"], "source_key": r["source_key"],
+                                   "pruned": True}, separators=(",", ":")),
+                       r["id"], cutoff) for r in rows]
+
+            async def outbox_tx(db: aiosqlite.Connection, values: list[Any] = values) -> int:
+                cur = await db.executemany(
+                    "UPDATE outbox SET person_key = ?, payload = ?, last_error = NULL "
+                    "WHERE id = ? AND status IN ('done', 'cancelled') AND finished_at < ?",
+                    values,
+                )
+                return cur.rowcount
+
+            counts["outbox"] += await self._write(outbox_tx)
+        after = 0
+        while True:
+            rows = await self._read(
+                "SELECT id FROM webhook_events NOT INDEXED WHERE id > ? AND processed_at < ? "
+                "AND body != '{}' ORDER BY id LIMIT ?", (after, cutoff, batch),
+            )
+            if not rows:
+                break
+            after = rows[-1]["id"]
+            ids = [(r["id"], cutoff) for r in rows]
+
+            async def events_tx(db: aiosqlite.Connection, ids: list[Any] = ids) -> int:
+                cur = await db.executemany(
+                    "UPDATE webhook_events SET body = '{}' WHERE id = ? AND processed_at < ?", ids,
+                )
+                return cur.rowcount
+
+            counts["webhook_events"] += await self._write(events_tx)
+        return counts
 
     # ---- reporting ----
 
