@@ -118,6 +118,7 @@ def status(config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH, as_json: JsonO
                               now=time.time())
     data["healthy"] = not problems
     data["problems"] = problems
+    data["retention_days"] = settings.store.retention_days
     if not reveal:  # poll errors and dead-letter reasons may quote a record
         data = logs.mask_data(data)
     if as_json:

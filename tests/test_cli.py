@@ -101,3 +101,8 @@ def test_dead_show_masks_unless_revealed(config: Path) -> None:
     shown = invoke("dead", "show", "1", "--config", str(config))
     assert SIGNER not in shown and json.loads(shown)["last_error"]
     assert SIGNER in invoke("dead", "show", "1", "--reveal", "--config", str(config))
+
+
+def test_status_tells_how_long_personal_data_is_kept(config: Path) -> None:
+    assert json.loads(invoke("status", "--json", "--config", str(config)))["retention_days"] == 30
+    assert "kept 30 days" in invoke("status", "--config", str(config))
