@@ -13,6 +13,7 @@ from structlog.testing import capture_logs
 
 from csand import logs
 from csand.daemon import single_instance
+from csand.dryrun import copy_database
 from csand.store import Store
 from tests.test_store import FakeClock, sig
 
@@ -85,3 +86,11 @@ def test_a_private_log_file_is_created_owner_only_and_appended_to(tmp_path: Path
         f.write("two\n")
     assert mode(path) == 0o600
     assert path.read_text() == "one\ntwo\n"
+
+
+def test_a_dry_run_copy_of_the_database_is_owner_only(tmp_path: Path, umask_022: None) -> None:
+    source = tmp_path / "csand.db"
+    sqlite3.connect(source).execute("CREATE TABLE t (x)").connection.close()
+    target = tmp_path / "scratch" / "csand.db"
+    copy_database(source, target)
+    assert mode(target) == 0o600
