@@ -35,6 +35,10 @@ async def run_backfill(settings: Settings, since: str | None, console: Console |
             console.print(f"{result.queued} activities since {since} queued again")
             if result.skipped_deleted:
                 console.print(f"{result.skipped_deleted} not queued: deleted on ControlShift")
+            if result.skipped_pruned:
+                console.print(f"{result.skipped_pruned} more could not be: their personal data "
+                              f"was pruned (store.retention_days = "
+                              f"{settings.store.retention_days:g})")
         try:
             with single_instance(path):
                 pass

@@ -33,6 +33,8 @@ ConfigOption = Annotated[
     Path, typer.Option("--config", "-c", help="TOML config file.", envvar="CSAND_CONFIG")
 ]
 JsonOption = Annotated[bool, typer.Option("--json", help="Print JSON instead of a table.")]
+RevealOption = Annotated[bool, typer.Option(
+    "--reveal", help="Show email addresses unmasked (they are masked as a***@example.org).")]
 
 UNHEALTHY = 3
 
@@ -102,8 +104,8 @@ def run(
 
 
 @app.command()
-def status(config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH, as_json: JsonOption = False
-           ) -> None:
+def status(config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH, as_json: JsonOption = False,
+           reveal: RevealOption = False) -> None:
     """The queue, the last poll, AN's rate, dead letters and webhook health; exit 3 if unhealthy.
 
     Safe to run while ``csand run`` is running.
@@ -116,6 +118,9 @@ def status(config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH, as_json: JsonO
                               now=time.time())
     data["healthy"] = not problems
     data["problems"] = problems
+    data["retention_days"] = settings.store.retention_days
+    if not reveal:  # poll errors and dead-letter reasons may quote a record
+        data = logs.mask_data(data)
     if as_json:
         typer.echo(json.dumps(data))
     else:
@@ -150,10 +155,13 @@ def check(config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH, as_json: JsonOp
 
 @dead_app.command("list")
 def dead_list(config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH, as_json: JsonOption = False,
-              limit: Annotated[int, typer.Option(help="At most this many.")] = 100) -> None:
+              limit: Annotated[int, typer.Option(help="At most this many.")] = 100,
+              reveal: RevealOption = False) -> None:
     """Dead items, oldest first, with the reason."""
     settings = _load(config, secrets=False)
     items = _with_store(settings, lambda store: store.dead_items(limit))
+    if not reveal:  # a reason may quote the record ("invalid email address ...")
+        items = logs.mask_data(items)
     if as_json:
         typer.echo(json.dumps(items))
         return
@@ -246,8 +254,8 @@ def backfill(
             typer.echo(f"csand: --since {since!r} is not a date", err=True)
             raise typer.Exit(2)
         since_iso = parsed.isoformat()
-    logs.configure("warning", "json", stream=open(  # noqa: SIM115 - lives as long as the process
-        Path(settings.store.path).with_suffix(".backfill.log"), "a"), secrets=settings.secrets())
+    logs.configure("warning", "json", stream=logs.open_private(  # lives as long as the process
+        Path(settings.store.path).with_suffix(".backfill.log")), secrets=settings.secrets())
     raise typer.Exit(anyio.run(run_backfill, settings, since_iso, backend="asyncio"))
 
 

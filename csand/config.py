@@ -104,6 +104,8 @@ class SyncSettings(_Section):
 
 class StoreSettings(_Section):
     path: Path = Path("/var/lib/csand/csand.db")
+    # Days a finished item's and a processed webhook's personal data is kept (then pruned).
+    retention_days: Positive = 30.0
 
 
 class LogSettings(_Section):

@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import signal
+import sqlite3
 import tempfile
 import time
 from collections.abc import Iterator
@@ -42,6 +43,7 @@ from csand.web import Listener, build_app
 log = get_logger("daemon")
 
 HEARTBEAT_SECONDS = 5.0
+PRUNE_SECONDS = 3600.0  # personal data past store.retention_days is pruned this often
 AN_HEADROOM = 0.97  # 3% under AN's limit: arrival jitter must not cost 429s
 
 
@@ -57,7 +59,7 @@ def single_instance(db_path: Path) -> Iterator[None]:
         return
     db_path.parent.mkdir(parents=True, exist_ok=True)
     lock_path = db_path.with_name(db_path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -220,6 +222,8 @@ class Daemon:
 
             tg.start_soon(poll)
             tg.start_soon(self._heartbeat)
+            if not self.dry_run:  # a dry run's copy of the database is thrown away anyway
+                tg.start_soon(self._prune)
             work_scope = anyio.CancelScope()
             work_done = anyio.Event()
 
@@ -275,6 +279,20 @@ class Daemon:
             self.last_status = snapshot
             self.notifier.status(_status_line(snapshot, self.dispatcher.auth_paused))
             await anyio.sleep(HEARTBEAT_SECONDS)
+
+    async def _prune(self) -> None:
+        """At start-up and every hour: personal data kept past ``store.retention_days`` goes."""
+        assert self.store is not None
+        days = self.settings.store.retention_days
+        while True:
+            try:
+                pruned = await self.store.prune(days * 86400)
+            except sqlite3.Error as exc:  # the store is busy or broken: try again next time
+                log.warning("store.prune_failed", error=str(exc))
+            else:
+                if any(pruned.values()):
+                    log.info("store.pruned", retention_days=days, **pruned)
+            await anyio.sleep(PRUNE_SECONDS)
 
     def _http_app(self) -> Any:
         secret = self.settings.controlshift.webhook_secret

@@ -9,6 +9,7 @@ what csand knows are untouched.
 from __future__ import annotations
 
 import hashlib
+import os
 import sqlite3
 from pathlib import Path
 
@@ -28,6 +29,8 @@ def copy_database(source: Path, target: Path) -> None:
     target.parent.mkdir(parents=True, exist_ok=True)
     if not source.exists():
         return
+    # The copy holds the same personal data: owner-only, like the database csand creates.
+    os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o600))
     with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
         src.backup(dst)
 

@@ -8,9 +8,11 @@ are replaced wherever they appear, keys that name a secret are blanked, and emai
 from __future__ import annotations
 
 import logging
+import os
 import re
 import sys
 from collections.abc import Iterable, MutableMapping
+from pathlib import Path
 from typing import Any, TextIO
 
 import structlog
@@ -24,6 +26,18 @@ _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARN
 
 def mask_email(text: str) -> str:
     return _EMAIL.sub(lambda m: f"{m.group(1)}***{m.group(2)}{m.group(3)}", text)
+
+
+def mask_data(value: Any) -> Any:
+    """``value`` with :func:`mask_email` applied to every string in it, through dicts and lists:
+    what the operator commands print, unless asked to ``--reveal``."""
+    if isinstance(value, str):
+        return mask_email(value)
+    if isinstance(value, dict):
+        return {k: mask_data(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [mask_data(v) for v in value]
+    return value
 
 
 class Redactor:
@@ -97,6 +111,12 @@ def configure(level: str = "info", fmt: str = "auto", stream: TextIO | None = No
         library.setLevel(logging.WARNING)
         library.handlers = []  # a library's own handlers would bypass JSON and redaction
         library.propagate = True
+
+
+def open_private(path: Path) -> TextIO:
+    """``path`` opened for appending; created owner-only (0600) whatever the umask."""
+    return os.fdopen(os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o600), "a",
+                     encoding="utf-8")
 
 
 def get_logger(name: str) -> Any:

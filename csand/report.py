@@ -45,6 +45,9 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
         else:
             health = "ok"
         table.add_row("webhook endpoint", health)
+    if data.get("retention_days"):
+        table.add_row("personal data", f"kept {data['retention_days']:g} days after an item is "
+                      "synced or dropped (dead letters: until retried or dropped)")
     if data.get("an_paused"):
         table.add_row("[red]PAUSED[/red]", f"[red]{data['an_paused']}[/red]")
     console.print(table)

@@ -17,8 +17,10 @@ Times are Unix seconds (float, from an injectable clock) for scheduling, ISO 860
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import sqlite3
+import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -30,6 +32,7 @@ from typing import Any
 import aiosqlite
 import anyio
 
+from csand.logs import get_logger
 from csand.model import Activity, ActivityKind, SignatureSeen, parse_time
 from csand.sync.rules import Person
 
@@ -176,6 +179,9 @@ MIGRATIONS: list[str] = [
 
 STATUSES = ("pending", "in_flight", "done", "dead", "cancelled")
 
+log = get_logger("store")
+PRUNED = "pruned:"  # person key prefix of items whose personal data was pruned (Store.prune)
+
 
 @dataclass(frozen=True, slots=True)
 class Item:
@@ -191,6 +197,7 @@ class Item:
 class Requeued:
     queued: int
     skipped_deleted: int  # records ControlShift deleted: never sent to AN again
+    skipped_pruned: int = 0  # versions whose personal data was pruned: nothing left to send
 
 
 @dataclass(frozen=True, slots=True)
@@ -243,10 +250,12 @@ class Store:
         path = Path(path)
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
+            _create_private(path)
         conn = await aiosqlite.connect(str(path), isolation_level=None, timeout=30)
         conn.row_factory = sqlite3.Row
         await conn.execute("PRAGMA journal_mode=WAL")
         await conn.execute("PRAGMA synchronous=NORMAL")  # durable across process crashes in WAL
+        await conn.execute("PRAGMA secure_delete=ON")  # pruned data is overwritten, not unlinked
         await conn.execute("PRAGMA foreign_keys=ON")
         await conn.execute("PRAGMA busy_timeout=30000")
         store = cls(conn, clock)
@@ -691,24 +700,32 @@ class Store:
 
     async def requeue_since(self, since: str) -> Requeued:
         """Re-sync history: the latest version of every activity that happened since ``since``
-        (ISO time) and already finished is queued again under a fresh dedupe key; never one
-        whose record ControlShift deleted (counted as skipped)."""
+        (ISO time) and already finished is queued again under a fresh dedupe key.
+
+        Never one whose record ControlShift deleted; and versions whose personal data was
+        pruned (see :meth:`prune`) cannot be replayed. Both are only counted.
+        """
         now = self._clock()
         latest = ("FROM outbox WHERE status IN ('done', 'dead') AND occurred_at >= :since "
                   "AND id IN (SELECT MAX(id) FROM outbox GROUP BY source_key)")
+        params = {"since": since, "pruned": f"{PRUNED}%"}
 
         async def tx(db: aiosqlite.Connection) -> Requeued:
             deleted = (await (await db.execute(
                 f"SELECT COUNT(*) {latest} AND source_deleted_at IS NOT NULL",
-                {"since": since})).fetchone())[0]
+                params)).fetchone())[0]
+            pruned = (await (await db.execute(
+                f"SELECT COUNT(*) {latest} AND source_deleted_at IS NULL "
+                "AND person_key LIKE :pruned", params)).fetchone())[0]
             cur = await db.execute(
                 "INSERT INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, "
                 "payload, occurred_at, enqueued_at) "
                 "SELECT dedupe_key || '#resync@' || :now, source_key, person_key, petition_id, "
-                f"kind, payload, occurred_at, :now {latest} AND source_deleted_at IS NULL",
-                {"now": now, "since": since},
+                f"kind, payload, occurred_at, :now {latest} AND source_deleted_at IS NULL "
+                "AND person_key NOT LIKE :pruned",
+                {"now": now, **params},
             )
-            return Requeued(cur.rowcount, deleted)
+            return Requeued(cur.rowcount, deleted, pruned)
 
         result = await self._write(tx)
         if result.queued:
@@ -809,6 +826,71 @@ class Store:
         if values:
             await self._write(tx)
 
+    # ---- retention ----
+
+    async def prune(self, retention_seconds: float, *, batch: int = 1000) -> dict[str, int]:
+        """Forget personal data that served its purpose more than ``retention_seconds`` ago.
+
+        * ``done`` and ``cancelled`` items (a dropped dead letter is ``cancelled``) finished
+          before then keep what deduplication and the reports need — id, dedupe key, source,
+          kind, status, times, note, attempts — and lose the rest: the payload becomes
+          ``{"kind", "source_key", "pruned": true}``, the person key ``pruned:<id>`` (only
+          pending and in-flight person keys order the queue) and the last error goes.
+          Dead, pending and in-flight items keep everything.
+        * Webhook events processed before then keep their ``dedupe`` (a redelivery is still
+          recognised) and lose their body.
+
+        Candidates are found on the reader connection and changed ``batch`` rows per write
+        transaction, so the worker's transactions never wait long behind a prune. Returns the
+        number of rows pruned per table.
+        """
+        cutoff = self._clock() - retention_seconds
+        counts = {"outbox": 0, "webhook_events": 0}
+        after = 0
+        while True:  # id order over the whole table: one pass, whatever the backlog
+            rows = await self._read(
+                "SELECT id, kind, source_key FROM outbox NOT INDEXED WHERE id > ? "
+                "AND status IN ('done', 'cancelled') AND finished_at < ? "
+                "AND person_key NOT LIKE ? ORDER BY id LIMIT ?",
+                (after, cutoff, f"{PRUNED}%", batch),
+            )
+            if not rows:
+                break
+            after = rows[-1]["id"]
+            values = [(f"{PRUNED}{r['id']}",
+                       json.dumps({"kind": r["kind"], "source_key": r["source_key"],
+                                   "pruned": True}, separators=(",", ":")),
+                       r["id"], cutoff) for r in rows]
+
+            async def outbox_tx(db: aiosqlite.Connection, values: list[Any] = values) -> int:
+                cur = await db.executemany(
+                    "UPDATE outbox SET person_key = ?, payload = ?, last_error = NULL "
+                    "WHERE id = ? AND status IN ('done', 'cancelled') AND finished_at < ?",
+                    values,
+                )
+                return cur.rowcount
+
+            counts["outbox"] += await self._write(outbox_tx)
+        after = 0
+        while True:
+            rows = await self._read(
+                "SELECT id FROM webhook_events NOT INDEXED WHERE id > ? AND processed_at < ? "
+                "AND body != '{}' ORDER BY id LIMIT ?", (after, cutoff, batch),
+            )
+            if not rows:
+                break
+            after = rows[-1]["id"]
+            ids = [(r["id"], cutoff) for r in rows]
+
+            async def events_tx(db: aiosqlite.Connection, ids: list[Any] = ids) -> int:
+                cur = await db.executemany(
+                    "UPDATE webhook_events SET body = '{}' WHERE id = ? AND processed_at < ?", ids,
+                )
+                return cur.rowcount
+
+            counts["webhook_events"] += await self._write(events_tx)
+        return counts
+
     # ---- reporting ----
 
     async def counts(self) -> dict[str, int]:
@@ -907,6 +989,23 @@ def _float(value: str | None) -> float | None:
         return float(value) if value is not None else None
     except ValueError:
         return None
+
+
+def _create_private(path: Path) -> None:
+    """Create the database file owner-only (0600), whatever the umask: it holds names, emails and
+    postcodes, and SQLite gives its ``-wal`` and ``-shm`` files the database file's mode.
+
+    An existing database keeps the mode it has (the operator may have chosen it); one that others
+    can read gets a warning.
+    """
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600))
+    except FileExistsError:
+        mode = stat.S_IMODE(path.stat().st_mode)
+        if mode & 0o077:
+            log.warning("store.readable_by_others", path=str(path), mode=f"{mode:04o}",
+                        msg="the database holds personal data; chmod 600 it (and its -wal and "
+                        "-shm files) unless other users must read it")
 
 
 def _statements(script: str) -> list[str]:

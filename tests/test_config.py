@@ -66,6 +66,7 @@ def test_example_config_in_the_repo_loads() -> None:
     assert (sync.retry_base, sync.retry_cap, sync.lease_seconds) == (2.0, 900.0, 300.0)
     assert (sync.shutdown_grace, sync.auth_recheck_interval) == (10.0, 60.0)
     assert s.store.path == Path("/var/lib/csand/csand.db")
+    assert s.store.retention_days == 30
     assert (s.log.level, s.log.format) == ("info", "auto")
 
 
@@ -209,6 +210,15 @@ def test_wrong_type_names_the_key(tmp_path: Path, section: str, line: str, key: 
     text = MINIMAL.replace(f"[{section}]", f"[{section}]\n{line}") if f"[{section}]" in MINIMAL \
         else MINIMAL + f"\n[{section}]\n{line}\n"
     assert f"{key}:" in error_for(tmp_path, text)
+
+
+def test_retention_days_defaults_to_30_and_must_be_positive(tmp_path: Path) -> None:
+    assert load_text(tmp_path, MINIMAL).store.retention_days == 30
+    week = load_text(tmp_path, MINIMAL + "\n[store]\nretention_days = 7\n")
+    assert week.store.retention_days == 7
+    for bad in ("0", "-1", '"forever"'):
+        message = error_for(tmp_path, MINIMAL + f"\n[store]\nretention_days = {bad}\n")
+        assert "store.retention_days:" in message
 
 
 def test_url_without_scheme(tmp_path: Path) -> None:

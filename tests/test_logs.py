@@ -90,6 +90,18 @@ def test_mistyped_address_in_a_dead_letter_reason_is_masked(redact: Redactor) ->
     assert "ann@" not in json.dumps(event)
 
 
+def test_mask_data_masks_every_string_and_keeps_the_shape() -> None:
+    data = {"dead": 2, "healthy": False, "age": 1.5, "none": None,
+            "last_poll_result": "failed: 422 for bob@example.org",
+            "dead_reasons": [{"reason": "invalid email address 'ann@example'", "count": 2}],
+            "pair": ("cleo@example.org", 1)}
+    assert logs.mask_data(data) == {
+        "dead": 2, "healthy": False, "age": 1.5, "none": None,
+        "last_poll_result": "failed: 422 for b***@example.org",
+        "dead_reasons": [{"reason": "invalid email address 'a***@example'", "count": 2}],
+        "pair": ["c***@example.org", 1]}
+
+
 # ---------------------------------------------------------------- secrets
 
 

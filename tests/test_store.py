@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import sqlite3
 from datetime import UTC, datetime
 from pathlib import Path
@@ -602,3 +603,135 @@ async def test_a_stale_poll_never_undoes_a_deletion_or_a_newer_version(store: St
                                                  "2024-01-02T00:00:00+00:00")], [older])
     assert (await store.counts())["pending"] == 0
     assert (await store.signature_seen(2)).fingerprint == "fp-new"
+
+
+# ---------------------------------------------------------------- retention
+
+DAY = 86_400.0
+RETENTION = 30 * DAY
+
+
+def _by_source(db_path: Path) -> dict[str, sqlite3.Row]:
+    return {r["source_key"]: r for r in outbox(db_path)}
+
+
+@pytest.mark.anyio
+async def test_prune_reduces_old_finished_items_to_what_dedupe_and_reports_need(
+    store: Store, clock: FakeClock, db_path: Path
+) -> None:
+    old_done, recent_done = sig(1, "ann@example.org"), sig(2, "bob@example.org")
+    old_dead, dropped, pending = (sig(3, "cy@example.org"), sig(4, "dee@example.org"),
+                                  sig(5, "eve@example.org"))
+    await store.enqueue([old_done, recent_done, old_dead, dropped, pending])
+    ids = {r["source_key"]: r["id"] for r in outbox(db_path)}
+    await store.finish(ids["signature:1"], "done", note="signer synced (subscribed)",
+                       error="AN 503 for ann@example.org")  # an earlier attempt's error
+    await store.finish(ids["signature:3"], "dead", error="invalid email address 'cy@example.org'")
+    await store.finish(ids["signature:4"], "dead", error="invalid email address 'dee@example.org'")
+    await store.drop_dead([ids["signature:4"]])
+    clock.t += 2 * DAY
+    await store.finish(ids["signature:2"], "done", note="signer synced (subscribed)")
+    before = _by_source(db_path)
+    counts_before = await store.counts()
+
+    clock.t = T0 + 31 * DAY  # signature 1 and the dropped 4 finished 31 days ago; 2, 29 days ago
+    assert await store.prune(RETENTION) == {"outbox": 2, "webhook_events": 0}
+
+    after = _by_source(db_path)
+    for source in ("signature:1", "signature:4"):
+        row, was = after[source], before[source]
+        assert json.loads(row["payload"]) == {"kind": "signature", "source_key": source,
+                                              "pruned": True}
+        assert row["person_key"] == f"pruned:{row['id']}"
+        assert row["last_error"] is None
+        kept = ("id", "dedupe_key", "source_key", "petition_id", "kind", "status", "occurred_at",
+                "finished_at", "enqueued_at", "note", "attempts")
+        assert [row[k] for k in kept] == [was[k] for k in kept]
+    for source in ("signature:2", "signature:3", "signature:5"):  # recent, dead, pending
+        assert dict(after[source]) == dict(before[source])
+    assert await store.counts() == counts_before
+    assert (await store.dead_item(ids["signature:4"]))["activity"]["pruned"] is True
+
+    # A pruned version seen again is still a duplicate; a second prune finds nothing to do.
+    assert await store.enqueue([old_done]) == 0
+    assert await store.prune(RETENTION) == {"outbox": 0, "webhook_events": 0}
+    # The pending item is unaffected and leasable.
+    (item,) = await store.lease(10, 60)
+    assert item.activity == pending
+
+
+@pytest.mark.anyio
+async def test_prune_works_in_batches(store: Store, clock: FakeClock, db_path: Path) -> None:
+    await store.enqueue([sig(i, f"p{i}@example.org") for i in range(1, 8)])
+    for row in outbox(db_path):
+        await store.finish(row["id"], "done")
+    clock.t += 31 * DAY
+    assert await store.prune(RETENTION, batch=3) == {"outbox": 7, "webhook_events": 0}
+    assert all(r["person_key"].startswith("pruned:") for r in outbox(db_path))
+
+
+@pytest.mark.anyio
+async def test_prune_empties_old_processed_webhook_bodies_and_keeps_their_dedupe(
+    store: Store, clock: FakeClock, db_path: Path
+) -> None:
+    body = '{"type":"signature.created","data":{"email":"ann@example.org"}}'
+    assert await store.receive_event("jid-old", "signature.created", body)
+    assert await store.receive_event("jid-waiting", "signature.created", body)
+    assert await store.receive_event("jid-failed", "signature.created", body)
+    events = {e.id: e for e in await store.events_due()}
+    old, waiting, failed = sorted(events)
+    await store.commit_poll(None, event_id=old)
+    await store.event_failed(failed, "malformed: no petition", None)  # given up on: processed
+    clock.t += 2 * DAY
+    assert await store.receive_event("jid-recent", "signature.created", body)
+    (recent,) = [e.id for e in await store.events_due() if e.id not in events]
+    await store.commit_poll(None, event_id=recent)
+
+    clock.t = T0 + 31 * DAY
+    assert await store.prune(RETENTION) == {"outbox": 0, "webhook_events": 2}
+    bodies = {r["dedupe"]: r["body"] for r in rows(db_path, "SELECT * FROM webhook_events")}
+    assert bodies == {"jid-old": "{}", "jid-failed": "{}", "jid-waiting": body, "jid-recent": body}
+    # CS redelivers a pruned event: still recognised, not processed again.
+    assert await store.receive_event("jid-old", "signature.created", body) is False
+    assert [e.id for e in await store.events_due()] == [waiting]
+    assert await store.prune(RETENTION) == {"outbox": 0, "webhook_events": 0}
+
+
+@pytest.mark.anyio
+async def test_pruned_personal_data_is_gone_from_the_database_file(
+    db_path: Path, clock: FakeClock
+) -> None:
+    """secure_delete: the old payloads are overwritten, not merely unlinked from the b-tree."""
+    store = await Store.open(db_path, clock=clock)
+    try:
+        await store.enqueue([sig(1, "zoe.private@example.org"), sig(2, "yan.private@example.org")])
+        for row in outbox(db_path):
+            await store.finish(row["id"], "done")
+        clock.t += 31 * DAY
+        assert (await store.prune(RETENTION))["outbox"] == 2
+    finally:
+        await store.close()  # the last connection checkpoints the WAL into the file
+    assert not Path(f"{db_path}-wal").exists()
+    raw = db_path.read_bytes()
+    assert b"private@example.org" not in raw and b"zoe.private" not in raw
+
+
+@pytest.mark.anyio
+async def test_requeue_since_skips_pruned_items_and_counts_them(
+    store: Store, clock: FakeClock, db_path: Path
+) -> None:
+    await store.enqueue([sig(1, "ann@example.org"), sig(2, "bob@example.org"),
+                         sig(3, "cy@example.org")])
+    ids = {r["source_key"]: r["id"] for r in outbox(db_path)}
+    await store.finish(ids["signature:1"], "done")
+    await store.finish(ids["signature:3"], "dead", error="bad")
+    clock.t += 2 * DAY
+    await store.finish(ids["signature:2"], "done")
+    clock.t = T0 + 31 * DAY
+    await store.prune(RETENTION)
+
+    result = await store.requeue_since("2000-01-01T00:00:00+00:00")
+    assert (result.queued, result.skipped_deleted, result.skipped_pruned) == (2, 0, 1)
+    queued = [r for r in outbox(db_path) if r["status"] == "pending"]
+    assert sorted(r["source_key"] for r in queued) == ["signature:2", "signature:3"]
+    assert all(not r["person_key"].startswith("pruned:") for r in queued)

@@ -15,9 +15,12 @@ import sys
 import time
 from pathlib import Path
 
+import anyio
 import pytest
 
+from csand.model import global_unsubscribe_activity
 from csand.sim.scenario import Scenario
+from csand.store import Store
 from tests.e2e.harness import AN_KEY, CS_KEY, Csand, World, make_world
 
 pytestmark = pytest.mark.e2e
@@ -215,3 +218,31 @@ def test_broken_config_stops_with_one_clear_message(tmp_path: Path) -> None:
     assert "action_network.requests_per_second" in result.stderr
     assert "action_network.workerz: unknown key" in result.stderr
     assert result.stderr.count("\n") == 1
+
+
+def test_the_daemon_prunes_personal_data_past_the_retention_at_start(world: World) -> None:
+    world.populate(petitions=2, signatures=5, seed=1)
+    daemon = world.csand(store={"retention_days": 30})
+    long_ago = time.time() - 40 * 86400
+
+    async def seed() -> None:  # an item synced 40 days ago, by an earlier csand
+        store = await Store.open(daemon.db, clock=lambda: long_ago)
+        try:
+            await store.enqueue([global_unsubscribe_activity(1, "old.signer@example.org", None)])
+            [item] = await store.lease(1, 60)
+            await store.finish(item.id, "done", note="unsubscribed")
+        finally:
+            await store.close()
+
+    anyio.run(seed, backend="asyncio")
+    daemon.start()
+    daemon.wait_for(lambda: any(e.get("event") == "store.pruned" for e in daemon.log_events()),
+                    "the start-up prune")
+    daemon.wait_drained()
+    [pruned] = [e for e in daemon.log_events() if e.get("event") == "store.pruned"]
+    assert (pruned["outbox"], pruned["webhook_events"]) == (1, 0)
+    [(person_key, payload)] = daemon.query(
+        "SELECT person_key, payload FROM outbox WHERE source_key = 'unsubscribe:1'")
+    assert person_key.startswith("pruned:") and "old.signer" not in payload
+    assert daemon.counts()["done"] >= 4  # the pruned item still counts; the new ones synced
+    assert daemon.terminate()[0] == 0

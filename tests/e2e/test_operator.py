@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import anyio
 import pytest
 
+from csand.store import Store
 from tests.e2e.harness import Csand, World
 
 pytestmark = pytest.mark.e2e
@@ -103,6 +106,20 @@ def test_backfill_drains_and_resyncs_since_a_date(world: World) -> None:
     assert again.returncode == 0
     assert "queued again" in again.stdout
     assert daemon.counts()["done"] > before
+    world.check()
+
+    async def prune_as_if_40_days_later() -> None:
+        store = await Store.open(daemon.db, clock=lambda: time.time() + 40 * 86400)
+        try:
+            assert (await store.prune(30 * 86400))["outbox"] == daemon.counts()["done"]
+        finally:
+            await store.close()
+
+    anyio.run(prune_as_if_40_days_later, backend="asyncio")
+    pruned = csand(daemon, "backfill", "--since", "2000-01-01", timeout=180)
+    assert pruned.returncode == 0
+    assert "0 activities since" in pruned.stdout
+    assert "could not be: their personal data was pruned" in pruned.stdout
     world.check()
     bad = csand(daemon, "backfill", "--since", "yesterday-ish")
     assert bad.returncode == 2
