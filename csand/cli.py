@@ -187,8 +187,27 @@ def dead_show(item_id: int, config: ConfigOption = config_mod.DEFAULT_CONFIG_PAT
 def dead_retry(item_id: Annotated[int | None, typer.Argument()] = None,
                all_: Annotated[bool, typer.Option("--all", help="Every dead item.")] = False,
                config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH) -> None:
-    """Put dead items back in the queue (attempts reset); the running daemon picks them up."""
-    _change_dead(item_id, all_, config, lambda store, ids: store.requeue_dead(ids), "queued again")
+    """Put dead items back in the queue (attempts reset); the running daemon picks them up.
+
+    Malformed ControlShift records stay dead: there is nothing to retry until ControlShift
+    corrects them, and then the next poll syncs them by itself.
+    """
+    skipped: list[int] = []
+
+    async def requeue(store: Any, ids: list[int] | None) -> int:
+        count = await store.requeue_dead(ids)
+        skipped.extend(d["id"] for d in await store.dead_items(limit=1_000_000)
+                       if d["kind"] == "malformed" and (ids is None or d["id"] in ids))
+        return count
+
+    try:
+        _change_dead(item_id, all_, config, requeue, "queued again")
+    finally:
+        if skipped:
+            typer.echo(f"{len(skipped)} malformed ControlShift record(s) not queued (ids "
+                       f"{', '.join(map(str, skipped[:20]))}{', ...' if len(skipped) > 20 else ''}"
+                       "): they hold nothing to sync; once corrected on ControlShift the next "
+                       "poll syncs them ('csand dead drop' clears them)", err=True)
 
 
 @dead_app.command("drop")

@@ -29,7 +29,7 @@ from typing import Any
 import aiosqlite
 import anyio
 
-from csand.model import Activity, ActivityKind, SignatureSeen, parse_time
+from csand.model import Activity, ActivityKind, DeadLetter, SignatureSeen, parse_time
 from csand.sync.rules import Person
 
 # Each entry migrates from version i to i+1. Append only; never edit a released one.
@@ -301,6 +301,7 @@ class Store:
         *,
         event_id: int | None = None,
         creator_extra: tuple[int, str, str] | None = None,
+        dead_letters: Iterable[DeadLetter] = (),
     ) -> int:
         """Record what was seen and enqueue what it produced, atomically.
 
@@ -308,12 +309,15 @@ class Store:
         processed in the same transaction; ``creator_extra`` is ``(cs_id, slug, json)``).
         Returns the number of new outbox items (re-seen versions are ignored by the unique
         dedupe key). Pending items of deleted signatures are cancelled: CS says to treat a
-        deleted signature as if it never happened.
+        deleted signature as if it never happened. ``dead_letters`` (malformed CS records) are
+        stored dead, once per version of the record however often it is seen; they are not
+        counted in the return value.
         """
         now = self._clock()
         activities = list(activities)
         signatures = list(signatures)
         deleted = [(s,) for s in deleted_sources]
+        dead = [_dead_letter_row(d, now) for d in dead_letters]
 
         async def tx(db: aiosqlite.Connection) -> int:
             # What was read before this transaction may be stale: a webhook processed meanwhile
@@ -348,6 +352,8 @@ class Store:
             if rows:
                 await db.executemany(_INSERT_OUTBOX, rows)
             added = db.total_changes - before
+            if dead:
+                await db.executemany(_INSERT_DEAD_LETTER, dead)
             if deleted:
                 await db.executemany(
                     "UPDATE outbox SET status = 'cancelled', finished_at = ?, "
@@ -534,18 +540,23 @@ class Store:
         await self._write(tx)
 
     async def requeue_dead(self, ids: Sequence[int] | None = None) -> int:
-        """Put dead items back in the queue (after the operator fixed the cause)."""
+        """Put dead items back in the queue (after the operator fixed the cause).
+
+        Malformed CS records are skipped: they hold no activity to run; once corrected on
+        ControlShift the next poll syncs them by itself.
+        """
 
         async def tx(db: aiosqlite.Connection) -> int:
             if ids is None:
                 cur = await db.execute(
                     "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = 0, "
-                    "finished_at = NULL WHERE status = 'dead'"
+                    "finished_at = NULL WHERE status = 'dead' AND kind != 'malformed'"
                 )
             else:
                 cur = await db.executemany(
                     "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = 0, "
-                    "finished_at = NULL WHERE status = 'dead' AND id = ?", [(i,) for i in ids],
+                    "finished_at = NULL WHERE status = 'dead' AND kind != 'malformed' AND id = ?",
+                    [(i,) for i in ids],
                 )
             return cur.rowcount
 
@@ -565,7 +576,7 @@ class Store:
                 "payload, occurred_at, enqueued_at) "
                 "SELECT dedupe_key || '#resync@' || :now, source_key, person_key, petition_id, "
                 "kind, payload, occurred_at, :now FROM outbox "
-                "WHERE status IN ('done', 'dead') AND occurred_at >= :since "
+                "WHERE status IN ('done', 'dead') AND kind != 'malformed' AND occurred_at >= :since "
                 "AND id IN (SELECT MAX(id) FROM outbox GROUP BY source_key)",
                 {"now": now, "since": since},
             )
@@ -848,6 +859,22 @@ def _outbox_row(a: Activity, now: float) -> tuple[Any, ...]:
         json.dumps(a.to_json(), separators=(",", ":")),
         occurred,
         now,
+    )
+
+
+_INSERT_DEAD_LETTER = (
+    "INSERT OR IGNORE INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, "
+    "payload, occurred_at, status, last_error, note, enqueued_at, finished_at) "
+    "VALUES (?, ?, ?, ?, 'malformed', ?, ?, 'dead', ?, ?, ?, ?)"
+)
+
+
+def _dead_letter_row(d: DeadLetter, now: float) -> tuple[Any, ...]:
+    return (
+        d.dedupe_key, d.source_key, f"invalid:{d.source_key}", d.petition_id,
+        json.dumps(d.payload(), separators=(",", ":")), _iso(now) or "", d.reason,
+        "malformed ControlShift record: syncs by itself once corrected on ControlShift",
+        now, now,
     )
 
 

@@ -188,7 +188,8 @@ def _aware(value: datetime) -> datetime:
 
 
 def _norm_email(email: str | None) -> str:
-    return (email or "").strip().lower()
+    # A test may store a malformed email (a number, a list) to see how csand copes.
+    return email.strip().lower() if isinstance(email, str) else ""
 
 
 class ControlShiftSim:
@@ -631,7 +632,7 @@ class ControlShiftSim:
 
     def _creator(self, creator: dict[str, Any]) -> dict[str, Any]:
         first, last = creator.get("first_name"), creator.get("last_name")
-        full = " ".join(part for part in (first, last) if part) or None
+        full = " ".join(part for part in (first, last) if isinstance(part, str) and part) or None
         return {
             "full_name": creator.get("full_name", full),
             "first_name": first,
