@@ -18,6 +18,7 @@ import httpx
 import pytest
 from structlog.testing import capture_logs
 
+from csand.controlshift import client as client_module
 from csand.controlshift.client import ControlShiftClient, CSError
 from csand.controlshift.poller import Poller, edge_order
 from csand.model import dead_letter
@@ -583,3 +584,119 @@ def test_dead_retry_says_why_a_malformed_record_is_not_queued(tmp_path: Path) ->
     assert "1 malformed ControlShift record(s) not queued" in retried.stderr
     dropped = csand("dead", "drop", "--all")
     assert dropped.returncode == 0 and "1 item(s) dropped" in dropped.stdout
+
+
+# ---- pagination ControlShift's docs do not show ----
+
+
+def broken_signature_meta(slug: str, make: Any) -> Any:
+    """A ``meta_override`` breaking only ``slug``'s signature pages: ``make(page, meta)``."""
+    def override(path: str, page: int, meta: dict[str, Any]) -> Any:
+        return make(page, meta) if path == f"/api/v1/petitions/{slug}/signatures" else meta
+    return override
+
+
+async def two_petitions(env: Env) -> tuple[dict[str, Any], dict[str, Any]]:
+    bad = env.sim.add_petition(title="Bad", creator=creator(1))
+    good = env.sim.add_petition(title="Good", creator=creator(2))
+    for i in range(12):
+        env.sim.add_signature(bad["slug"], email=f"b{i}@example.org")
+        env.sim.add_signature(good["slug"], email=f"g{i}@example.org")
+    return bad, good
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("make", [
+    lambda page, meta: meta | {"next_page": str(meta["next_page"])},
+    lambda page, meta: meta | {"next_page": "abc"},
+    lambda page, meta: meta | {"next_page": page + 0.5},
+    lambda page, meta: meta | {"next_page": {"page": page + 1}},
+    lambda page, meta: meta | {"total_pages": "3"},
+    lambda page, meta: meta | {"total_pages": -3},
+    lambda page, meta: meta | {"next_page": 0},
+    lambda page, meta: meta | {"next_page": -1},
+    lambda page, meta: "not a meta",
+], ids=["digit-string", "abc", "float", "dict", "total-string", "total-negative", "zero",
+        "negative", "string-meta"])
+async def test_bad_signature_pagination_skips_that_petition_only(env: Env, make: Any) -> None:
+    bad, good = await two_petitions(env)
+    env.sim.meta_override = broken_signature_meta(bad["slug"], make)
+    with capture_logs() as logs:
+        report = await env.poller.cycle()
+    assert report.petitions == 2
+    # The good petition synced whole; of the bad one, what its first page showed.
+    assert len(env.outbox(f"petition_id = {good['id']}")) == 13
+    bad_items = env.outbox(f"petition_id = {bad['id']} AND kind = 'signature'")
+    assert [i["payload"]["email"] for i in bad_items] == [f"b{i}@example.org" for i in range(5)]
+    errors = [e for e in logs if e["event"] == "cs.bad_pagination"]
+    assert len(errors) == 1 and errors[0]["log_level"] == "error"
+    assert errors[0]["petition"] == bad["slug"] and "meta" in errors[0]["error"]
+    # Fixed on ControlShift: the next cycle walks it again and finds the rest.
+    env.sim.meta_override = None
+    await env.poller.cycle()
+    assert len(env.outbox(f"petition_id = {bad['id']}")) == 13
+
+
+@pytest.mark.anyio
+async def test_signature_pages_beyond_total_pages_are_not_walked(env: Env) -> None:
+    bad, good = await two_petitions(env)
+    asked: list[int] = []
+
+    def ever_growing(page: int, meta: dict[str, Any]) -> dict[str, Any]:
+        asked.append(page)
+        return meta | {"next_page": page + 1 if page < 1000 else None}
+
+    env.sim.meta_override = broken_signature_meta(bad["slug"], ever_growing)
+    with capture_logs() as logs:
+        await env.poller.cycle()
+    assert max(asked) <= 3 and len(asked) <= 3  # 12 signatures at 5 a page: 3 pages
+    assert any(e["event"] == "cs.bad_pagination" and bad["slug"] in e["path"] for e in logs)
+    assert len(env.outbox(f"petition_id = {good['id']}")) == 13
+    assert len(env.outbox(f"petition_id = {bad['id']}")) == 13  # every real page was read
+
+
+@pytest.mark.anyio
+async def test_a_signature_walk_that_never_ends_is_bounded(
+    env: Env, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(client_module, "MAX_PAGES", 40)
+    bad, good = await two_petitions(env)
+    asked: list[int] = []
+
+    def ever_growing(page: int, meta: dict[str, Any]) -> dict[str, Any]:
+        asked.append(page)
+        more = page < 1000  # the guard of this test, not of the poller
+        return {"current_page": page, "total_pages": page + 1 if more else page,
+                "next_page": page + 1 if more else None}
+
+    env.sim.meta_override = broken_signature_meta(bad["slug"], ever_growing)
+    with capture_logs() as logs:
+        report = await env.poller.cycle()
+    assert len(asked) <= 40
+    assert report.petitions == 2
+    assert len(env.outbox(f"petition_id = {good['id']}")) == 13  # in the same cycle
+    assert len(env.outbox(f"petition_id = {bad['id']} AND kind = 'signature'")) == 12
+    assert any(e["event"] == "cs.bad_pagination" and "40" in e["error"] for e in logs)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("next_page", ["2", "abc", 2.5, {"page": 2}, -1, 0])
+async def test_bad_petition_list_pagination_fails_the_cycle_not_the_daemon(
+    env: Env, next_page: Any,
+) -> None:
+    for n in range(12):
+        env.sim.add_petition(title=f"P{n}", creator=creator(n))
+
+    def override(path: str, page: int, meta: dict[str, Any]) -> Any:
+        return meta | {"next_page": next_page} if path == "/api/v1/petitions" else meta
+
+    env.sim.meta_override = override
+    with capture_logs() as logs:
+        assert await env.poller._guarded_cycle(full=False) is None
+    failed = [e for e in logs if e["event"] == "poll.failed"]
+    assert len(failed) == 1 and failed[0]["log_level"] == "error"
+    assert "meta.next_page" in failed[0]["error"]
+    assert (await env.store.status())["last_poll_result"].startswith("failed:")
+    env.sim.meta_override = None
+    assert await env.poller._guarded_cycle(full=False) is not None
+    assert len(env.outbox()) == 12

@@ -33,8 +33,10 @@ from csand import metrics
 from csand.controlshift.client import (
     ControlShiftClient,
     CSAuthError,
+    CSBadPage,
     CSError,
     PetitionDirectory,
+    pagination,
 )
 from csand.controlshift.versions import see_signature
 from csand.logs import get_logger
@@ -158,6 +160,12 @@ class Poller:
             await self.store.set_meta(last_poll_result=f"failed: {exc}")
             log.error("cs.auth_failed", error=str(exc), msg="ControlShift rejected the "
                       "credentials; polling continues every interval. Nothing is lost meanwhile.")
+        except CSBadPage as exc:  # the petition list itself cannot be followed
+            metrics.poll_failures.inc()
+            await self.store.set_meta(last_poll_result=f"failed: {exc}")
+            log.error("poll.failed", error=str(exc), full=full,
+                      msg="ControlShift sent a petition list page csand cannot follow; "
+                          "polling continues every interval")
         except CSError as exc:
             metrics.poll_failures.inc()
             await self.store.set_meta(last_poll_result=f"failed: {exc}")
@@ -202,6 +210,11 @@ class Poller:
                 try:
                     await self._sync_petition(petition, cs_id, slug, org, full or first_run,
                                               report)
+                except CSBadPage as exc:  # this petition's pages cannot be followed: the others can
+                    report.malformed += 1
+                    log.error("cs.bad_pagination", petition=slug, error=str(exc),
+                              msg="what its pages showed so far is kept; the petition is "
+                                  "walked again next cycle")
                 except CSError:
                     raise  # ControlShift itself failed: the cycle is retried as a whole
                 except Exception as exc:  # one odd record must not stop every other petition
@@ -272,18 +285,24 @@ class Poller:
             index += 1
             items, meta = await self.cs.signatures_page(slug, page)
             report.pages += 1
-            if page == 1 and meta.get("total_pages"):
-                total_pages = max(1, int(meta["total_pages"]))
-                order = edge_order(total_pages)
-            next_page = meta.get("next_page")
-            if next_page and int(next_page) > max(order):
-                # No total_pages, or the petition grew during the walk: follow next_page too.
-                order.append(int(next_page))
-                total_pages = max(total_pages, int(next_page))
             for record in items:
                 new_found += self._see(record, petition, org, seen, batch, report)
                 if isinstance(record, dict) and isinstance(record.get("id"), int):
                     walked.add(record["id"])
+            try:
+                page_total, next_page = pagination(
+                    meta, page, f"/petitions/{slug}/signatures")
+            except CSBadPage:
+                # What this walk saw is kept (the petition's state is not: walked again).
+                await self._commit(None, batch)
+                raise
+            if page == 1 and page_total:
+                total_pages = page_total
+                order = edge_order(total_pages)
+            if next_page and next_page > max(order):
+                # No total_pages, or the petition grew during the walk: follow next_page too.
+                order.append(next_page)
+                total_pages = max(total_pages, next_page)
             if len(batch.pages) >= COMMIT_EVERY_PAGES:
                 report.enqueued += await self._commit(None, batch)
                 batch = _Batch()

@@ -239,6 +239,10 @@ class ControlShiftSim:
         # a delivered event is delivered once more, identical.
         self.webhook_retry_delays: tuple[float, ...] = tuple(webhook_retry_delays)
         self.webhook_duplicate_rate = webhook_duplicate_rate
+        # Broken pagination: when set, every list answer's ``meta`` is what
+        # ``meta_override(path, page, meta)`` returns (any JSON value; ``path`` is the request
+        # path, e.g. ``/api/v1/petitions/<slug>/signatures``), in place of the true one.
+        self.meta_override: Callable[[str, int, dict[str, Any]], Any] | None = None
 
         self._lock = threading.Lock()
         self._petitions: dict[str, dict[str, Any]] = {}  # slug -> stored petition
@@ -928,12 +932,14 @@ class ControlShiftSim:
             page = 1
         size = max(1, self.page_size)
         total = max(1, math.ceil(len(items) / size))
-        meta = {
+        meta: Any = {
             "current_page": page,
             "total_pages": total,
             "previous_page": page - 1 if 1 < page <= total else None,
             "next_page": page + 1 if page < total else None,
         }
+        if self.meta_override is not None:
+            meta = self.meta_override(request.url.path, page, meta)
         return items[(page - 1) * size : page * size], meta
 
     # ------------------------------------------------------------------ request gate
