@@ -198,7 +198,10 @@ def dead_retry(item_id: Annotated[int | None, typer.Argument()] = None,
     """Put dead items back in the queue (attempts reset); the running daemon picks them up.
 
     Items whose record ControlShift deleted since they died stay dead: that data must not
-    reach Action Network (drop them with ``csand dead drop``)."""
+    reach Action Network (drop them with ``csand dead drop``). So do malformed ControlShift
+    records: there is nothing to retry until ControlShift corrects them, and then the next
+    poll syncs them by itself.
+    """
     ids = _ids(item_id, all_)
     settings = _load(config, secrets=False)
     result = _with_store(settings, lambda store: store.requeue_dead(ids))
@@ -206,6 +209,10 @@ def dead_retry(item_id: Annotated[int | None, typer.Argument()] = None,
     if result.skipped_deleted:
         typer.echo(f"{result.skipped_deleted} item(s) not queued: their record was deleted on "
                    "ControlShift since (csand dead drop gives up on them)")
+    if result.skipped_malformed:
+        typer.echo(f"{result.skipped_malformed} malformed ControlShift record(s) not queued: "
+                   "they hold nothing to sync; once corrected on ControlShift the next poll "
+                   "syncs them (csand dead drop clears them)")
     if ids and result.queued == 0:
         raise typer.Exit(1)
 

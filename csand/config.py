@@ -12,6 +12,7 @@ file, or through systemd credentials: a file named ``<section>_<name>`` (for exa
 from __future__ import annotations
 
 import os
+import re
 import tomllib
 from contextvars import ContextVar
 from pathlib import Path
@@ -29,6 +30,9 @@ from pydantic import (
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
 DEFAULT_CONFIG_PATH = Path("/etc/csand/config.toml")
+# The webhook endpoint trusts any body whose HMAC verifies with this secret: an empty or short
+# one (an empty environment variable, a truncated file) would let anyone forge events.
+MIN_WEBHOOK_SECRET_LENGTH = 16
 # Commands that only read the database (status, dead) must work for an operator whose shell has
 # no systemd credentials: for them a missing secret is not an error.
 _SECRETS_REQUIRED: ContextVar[bool] = ContextVar("csand_secrets_required", default=True)
@@ -157,9 +161,9 @@ def _read_secret(path: Path, key: str) -> SecretStr | None:
     except OSError as exc:
         if not _SECRETS_REQUIRED.get():
             return None
-        raise ValueError(f"cannot read {key} from {path}: {exc.strerror or exc}") from None
+        raise ValueError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
     if not value:
-        raise ValueError(f"{key} file {path} is empty")
+        raise ValueError(f"{key}: {path} is empty")
     return SecretStr(value)
 
 
@@ -168,15 +172,20 @@ def _resolve_secrets(section: _Section, name: str) -> _Section:
     secret_names = ["api_key"] + (
         ["client_secret", "webhook_secret"] if name == "controlshift" else [])
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
+    sources: dict[str, str] = {}
     for key in secret_names:
         file = getattr(section, f"{key}_file")
         if file is not None:
+            sources[key] = f"{key}_file: {file}"
             updates[key] = _read_secret(Path(file), f"{key}_file")
         elif getattr(section, key) is None and creds and (Path(creds) / f"{name}_{key}").is_file():
+            sources[key] = f"{key}: systemd credential {name}_{key}"
             updates[key] = _read_secret(Path(creds) / f"{name}_{key}", key)
     section = section.model_copy(update=updates)
     if not _SECRETS_REQUIRED.get():
         return section
+    if name == "controlshift":
+        _check_webhook_secret(section, sources.get("webhook_secret", "webhook_secret:"))
     if name == "action_network" and section.api_key is None:  # type: ignore[attr-defined]
         raise ValueError("api_key is required (or api_key_file, or a systemd credential)")
     if name == "controlshift":
@@ -186,6 +195,20 @@ def _resolve_secrets(section: _Section, name: str) -> _Section:
                 "api_key is required (or client_id and client_secret for OAuth)"
             )
     return section
+
+
+def _check_webhook_secret(section: _Section, source: str) -> None:
+    secret: SecretStr | None = section.webhook_secret  # type: ignore[attr-defined]
+    if secret is None:
+        return
+    length = len(secret.get_secret_value().strip())
+    if length < MIN_WEBHOOK_SECRET_LENGTH:
+        got = "is empty" if length == 0 else f"has only {length}"
+        # "<key>: ..." is shown as "controlshift.<key>: ..." (see _describe).
+        raise ValueError(
+            f"{source} {got}; the webhook signing secret must be at least "
+            f"{MIN_WEBHOOK_SECRET_LENGTH} characters (copy it from the endpoint in ControlShift)"
+        )
 
 
 def load(path: Path | str | None = None, *, env: bool = True, secrets: bool = True,
@@ -224,6 +247,9 @@ def _load(path: Path | str | None, *, env: bool, **overrides: Any) -> Settings:
         raise ConfigError(_describe(exc, path)) from None
 
 
+_NAMED_KEY = re.compile(r"^(\w+): (.*)$", re.DOTALL)
+
+
 def _describe(exc: ValidationError, path: Path) -> str:
     lines = []
     for err in exc.errors():
@@ -233,5 +259,7 @@ def _describe(exc: ValidationError, path: Path) -> str:
             message = "unknown key"
         elif err["type"] == "missing":
             message = "missing (required)"
+        elif len(err["loc"]) == 1 and (named := _NAMED_KEY.match(message)):
+            key, message = f"{key}.{named.group(1)}", named.group(2)
         lines.append(f"{key}: {message}")
     return f"invalid configuration in {path}: " + "; ".join(lines)

@@ -30,10 +30,68 @@ class ActivityKind(StrEnum):
     GLOBAL_UNSUBSCRIBE = "global_unsubscribe"
 
 
+class MalformedRecord(ValueError):
+    """A ControlShift record with a field missing or of the wrong type; the message names it
+    (``email is not a string (int)``)."""
+
+
+def _kind(value: Any) -> str:
+    return type(value).__name__
+
+
+def record_id(record: Any, key: str = "id") -> int:
+    """A CS record's numeric id: an int (a bool or a digit string is not one)."""
+    if not isinstance(record, dict):
+        raise MalformedRecord(f"not an object ({_kind(record)})")
+    value = record.get(key)
+    if value is None:
+        raise MalformedRecord(f"{key} is missing")
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MalformedRecord(f"{key} is not an integer ({_kind(value)})")
+    return value
+
+
+def text_field(record: dict[str, Any], key: str, *, required: bool = False,
+               prefix: str = "") -> str | None:
+    """A string field, or None when absent or null; any other type is malformed."""
+    value = record.get(key)
+    if value is None:
+        if required:
+            raise MalformedRecord(f"{prefix}{key} is missing")
+        return None
+    if not isinstance(value, str):
+        raise MalformedRecord(f"{prefix}{key} is not a string ({_kind(value)})")
+    return value
+
+
+def time_field(record: dict[str, Any], key: str, *, prefix: str = "") -> datetime | None:
+    """A timestamp field: None when absent, null or empty; anything unparseable is malformed."""
+    value = record.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str):
+        raise MalformedRecord(f"{prefix}{key} is not a timestamp ({_kind(value)})")
+    parsed = parse_time(value)
+    if parsed is None:
+        raise MalformedRecord(f"{prefix}{key} is not a timestamp ({value[:40]!r})")
+    return parsed
+
+
+def _opt_in(record: dict[str, Any], prefix: str = "") -> bool:
+    """``join_organisation``: true, false or null (absent); only true is an opt-in."""
+    value = record.get("join_organisation")
+    if value is not None and not isinstance(value, bool):
+        raise MalformedRecord(
+            f"{prefix}join_organisation is not true, false or null ({_kind(value)})")
+    return value is True
+
+
 def normalize_email(raw: str | None) -> str | None:
     """Emails match case-insensitively after trimming (INTEGRATION.md §1)."""
     if raw is None:
         return None
+    if not isinstance(raw, str):
+        raise MalformedRecord(f"email is not a string ({_kind(raw)})")
     email = raw.strip().lower()
     return email or None
 
@@ -184,14 +242,22 @@ def petition_identifier(org_slug: str, cs_id: int) -> str:
 
 
 def petition_ref(petition: dict[str, Any], org_slug: str) -> PetitionRef:
-    creator = petition.get("creator") or {}
+    """Raises :class:`MalformedRecord` for a petition without an integer id and a slug."""
+    cs_id = record_id(petition)
+    slug = text_field(petition, "slug", required=True) or ""
+    if not slug.strip():
+        raise MalformedRecord("slug is empty")
+    creator = petition.get("creator")
+    creator_email = creator.get("email") if isinstance(creator, dict) else None
     return PetitionRef(
-        cs_id=int(petition["id"]),
-        slug=str(petition["slug"]),
-        title=_clean(petition.get("title")) or str(petition["slug"]),
-        url=_clean(petition.get("url")),
-        identifier=petition_identifier(org_slug, int(petition["id"])),
-        creator_email=normalize_email(creator.get("email")),
+        cs_id=cs_id,
+        slug=slug,
+        title=_clean(text_field(petition, "title")) or slug,
+        url=_clean(text_field(petition, "url")),
+        identifier=petition_identifier(org_slug, cs_id),
+        # A malformed creator is the creator's own dead letter; its signers still link to
+        # the petition (without a creator).
+        creator_email=normalize_email(creator_email) if isinstance(creator_email, str) else None,
     )
 
 
@@ -213,25 +279,30 @@ def creator_activity(
     ``petition.*`` webhook told csand, so both sources build the same activity. It belongs to
     the person it was given for (its ``for_email``): a new creator does not inherit it.
     """
-    creator = dict(petition.get("creator") or {})
+    raw_creator = petition.get("creator")
+    if raw_creator is not None and not isinstance(raw_creator, dict):
+        raise MalformedRecord(f"creator is not an object ({_kind(raw_creator)})")
+    creator = dict(raw_creator or {})
     if extra and extra.get("for_email") == normalize_email(creator.get("email")):
         creator.update({k: v for k, v in extra.items() if k != "for_email"})
     ref = petition_ref(petition, org_slug)
-    created = parse_time(petition.get("created_at"))
+    created = time_field(petition, "created_at")
     return _person_activity(
         ActivityKind.PETITION_CREATED, f"petition:{ref.cs_id}:creator", creator,
         occurred_at=created, fields_at=created, opted_in_at=created, petition=ref,
-        tags=(CREATOR_TAG, *category_tags(petition)),
+        tags=(CREATOR_TAG, *category_tags(petition)), prefix="creator.",
     )
 
 
 def signature_activity(signature: dict[str, Any], petition: dict[str, Any], org_slug: str) -> Activity:
-    created = parse_time(signature.get("created_at"))
+    """Raises :class:`MalformedRecord` when a field it uses is missing or of the wrong type."""
+    sig_id = record_id(signature)
+    created = time_field(signature, "created_at")
     return _person_activity(
-        ActivityKind.SIGNATURE, f"signature:{int(signature['id'])}", signature,
-        occurred_at=parse_time(signature.get("updated_at")) or created, fields_at=created,
+        ActivityKind.SIGNATURE, f"signature:{sig_id}", signature,
+        occurred_at=time_field(signature, "updated_at") or created, fields_at=created,
         # A late confirmation is an opt-in at its time; without one, the signature's creation.
-        opted_in_at=parse_time(signature.get("confirmed_at")) or created,
+        opted_in_at=time_field(signature, "confirmed_at") or created,
         petition=petition_ref(petition, org_slug), tags=(SIGNER_TAG, *category_tags(petition)),
     )
 
@@ -239,18 +310,23 @@ def signature_activity(signature: dict[str, Any], petition: dict[str, Any], org_
 def _person_activity(
     kind: ActivityKind, source_key: str, person: dict[str, Any], *, occurred_at: datetime | None,
     fields_at: datetime | None, opted_in_at: datetime | None, petition: PetitionRef,
-    tags: tuple[str, ...],
+    tags: tuple[str, ...], prefix: str = "",
 ) -> Activity:
-    """Creators and signers carry the same person fields; only ``true`` is an opt-in."""
-    opted_in = person.get("join_organisation") is True
+    """Creators and signers carry the same person fields; only ``true`` is an opt-in.
+
+    Strings must be strings: a number or an object where CS documents text is malformed, not
+    something to guess at.
+    """
+    raw_email = text_field(person, "email", prefix=prefix)
+    opted_in = _opt_in(person, prefix)
     return Activity(
         kind=kind,
         source_key=source_key,
-        email=normalize_email(person.get("email")),
-        raw_email=person.get("email"),
-        first_name=_clean(person.get("first_name")),
-        last_name=_clean(person.get("last_name")),
-        postcode=_clean(person.get("postcode")),
+        email=normalize_email(raw_email),
+        raw_email=raw_email,
+        first_name=_clean(text_field(person, "first_name", prefix=prefix)),
+        last_name=_clean(text_field(person, "last_name", prefix=prefix)),
+        postcode=_clean(text_field(person, "postcode", prefix=prefix)),
         opted_in=opted_in,
         occurred_at=occurred_at,
         fields_at=fields_at,
@@ -258,6 +334,50 @@ def _person_activity(
         petition=petition,
         tags=tags,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A ControlShift record csand cannot sync as it is: it goes straight to the dead letters,
+    with a reason for the operator and the record as CS sent it."""
+
+    source_key: str  # "signature:42", or "signature:'42'" when even the id is malformed
+    reason: str
+    record: str  # the record as JSON (keys sorted: the same record gives the same text)
+    petition_id: int | None = None
+    kind: str = "signature"  # what the record was meant to be
+
+    @property
+    def dedupe_key(self) -> str:
+        """One dead letter per version of a record, however often it is seen."""
+        digest = hashlib.sha256(self.record.encode()).hexdigest()[:20]
+        return f"malformed:{self.source_key}@{digest}"
+
+    def payload(self, limit: int = 4000) -> dict[str, Any]:
+        return {"kind": self.kind, "source_key": self.source_key, "reason": self.reason,
+                "malformed": self.record[:limit]}
+
+
+def creator_record(petition: dict[str, Any]) -> dict[str, Any]:
+    """The part of a petition its creator activity is built from: a malformed creator's dead
+    letter holds this, so a new signature count does not make it a new dead letter."""
+    return {key: petition.get(key) for key in ("id", "slug", "created_at", "creator")}
+
+
+def dead_letter(kind: str, record: Any, exc: BaseException, *, petition_id: int | None = None,
+                source_key: str | None = None) -> DeadLetter:
+    """The dead letter for a ControlShift ``kind`` record (e.g. a signature) that ``exc`` says
+    is malformed: ``malformed ControlShift signature 42: email is not a string (int)``."""
+    if source_key is None:
+        raw_id = record.get("id") if isinstance(record, dict) else None
+        shown = str(raw_id) if isinstance(raw_id, int) and not isinstance(raw_id, bool) else (
+            "(no id)" if raw_id is None else repr(raw_id)[:40])
+        source_key = f"{kind}:{shown}"
+    label = source_key.replace(":", " ", 1).replace(":", " ")
+    cause = str(exc) if isinstance(exc, MalformedRecord) else f"{type(exc).__name__}: {exc}"
+    text = json.dumps(record, sort_keys=True, default=str, separators=(",", ":"))
+    return DeadLetter(source_key, f"malformed ControlShift {label}: {cause}"[:1000], text,
+                      petition_id, kind)
 
 
 def global_unsubscribe_activity(

@@ -33,7 +33,7 @@ import aiosqlite
 import anyio
 
 from csand.logs import get_logger
-from csand.model import Activity, ActivityKind, SignatureSeen, parse_time
+from csand.model import Activity, ActivityKind, DeadLetter, SignatureSeen, parse_time
 from csand.sync.rules import Person
 
 # Each entry migrates from version i to i+1. Append only; never edit a released one.
@@ -198,6 +198,7 @@ class Requeued:
     queued: int
     skipped_deleted: int  # records ControlShift deleted: never sent to AN again
     skipped_pruned: int = 0  # versions whose personal data was pruned: nothing left to send
+    skipped_malformed: int = 0  # malformed ControlShift records: nothing to send until corrected
 
 
 @dataclass(frozen=True, slots=True)
@@ -362,6 +363,7 @@ class Store:
         *,
         event_id: int | None = None,
         creator_extra: tuple[int, str, str] | None = None,
+        dead_letters: Iterable[DeadLetter] = (),
     ) -> int:
         """Record what was seen and enqueue what it produced, atomically.
 
@@ -369,12 +371,15 @@ class Store:
         processed in the same transaction; ``creator_extra`` is ``(cs_id, slug, json)``).
         Returns the number of new outbox items (re-seen versions are ignored by the unique
         dedupe key). Pending items of deleted signatures are cancelled: CS says to treat a
-        deleted signature as if it never happened.
+        deleted signature as if it never happened. ``dead_letters`` (malformed CS records) are
+        stored dead, once per version of the record however often it is seen; they are not
+        counted in the return value.
         """
         now = self._clock()
         activities = list(activities)
         signatures = list(signatures)
         deleted = [(s,) for s in deleted_sources]
+        dead = [_dead_letter_row(d, now) for d in dead_letters]
 
         async def tx(db: aiosqlite.Connection) -> int:
             # What was read before this transaction may be stale: a webhook processed meanwhile
@@ -409,6 +414,8 @@ class Store:
             if rows:
                 await db.executemany(_INSERT_OUTBOX, rows)
             added = db.total_changes - before
+            if dead:
+                await db.executemany(_INSERT_DEAD_LETTER, dead)
             if deleted:
                 # Every item of the record learns it, whatever its state: one in flight stops
                 # before its next AN request, a dead one is not revived, a done one not re-synced.
@@ -676,22 +683,27 @@ class Store:
 
     async def requeue_dead(self, ids: Sequence[int] | None = None) -> Requeued:
         """Put dead items back in the queue (after the operator fixed the cause); never those
-        whose record ControlShift deleted since they died (they are counted as skipped)."""
+        whose record ControlShift deleted since they died, nor malformed ControlShift records
+        (they hold no activity; once corrected on ControlShift the next poll syncs them). Both
+        are counted as skipped."""
         requeue = ("UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = 0, "
-                   "finished_at = NULL WHERE status = 'dead' AND source_deleted_at IS NULL")
-        skipped = ("SELECT COUNT(*) FROM outbox WHERE status = 'dead' "
-                   "AND source_deleted_at IS NOT NULL")
+                   "finished_at = NULL WHERE status = 'dead' AND source_deleted_at IS NULL "
+                   "AND kind != 'malformed'")
+        skipped = ("SELECT COALESCE(SUM(source_deleted_at IS NOT NULL), 0), "
+                   "COALESCE(SUM(source_deleted_at IS NULL AND kind = 'malformed'), 0) "
+                   "FROM outbox WHERE status = 'dead'")
 
         async def tx(db: aiosqlite.Connection) -> Requeued:
             if ids is None:
-                deleted = (await (await db.execute(skipped)).fetchone())[0]
+                deleted, malformed = await (await db.execute(skipped)).fetchone()
                 cur = await db.execute(requeue)
-                return Requeued(cur.rowcount, deleted)
-            deleted = 0
+                return Requeued(cur.rowcount, deleted, skipped_malformed=malformed)
+            deleted = malformed = 0
             for i in ids:
-                deleted += (await (await db.execute(skipped + " AND id = ?", (i,))).fetchone())[0]
+                d, m = await (await db.execute(skipped + " AND id = ?", (i,))).fetchone()
+                deleted, malformed = deleted + d, malformed + m
             cur = await db.executemany(requeue + " AND id = ?", [(i,) for i in ids])
-            return Requeued(cur.rowcount, deleted)
+            return Requeued(cur.rowcount, deleted, skipped_malformed=malformed)
 
         result = await self._write(tx)
         if result.queued:
@@ -706,7 +718,8 @@ class Store:
         pruned (see :meth:`prune`) cannot be replayed. Both are only counted.
         """
         now = self._clock()
-        latest = ("FROM outbox WHERE status IN ('done', 'dead') AND occurred_at >= :since "
+        latest = ("FROM outbox WHERE status IN ('done', 'dead') AND kind != 'malformed' "
+                  "AND occurred_at >= :since "
                   "AND id IN (SELECT MAX(id) FROM outbox GROUP BY source_key)")
         params = {"since": since, "pruned": f"{PRUNED}%"}
 
@@ -1102,6 +1115,22 @@ async def _save_knowledge(
         await db.execute(
             "INSERT OR IGNORE INTO opt_ins (source_key, applied_at) VALUES (?, ?)", (opt_in, now)
         )
+
+
+_INSERT_DEAD_LETTER = (
+    "INSERT OR IGNORE INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, "
+    "payload, occurred_at, status, last_error, note, enqueued_at, finished_at) "
+    "VALUES (?, ?, ?, ?, 'malformed', ?, ?, 'dead', ?, ?, ?, ?)"
+)
+
+
+def _dead_letter_row(d: DeadLetter, now: float) -> tuple[Any, ...]:
+    return (
+        d.dedupe_key, d.source_key, f"invalid:{d.source_key}", d.petition_id,
+        json.dumps(d.payload(), separators=(",", ":")), _iso(now) or "", d.reason,
+        "malformed ControlShift record: syncs by itself once corrected on ControlShift",
+        now, now,
+    )
 
 
 async def _save_person(db: aiosqlite.Connection, email: str, p: Person, now: float) -> None:

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -275,3 +277,88 @@ def test_read_only_commands_load_without_secrets(tmp_path: Path) -> None:
     assert settings.action_network.api_key is None
     with pytest.raises(ConfigError, match="api_key"):
         config.load(config_file)
+
+
+# ---------------------------------------------------------------- the webhook signing secret
+
+GOOD_WEBHOOK_SECRET = "whsec-0123456789abcdef"
+
+
+def _with_webhook_secret(line: str) -> str:
+    return MINIMAL.replace('api_key = "cs_toml_key"', f'api_key = "cs_toml_key"\n{line}')
+
+
+def test_a_long_enough_webhook_secret_is_accepted(tmp_path: Path) -> None:
+    s = load_text(tmp_path, _with_webhook_secret(f'webhook_secret = "{GOOD_WEBHOOK_SECRET}"'))
+    assert s.controlshift.webhook_secret is not None
+    assert s.controlshift.webhook_secret.get_secret_value() == GOOD_WEBHOOK_SECRET
+
+
+@pytest.mark.parametrize("value", ["", "   ", "short-secret", "x" * 15, " " * 10 + "y" * 15])
+def test_an_empty_or_short_inline_webhook_secret_is_refused(tmp_path: Path, value: str) -> None:
+    # Otherwise the endpoint accepts any body signed with the HMAC of an empty (or guessable) key.
+    message = error_for(tmp_path, _with_webhook_secret(f'webhook_secret = "{value}"'))
+    assert "controlshift.webhook_secret:" in message and "16 characters" in message
+    assert "\n" not in message
+    if value.strip():
+        assert value.strip() not in message  # the secret itself is never echoed
+
+
+@pytest.mark.parametrize("value", ["", "  ", "too-short"])
+def test_an_empty_or_short_webhook_secret_from_the_environment_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, value: str,
+) -> None:
+    monkeypatch.setenv("CSAND_CONTROLSHIFT__WEBHOOK_SECRET", value)
+    message = error_for(tmp_path, MINIMAL)
+    assert "controlshift.webhook_secret:" in message and "16 characters" in message
+
+
+@pytest.mark.parametrize("content", ["\n", "   \n", "too-short\n"])
+def test_an_empty_or_short_webhook_secret_file_is_refused(tmp_path: Path, content: str) -> None:
+    secret = write(tmp_path, content, "webhook_secret")
+    message = error_for(tmp_path, _with_webhook_secret(f'webhook_secret_file = "{secret}"'))
+    assert "controlshift.webhook_secret_file:" in message and str(secret) in message
+    assert "too-short" not in message
+
+
+@pytest.mark.parametrize("content", ["\n", "too-short\n"])
+def test_an_empty_or_short_webhook_secret_credential_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str,
+) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "controlshift_webhook_secret").write_text(content)
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    message = error_for(tmp_path, MINIMAL)
+    assert "controlshift.webhook_secret:" in message and "controlshift_webhook_secret" in message
+
+
+def test_a_webhook_secret_file_and_credential_of_16_characters_are_accepted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    secret = write(tmp_path, " " + "s" * 16 + "\n", "webhook_secret")
+    s = load_text(tmp_path, _with_webhook_secret(f'webhook_secret_file = "{secret}"'))
+    assert s.controlshift.webhook_secret is not None
+    assert s.controlshift.webhook_secret.get_secret_value() == "s" * 16
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "controlshift_webhook_secret").write_text("c" * 16 + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    s = load_text(tmp_path, MINIMAL)
+    assert s.controlshift.webhook_secret is not None
+    assert s.controlshift.webhook_secret.get_secret_value() == "c" * 16
+
+
+def test_csand_run_refuses_a_short_webhook_secret_in_one_line(tmp_path: Path) -> None:
+    config_file = write(tmp_path, _with_webhook_secret('webhook_secret = ""') + (
+        f'\n[store]\npath = "{tmp_path / "csand.db"}"\n'))
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith("CSAND_") and k != "CREDENTIALS_DIRECTORY"}
+    done = subprocess.run(
+        [sys.executable, "-m", "csand", "run", "--config", str(config_file)],
+        capture_output=True, text=True, timeout=30, env=env,
+    )
+    assert done.returncode == 2
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and "controlshift.webhook_secret:" in lines[0], done.stderr
+    assert not (tmp_path / "csand.db").exists()  # refused before anything started

@@ -9,8 +9,17 @@ from urllib.parse import parse_qs
 import httpx
 import pytest
 import respx
+from structlog.testing import capture_logs
 
-from csand.controlshift.client import ControlShiftClient, CSAuthError, CSError, OAuthToken
+from csand.controlshift import client as client_module
+from csand.controlshift.client import (
+    ControlShiftClient,
+    CSAuthError,
+    CSBadPage,
+    CSError,
+    OAuthToken,
+    pagination,
+)
 from csand.ratelimit import TokenBucket
 from tests.fakes import FakeClock
 
@@ -331,3 +340,107 @@ async def test_non_object_json_is_cs_error(
     mock.get(f"{API}/petitions").respond(200, content=content, headers={"Content-Type": "application/json"})
     with pytest.raises(CSError):
         await api_client(http, clock).petitions()
+
+
+# ---------------------------------------------------------------- pagination it cannot follow
+
+
+@pytest.mark.parametrize(("bad", "words"), [
+    ({"current_page": 1, "total_pages": 3, "next_page": "2"}, "meta.next_page"),
+    ({"current_page": 1, "total_pages": 3, "next_page": "abc"}, "meta.next_page"),
+    ({"current_page": 1, "total_pages": 3, "next_page": 2.5}, "meta.next_page"),
+    ({"current_page": 1, "total_pages": 3, "next_page": {"page": 2}}, "meta.next_page"),
+    ({"current_page": 1, "total_pages": 3, "next_page": True}, "meta.next_page"),
+    ({"current_page": 1, "total_pages": 3, "next_page": 0}, "meta.next_page"),
+    ({"current_page": 1, "total_pages": 3, "next_page": -2}, "meta.next_page"),
+    ({"current_page": 1, "total_pages": "3", "next_page": 2}, "meta.total_pages"),
+    ({"current_page": 1, "total_pages": -1, "next_page": None}, "meta.total_pages"),
+    ({"current_page": 1, "next_page": 10_001}, "10000"),
+    ({"current_page": 1, "total_pages": 20_000, "next_page": 2}, "10000"),
+    ([1, 2], "meta is not an object"),
+])
+def test_pagination_rejects_what_it_cannot_follow(bad: Any, words: str) -> None:
+    with pytest.raises(CSBadPage) as info:
+        pagination(bad, 1, "/petitions")
+    assert words in str(info.value) and "/petitions" in str(info.value)
+
+
+@pytest.mark.parametrize(("good", "parsed"), [
+    (meta(1, 3), (3, 2)),
+    (meta(3, 3), (3, None)),
+    ({"current_page": 1, "total_pages": 0, "next_page": None}, (0, None)),  # an empty list
+    ({}, (None, None)),
+    (None, (None, None)),
+    ({"next_page": 2}, (None, 2)),
+    ({"current_page": 1, "next_page": 1}, (None, 1)),  # a repeat: the caller stops there
+])
+def test_pagination_accepts_the_documented_shapes(good: Any, parsed: tuple[Any, Any]) -> None:
+    assert pagination(good, 1, "/petitions") == parsed
+
+
+def test_a_next_page_beyond_total_pages_is_not_followed() -> None:
+    with capture_logs() as logs:
+        assert pagination({"total_pages": 3, "next_page": 4}, 3, "/petitions") == (3, None)
+    (event,) = logs
+    assert event["event"] == "cs.bad_pagination" and event["log_level"] == "error"
+    assert "beyond meta.total_pages 3" in event["error"] and event["path"] == "/petitions"
+
+
+@pytest.mark.anyio
+async def test_petition_list_stops_at_total_pages(
+    http: httpx.AsyncClient, clock: FakeClock, mock: respx.MockRouter,
+) -> None:
+    def respond(request: httpx.Request) -> httpx.Response:
+        page = int(request.url.params["page"])
+        return httpx.Response(200, json={"petitions": [{"id": page}], "meta": {
+            "current_page": page, "total_pages": 3, "next_page": page + 1}})
+
+    route = mock.get(f"{API}/petitions").mock(side_effect=respond)
+    assert [p["id"] for p in await api_client(http, clock).petitions()] == [1, 2, 3]
+    assert route.call_count == 3
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("next_page", ["2", "abc", 2.5, {"page": 2}, -1])
+async def test_petition_list_with_a_bad_next_page_is_a_cs_error(
+    http: httpx.AsyncClient, clock: FakeClock, mock: respx.MockRouter, next_page: Any,
+) -> None:
+    mock.get(f"{API}/petitions").respond(200, json={
+        "petitions": [{"id": 1}], "meta": {"current_page": 1, "total_pages": 3,
+                                           "next_page": next_page}})
+    with pytest.raises(CSBadPage, match="meta.next_page"):
+        await api_client(http, clock).petitions()
+
+
+@pytest.mark.anyio
+async def test_petition_list_that_never_ends_stops_at_the_ceiling(
+    http: httpx.AsyncClient, clock: FakeClock, mock: respx.MockRouter,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(client_module, "MAX_PAGES", 25)
+
+    def respond(request: httpx.Request) -> httpx.Response:
+        page = int(request.url.params["page"])
+        if page > 1000:  # the guard of this test, not of the client
+            return httpx.Response(200, json={"petitions": [], "meta": {"next_page": None}})
+        return httpx.Response(200, json={"petitions": [{"id": page}],
+                                         "meta": {"current_page": page, "next_page": page + 1}})
+
+    route = mock.get(f"{API}/petitions").mock(side_effect=respond)
+    with pytest.raises(CSBadPage, match="25"):
+        await api_client(http, clock).petitions()
+    assert route.call_count == 25
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("items", [{"id": 1}, "abc", 7])
+async def test_a_list_that_is_not_a_list_is_a_cs_error(
+    http: httpx.AsyncClient, clock: FakeClock, mock: respx.MockRouter, items: Any,
+) -> None:
+    mock.get(url__startswith=f"{API}/petitions").respond(
+        200, json={"petitions": items, "signatures": items, "meta": meta(1, 1)})
+    cs = api_client(http, clock)
+    with pytest.raises(CSBadPage, match="petitions is not a list"):
+        await cs.petitions()
+    with pytest.raises(CSBadPage, match="signatures is not a list"):
+        await cs.signatures_page("p", 1)

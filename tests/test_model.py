@@ -14,10 +14,12 @@ from csand.model import (
     SIGNER_TAG,
     Activity,
     ActivityKind,
+    MalformedRecord,
     PetitionRef,
     category_tag,
     category_tags,
     creator_activity,
+    dead_letter,
     global_unsubscribe_activity,
     normalize_email,
     parse_time,
@@ -191,7 +193,7 @@ def test_creator_activity_maps_a_launched_petition() -> None:
 
 @pytest.mark.parametrize(
     ("join", "opted_in"),
-    [(True, True), (False, False), (None, False), ("missing", False), ("true", False), (1, False)],
+    [(True, True), (False, False), (None, False), ("missing", False)],
 )
 def test_only_an_explicit_true_is_an_opt_in(join, opted_in: bool) -> None:
     signature = cs_signature()
@@ -203,6 +205,50 @@ def test_only_an_explicit_true_is_an_opt_in(join, opted_in: bool) -> None:
         creator["join_organisation"] = join
     assert signature_activity(signature, cs_petition(), ORG).opted_in is opted_in
     assert creator_activity(cs_petition(creator=creator), ORG).opted_in is opted_in
+
+
+@pytest.mark.parametrize("join", ["true", 1, 0, "yes", [True]])
+def test_any_other_opt_in_value_is_malformed_never_an_opt_in(join: object) -> None:
+    # Neither guessed as an opt-in nor silently read as "no": the record is a dead letter.
+    signature = cs_signature() | {"join_organisation": join}
+    with pytest.raises(MalformedRecord, match="join_organisation is not true, false or null"):
+        signature_activity(signature, cs_petition(), ORG)
+    creator = dict(cs_petition()["creator"]) | {"join_organisation": join}
+    with pytest.raises(MalformedRecord, match="creator.join_organisation"):
+        creator_activity(cs_petition(creator=creator), ORG)
+
+
+@pytest.mark.parametrize(("field", "value", "message"), [
+    ("id", "42", "id is not an integer (str)"),
+    ("id", True, "id is not an integer (bool)"),
+    ("id", None, "id is missing"),
+    ("email", 42, "email is not a string (int)"),
+    ("email", {"a": 1}, "email is not a string (dict)"),
+    ("first_name", ["Ann"], "first_name is not a string (list)"),
+    ("last_name", 3.5, "last_name is not a string (float)"),
+    ("postcode", 2000, "postcode is not a string (int)"),
+    ("created_at", 1700000000, "created_at is not a timestamp (int)"),
+    ("updated_at", "soon", "updated_at is not a timestamp ('soon')"),
+])
+def test_a_field_of_the_wrong_type_is_malformed(field: str, value: object, message: str) -> None:
+    signature = cs_signature() | {field: value}
+    with pytest.raises(MalformedRecord) as info:
+        signature_activity(signature, cs_petition(), ORG)
+    assert str(info.value) == message
+
+
+def test_dead_letter_names_the_record_and_the_field() -> None:
+    record = cs_signature() | {"email": 42}
+    try:
+        signature_activity(record, cs_petition(), ORG)
+    except MalformedRecord as exc:
+        letter = dead_letter("signature", record, exc, petition_id=12)
+    assert letter.reason == f"malformed ControlShift signature {record['id']}: email is not a string (int)"
+    assert letter.source_key == f"signature:{record['id']}"
+    again = dead_letter("signature", dict(reversed(list(record.items()))), MalformedRecord("x"))
+    assert again.dedupe_key == letter.dedupe_key  # the same record: one dead letter
+    changed = dead_letter("signature", record | {"email": 43}, MalformedRecord("x"))
+    assert changed.dedupe_key != letter.dedupe_key
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import sqlite3
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -11,12 +13,15 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 import pytest
 from structlog.testing import capture_logs
 
+from csand.controlshift import client as client_module
 from csand.controlshift.client import ControlShiftClient, CSError
 from csand.controlshift.poller import Poller, edge_order
+from csand.model import dead_letter
 from csand.ratelimit import TokenBucket
 from csand.sim.controlshift import ControlShiftSim
 from csand.store import Store
@@ -238,7 +243,9 @@ async def test_single_petition_unsubscribe_changes_nothing(env: Env) -> None:
 
 
 @pytest.mark.anyio
-async def test_malformed_signature_is_logged_and_skipped(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_malformed_signature_is_logged_and_kept_as_a_dead_letter(
+    env: Env, monkeypatch: pytest.MonkeyPatch,
+) -> None:
     p = env.sim.add_petition(title="P", creator=creator())
     for i in range(3):
         env.sim.add_signature(p["slug"], email=f"s{i}@example.org")
@@ -259,6 +266,12 @@ async def test_malformed_signature_is_logged_and_skipped(env: Env, monkeypatch: 
     malformed = [e for e in logs if e["event"] == "cs.malformed_signature"]
     assert len(malformed) == 3
     assert all(e["log_level"] == "error" and e["petition"] == p["slug"] for e in malformed)
+    assert sorted((d["source_key"], d["last_error"]) for d in env.outbox("status = 'dead'")) == [
+        ("signature:'not-a-number'", "malformed ControlShift signature 'not-a-number': id is "
+         "not an integer (str)"),
+        ("signature:(no id)", "malformed ControlShift signature (no id): id is missing"),
+        ("signature:(no id)", "malformed ControlShift signature (no id): not an object (str)"),
+    ]
 
 
 @pytest.mark.anyio
@@ -357,13 +370,19 @@ async def test_malformed_petition_is_logged_and_skipped(env: Env, monkeypatch: p
     real = env.poller.cs.petitions
 
     async def with_garbage() -> list[Any]:
-        return [{"slug": "no-id", "launched": True}, "garbage", *(await real())]
+        return [{"slug": "no-id", "launched": True}, "garbage",
+                {"id": "7", "slug": "string-id", "launched": True},
+                {"id": True, "slug": "bool-id", "launched": True},
+                {"id": 98, "launched": True},
+                {"id": 99, "slug": "bad-title", "title": {"en": "T"}, "launched": True},
+                *(await real())]
 
     monkeypatch.setattr(env.poller.cs, "petitions", with_garbage)
     with capture_logs() as logs:
         report = await env.poller.cycle()
-    assert report.malformed == 2 and report.petitions == 1 and report.enqueued == 2
-    assert sum(e["event"] == "cs.malformed_petition" for e in logs) == 2
+    assert report.malformed == 6 and report.petitions == 2 and report.enqueued == 2
+    assert sum(e["event"] == "cs.malformed_petition" for e in logs) == 6
+    assert {i["petition_id"] for i in env.outbox()} == {p["id"]}
 
 
 @pytest.mark.anyio
@@ -376,3 +395,309 @@ async def test_petition_launched_later_is_walked_whole(env: Env) -> None:
     report = await env.poller.cycle()
     assert report.enqueued == 8
     assert len(env.outbox("kind = 'signature'")) == 7
+
+
+# ---- malformed records: a dead letter each, and everything around them syncs ----
+
+
+def dead_letters(env: Env) -> list[dict[str, Any]]:
+    return env.outbox("status = 'dead'")
+
+
+def corrupting(env: Env, monkeypatch: pytest.MonkeyPatch, sig_id: int,
+               changes: dict[str, Any]) -> None:
+    """Serve signature ``sig_id`` with ``changes`` applied, as a broken ControlShift would."""
+    real = env.poller.cs.signatures_page
+
+    async def corrupted(slug: str, page: int) -> tuple[list[Any], dict[str, Any]]:
+        items, meta = await real(slug, page)
+        return [({**i, **changes} if i.get("id") == sig_id else i) for i in items], meta
+
+    monkeypatch.setattr(env.poller.cs, "signatures_page", corrupted)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"email": 42}, "email is not a string (int)"),
+    ({"email": ["a@example.org"]}, "email is not a string (list)"),
+    ({"email": {"address": "a@example.org"}}, "email is not a string (dict)"),
+    ({"first_name": {"given": "Ann"}}, "first_name is not a string (dict)"),
+    ({"last_name": 7}, "last_name is not a string (int)"),
+    ({"postcode": 2000}, "postcode is not a string (int)"),
+    ({"created_at": 1727784000}, "created_at is not a timestamp (int)"),
+    ({"updated_at": "yesterday"}, "updated_at is not a timestamp"),
+    ({"join_organisation": "yes"}, "join_organisation is not true, false or null (str)"),
+    ({"join_organisation": 1}, "join_organisation is not true, false or null (int)"),
+    ({"deleted_at": 5}, "deleted_at is not a string (int)"),
+])
+async def test_malformed_signature_is_a_dead_letter_and_the_rest_syncs(
+    env: Env, monkeypatch: pytest.MonkeyPatch, changes: dict[str, Any], reason: str,
+) -> None:
+    p = env.sim.add_petition(title="P", creator=creator())
+    sigs = [env.sim.add_signature(p["slug"], email=f"s{i}@example.org") for i in range(12)]
+    bad = sigs[6]
+    corrupting(env, monkeypatch, bad["id"], changes)
+
+    with capture_logs() as logs:
+        report = await env.poller.cycle()
+    assert report.malformed == 1
+    (dead,) = dead_letters(env)
+    assert dead["source_key"] == f"signature:{bad['id']}"
+    assert dead["last_error"].startswith(f"malformed ControlShift signature {bad['id']}: {reason}")
+    assert dead["petition_id"] == p["id"]
+    assert dead["payload"]["malformed"]  # what CS sent, for the operator
+    pending = env.outbox("status = 'pending'")
+    assert sorted(i["source_key"] for i in pending) == sorted(
+        [f"petition:{p['id']}:creator"]
+        + [f"signature:{s['id']}" for s in sigs if s["id"] != bad["id"]])
+    assert any(e["event"] == "cs.malformed_signature" and e["log_level"] == "error"
+               for e in logs)
+
+    # Seen again every sweep, it stays one dead letter.
+    await env.poller.cycle(full=True)
+    await env.poller.cycle(full=True)
+    assert len(dead_letters(env)) == 1
+    assert len(env.outbox()) == 13
+
+    # ControlShift corrects it: the next sweep syncs it normally.
+    monkeypatch.undo()
+    report = await env.poller.cycle(full=True)
+    assert report.malformed == 0 and report.enqueued == 1
+    (fixed,) = env.outbox(f"source_key = 'signature:{bad['id']}' AND status = 'pending'")
+    assert fixed["payload"]["email"] == bad["email"]
+
+
+@pytest.mark.anyio
+async def test_signature_with_a_non_string_email_from_the_simulator(env: Env) -> None:
+    p = env.sim.add_petition(title="P", creator=creator())
+    good = env.sim.add_signature(p["slug"], email="good@example.org")
+    bad = env.sim.add_signature(p["slug"], email=12345)  # type: ignore[arg-type]
+    report = await env.poller.cycle()
+    assert report.malformed == 1
+    (dead,) = dead_letters(env)
+    assert dead["last_error"] == (
+        f"malformed ControlShift signature {bad['id']}: email is not a string (int)")
+    assert {i["source_key"] for i in env.outbox("status = 'pending'")} == {
+        f"petition:{p['id']}:creator", f"signature:{good['id']}"}
+    # The walk counted it: the next incremental cycle has nothing left to look for.
+    env.sim.reset_stats()
+    assert (await env.poller.cycle()).walked == 0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("changes", "source", "reason"), [
+    ({"id": "42"}, "signature:'42'", "id is not an integer (str)"),
+    ({"id": True}, "signature:True", "id is not an integer (bool)"),
+    ({"id": 4.0}, "signature:4.0", "id is not an integer (float)"),
+])
+async def test_signature_with_a_bad_id_is_a_dead_letter(
+    env: Env, monkeypatch: pytest.MonkeyPatch, changes: dict[str, Any], source: str, reason: str,
+) -> None:
+    p = env.sim.add_petition(title="P", creator=creator())
+    sigs = [env.sim.add_signature(p["slug"], email=f"s{i}@example.org") for i in range(3)]
+    corrupting(env, monkeypatch, sigs[1]["id"], changes)
+    report = await env.poller.cycle()
+    assert report.malformed == 1
+    (dead,) = dead_letters(env)
+    assert dead["source_key"] == source
+    assert reason in dead["last_error"]
+    assert len(env.outbox("status = 'pending'")) == 3  # the creator and the two others
+    await env.poller.cycle(full=True)
+    assert len(dead_letters(env)) == 1
+
+
+@pytest.mark.anyio
+async def test_malformed_creator_is_a_dead_letter_and_the_signers_sync(env: Env) -> None:
+    p = env.sim.add_petition(title="P", creator={"first_name": {"x": 1}, "email": "c@example.org"})
+    sigs = [env.sim.add_signature(p["slug"], email=f"s{i}@example.org") for i in range(3)]
+    report = await env.poller.cycle()
+    assert report.malformed == 1
+    (dead,) = dead_letters(env)
+    assert dead["source_key"] == f"petition:{p['id']}:creator"
+    assert dead["last_error"] == (
+        f"malformed ControlShift petition {p['id']} creator: creator.first_name is not a "
+        "string (dict)")
+    assert sorted(i["source_key"] for i in env.outbox("status = 'pending'")) == sorted(
+        f"signature:{s['id']}" for s in sigs)
+    more = env.sim.add_signature(p["slug"], email="more@example.org")  # the petition changes
+    assert (await env.poller.cycle(full=True)).enqueued == 1
+    assert len(dead_letters(env)) == 1 and env.outbox(f"source_key = 'signature:{more['id']}'")
+
+
+@pytest.mark.anyio
+async def test_malformed_dead_letters_are_shown_but_never_requeued(
+    env: Env, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    p = env.sim.add_petition(title="P", creator=creator())
+    sigs = [env.sim.add_signature(p["slug"], email=f"s{i}@example.org") for i in range(3)]
+    corrupting(env, monkeypatch, sigs[0]["id"], {"email": 42})
+    await env.poller.cycle()
+    (dead,) = dead_letters(env)
+    listed = await env.store.dead_items()
+    assert [d["id"] for d in listed] == [dead["id"]] and listed[0]["kind"] == "malformed"
+    shown = await env.store.dead_item(dead["id"])
+    assert shown is not None and shown["activity"]["malformed"]
+    # Its payload is no activity: putting it back in the queue would crash the workers.
+    assert (await env.store.requeue_dead([dead["id"]])).queued == 0
+    skipped = await env.store.requeue_dead()
+    assert (skipped.queued, skipped.skipped_malformed) == (0, 1)
+    while leased := await env.store.lease(100, 60):  # the creator and the two good signatures
+        for item in leased:
+            await env.store.finish(item.id, "done")
+    assert (await env.store.requeue_since("2000-01-01")).queued == 3  # not the dead letter
+    assert len(dead_letters(env)) == 1
+    drained = []
+    while leased := await env.store.lease(100, 60):
+        drained += [item.activity.source_key for item in leased]
+        for item in leased:
+            await env.store.finish(item.id, "done")
+    assert len(drained) == 3 and f"signature:{sigs[0]['id']}" not in drained
+    assert await env.store.drop_dead([dead["id"]]) == 1
+
+
+def test_dead_retry_says_why_a_malformed_record_is_not_queued(tmp_path: Path) -> None:
+    db = tmp_path / "csand.db"
+    config_file = tmp_path / "config.toml"
+    config_file.write_text(f'[controlshift]\nurl = "https://cs.example"\n[store]\npath = "{db}"\n')
+
+    async def seed() -> None:
+        store = await Store.open(db)
+        try:
+            await store.commit_poll(None, dead_letters=[dead_letter(
+                "signature", {"id": 42, "email": 42}, ValueError("email"), petition_id=1)])
+        finally:
+            await store.close()
+
+    anyio.run(seed, backend="asyncio")
+    def csand(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "csand", *args, "--config", str(config_file)],
+                              capture_output=True, text=True, timeout=60)
+
+    listed = csand("dead", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    (item,) = json.loads(listed.stdout)
+    assert item["source_key"] == "signature:42" and item["kind"] == "malformed"
+    shown = csand("dead", "show", str(item["id"]))
+    assert shown.returncode == 0 and '"malformed"' in shown.stdout
+    retried = csand("dead", "retry", str(item["id"]))
+    assert retried.returncode == 1
+    assert "0 item(s) queued again" in retried.stdout
+    assert "1 malformed ControlShift record(s) not queued" in retried.stdout
+    dropped = csand("dead", "drop", "--all")
+    assert dropped.returncode == 0 and "1 item(s) dropped" in dropped.stdout
+
+
+# ---- pagination ControlShift's docs do not show ----
+
+
+def broken_signature_meta(slug: str, make: Any) -> Any:
+    """A ``meta_override`` breaking only ``slug``'s signature pages: ``make(page, meta)``."""
+    def override(path: str, page: int, meta: dict[str, Any]) -> Any:
+        return make(page, meta) if path == f"/api/v1/petitions/{slug}/signatures" else meta
+    return override
+
+
+async def two_petitions(env: Env) -> tuple[dict[str, Any], dict[str, Any]]:
+    bad = env.sim.add_petition(title="Bad", creator=creator(1))
+    good = env.sim.add_petition(title="Good", creator=creator(2))
+    for i in range(12):
+        env.sim.add_signature(bad["slug"], email=f"b{i}@example.org")
+        env.sim.add_signature(good["slug"], email=f"g{i}@example.org")
+    return bad, good
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("make", [
+    lambda page, meta: meta | {"next_page": str(meta["next_page"])},
+    lambda page, meta: meta | {"next_page": "abc"},
+    lambda page, meta: meta | {"next_page": page + 0.5},
+    lambda page, meta: meta | {"next_page": {"page": page + 1}},
+    lambda page, meta: meta | {"total_pages": "3"},
+    lambda page, meta: meta | {"total_pages": -3},
+    lambda page, meta: meta | {"next_page": 0},
+    lambda page, meta: meta | {"next_page": -1},
+    lambda page, meta: "not a meta",
+], ids=["digit-string", "abc", "float", "dict", "total-string", "total-negative", "zero",
+        "negative", "string-meta"])
+async def test_bad_signature_pagination_skips_that_petition_only(env: Env, make: Any) -> None:
+    bad, good = await two_petitions(env)
+    env.sim.meta_override = broken_signature_meta(bad["slug"], make)
+    with capture_logs() as logs:
+        report = await env.poller.cycle()
+    assert report.petitions == 2
+    # The good petition synced whole; of the bad one, what its first page showed.
+    assert len(env.outbox(f"petition_id = {good['id']}")) == 13
+    bad_items = env.outbox(f"petition_id = {bad['id']} AND kind = 'signature'")
+    assert [i["payload"]["email"] for i in bad_items] == [f"b{i}@example.org" for i in range(5)]
+    errors = [e for e in logs if e["event"] == "cs.bad_pagination"]
+    assert len(errors) == 1 and errors[0]["log_level"] == "error"
+    assert errors[0]["petition"] == bad["slug"] and "meta" in errors[0]["error"]
+    # Fixed on ControlShift: the next cycle walks it again and finds the rest.
+    env.sim.meta_override = None
+    await env.poller.cycle()
+    assert len(env.outbox(f"petition_id = {bad['id']}")) == 13
+
+
+@pytest.mark.anyio
+async def test_signature_pages_beyond_total_pages_are_not_walked(env: Env) -> None:
+    bad, good = await two_petitions(env)
+    asked: list[int] = []
+
+    def ever_growing(page: int, meta: dict[str, Any]) -> dict[str, Any]:
+        asked.append(page)
+        return meta | {"next_page": page + 1 if page < 1000 else None}
+
+    env.sim.meta_override = broken_signature_meta(bad["slug"], ever_growing)
+    with capture_logs() as logs:
+        await env.poller.cycle()
+    assert max(asked) <= 3 and len(asked) <= 3  # 12 signatures at 5 a page: 3 pages
+    assert any(e["event"] == "cs.bad_pagination" and bad["slug"] in e["path"] for e in logs)
+    assert len(env.outbox(f"petition_id = {good['id']}")) == 13
+    assert len(env.outbox(f"petition_id = {bad['id']}")) == 13  # every real page was read
+
+
+@pytest.mark.anyio
+async def test_a_signature_walk_that_never_ends_is_bounded(
+    env: Env, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(client_module, "MAX_PAGES", 40)
+    bad, good = await two_petitions(env)
+    asked: list[int] = []
+
+    def ever_growing(page: int, meta: dict[str, Any]) -> dict[str, Any]:
+        asked.append(page)
+        more = page < 1000  # the guard of this test, not of the poller
+        return {"current_page": page, "total_pages": page + 1 if more else page,
+                "next_page": page + 1 if more else None}
+
+    env.sim.meta_override = broken_signature_meta(bad["slug"], ever_growing)
+    with capture_logs() as logs:
+        report = await env.poller.cycle()
+    assert len(asked) <= 40
+    assert report.petitions == 2
+    assert len(env.outbox(f"petition_id = {good['id']}")) == 13  # in the same cycle
+    assert len(env.outbox(f"petition_id = {bad['id']} AND kind = 'signature'")) == 12
+    assert any(e["event"] == "cs.bad_pagination" and "40" in e["error"] for e in logs)
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("next_page", ["2", "abc", 2.5, {"page": 2}, -1, 0])
+async def test_bad_petition_list_pagination_fails_the_cycle_not_the_daemon(
+    env: Env, next_page: Any,
+) -> None:
+    for n in range(12):
+        env.sim.add_petition(title=f"P{n}", creator=creator(n))
+
+    def override(path: str, page: int, meta: dict[str, Any]) -> Any:
+        return meta | {"next_page": next_page} if path == "/api/v1/petitions" else meta
+
+    env.sim.meta_override = override
+    with capture_logs() as logs:
+        assert await env.poller._guarded_cycle(full=False) is None
+    failed = [e for e in logs if e["event"] == "poll.failed"]
+    assert len(failed) == 1 and failed[0]["log_level"] == "error"
+    assert "meta.next_page" in failed[0]["error"]
+    assert (await env.store.status())["last_poll_result"].startswith("failed:")
+    env.sim.meta_override = None
+    assert await env.poller._guarded_cycle(full=False) is not None
+    assert len(env.outbox()) == 12

@@ -269,10 +269,76 @@ async def test_petition_webhook_creator_extras_make_one_creator_activity(tmp_pat
 @pytest.mark.anyio
 async def test_malformed_event_data_is_recorded_not_retried(tmp_path: Path) -> None:
     async with Rig(tmp_path) as rig:
-        await rig.deliver("signature.created", {"no": "id"}, "m")
+        await rig.deliver("petition.launched", {"no": "slug"}, "m")
         row = (await rig.store._read("SELECT processed_at, error FROM webhook_events"))[0]
         assert row["processed_at"] is not None and "malformed" in row["error"]
         assert await rig.items() == []
+
+
+async def _dead(rig: Rig) -> list[dict[str, Any]]:
+    rows = await rig.store._read(
+        "SELECT source_key, petition_id, kind, last_error, payload FROM outbox "
+        "WHERE status = 'dead' ORDER BY id")
+    return [dict(r) | {"payload": json.loads(r["payload"])} for r in rows]
+
+
+@pytest.mark.anyio
+async def test_signature_event_without_a_petition_is_a_dead_letter(tmp_path: Path) -> None:
+    async with Rig(tmp_path) as rig:
+        await rig.deliver("signature.created", {"no": "id"}, "m")
+        row = (await rig.store._read("SELECT processed_at, error FROM webhook_events"))[0]
+        assert row["processed_at"] is not None and row["error"] is None
+        (dead,) = await _dead(rig)
+        assert dead["last_error"] == (
+            "malformed ControlShift signature (no id): petition is missing")
+
+
+@pytest.mark.parametrize(("changes", "reason"), [
+    ({"email": 42}, "email is not a string (int)"),
+    ({"first_name": {"given": "Ann"}}, "first_name is not a string (dict)"),
+    ({"join_organisation": "yes"}, "join_organisation is not true, false or null (str)"),
+    ({"created_at": 1}, "created_at is not a timestamp (int)"),
+])
+@pytest.mark.anyio
+async def test_malformed_signature_by_webhook_is_a_dead_letter_as_in_a_poll(
+        tmp_path: Path, changes: dict[str, Any], reason: str) -> None:
+    async with Rig(tmp_path) as rig:
+        petition = _petition(rig.cs)
+        sig = rig.cs.add_signature(petition["slug"], email="ann@example.org")
+        await rig.deliver("signature.created", {**sig, **changes}, "bad")
+        row = (await rig.store._read("SELECT processed_at, error FROM webhook_events"))[0]
+        assert row["processed_at"] is not None and row["error"] is None
+        (dead,) = await _dead(rig)
+        assert dead["last_error"] == f"malformed ControlShift signature {sig['id']}: {reason}"
+        assert dead["petition_id"] == petition["id"] and dead["kind"] == "malformed"
+        # The petition was new to csand: its creator is enqueued all the same.
+        assert [(k, s) for k, s, _ in await rig.items()] == [
+            ("petition_created", "pending"), ("malformed", "dead")]
+        await rig.deliver("signature.created", {**sig, **changes}, "bad-again")
+        assert len(await _dead(rig)) == 1  # the same record: still one dead letter
+        await rig.deliver("signature.created", sig, "fixed")  # corrected: synced as usual
+        assert [k for k, s, _ in await rig.items() if s == "pending"] == [
+            "petition_created", "signature"]
+
+
+@pytest.mark.anyio
+async def test_malformed_unsubscribe_and_creator_by_webhook_are_dead_letters(
+        tmp_path: Path) -> None:
+    async with Rig(tmp_path) as rig:
+        await rig.deliver("unsubscribe.created", {
+            "id": 9, "email": ["dee@example.org"], "unsubscribe_organisation": True,
+            "created_at": "2026-11-01T10:00:00Z"}, "u")
+        petition = _petition(rig.cs)
+        await rig.deliver("petition.launched", {
+            "slug": petition["slug"], "title": petition["title"],
+            "creator": {"email": "cy@example.org", "join_organisation": "yes"}}, "p")
+        processed = await rig.store._read("SELECT processed_at, error FROM webhook_events")
+        assert all(r["processed_at"] is not None and r["error"] is None for r in processed)
+        assert [d["last_error"] for d in await _dead(rig)] == [
+            "malformed ControlShift unsubscribe 9: email is not a string (list)",
+            f"malformed ControlShift petition {petition['id']} creator: "
+            "creator.join_organisation is not true, false or null (str)",
+        ]
 
 
 @pytest.mark.anyio

@@ -23,6 +23,10 @@ from csand.ratelimit import TokenBucket
 log = get_logger("controlshift")
 
 TRANSIENT_RETRIES = 4
+# No list is walked further than this many pages, whatever its meta says: a next_page that
+# keeps growing must not trap the poller. (CS's page size is undocumented; at 25 a page this
+# is 250,000 records.)
+MAX_PAGES = 10_000
 
 
 class CSError(Exception):
@@ -35,6 +39,61 @@ class CSAuthError(CSError):
 
 class CSNotFound(CSError):
     pass
+
+
+class CSBadPage(CSError):
+    """A list page whose items or pagination (``meta``) cannot be followed."""
+
+
+def _page_number(meta: dict[str, Any], key: str, *, minimum: int) -> int | None:
+    value = meta.get(key)
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        shown = repr(value) if isinstance(value, int | float | str) else type(value).__name__
+        raise CSBadPage(f"meta.{key} is not a page number ({shown[:40]})")
+    return value
+
+
+def pagination(meta: Any, page: int, path: str) -> tuple[int | None, int | None]:
+    """``(total_pages, next_page)`` of list page ``page`` of ``path``, validated.
+
+    Either may be None (absent or null: no next page). Raises :class:`CSBadPage` for anything
+    else that is not a page number, or more than :data:`MAX_PAGES` pages. A next page beyond
+    ``total_pages`` is not followed (logged as ``cs.bad_pagination``; None is returned). A next
+    page not after ``page`` is returned as it is: callers stop at a page they have read.
+    """
+    try:
+        if meta is None:
+            return None, None
+        if not isinstance(meta, dict):
+            raise CSBadPage(f"meta is not an object ({type(meta).__name__})")
+        total = _page_number(meta, "total_pages", minimum=0)
+        nxt = _page_number(meta, "next_page", minimum=1)
+        if total is not None and total > MAX_PAGES:
+            raise CSBadPage(f"meta.total_pages is {total}, more than the {MAX_PAGES} pages "
+                            "csand walks")
+        if nxt is not None and nxt > MAX_PAGES:
+            raise CSBadPage(f"meta.next_page is {nxt}, more than the {MAX_PAGES} pages "
+                            "csand walks")
+        if nxt is not None and total is not None and nxt > total:
+            log.error("cs.bad_pagination", path=path, page=page,
+                      error=f"meta.next_page {nxt} is beyond meta.total_pages {total}",
+                      msg="not followed: csand reads no page past meta.total_pages")
+            return total, None
+        return total, nxt
+    except CSBadPage as exc:
+        raise CSBadPage(f"ControlShift {path} page {page}: {exc}") from None
+
+
+def _items(body: dict[str, Any], key: str, path: str, page: int) -> list[Any]:
+    items = body.get(key)
+    if items is None:
+        return []
+    if not isinstance(items, list):
+        raise CSBadPage(f"ControlShift {path} page {page}: {key} is not a list "
+                        f"({type(items).__name__})")
+    return items
 
 
 class OAuthToken:
@@ -168,16 +227,20 @@ class ControlShiftClient:
         return body
 
     async def pages(self, path: str, key: str, start: int = 1) -> AsyncIterator[tuple[list[dict], dict]]:
-        """Yield ``(items, meta)`` page by page, following ``meta.next_page`` until null."""
+        """Yield ``(items, meta)`` page by page, following ``meta.next_page`` until null.
+
+        Raises :class:`CSBadPage` for a page it cannot follow (see :func:`pagination`).
+        """
         page: int | None = start
         seen: set[int] = set()
         while page is not None and page not in seen:
             seen.add(page)
             body = await self.get_object(f"{path}{'&' if '?' in path else '?'}page={page}")
-            items, meta = body.get(key) or [], body.get("meta") or {}
-            yield items, meta
-            nxt = meta.get("next_page")
-            page = int(nxt) if nxt else None
+            items = _items(body, key, path, page)
+            meta = body.get("meta")
+            _, nxt = pagination(meta, page, path)
+            yield items, meta or {}
+            page = nxt
 
     async def lookup_signature(self, slug: str, email: str) -> dict[str, Any] | None:
         """The petition's signature for ``email``, or None when CS has none."""
@@ -199,8 +262,11 @@ class ControlShiftClient:
         return result
 
     async def signatures_page(self, slug: str, page: int) -> tuple[list[dict[str, Any]], dict]:
-        body = await self.get_object(f"/petitions/{quote(slug, safe='')}/signatures?page={page}")
-        return body.get("signatures") or [], body.get("meta") or {}
+        """One page of a petition's signatures and its raw ``meta`` (see :func:`pagination`);
+        raises :class:`CSBadPage` when the signatures are not a list."""
+        path = f"/petitions/{quote(slug, safe='')}/signatures"
+        body = await self.get_object(f"{path}?page={page}")
+        return _items(body, "signatures", path, page), body.get("meta")
 
 
 def _seconds(value: str | None, default: float) -> float:

@@ -33,18 +33,26 @@ from csand import metrics
 from csand.controlshift.client import (
     ControlShiftClient,
     CSAuthError,
+    CSBadPage,
     CSError,
     PetitionDirectory,
+    pagination,
 )
 from csand.controlshift.versions import see_signature
 from csand.logs import get_logger
 from csand.model import (
     Activity,
+    DeadLetter,
+    MalformedRecord,
     SignatureSeen,
     creator_activity,
+    creator_record,
+    dead_letter,
     is_launched,
-    normalize_email,
     now_utc,
+    petition_ref,
+    record_id,
+    text_field,
 )
 from csand.store import PetitionState, Store
 
@@ -66,12 +74,15 @@ def edge_order(total_pages: int) -> list[int]:
 
 
 def petition_content(petition: dict[str, Any]) -> str:
-    creator = petition.get("creator") or {}
+    creator = petition.get("creator")
+    creator = creator if isinstance(creator, dict) else {"malformed": creator}
+    email = creator.get("email")
     data = [
         petition.get("title"),
         sorted(str((c or {}).get("name") if isinstance(c, dict) else c)
                for c in petition.get("categories") or ()),
-        normalize_email(creator.get("email")), creator.get("first_name"), creator.get("last_name"),
+        email.strip().lower() if isinstance(email, str) else email,
+        creator.get("first_name"), creator.get("last_name"), creator.get("malformed"),
     ]
     return hashlib.sha256(json.dumps(data, default=str).encode()).hexdigest()[:20]
 
@@ -149,6 +160,12 @@ class Poller:
             await self.store.set_meta(last_poll_result=f"failed: {exc}")
             log.error("cs.auth_failed", error=str(exc), msg="ControlShift rejected the "
                       "credentials; polling continues every interval. Nothing is lost meanwhile.")
+        except CSBadPage as exc:  # the petition list itself cannot be followed
+            metrics.poll_failures.inc()
+            await self.store.set_meta(last_poll_result=f"failed: {exc}")
+            log.error("poll.failed", error=str(exc), full=full,
+                      msg="ControlShift sent a petition list page csand cannot follow; "
+                          "polling continues every interval")
         except CSError as exc:
             metrics.poll_failures.inc()
             await self.store.set_meta(last_poll_result=f"failed: {exc}")
@@ -178,11 +195,11 @@ class Poller:
         first_run = await self.store.get_meta("backfill_done") is None
         for petition in petitions:
             try:
-                cs_id = int(petition["id"])
-                slug = str(petition["slug"])
-            except (KeyError, TypeError, ValueError):
+                cs_id = record_id(petition)
+                slug = text_field(petition, "slug", required=True) or ""
+            except MalformedRecord as exc:
                 report.malformed += 1
-                log.error("cs.malformed_petition", reason="petition without id or slug",
+                log.error("cs.malformed_petition", reason=f"petition without id or slug: {exc}",
                           record=str(petition)[:200])
                 continue
             if not is_launched(petition):
@@ -193,6 +210,11 @@ class Poller:
                 try:
                     await self._sync_petition(petition, cs_id, slug, org, full or first_run,
                                               report)
+                except CSBadPage as exc:  # this petition's pages cannot be followed: the others can
+                    report.malformed += 1
+                    log.error("cs.bad_pagination", petition=slug, error=str(exc),
+                              msg="what its pages showed so far is kept; the petition is "
+                                  "walked again next cycle")
                 except CSError:
                     raise  # ControlShift itself failed: the cycle is retried as a whole
                 except Exception as exc:  # one odd record must not stop every other petition
@@ -235,8 +257,16 @@ class Poller:
         if not whole and public == state.public_count and petition.get("updated_at") == state.updated_at:
             return  # nothing moved: no signature request at all
         report.walked += 1
+        petition_ref(petition, org)  # a malformed petition stops here, before any record
+        batch = _Batch()
         extra = json.loads(state.creator_extra) if state and state.creator_extra else None
-        creator = creator_activity(petition, org, extra)
+        try:
+            batch.activities.append(creator_activity(petition, org, extra))
+        except Exception as exc:  # a malformed creator: its dead letter; the signers still sync
+            self._malformed(dead_letter("petition", creator_record(petition), exc,
+                                        petition_id=cs_id,
+                                        source_key=f"petition:{cs_id}:creator"),
+                            slug, batch, report)
         seen = await self.store.signatures_seen(cs_id)
         live = sum(1 for s in seen.values() if not s.deleted_at)
         # How many unseen signatures to look for: the growth since the last walk, or more if an
@@ -245,8 +275,6 @@ class Poller:
         expected_new = None if whole or public is None else max(
             0, public - live, public - (state.public_count or 0))
 
-        batch = _Batch()
-        batch.activities.append(creator)
         total_pages = 1
         new_found = 0
         order = [1]
@@ -257,18 +285,24 @@ class Poller:
             index += 1
             items, meta = await self.cs.signatures_page(slug, page)
             report.pages += 1
-            if page == 1 and meta.get("total_pages"):
-                total_pages = max(1, int(meta["total_pages"]))
-                order = edge_order(total_pages)
-            next_page = meta.get("next_page")
-            if next_page and int(next_page) > max(order):
-                # No total_pages, or the petition grew during the walk: follow next_page too.
-                order.append(int(next_page))
-                total_pages = max(total_pages, int(next_page))
             for record in items:
                 new_found += self._see(record, petition, org, seen, batch, report)
                 if isinstance(record, dict) and isinstance(record.get("id"), int):
                     walked.add(record["id"])
+            try:
+                page_total, next_page = pagination(
+                    meta, page, f"/petitions/{slug}/signatures")
+            except CSBadPage:
+                # What this walk saw is kept (the petition's state is not: walked again).
+                await self._commit(None, batch)
+                raise
+            if page == 1 and page_total:
+                total_pages = page_total
+                order = edge_order(total_pages)
+            if next_page and next_page > max(order):
+                # No total_pages, or the petition grew during the walk: follow next_page too.
+                order.append(next_page)
+                total_pages = max(total_pages, next_page)
             if len(batch.pages) >= COMMIT_EVERY_PAGES:
                 report.enqueued += await self._commit(None, batch)
                 batch = _Batch()
@@ -316,14 +350,19 @@ class Poller:
         self, record: Any, petition: dict[str, Any], org: str, seen: dict[int, SignatureSeen],
         batch: _Batch, report: CycleReport,
     ) -> int:
-        """Compare one signature with its recorded version; returns 1 if it is a new one."""
+        """Compare one signature with its recorded version; returns 1 if it is a new one.
+
+        A record that cannot be read becomes a dead letter saying why; it counts as new unless
+        csand recorded its id before, so the walk does not keep looking for it.
+        """
+        sig_id = record.get("id") if isinstance(record, dict) else None
+        known = type(sig_id) is int and sig_id in seen
         try:
-            seen_now = see_signature(record, petition, org, seen.get(int(record["id"])))
-        except (KeyError, TypeError, ValueError) as exc:
-            report.malformed += 1
-            log.error("cs.malformed_signature", petition=petition.get("slug"),
-                      reason=f"{type(exc).__name__}: {exc}", record=str(record)[:200])
-            return 0
+            seen_now = see_signature(record, petition, org, seen.get(sig_id) if known else None)
+        except Exception as exc:  # one bad record must not stop the others
+            self._malformed(dead_letter("signature", record, exc, petition_id=petition["id"]),
+                            petition["slug"], batch, report)
+            return 0 if known else 1
         if seen_now.row is not None:
             seen[seen_now.row.cs_id] = seen_now.row
             batch.signatures.append(seen_now.row)
@@ -335,15 +374,25 @@ class Poller:
                      msg="deleted on ControlShift: not synced further; AN unchanged")
         return 1 if seen_now.new else 0
 
+    @staticmethod
+    def _malformed(letter: DeadLetter, slug: str, batch: _Batch, report: CycleReport) -> None:
+        report.malformed += 1
+        batch.dead.append(letter)
+        log.error(f"cs.malformed_{letter.kind}", petition=slug, source=letter.source_key,
+                  reason=letter.reason,
+                  msg="kept as a dead letter; syncs by itself once corrected on ControlShift")
+
     async def _commit(self, state: PetitionState | None, batch: _Batch) -> int:
-        return await self.store.commit_poll(state, batch.signatures, batch.activities, batch.deleted)
+        return await self.store.commit_poll(state, batch.signatures, batch.activities,
+                                            batch.deleted, dead_letters=batch.dead)
 
 
 class _Batch:
-    __slots__ = ("activities", "signatures", "deleted", "pages")
+    __slots__ = ("activities", "signatures", "deleted", "dead", "pages")
 
     def __init__(self) -> None:
         self.activities: list[Activity] = []
         self.signatures: list[SignatureSeen] = []
         self.deleted: list[str] = []
+        self.dead: list[DeadLetter] = []
         self.pages: list[int] = []

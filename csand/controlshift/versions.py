@@ -12,7 +12,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-from csand.model import Activity, SignatureSeen, parse_time, signature_activity
+from csand.model import (
+    Activity,
+    SignatureSeen,
+    parse_time,
+    record_id,
+    signature_activity,
+    text_field,
+    time_field,
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -27,24 +35,26 @@ class Seen:
 def see_signature(
     record: dict[str, Any], petition: dict[str, Any], org: str, previous: SignatureSeen | None
 ) -> Seen:
-    """Raises KeyError/TypeError/ValueError for a record that is not a signature."""
-    sig_id = int(record["id"])
-    activity = signature_activity(record, petition, org)
-    assert activity.petition is not None
-    updated = parse_time(record.get("updated_at")) or parse_time(record.get("created_at"))
+    """Raises :class:`~csand.model.MalformedRecord` for a record that is not a well-formed
+    signature (``petition`` is taken as valid: its caller checked it)."""
+    sig_id = record_id(record)
+    deleted_at = text_field(record, "deleted_at")
+    updated = time_field(record, "updated_at") or time_field(record, "created_at")
     updated_iso = updated.isoformat() if updated else None
     if previous is not None and previous.updated_at and updated is not None:
         known = parse_time(previous.updated_at)
         if known is not None and updated < known:
             return Seen()  # an older version arriving late
-    deleted_at = record.get("deleted_at")
     if deleted_at:
+        # Never synced whatever else it holds: its other fields are not checked.
         if previous is not None and previous.deleted_at:
             return Seen()
-        row = SignatureSeen(sig_id, activity.petition.cs_id, "deleted", str(deleted_at), updated_iso)
+        row = SignatureSeen(sig_id, record_id(petition), "deleted", deleted_at, updated_iso)
         if previous is None:
             return Seen(row=row)
-        return Seen(row=row, cancel=activity.source_key, deleted_after_sync=True)
+        return Seen(row=row, cancel=f"signature:{sig_id}", deleted_after_sync=True)
+    activity = signature_activity(record, petition, org)
+    assert activity.petition is not None
     fingerprint = activity.fingerprint()
     if previous is not None and previous.fingerprint == fingerprint and not previous.deleted_at:
         if previous.updated_at != updated_iso and updated_iso is not None:

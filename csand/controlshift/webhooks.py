@@ -27,12 +27,18 @@ from csand.controlshift.versions import see_signature
 from csand.logs import get_logger
 from csand.model import (
     Activity,
+    DeadLetter,
+    MalformedRecord,
     creator_activity,
+    creator_record,
+    dead_letter,
     global_unsubscribe_activity,
     is_launched,
     normalize_email,
     now_utc,
     parse_time,
+    record_id,
+    text_field,
 )
 from csand.store import Store, WebhookEvent
 from csand.sync.outcome import RetryPolicy
@@ -156,8 +162,31 @@ class WebhookProcessor:
         await self.store.commit_poll(None, event_id=event.id)
         return "ignored"
 
+    async def _dead_letters(self, event: WebhookEvent, letters: list[DeadLetter],
+                            activities: list[Activity] | None = None) -> str:
+        """Malformed records: kept as dead letters (as the poller does), the event processed."""
+        await self.store.commit_poll(None, (), activities or (), event_id=event.id,
+                                     dead_letters=letters)
+        self._log_dead_letters(event, letters)
+        return "malformed record: kept as a dead letter"
+
+    def _log_dead_letters(self, event: WebhookEvent, letters: list[DeadLetter]) -> None:
+        if letters:
+            metrics.webhooks.labels("malformed").inc()
+        for letter in letters:
+            log.error(f"webhook.malformed_{letter.kind}", event_id=event.id, type=event.type,
+                      source=letter.source_key, reason=letter.reason,
+                      msg="kept as a dead letter; syncs by itself once corrected on ControlShift")
+
     async def _signature(self, event: WebhookEvent, data: dict[str, Any]) -> str:
-        slug = str(data["petition"]["slug"])
+        about = data.get("petition")
+        try:
+            if not isinstance(about, dict):
+                raise MalformedRecord("petition is missing" if about is None
+                                      else f"petition is not an object ({type(about).__name__})")
+            slug = text_field(about, "slug", required=True, prefix="petition.") or ""
+        except MalformedRecord as exc:
+            return await self._dead_letters(event, [dead_letter("signature", data, exc)])
         petition = await self.directory.get(slug)
         if not is_launched(petition):
             petition = await self.directory.get(slug, fresh=True)
@@ -168,20 +197,37 @@ class WebhookProcessor:
             data = {**data, "deleted_at": now_utc().isoformat()}
         org = await self._org_slug()
         activities: list[Activity] = []
-        state = await self.store.petition_state(int(petition["id"]))
+        letters: list[DeadLetter] = []
+        cs_id = record_id(petition)
+        state = await self.store.petition_state(cs_id)
         if state is None or state.content is None:
             # First sight of this petition: its creator goes first, as in a poll.
             extra = json.loads(state.creator_extra) if state and state.creator_extra else None
-            activities.append(creator_activity(petition, org, extra))
+            try:
+                activities.append(creator_activity(petition, org, extra))
+            except Exception as exc:  # the creator's own dead letter; the signature goes on
+                letters.append(dead_letter("petition", creator_record(petition), exc,
+                                           petition_id=cs_id,
+                                           source_key=f"petition:{cs_id}:creator"))
             self._poke()
-        previous = await self.store.signature_seen(int(data["id"]))
-        seen = see_signature(data, petition, org, previous)
+        try:
+            sig_id = record_id(data)
+        except MalformedRecord as exc:
+            letters.append(dead_letter("signature", data, exc, petition_id=cs_id))
+            return await self._dead_letters(event, letters, activities)
+        previous = await self.store.signature_seen(sig_id)
+        try:
+            seen = see_signature(data, petition, org, previous)
+        except Exception as exc:  # as in a poll: one malformed record is one dead letter
+            letters.append(dead_letter("signature", data, exc, petition_id=cs_id))
+            return await self._dead_letters(event, letters, activities)
         if seen.activity is not None:
             activities.append(seen.activity)
         await self.store.commit_poll(
             None, [seen.row] if seen.row else (), activities,
-            [seen.cancel] if seen.cancel else (), event_id=event.id,
+            [seen.cancel] if seen.cancel else (), event_id=event.id, dead_letters=letters,
         )
+        self._log_dead_letters(event, letters)
         if seen.cancel:
             return "signature deleted: not synced"
         return "enqueued" if seen.activity else "already known"
@@ -192,13 +238,21 @@ class WebhookProcessor:
             await self.store.commit_poll(None, event_id=event.id)
             return "not launched"
         creator = data.get("creator") or {}
-        extra: dict[str, Any] = {"for_email": normalize_email(creator.get("email"))}
-        if isinstance(creator.get("join_organisation"), bool):
-            extra["join_organisation"] = creator["join_organisation"]
-        if creator.get("postcode"):
-            extra["postcode"] = creator["postcode"]
+        cs_id = record_id(petition)
         org = await self._org_slug()
-        activity = creator_activity(petition, org, extra)
+        try:
+            if not isinstance(creator, dict):
+                raise MalformedRecord(f"creator is not an object ({type(creator).__name__})")
+            extra: dict[str, Any] = {"for_email": normalize_email(
+                text_field(creator, "email", prefix="creator."))}
+            if creator.get("join_organisation") is not None:
+                extra["join_organisation"] = creator["join_organisation"]
+            if creator.get("postcode"):
+                extra["postcode"] = creator["postcode"]
+            activity = creator_activity(petition, org, extra)
+        except MalformedRecord as exc:  # not kept as creator_extra: the poll's creator syncs
+            return await self._dead_letters(event, [dead_letter(
+                "petition", data, exc, petition_id=cs_id, source_key=f"petition:{cs_id}:creator")])
         await self.store.commit_poll(
             None, (), [activity], event_id=event.id,
             creator_extra=(int(petition["id"]), str(petition["slug"]), json.dumps(extra)),
@@ -213,8 +267,11 @@ class WebhookProcessor:
         if not self.global_unsubscribes:
             await self.store.commit_poll(None, event_id=event.id)
             return "org-wide unsubscribe ignored (controlshift.global_unsubscribes = false)"
-        activity = global_unsubscribe_activity(
-            data["id"], data.get("email"), parse_time(data.get("created_at")) or now_utc()
-        )
+        try:
+            activity = global_unsubscribe_activity(
+                data["id"], data.get("email"), parse_time(data.get("created_at")) or now_utc()
+            )
+        except MalformedRecord as exc:
+            return await self._dead_letters(event, [dead_letter("unsubscribe", data, exc)])
         await self.store.commit_poll(None, (), [activity], event_id=event.id)
         return "global unsubscribe enqueued"

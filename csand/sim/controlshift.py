@@ -188,7 +188,8 @@ def _aware(value: datetime) -> datetime:
 
 
 def _norm_email(email: str | None) -> str:
-    return (email or "").strip().lower()
+    # A test may store a malformed email (a number, a list) to see how csand copes.
+    return email.strip().lower() if isinstance(email, str) else ""
 
 
 class ControlShiftSim:
@@ -238,6 +239,10 @@ class ControlShiftSim:
         # a delivered event is delivered once more, identical.
         self.webhook_retry_delays: tuple[float, ...] = tuple(webhook_retry_delays)
         self.webhook_duplicate_rate = webhook_duplicate_rate
+        # Broken pagination: when set, every list answer's ``meta`` is what
+        # ``meta_override(path, page, meta)`` returns (any JSON value; ``path`` is the request
+        # path, e.g. ``/api/v1/petitions/<slug>/signatures``), in place of the true one.
+        self.meta_override: Callable[[str, int, dict[str, Any]], Any] | None = None
 
         self._lock = threading.Lock()
         self._petitions: dict[str, dict[str, Any]] = {}  # slug -> stored petition
@@ -631,7 +636,7 @@ class ControlShiftSim:
 
     def _creator(self, creator: dict[str, Any]) -> dict[str, Any]:
         first, last = creator.get("first_name"), creator.get("last_name")
-        full = " ".join(part for part in (first, last) if part) or None
+        full = " ".join(part for part in (first, last) if isinstance(part, str) and part) or None
         return {
             "full_name": creator.get("full_name", full),
             "first_name": first,
@@ -927,12 +932,14 @@ class ControlShiftSim:
             page = 1
         size = max(1, self.page_size)
         total = max(1, math.ceil(len(items) / size))
-        meta = {
+        meta: Any = {
             "current_page": page,
             "total_pages": total,
             "previous_page": page - 1 if 1 < page <= total else None,
             "next_page": page + 1 if page < total else None,
         }
+        if self.meta_override is not None:
+            meta = self.meta_override(request.url.path, page, meta)
         return items[(page - 1) * size : page * size], meta
 
     # ------------------------------------------------------------------ request gate

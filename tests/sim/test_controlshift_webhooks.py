@@ -31,7 +31,7 @@ from csand.sim.server import ServedApp
 
 KEY = {"Authorization": "Bearer cs-test-key"}
 T0 = datetime(2024, 10, 1, 12, 0, tzinfo=UTC)
-SECRET = "whsec-test"
+SECRET = "whsec-test-0123456789"
 
 SIGNATURE_KEYS = {
     "id",
