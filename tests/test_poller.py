@@ -701,3 +701,58 @@ async def test_bad_petition_list_pagination_fails_the_cycle_not_the_daemon(
     env.sim.meta_override = None
     assert await env.poller._guarded_cycle(full=False) is not None
     assert len(env.outbox()) == 12
+
+
+# ---- deletions must not hide new signatures from the incremental walk ----
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("deleted_visible", [True, False])
+@pytest.mark.parametrize(("order", "page_size"), [("asc", 5), ("desc", 5), ("asc", 1), ("desc", 1)])
+async def test_a_deletion_does_not_hide_new_signatures_from_the_incremental_cycle(
+    tmp_path: Path, order: str, page_size: int, deleted_visible: bool,
+) -> None:
+    async with make_env(tmp_path, signature_order=order, page_size=page_size,
+                        deleted_visible=deleted_visible) as env:
+        p = env.sim.add_petition(title="P", creator=creator())
+        # Sized so that afterwards the two new signatures sit on different pages wherever a
+        # split is possible: the list then holds 1 more than a whole number of pages.
+        listed_after = 4 * page_size + 1 if page_size > 1 else 9
+        initial = listed_after - 2 + (0 if deleted_visible else 1)
+        sigs = [env.sim.add_signature(p["slug"], email=f"s{i}@example.org")
+                for i in range(initial)]
+        await env.poller.cycle()
+        env.sim.delete_signature(sigs[initial // 2]["id"])
+        new = [env.sim.add_signature(p["slug"], email=f"new{i}@example.org") for i in range(2)]
+        assert env.sim.petition(p["slug"])["public_signature_count"] == initial + 1
+
+        report = await env.poller.cycle()  # incremental: the count grew by one
+        assert not report.malformed
+        for signature in new:
+            assert env.outbox(f"source_key = 'signature:{signature['id']}'"), signature["email"]
+
+
+async def pages_for_one_new_signature(tmp_path: Path, order: str, existing: int) -> int:
+    async with make_env(tmp_path, signature_order=order, page_size=5) as env:
+        p = env.sim.add_petition(title="P", creator=creator())
+        for i in range(existing):
+            env.sim.add_signature(p["slug"], email=f"s{i}@example.org")
+        await env.poller.cycle()
+        env.sim.reset_stats()
+        new = env.sim.add_signature(p["slug"], email="new@example.org")
+        assert (await env.poller.cycle()).enqueued == 1
+        assert env.outbox(f"source_key = 'signature:{new['id']}'")
+        return env.routes()[SIGNATURES_ROUTE]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(("order", "existing", "most"), [
+    ("asc", 49, 2),  # 10 pages; the new signature shares the last page
+    ("asc", 45, 3),  # 10 pages; the new signature alone on the last page
+    ("desc", 49, 2),
+    ("desc", 45, 2),
+])
+async def test_one_new_signature_on_a_ten_page_petition_costs_about_two_pages(
+    tmp_path: Path, order: str, existing: int, most: int,
+) -> None:
+    assert await pages_for_one_new_signature(tmp_path, order, existing) <= most

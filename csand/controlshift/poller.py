@@ -5,8 +5,10 @@ exist only per petition. So every cycle lists the petitions (cheap: few pages) a
 launched petition's change signals with what was recorded after its last walk:
 
 * ``public_signature_count`` grew → walk its signature pages from both ends (1, N, 2, N-1, …)
-  until as many unseen signatures as the count grew by have turned up. New signatures land on the
-  first pages or the last ones whichever the (unknown) order is; an unusual order only costs more
+  until as many unseen signatures as the count grew by have turned up *and* each end has reached
+  a page holding a signature recorded before (new signatures sort together at one end, whichever
+  the unknown order is, so that bounds them). A deletion meanwhile makes the count grow by less
+  than what was added; the bound still finds every new one. An unusual order only costs more
   pages, never a missed signature, since the walk continues to the end when it must.
 * the count shrank, the petition's content (title, categories, creator) changed, or the petition
   is new → walk every page.
@@ -277,18 +279,40 @@ class Poller:
 
         total_pages = 1
         new_found = 0
+        # New signatures sort together at one end of the list, whichever the (unknown) order:
+        # on the first pages or on the last ones. Each edge (front: 1, 2, ...; back: N, N-1,
+        # ...) is read from the outside in until a page on it holds a signature recorded
+        # before this walk, which bounds any new ones on that side. Only when both edges are
+        # bounded and enough new ones turned up may the walk stop early: otherwise a deletion
+        # (the count grows by less than what was added) could hide a new signature.
+        known_before = set(seen)
+        early = expected_new is not None
+        edges = 0  # N as page 1 said; 0: unknown (the back edge then stays open)
+        front_closed = back_closed = False
         order = [1]
         index = 0
+        deferred: list[int] = []  # pages of an edge already bounded, read only if need be
         walked: set[int] = set()
-        while index < len(order):
+        complete = True
+        while index < len(order) or deferred:
+            if index == len(order):  # no early stop after all: read what was put off
+                order.extend(deferred)
+                deferred = []
+                early = False
             page = order[index]
             index += 1
+            front = page <= (edges + 1) // 2
+            if early and page <= edges and (front_closed if front else back_closed):
+                deferred.append(page)
+                continue
             items, meta = await self.cs.signatures_page(slug, page)
             report.pages += 1
+            bounded = False
             for record in items:
                 new_found += self._see(record, petition, org, seen, batch, report)
-                if isinstance(record, dict) and isinstance(record.get("id"), int):
+                if isinstance(record, dict) and type(record.get("id")) is int:
                     walked.add(record["id"])
+                    bounded = bounded or record["id"] in known_before
             try:
                 page_total, next_page = pagination(
                     meta, page, f"/petitions/{slug}/signatures")
@@ -297,8 +321,16 @@ class Poller:
                 await self._commit(None, batch)
                 raise
             if page == 1 and page_total:
-                total_pages = page_total
+                total_pages = edges = page_total
                 order = edge_order(total_pages)
+            if bounded and page == 1:
+                front_closed = True
+                back_closed = back_closed or edges == 1  # one page: both edges at once
+            elif bounded and page <= edges:
+                if front:
+                    front_closed = True
+                else:
+                    back_closed = True
             if next_page and next_page > max(order):
                 # No total_pages, or the petition grew during the walk: follow next_page too.
                 order.append(next_page)
@@ -307,9 +339,10 @@ class Poller:
                 report.enqueued += await self._commit(None, batch)
                 batch = _Batch()
             batch.pages.append(page)
-            if expected_new is not None and new_found >= expected_new:
+            if early and new_found >= (expected_new or 0) and front_closed and back_closed:
+                complete = False
                 break
-        else:  # every page was read
+        if complete:  # every page was read
             await self._confirm_vanished(slug, cs_id, seen, walked, batch)
         new_state = PetitionState(
             cs_id=cs_id, slug=slug, updated_at=petition.get("updated_at"), public_count=public,
