@@ -430,6 +430,18 @@ class Store:
                     "WHERE source_key = ? AND status = 'pending'",
                     [(now, s) for (s,) in deleted],
                 )
+            unsubscribes = [(a.email, a.occurred_at.isoformat(), now) for a in activities
+                            if a.kind is ActivityKind.GLOBAL_UNSUBSCRIBE and a.email
+                            and a.occurred_at is not None]
+            if unsubscribes:
+                # The consent timeline learns of an org-wide unsubscribe when csand does, not
+                # when its item runs: an older opt-in waiting in the queue must not subscribe
+                # the person first.
+                await db.executemany(
+                    "INSERT INTO an_people (email, unsubscribed_at, learned_at) VALUES (?, ?, ?) "
+                    "ON CONFLICT (email) DO UPDATE SET unsubscribed_at = CASE "
+                    "WHEN unsubscribed_at IS NULL OR excluded.unsubscribed_at > unsubscribed_at "
+                    "THEN excluded.unsubscribed_at ELSE unsubscribed_at END", unsubscribes)
             if creator_extra is not None:
                 await db.execute(
                     "INSERT INTO cs_petitions (cs_id, slug, creator_extra) VALUES (?, ?, ?) "

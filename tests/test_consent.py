@@ -456,3 +456,21 @@ async def test_a_worker_that_lost_its_lease_records_no_outcome(world: World) -> 
     assert await world.store.guard(again.id, again.token) is None
     assert await world.store.finish(again.id, "done", token=again.token) is True
     assert [r["status"] for r in world.rows()] == ["done"]
+
+
+@pytest.mark.anyio
+async def test_an_opt_in_waiting_in_the_queue_does_not_subscribe_after_a_newer_unsubscribe_is_known(
+        world: World) -> None:
+    """Found by the model-based test: a creator opted in at 00:01 and unsubscribed from
+    everything at 00:02; csand learns both before either runs. The opt-in goes first (per-person
+    order), but csand already knows it was superseded: the person must not be subscribed, not
+    even for a moment."""
+    creator = creator_activity({**petition(1), "created_at": "2024-03-01T00:01:00Z"}, ORG,
+                               {"for_email": "creator1@example.org", "join_organisation": True})
+    unsubscribe = global_unsubscribe_activity(7, "creator1@example.org",
+                                              parse_time("2024-03-01T00:02:00Z"))
+    await world.store.enqueue([creator, unsubscribe])
+    await drain(world.dispatcher(), 2)
+
+    assert world.subscriptions("creator1@example.org") == 0
+    assert world.sim.person("creator1@example.org")["status"] == "unsubscribed"

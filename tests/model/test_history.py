@@ -991,20 +991,11 @@ def _settings(examples: int, steps: int) -> settings:
     )
 
 
-KNOWN_DEFECTS = (
-    "csand still has known consent defects (deleted-in-flight retries, a replayed opt-in, "
-    "updated_at as the opt-in time, a late older org-wide unsubscribe, double leases); "
-    "see tests/model/test_regressions.py"
-)
-
-
-@pytest.mark.xfail(strict=False, reason=KNOWN_DEFECTS)
 class TestHistory(HistoryMachine.TestCase):
-    settings = _settings(examples=int(os.environ.get("CSAND_MODEL_EXAMPLES", "40")), steps=40)
+    settings = _settings(examples=int(os.environ.get("CSAND_MODEL_EXAMPLES", "300")), steps=40)
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason=KNOWN_DEFECTS)
 class TestHistoryLong(HistoryMachine.TestCase):
-    settings = _settings(examples=int(os.environ.get("CSAND_MODEL_SLOW_EXAMPLES", "300")),
+    settings = _settings(examples=int(os.environ.get("CSAND_MODEL_SLOW_EXAMPLES", "1000")),
                          steps=60)
