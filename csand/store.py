@@ -434,6 +434,7 @@ class Store:
                             if a.kind is ActivityKind.GLOBAL_UNSUBSCRIBE and a.email
                             and a.occurred_at is not None]
             if unsubscribes:
+                self._epoch += 1  # plans in flight must see it before their next request
                 # The consent timeline learns of an org-wide unsubscribe when csand does, not
                 # when its item runs: an older opt-in waiting in the queue must not subscribe
                 # the person first.
@@ -591,11 +592,14 @@ class Store:
 
         await self._write(tx)
 
-    async def guard(self, item_id: int, token: str) -> str | None:
+    async def guard(self, item_id: int, token: str, unsubscribed_at: datetime | None = None
+                    ) -> str | None:
         """Why the holder of this lease must not send its next AN request, or None.
 
         ``"deleted"``: ControlShift deleted the record since (its data must not reach AN);
-        ``"lost"``: the lease expired and the item was handed out again, or it finished.
+        ``"lost"``: the lease expired and the item was handed out again, or it finished;
+        ``"unsubscribed"``: an org-wide unsubscribe of the person newer than
+        ``unsubscribed_at`` (what the plan knew) was committed since: plan again.
 
         Only this process writes the database (the daemon's single-instance lock), so a lease
         found intact is still intact until a commit of this store could have changed that:
@@ -606,12 +610,17 @@ class Store:
             return None
         epoch = self._epoch
         rows = await self._read(
-            "SELECT status, lease_token, source_deleted_at FROM outbox WHERE id = ?", (item_id,)
+            "SELECT o.status, o.lease_token, o.source_deleted_at, p.unsubscribed_at "
+            "FROM outbox AS o LEFT JOIN an_people AS p ON p.email = o.person_key "
+            "WHERE o.id = ?", (item_id,)
         )
         if not rows or rows[0]["status"] != "in_flight" or rows[0]["lease_token"] != token:
             return "lost"
         if rows[0]["source_deleted_at"]:
             return "deleted"
+        latest = parse_time(rows[0]["unsubscribed_at"])
+        if latest is not None and (unsubscribed_at is None or latest > unsubscribed_at):
+            return "unsubscribed"
         if len(self._checked) > 10_000:  # leases never finished here (lost ones): forget them
             self._checked.clear()
         self._checked[key] = epoch

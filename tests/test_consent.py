@@ -474,3 +474,24 @@ async def test_an_opt_in_waiting_in_the_queue_does_not_subscribe_after_a_newer_u
 
     assert world.subscriptions("creator1@example.org") == 0
     assert world.sim.person("creator1@example.org")["status"] == "unsubscribed"
+
+
+@pytest.mark.anyio
+async def test_an_org_wide_unsubscribe_committed_mid_plan_is_seen_before_the_opt_in_is_sent(
+        world: World) -> None:
+    """The opt-in's plan first mirrors the petition; while that lookup is in flight a webhook
+    commits an org-wide unsubscribe newer than the opt-in. The opt-in must not be sent."""
+    await world.store.enqueue([sig(1, "ann@example.org", opted_in=True)])  # 2 January
+
+    async def unsubscribe_meanwhile() -> None:
+        await world.store.enqueue([global_unsubscribe_activity(
+            7, "ann@example.org", parse_time("2024-03-01T00:00:00Z"))])
+        return None
+
+    world.transport.hooks.append(once("GET /petitions", unsubscribe_meanwhile))
+    await drain(world.dispatcher(), 2)
+
+    assert world.subscriptions("ann@example.org") == 0
+    assert world.sim.person("ann@example.org")["status"] == "unsubscribed"
+    assert len(world.sim.signatures()) == 1
+    assert [r["status"] for r in world.rows()] == ["done", "done"]

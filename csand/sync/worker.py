@@ -20,6 +20,7 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from datetime import datetime
 from typing import Any
 
 import anyio
@@ -145,6 +146,14 @@ class Stop(Exception):
     def __init__(self, why: str) -> None:
         super().__init__(why)
         self.why = why
+
+
+class Replan(Exception):
+    """A newer org-wide unsubscribe of the person became known mid-plan: decide again."""
+
+    def __init__(self, unsubscribed_at: datetime | None) -> None:
+        super().__init__("replan")
+        self.unsubscribed_at = unsubscribed_at
 
 
 PERSON_WRITTEN = "person_written"
@@ -283,7 +292,7 @@ class Dispatcher:
                 attempt.progress = rules.Progress(
                     person=person, opt_in_applied=applied, person_written=written,
                     signed=written and SIGNED in item.done_steps)
-            token = before_request.set(lambda: self._before_request(item))
+            token = before_request.set(lambda: self._before_request(item, attempt))
             try:
                 step = await self._apply(item, attempt)
             finally:
@@ -307,12 +316,17 @@ class Dispatcher:
         else:
             await self._record(item, outcome, note, attempt.progress, time.monotonic() - started)
 
-    async def _before_request(self, item: Item) -> None:
+    async def _before_request(self, item: Item, attempt: _Attempt) -> None:
         """Runs before every AN request made for the item (whatever part of the plan makes it:
         a lookup, a tag or petition creation, a person write). Nothing more goes to AN for an
         item whose record was deleted or whose lease was lost, nor once shutdown began (the
-        item is handed back and continues where it stopped)."""
-        why = await self.store.guard(item.id, item.token)
+        item is handed back and continues where it stopped). An org-wide unsubscribe committed
+        meanwhile makes the plan decide again before anything is sent."""
+        known = attempt.progress.person.unsubscribed_at
+        why = await self.store.guard(item.id, item.token, known)
+        if why == "unsubscribed" and item.activity.email:
+            person = await self.store.person(item.activity.email)
+            raise Replan(person.unsubscribed_at)
         if why is None and self._stopping:
             why = "shutdown"
         if why is not None:
@@ -342,59 +356,72 @@ class Dispatcher:
         for _ in range(rules.MAX_STEPS):
             progress = attempt.progress
             step = rules.next_step(activity, progress)
-            match step:
-                case rules.Done() | rules.Dead():
-                    return step
-                case rules.EnsureTags(names=names):
-                    await self.tags.ensure(names)
-                    progress = replace(progress, tags_ready=True)
-                case rules.EnsurePetition(petition=petition, creator_uuid=creator):
-                    uuid = await self.petitions.ensure(petition, creator)
-                    progress = replace(progress, petition_uuid=uuid)
-                case rules.LookupPerson(email=email, also=also):
-                    found = await self.an.find_person(email, also)
-                    progress = rules.after_lookup(
-                        progress, found.uuid if found else None, found.subscribed if found else None
-                    )
-                case rules.Signup(fields=fields, status=status, tags=tags):
-                    record = await self.an.signup(fields, status, tags)
-                    progress = attempt.progress = rules.after_person_write(
-                        progress, activity, step, record.uuid, record.subscribed
-                    )
-                    await self._acknowledged(item, progress)
-                case rules.RecordSignature(petition_uuid=pet, fields=fields, status=status, tags=tags):
-                    try:
-                        uuid = await self.an.record_signature(pet, fields, status, tags)
-                    except ANFailure as failure:
-                        if failure.outcome.verdict is not Verdict.GONE:
-                            raise
-                        attempt.progress = await self._petition_gone(activity, progress)
-                        continue
-                    progress = attempt.progress = rules.after_person_write(
-                        progress, activity, step, uuid, None)
-                    await self._acknowledged(item, progress)
-                case rules.SignAs(petition_uuid=pet, person_uuid=person):
-                    try:
-                        await self.an.sign_as(pet, person)
-                    except ANFailure as failure:
-                        if failure.outcome.verdict is not Verdict.GONE:
-                            raise
-                        # Either the person or the petition is gone: find both again.
-                        attempt.progress = rules.forget_person(
-                            await self._petition_gone(activity, progress))
-                        continue
-                    progress = replace(progress, signed=True)
-                case rules.SetStatus(person_uuid=person, email=email, status=status):
-                    try:
-                        await self.an.set_status(person, email, status)
-                    except ANFailure as failure:
-                        if failure.outcome.verdict is not Verdict.GONE:
-                            raise
-                        attempt.progress = rules.forget_person(progress)
-                        continue
-                    progress = rules.after_status(progress, status)
-            attempt.progress = progress
+            try:
+                await self._perform(item, attempt, step)
+            except Replan as replan:  # nothing was sent for this step: decide it again
+                known = attempt.progress
+                attempt.progress = replace(known, person=replace(
+                    known.person, unsubscribed_at=replan.unsubscribed_at))
+                continue
+            if isinstance(step, rules.Done | rules.Dead):
+                return step
         return rules.Dead(f"no plan finished within {rules.MAX_STEPS} steps")
+
+    async def _perform(self, item: Item, attempt: _Attempt, step: rules.Step) -> None:
+        """One step of the plan: its AN request, folded into ``attempt.progress`` (also what a
+        re-plan needs after a 404: the rules then see the petition or person as unknown)."""
+        activity = item.activity
+        progress = attempt.progress
+        match step:
+            case rules.Done() | rules.Dead():
+                return
+            case rules.EnsureTags(names=names):
+                await self.tags.ensure(names)
+                attempt.progress = replace(progress, tags_ready=True)
+            case rules.EnsurePetition(petition=petition, creator_uuid=creator):
+                uuid = await self.petitions.ensure(petition, creator)
+                attempt.progress = replace(progress, petition_uuid=uuid)
+            case rules.LookupPerson(email=email, also=also):
+                found = await self.an.find_person(email, also)
+                attempt.progress = rules.after_lookup(
+                    progress, found.uuid if found else None, found.subscribed if found else None
+                )
+            case rules.Signup(fields=fields, status=status, tags=tags):
+                record = await self.an.signup(fields, status, tags)
+                attempt.progress = rules.after_person_write(
+                    progress, activity, step, record.uuid, record.subscribed
+                )
+                await self._acknowledged(item, attempt.progress)
+            case rules.RecordSignature(petition_uuid=pet, fields=fields, status=status, tags=tags):
+                try:
+                    uuid = await self.an.record_signature(pet, fields, status, tags)
+                except ANFailure as failure:
+                    if failure.outcome.verdict is not Verdict.GONE:
+                        raise
+                    attempt.progress = await self._petition_gone(activity, progress)
+                    return
+                attempt.progress = rules.after_person_write(progress, activity, step, uuid, None)
+                await self._acknowledged(item, attempt.progress)
+            case rules.SignAs(petition_uuid=pet, person_uuid=person):
+                try:
+                    await self.an.sign_as(pet, person)
+                except ANFailure as failure:
+                    if failure.outcome.verdict is not Verdict.GONE:
+                        raise
+                    # Either the person or the petition is gone: find both again.
+                    attempt.progress = rules.forget_person(
+                        await self._petition_gone(activity, progress))
+                    return
+                attempt.progress = replace(progress, signed=True)
+            case rules.SetStatus(person_uuid=person, email=email, status=status):
+                try:
+                    await self.an.set_status(person, email, status)
+                except ANFailure as failure:
+                    if failure.outcome.verdict is not Verdict.GONE:
+                        raise
+                    attempt.progress = rules.forget_person(progress)
+                    return
+                attempt.progress = rules.after_status(progress, status)
 
     async def _petition_gone(self, activity: Activity, progress: rules.Progress) -> rules.Progress:
         """AN answered 404 for the mirrored petition (deleted by an admin): mirror it again."""
