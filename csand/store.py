@@ -560,6 +560,7 @@ class Store:
             )
             if reclaimed.rowcount:
                 self._epoch += 1
+            epoch = self._epoch  # what this transaction saw: no deletion, the lease fresh
             cursor = await db.execute(_LEASE_QUERY, {"now": now, "limit": limit})
             rows = list(await cursor.fetchall())
             tokens = [secrets.token_hex(8) for _ in rows]
@@ -569,6 +570,8 @@ class Store:
                     "WHERE id = ?",
                     [(now + lease_seconds, t, r["id"]) for r, t in zip(rows, tokens, strict=True)],
                 )
+            for r, token in zip(rows, tokens, strict=True):
+                self._checked[(r["id"], token)] = epoch
             return [
                 Item(r["id"], Activity.from_json(json.loads(r["payload"])), r["attempts"],
                      r["enqueued_at"], token, _steps(r["progress"]))
