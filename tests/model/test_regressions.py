@@ -17,6 +17,7 @@ from tests.model.test_history import Fault, World
 
 ANN = "ann@example.org"
 BO = "bo@example.org"
+CY = "cy@example.org"
 
 pytestmark = pytest.mark.anyio
 
@@ -92,4 +93,39 @@ async def test_a_signature_deleted_while_in_flight_is_not_synced_on_retry(tmp_pa
         await world.cs_events([("delete", 0)])
         await world.deliver(1)  # the deleted version
         await world.apply(0, Fault("error", at=0))
+        await finish(world)
+
+
+@pytest.mark.xfail(strict=True, reason="known defect (3): the opt-in is dated by the record's "
+                   "updated_at instead of confirmed_at/created_at")
+async def test_an_edit_after_an_org_wide_unsubscribe_does_not_revive_the_opt_in(
+        tmp_path: Path) -> None:
+    """Cy signs petition 1 and opts in (00:02), unsubscribes org-wide (00:03), then edits her
+    name (00:04). csand applies the unsubscribe, then sees only the edited version: its opt-in
+    still dates from 00:02, before the unsubscribe, so it must not subscribe her."""
+    async with world_in(tmp_path) as world:
+        await world.cs_events([("sign", CY, 1, True), ("org_unsubscribe", CY),
+                               ("rename", 0, "Cyd")])
+        # pool: creator of petition 1, Cy's signature, the unsubscribe, the edited signature
+        await world.deliver(2)
+        await world.work()
+        await world.deliver(2)  # the edited version
+        await world.work()
+        await finish(world)
+
+
+async def test_a_late_older_opt_in_does_not_resubscribe_after_an_unsubscribe_in_an(
+        tmp_path: Path) -> None:
+    """Ann opts in on petition 1 (00:02) and on petition 2 (00:04). csand syncs the newer one
+    first (AN acknowledges "subscribed"); Ann then unsubscribes in AN; the older signature
+    arrives late (a backfill). An opt-in counts once, at its time: one older than an opt-in
+    AN already applied must not subscribe her again."""
+    async with world_in(tmp_path) as world:
+        await world.cs_events([("sign", ANN, 1, True), ("sign", ANN, 2, True)])
+        # pool: creator 1 (Ann), Ann's signature 1, creator 2 (Bo), Ann's signature 2
+        await world.deliver(3)
+        await world.work()
+        await world.an_unsubscribe(ANN)
+        await world.deliver(1)  # the older opt-in
+        await world.work()
         await finish(world)
