@@ -50,9 +50,9 @@ clock moved past every retry):
   person and petition; a person with no opt-in delivered, absent from AN at the start, is not
   subscribed.
 
-Runs: the default test run has ``TestHistory`` (derandomized, 100 examples of up to 50 steps,
+Runs: the default test run has ``TestHistory`` (derandomized, 300 examples of up to 50 steps,
 no shrinking: it prints the failing history as generated); ``pytest -m slow`` runs
-``TestHistoryLong`` (300 examples of up to 80 steps, shrunk). Environment knobs:
+``TestHistoryLong`` (1000 examples of up to 80 steps, shrunk). Environment knobs:
 ``CSAND_MODEL_EXAMPLES`` / ``CSAND_MODEL_SLOW_EXAMPLES`` (example counts), ``CSAND_MODEL_SHRINK=1``
 (shrink in the default run too), ``CSAND_MODEL_RANDOM=1`` (fresh randomness instead of the fixed
 derandomized sequence; ``--hypothesis-seed=N`` then works), and ``CSAND_MODEL_SKIP=name,...`` (switch
@@ -1018,12 +1018,12 @@ KNOWN_DEFECTS = (
 
 @pytest.mark.xfail(strict=False, reason=KNOWN_DEFECTS)
 class TestHistory(HistoryMachine.TestCase):
-    settings = _settings(examples=int(os.environ.get("CSAND_MODEL_EXAMPLES", "100")), steps=50,
+    settings = _settings(examples=int(os.environ.get("CSAND_MODEL_EXAMPLES", "300")), steps=50,
                          shrink=False)
 
 
 @pytest.mark.slow
 @pytest.mark.xfail(strict=False, reason=KNOWN_DEFECTS)
 class TestHistoryLong(HistoryMachine.TestCase):
-    settings = _settings(examples=int(os.environ.get("CSAND_MODEL_SLOW_EXAMPLES", "300")),
+    settings = _settings(examples=int(os.environ.get("CSAND_MODEL_SLOW_EXAMPLES", "1000")),
                          steps=80, shrink=True)
