@@ -530,10 +530,7 @@ class Store:
         """At start-up: whatever a previous (crashed) process held is ours to retry."""
 
         async def tx(db: aiosqlite.Connection) -> int:
-            cur = await db.execute(
-                "UPDATE outbox SET status = 'pending', lease_until = NULL, lease_token = NULL "
-                "WHERE status = 'in_flight'"
-            )
+            cur = await db.execute(_RELEASE + "WHERE status = 'in_flight'", {"now": self._clock()})
             return cur.rowcount
 
         self._epoch += 1
@@ -555,8 +552,7 @@ class Store:
 
         async def tx(db: aiosqlite.Connection) -> list[Item]:
             reclaimed = await db.execute(
-                "UPDATE outbox SET status = 'pending', lease_until = NULL, lease_token = NULL "
-                "WHERE status = 'in_flight' AND lease_until < ?", (now,),
+                _RELEASE + "WHERE status = 'in_flight' AND lease_until < :now", {"now": now},
             )
             if reclaimed.rowcount:
                 self._epoch += 1
@@ -679,13 +675,7 @@ class Store:
         async def tx(db: aiosqlite.Connection) -> bool:
             if status == "pending":
                 cur = await db.execute(
-                    "UPDATE outbox SET lease_until = NULL, lease_token = NULL, "
-                    "status = CASE WHEN source_deleted_at IS NULL THEN 'pending' "
-                    "ELSE 'cancelled' END, "
-                    "finished_at = CASE WHEN source_deleted_at IS NULL THEN NULL ELSE :now END, "
-                    "note = CASE WHEN source_deleted_at IS NULL THEN note ELSE "
-                    "'signature deleted on ControlShift while it was being synced' END, "
-                    "attempts = attempts + :count, next_attempt_at = :next, "
+                    _RELEASE + ", attempts = attempts + :count, next_attempt_at = :next, "
                     "last_error = COALESCE(:error, last_error) "
                     f"WHERE id = :id AND {held}",
                     {"count": 1 if count_attempt else 0, "next": next_attempt_at or now,
@@ -1048,6 +1038,17 @@ def _create_private(path: Path) -> None:
 def _statements(script: str) -> list[str]:
     return [s.strip() for s in script.split(";") if s.strip()]
 
+
+# An item handed back (a retry, a shutdown, a crashed process, an expired lease) goes back to
+# the queue, unless ControlShift deleted its record meanwhile: then it is cancelled. No pending
+# item ever carries a deletion mark, so none can block its person's later items.
+_RELEASE = (
+    "UPDATE outbox SET lease_until = NULL, lease_token = NULL, "
+    "status = CASE WHEN source_deleted_at IS NULL THEN 'pending' ELSE 'cancelled' END, "
+    "finished_at = CASE WHEN source_deleted_at IS NULL THEN NULL ELSE :now END, "
+    "note = CASE WHEN source_deleted_at IS NULL THEN note "
+    "ELSE 'signature deleted on ControlShift while it was being synced' END "
+)
 
 _INSERT_OUTBOX = (
     "INSERT OR IGNORE INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, "

@@ -495,3 +495,27 @@ async def test_an_org_wide_unsubscribe_committed_mid_plan_is_seen_before_the_opt
     assert world.sim.person("ann@example.org")["status"] == "unsubscribed"
     assert len(world.sim.signatures()) == 1
     assert [r["status"] for r in world.rows()] == ["done", "done"]
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("how", ["restart", "expired lease"])
+async def test_an_in_flight_item_deleted_meanwhile_never_blocks_its_person_after_a_crash(
+        world: World, how: str) -> None:
+    """Found by the model-based test: the process dies while an item is in flight, its record
+    is deleted meanwhile, and the item came back as pending with its deletion mark: never
+    leased, it blocked every later item of that person for good."""
+    await world.mirrored()
+    await world.store.enqueue([sig(1, "ann@example.org", opted_in=True)])
+    (item,) = await world.store.lease(1, 60)
+    await world.delete_signature(1)
+    later = sig(2, "ann@example.org", opted_in=None, created_at="2024-01-03T00:00:00Z")
+    await world.store.enqueue([later])
+    if how == "restart":
+        await world.store.release_all_in_flight()
+    else:
+        world.clock.t += 3600
+    (leased,) = await world.store.lease(10, 60)
+    assert leased.activity.source_key == "signature:2"
+    first = world.rows()[0]
+    assert (first["status"], first["lease_token"]) == ("cancelled", None)
+    assert "deleted on ControlShift" in first["note"]

@@ -488,11 +488,11 @@ async def test_deleted_signature_cancels_only_its_pending_items(store: Store, db
     statuses = [(r["source_key"], r["status"]) for r in outbox(db_path)]
     assert statuses == [("signature:1", "in_flight"), ("signature:2", "done"), ("signature:2", "cancelled")]
 
-    await store.release_all_in_flight()
-    await store.commit_poll(None, deleted_sources=["signature:1"])
+    await store.release_all_in_flight()  # the deletion arrived while it was in flight
     by_id = outbox(db_path)
     assert by_id[0]["status"] == "cancelled"
-    assert by_id[0]["note"] == "signature deleted on ControlShift before it was synced"
+    assert by_id[0]["note"] == "signature deleted on ControlShift while it was being synced"
+    await store.commit_poll(None, deleted_sources=["signature:1"])  # seen again: no change
     assert (await store.counts())["cancelled"] == 2
     seen = await store.signatures_seen(1)
     assert seen[1].deleted_at == "2024-02-01T00:00:00Z"

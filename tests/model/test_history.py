@@ -50,9 +50,14 @@ clock moved past every retry):
   person and petition; a person with no opt-in delivered, absent from AN at the start, is not
   subscribed.
 
-Set ``CSAND_MODEL_RANDOM=1`` to explore with fresh randomness (``--hypothesis-seed=N`` then
-works), and ``CSAND_MODEL_SKIP=check,check`` to switch named checks off while hunting for further
-counterexamples behind a known one.
+Runs: the default test run has ``TestHistory`` (derandomized, 300 examples of up to 50 steps,
+no shrinking: it prints the failing history as generated); ``pytest -m slow`` runs
+``TestHistoryLong`` (1000 examples of up to 80 steps, shrunk). Environment knobs:
+``CSAND_MODEL_EXAMPLES`` / ``CSAND_MODEL_SLOW_EXAMPLES`` (example counts), ``CSAND_MODEL_SHRINK=1``
+(shrink in the default run too), ``CSAND_MODEL_RANDOM=1`` (fresh randomness instead of the fixed
+derandomized sequence; ``--hypothesis-seed=N`` then works), and ``CSAND_MODEL_SKIP=name,...`` (switch
+named checks off, to hunt for further counterexamples behind a known one; the names are the strings
+tested against ``SKIP`` below).
 """
 
 from __future__ import annotations
@@ -71,7 +76,7 @@ from typing import Any
 
 import httpx
 import pytest
-from hypothesis import HealthCheck, settings
+from hypothesis import HealthCheck, Phase, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, precondition, rule
 
@@ -473,6 +478,17 @@ class World:
             if record["_petition"] == pid:
                 self._pool_signature(sid, f"+{missing[0]}")
 
+    async def cs_events(self, events: list[tuple[Any, ...]]) -> None:
+        """ControlShift changes, e.g. ``("sign", email, petition id, join_organisation)``, and
+        deliveries of pooled versions (``("deliver", pick, stays pooled)``)."""
+        for name, *args in events:
+            if name == "deliver":
+                await self.deliver(*args)
+                continue
+            if name == "sign" and args[1] not in self.petitions:
+                self.launch(args[1], None)
+            getattr(self, name)(*args)
+
     def opt_in_time(self, sid: int) -> datetime | None:
         record = self.records[sid]
         return parse_time(record["confirmed_at"] or record["created_at"])
@@ -541,6 +557,15 @@ class World:
                                       headers={"OSDI-API-Token": AN_KEY}, json=entry.body)
         entry.status = response.status_code
         assert response.status_code == 200, response.text
+
+    async def an_event(self, event: tuple[Any, ...]) -> None:
+        name, *args = event
+        if name == "unsubscribe":
+            await self.an_unsubscribe(*args)
+        elif name == "unsubscribe_mid_plan":
+            self.an_unsubscribe_after(*args)
+        else:
+            self.an_erase(*args)
 
     def an_unsubscribe_after(self, email: str, requests: int) -> None:
         """The person clicks "unsubscribe" in AN while csand is in the middle of a plan."""
@@ -845,8 +870,28 @@ FAULTS = st.one_of(
 ANY_EMAIL = st.sampled_from([*EMAILS, BAD_EMAIL])
 PERSON = st.sampled_from(EMAILS)
 PETITION = st.sampled_from(PETITION_IDS)
-JOIN = st.sampled_from([True, None, False])
+JOIN = st.sampled_from([True, True, None, False])
 PICK = st.integers(0, 7)
+SIGN = st.tuples(st.just("sign"), ANY_EMAIL, PETITION, JOIN)
+DELIVER = st.tuples(st.just("deliver"), PICK, st.booleans())
+CS_EVENTS = st.one_of(
+    SIGN,
+    SIGN,  # twice: signing is what most histories are made of
+    st.tuples(st.just("launch"), PETITION, JOIN),
+    st.tuples(st.just("confirm"), PICK),
+    st.tuples(st.just("rename"), PICK, st.sampled_from(NAMES)),
+    st.tuples(st.just("unsubscribe_one"), PICK),
+    st.tuples(st.just("delete"), PICK),
+    st.tuples(st.just("org_unsubscribe"), PERSON),
+    st.tuples(st.just("add_category"), PETITION),
+    DELIVER,  # the poller or a webhook hands a pooled version to csand
+    DELIVER,
+)
+AN_EVENTS = st.one_of(
+    st.tuples(st.just("unsubscribe"), PERSON),
+    st.tuples(st.just("unsubscribe_mid_plan"), PERSON, st.integers(1, 3)),
+    st.tuples(st.just("erase"), PERSON),
+)
 
 
 class HistoryMachine(RuleBasedStateMachine):
@@ -870,62 +915,28 @@ class HistoryMachine(RuleBasedStateMachine):
     def an_people(self, statuses: tuple[str | None, ...]) -> None:
         self.world.an_setup(statuses)
 
-    # ---- ControlShift
-    @rule(pid=PETITION, creator_join=JOIN)
-    def launch(self, pid: int, creator_join: bool | None) -> None:
-        self.world.launch(pid, creator_join)
+    @initialize(signs=st.lists(SIGN, min_size=1, max_size=4),
+                events=st.lists(CS_EVENTS, max_size=4))
+    def cs_first(self, signs: list[tuple[Any, ...]], events: list[tuple[Any, ...]]) -> None:
+        """What happened on ControlShift before csand started (every example has some)."""
+        self.run(self.world.cs_events([*signs, *events]))
 
-    @precondition(lambda self: bool(self.world.petitions))
-    @rule(email=ANY_EMAIL, pid=PETITION, join=JOIN)
-    def sign(self, email: str, pid: int, join: bool | None) -> None:
-        self.world.sign(email, pid, join)
-
-    @precondition(lambda self: bool(self.world.records))
-    @rule(n=PICK)
-    def confirm(self, n: int) -> None:
-        self.world.confirm(n)
-
-    @precondition(lambda self: bool(self.world.records))
-    @rule(n=PICK, name=st.sampled_from(NAMES))
-    def rename(self, n: int, name: str) -> None:
-        self.world.rename(n, name)
-
-    @precondition(lambda self: bool(self.world.records))
-    @rule(n=PICK)
-    def unsubscribe_one(self, n: int) -> None:
-        self.world.unsubscribe_one(n)
-
-    @precondition(lambda self: bool(self.world.records))
-    @rule(n=PICK)
-    def delete(self, n: int) -> None:
-        self.world.delete(n)
-
-    @rule(email=PERSON)
-    def org_unsubscribe(self, email: str) -> None:
-        self.world.org_unsubscribe(email)
-
-    @precondition(lambda self: bool(self.world.petitions))
-    @rule(pid=PETITION)
-    def add_category(self, pid: int) -> None:
-        self.world.add_category(pid)
+    # ---- ControlShift (one rule, so that swarm testing never switches off signing alone)
+    @rule(events=st.lists(CS_EVENTS, min_size=1, max_size=3))
+    def cs(self, events: list[tuple[Any, ...]]) -> None:
+        self.run(self.world.cs_events(events))
 
     @precondition(lambda self: bool(self.world.pool))
-    @rule(n=PICK, keep=st.booleans())
-    def deliver(self, n: int, keep: bool) -> None:
-        self.run(self.world.deliver(n, keep))
+    @rule(picks=st.lists(st.tuples(PICK, st.booleans()), min_size=1, max_size=3))
+    def deliver(self, picks: list[tuple[int, bool]]) -> None:
+        """Deliver pooled versions (the pick, and whether it stays pooled to come again)."""
+        for n, keep in picks:
+            self.run(self.world.deliver(n, keep))
 
     # ---- the person, in AN
-    @rule(email=PERSON)
-    def an_unsubscribe(self, email: str) -> None:
-        self.run(self.world.an_unsubscribe(email))
-
-    @rule(email=PERSON, requests=st.integers(1, 3))
-    def an_unsubscribe_mid_plan(self, email: str, requests: int) -> None:
-        self.world.an_unsubscribe_after(email, requests)
-
-    @rule(email=PERSON)
-    def an_erase(self, email: str) -> None:
-        self.world.an_erase(email)
+    @rule(event=AN_EVENTS)
+    def an(self, event: tuple[Any, ...]) -> None:
+        self.run(self.world.an_event(event))
 
     # ---- csand
     @rule()
@@ -979,7 +990,13 @@ class HistoryMachine(RuleBasedStateMachine):
 _RANDOM = os.environ.get("CSAND_MODEL_RANDOM") == "1"
 
 
-def _settings(examples: int, steps: int) -> settings:
+_SHRINK = os.environ.get("CSAND_MODEL_SHRINK") == "1"
+
+
+def _settings(examples: int, steps: int, shrink: bool) -> settings:
+    # Shrinking a long history can take minutes (each replay runs csand for real), so the
+    # default run reports the failing history as generated; CSAND_MODEL_SHRINK=1 shrinks it.
+    phases = [Phase.explicit, Phase.reuse, Phase.generate, Phase.target]
     return settings(
         max_examples=examples,
         stateful_step_count=steps,
@@ -987,15 +1004,17 @@ def _settings(examples: int, steps: int) -> settings:
         derandomize=not _RANDOM,
         database=None,
         print_blob=False,
+        phases=[*phases, Phase.shrink] if shrink or _SHRINK else phases,
         suppress_health_check=list(HealthCheck),
     )
 
 
 class TestHistory(HistoryMachine.TestCase):
-    settings = _settings(examples=int(os.environ.get("CSAND_MODEL_EXAMPLES", "300")), steps=40)
+    settings = _settings(examples=int(os.environ.get("CSAND_MODEL_EXAMPLES", "300")), steps=50,
+                         shrink=False)
 
 
 @pytest.mark.slow
 class TestHistoryLong(HistoryMachine.TestCase):
     settings = _settings(examples=int(os.environ.get("CSAND_MODEL_SLOW_EXAMPLES", "1000")),
-                         steps=60)
+                         steps=80, shrink=True)
