@@ -140,8 +140,8 @@ class WorkerStats:
 
 
 class Stop(Exception):
-    """The plan stops before its next AN request; ``why`` is ``deleted``, ``lost`` or
-    ``shutdown``."""
+    """The plan stops before its next AN request; ``why`` is ``deleted`` (ControlShift deleted
+    the record), ``lost`` (the lease was handed out again) or ``shutdown``."""
 
     def __init__(self, why: str) -> None:
         super().__init__(why)
@@ -324,8 +324,8 @@ class Dispatcher:
         meanwhile makes the plan decide again before anything is sent."""
         known = attempt.progress.person.unsubscribed_at
         why = await self.store.guard(item.id, item.token, known)
-        if why == "unsubscribed" and item.activity.email:
-            person = await self.store.person(item.activity.email)
+        if why == "unsubscribed":  # only a person (an email) has a timeline to move
+            person = await self.store.person(item.activity.email or "")
             raise Replan(person.unsubscribed_at)
         if why is None and self._stopping:
             why = "shutdown"
