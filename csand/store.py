@@ -658,6 +658,7 @@ class Store:
         person: tuple[str, Person] | None = None,
         opt_in_source: str | None = None,
         token: str | None = None,
+        steps: Iterable[str] | None = None,
     ) -> bool:
         """Record an item's outcome and what was learned about its person, in one transaction.
 
@@ -665,30 +666,36 @@ class Store:
         ``next_attempt_at``; with ``count_attempt=False`` the item is released without using up
         an attempt). A retry of a record ControlShift deleted meanwhile is cancelled instead.
         With ``token`` the outcome is recorded only while that lease is held; what was learnt
-        about AN is kept either way. Returns whether the outcome was recorded.
+        about AN is kept either way. ``steps``: what AN acknowledged of the item so far (a
+        retry continues from there). Returns whether the outcome was recorded.
         """
         now = self._clock()
         held = "(:token IS NULL OR (lease_token = :token AND status = 'in_flight'))"
         if token is not None:
             self._checked.pop((item_id, token), None)
 
+        progress = json.dumps(sorted(set(steps))) if steps is not None else None
+
         async def tx(db: aiosqlite.Connection) -> bool:
             if status == "pending":
                 cur = await db.execute(
                     _RELEASE + ", attempts = attempts + :count, next_attempt_at = :next, "
-                    "last_error = COALESCE(:error, last_error) "
+                    "last_error = COALESCE(:error, last_error), "
+                    "progress = COALESCE(:progress, progress) "
                     f"WHERE id = :id AND {held}",
                     {"count": 1 if count_attempt else 0, "next": next_attempt_at or now,
-                     "error": error, "id": item_id, "token": token, "now": now},
+                     "error": error, "id": item_id, "token": token, "now": now,
+                     "progress": progress},
                 )
             else:
                 cur = await db.execute(
                     "UPDATE outbox SET status = :status, lease_until = NULL, lease_token = NULL, "
                     "finished_at = :now, attempts = attempts + 1, "
-                    "last_error = COALESCE(:error, last_error), note = :note "
+                    "last_error = COALESCE(:error, last_error), note = :note, "
+                    "progress = COALESCE(:progress, progress) "
                     f"WHERE id = :id AND {held}",
                     {"status": status, "now": now, "error": error, "note": note, "id": item_id,
-                     "token": token},
+                     "token": token, "progress": progress},
                 )
             await _save_knowledge(db, person, opt_in_source, now)
             return cur.rowcount == 1

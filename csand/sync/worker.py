@@ -165,6 +165,14 @@ class _Attempt:
     progress: rules.Progress
 
 
+def _steps(progress: rules.Progress) -> set[str]:
+    """What AN acknowledged of the item, as stored on it."""
+    steps = {PERSON_WRITTEN} if progress.person_written else set()
+    if progress.person_written and progress.signed:
+        steps.add(SIGNED)
+    return steps
+
+
 class Dispatcher:
     """Leases items for idle workers and applies them; pauses everything on a bad AN key."""
 
@@ -333,17 +341,20 @@ class Dispatcher:
             raise Stop(why)
 
     async def _acknowledged(self, item: Item, progress: rules.Progress) -> None:
-        """Persist a person write AN acknowledged, unless it completed the plan (then the
-        outcome is recorded with it, in the same transaction)."""
+        """Persist an opt-in AN acknowledged, with the steps done, before the plan goes on:
+        a replay could subscribe someone who unsubscribed in AN in the meantime, even after
+        a ``kill -9``. Other acknowledged steps are recorded with the item's outcome (a retry
+        or a shutdown continues from there); only a crash can replay them, and they are
+        idempotent and carry no opt-in. A write that completed the plan is recorded with the
+        outcome, in the same transaction."""
+        if not progress.opt_in_sent:
+            return
         if isinstance(rules.next_step(item.activity, progress), rules.Done | rules.Dead):
             return
         activity = item.activity
-        steps = {PERSON_WRITTEN} if progress.person_written else set()
-        if progress.signed:
-            steps.add(SIGNED)
         with anyio.CancelScope(shield=True):
             await self.store.record_step(
-                item.id, item.token, steps,
+                item.id, item.token, _steps(progress),
                 person=(activity.email, rules.knowledge_to_keep(progress.person))
                 if activity.email else None,
                 opt_in=activity.source_key if progress.opt_in_sent else None,
@@ -489,7 +500,7 @@ class Dispatcher:
         """Record the outcome with what was learnt about the person and the opt-in sent."""
         activity = item.activity
         return await self.store.finish(
-            item.id, status, token=item.token,
+            item.id, status, token=item.token, steps=_steps(progress),
             person=(activity.email, rules.knowledge_to_keep(progress.person))
             if activity.email else None,
             opt_in_source=activity.source_key if progress.opt_in_sent else None, **kwargs,
