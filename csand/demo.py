@@ -4,7 +4,7 @@ Starts the ControlShift and Action Network simulators on loopback, fills Control
 generated petitions and signatures (opt-outs, people already in AN, categories, a few broken
 records), runs the daemon with a progress display, signs a few more petitions while it runs (and
 confirms a late opt-in) to show the incremental path, and ends with what landed in Action Network,
-checked against the rules of INTEGRATION.md.
+checked against the rules of docs/rules.md.
 """
 
 from __future__ import annotations

@@ -87,7 +87,7 @@ def _opt_in(record: dict[str, Any], prefix: str = "") -> bool:
 
 
 def normalize_email(raw: str | None) -> str | None:
-    """Emails match case-insensitively after trimming (INTEGRATION.md §1)."""
+    """Emails match case-insensitively after trimming (docs/rules.md §1)."""
     if raw is None:
         return None
     if not isinstance(raw, str):

@@ -1,8 +1,8 @@
 """The mapping rules (csand.sync.rules), driven against a small in-memory Action Network.
 
 The fake AN below applies each operation with the semantics AN documents for its helpers
-(spec/actionnetwork-api.md); the driver folds every answer back into ``Progress`` exactly as the
-worker does. Every row of the subscription decision table (INTEGRATION.md §2) is checked for a
+(docs/actionnetwork-api.md); the driver folds every answer back into ``Progress`` exactly as the
+worker does. Every row of the subscription decision table (docs/rules.md §2) is checked for a
 signer and for a petition creator, with and without csand's own knowledge of the person.
 """
 
@@ -856,7 +856,7 @@ class Consent:
 
 
 def table_status(before: Consent, activity: Activity) -> Consent:
-    """INTEGRATION.md §2 applied to the newest consent only.
+    """docs/rules.md §2 applied to the newest consent only.
 
     A global unsubscribe unsubscribes a present person, unless an opt-in newer than it was
     applied already (the person acted later). An opt-in counts if it is newer than every

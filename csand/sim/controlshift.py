@@ -1,6 +1,6 @@
 """A simulator of the ControlShift REST API (``/oauth/token`` and ``/api/v1/*``) as a Starlette app.
 
-It follows ``controlshift-api.md``: API-key or OAuth client-credentials auth, ``?page=N``
+It follows ``docs/controlshift-api.md``: API-key or OAuth client-credentials auth, ``?page=N``
 pagination with a ``meta`` block, the per-minute limits with ``RateLimit-*`` headers, and the
 petition / signature / member shapes csand relies on. What the real API leaves unspecified is a
 knob here (page size, sort orders, whether deleted signatures stay in lists, the UTC suffix of

@@ -8,7 +8,7 @@ with some of those people beforehand. Everything is deterministic for a given ``
 day.
 
 ``expected_state`` (and :meth:`Scenario.expected_an_state`) is the end-to-end oracle: a direct
-reading of INTEGRATION.md, computed from the simulator's *current* data, so it stays right when a
+reading of docs/rules.md, computed from the simulator's *current* data, so it stays right when a
 test adds, updates or deletes records after ``populate``. It assumes every CS change happened
 before the sync it checks (a signature deleted after it was synced leaves its earlier effects in
 AN, which no oracle over CS data alone can know).
@@ -190,7 +190,7 @@ def expected_state(
     signatures: Sequence[Mapping[str, Any]],
     existing: Mapping[str, ExistingPerson],
 ) -> tuple[dict[str, ExpectedPerson], list[DeadRecord]]:
-    """INTEGRATION.md applied to CS data as the REST API renders it.
+    """docs/rules.md applied to CS data as the REST API renders it.
 
     Only launched petitions count (their creators and signatures). Deleted signatures and
     records that cannot sync are returned as dead records instead. People already in AN with no

@@ -1,4 +1,4 @@
-"""Compare the Action Network simulator's end state with what INTEGRATION.md says it must be.
+"""Compare the Action Network simulator's end state with what docs/rules.md says it must be.
 
 Shared by the demo's closing summary and the end-to-end tests: the oracle is
 :meth:`csand.sim.scenario.Scenario.expected_an_state`, computed from ControlShift's data alone.

@@ -3,7 +3,7 @@
 The worker calls :func:`next_step` in a loop: it performs the returned operation, folds the answer
 into :class:`Progress` and asks again, until the answer is :class:`Done` or :class:`Dead`. Keeping
 the decision here, apart from HTTP, is what lets every row of the subscription table
-(INTEGRATION.md §2) be tested exhaustively without a network.
+(docs/rules.md §2) be tested exhaustively without a network.
 
 The one thing that must never happen is subscribing a person who did not opt in. AN's helpers
 subscribe people *new to the list* by default, so for a non-opted-in person whose presence in AN

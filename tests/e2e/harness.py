@@ -173,7 +173,7 @@ class World:
         return daemon
 
     def check(self) -> dict[str, Any]:
-        """AN's end state matches INTEGRATION.md for the scenario."""
+        """AN's end state matches docs/rules.md for the scenario."""
         assert self.scenario is not None
         result = compare(self.scenario, self.an)
         assert result["problems"] == []

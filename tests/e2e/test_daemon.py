@@ -1,7 +1,7 @@
 """End-to-end: the real ``csand run`` process against both simulators over loopback HTTP.
 
 Each test builds a ControlShift with generated data, lets csand sync it into the Action Network
-simulator, and checks AN's end state against the oracle of INTEGRATION.md
+simulator, and checks AN's end state against the oracle of docs/rules.md
 (:func:`csand.sim.verify.compare`), plus the guarantees: nothing lost, nothing duplicated, nobody
 subscribed without opting in, across faults, rate limiting and ``kill -9``.
 """

@@ -1,4 +1,4 @@
-"""The Action Network simulator behaves like the API facts in actionnetwork-api.md say AN does."""
+"""The Action Network simulator behaves as docs/actionnetwork-api.md says AN does."""
 
 from __future__ import annotations
 
