@@ -31,7 +31,7 @@ from csand.config import Settings
 from csand.controlshift.client import ControlShiftClient, CSError, OAuthToken
 from csand.controlshift.poller import Poller
 from csand.controlshift.webhooks import WebhookProcessor
-from csand.dryrun import DryRunActionNetworkClient, copy_database
+from csand.dryrun import DryRunActionNetworkClient, ReadOnlyTransport, copy_database
 from csand.logs import get_logger
 from csand.ratelimit import TokenBucket
 from csand.store import STATUSES, Store
@@ -124,11 +124,7 @@ class Daemon:
                 stack.push_async_callback(store.close)
                 self.store = store
                 released = await store.release_all_in_flight()
-                an_http = await stack.enter_async_context(httpx.AsyncClient(
-                    transport=self._an_transport, timeout=s.action_network.timeout,
-                    headers={"User-Agent": f"csand/{__version__}"},
-                    limits=httpx.Limits(max_connections=s.sync.workers + 2),
-                ))
+                an_http = await stack.enter_async_context(self._an_http())
                 cs_http = await stack.enter_async_context(httpx.AsyncClient(
                     transport=self._cs_transport, timeout=s.controlshift.timeout,
                     headers={"User-Agent": f"csand/{__version__}"},
@@ -173,6 +169,18 @@ class Daemon:
                 await self._check_an_key(an)
                 await self._check_cs()
                 await self._supervise()
+
+    def _an_http(self) -> httpx.AsyncClient:
+        """HTTP for the AN client; a dry run's can only read, whatever the client's methods do."""
+        s = self.settings
+        limits = httpx.Limits(max_connections=s.sync.workers + 2)
+        transport = self._an_transport
+        if self.dry_run:
+            transport = ReadOnlyTransport(transport or httpx.AsyncHTTPTransport(limits=limits))
+        return httpx.AsyncClient(
+            transport=transport, timeout=s.action_network.timeout,
+            headers={"User-Agent": f"csand/{__version__}"}, limits=limits,
+        )
 
     def _cs_client(self, http: httpx.AsyncClient) -> ControlShiftClient:
         cs = self.settings.controlshift

@@ -3,7 +3,8 @@
 Reads (lookups, the tag and petition lists) go to AN as usual, so the decisions are the ones a
 real run would make; every write is logged as ``dry_run.would`` with what it would send, and
 answered with a made-up id. The daemon runs on a copy of the database, so the real queue and
-what csand knows are untouched.
+what csand knows are untouched. Behind those overrides, :class:`ReadOnlyTransport` refuses any
+request that is not a read, so a write method the overrides miss still sends nothing.
 """
 
 from __future__ import annotations
@@ -12,6 +13,9 @@ import hashlib
 import os
 import sqlite3
 from pathlib import Path
+from types import TracebackType
+
+import httpx
 
 from csand.actionnetwork.client import ActionNetworkClient, PersonRecord
 from csand.logs import get_logger
@@ -33,6 +37,44 @@ def copy_database(source: Path, target: Path) -> None:
     os.close(os.open(target, os.O_WRONLY | os.O_CREAT, 0o600))
     with sqlite3.connect(source) as src, sqlite3.connect(target) as dst:
         src.backup(dst)
+
+
+READ_METHODS = frozenset({"GET", "HEAD"})
+
+
+class DryRunWriteRefused(RuntimeError):
+    """A dry run tried to write to Action Network: a bug (an unguarded write method), not a
+    network failure, so it is deliberately not an ``httpx.HTTPError``."""
+
+
+class ReadOnlyTransport(httpx.AsyncBaseTransport):
+    """Passes reads to ``inner`` and refuses anything else before it leaves.
+
+    The safety net of a dry run: it holds whatever the client's methods do.
+    """
+
+    def __init__(self, inner: httpx.AsyncBaseTransport) -> None:
+        self.inner = inner
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        if request.method.upper() not in READ_METHODS:
+            # The path only: the query string may hold an email address.
+            log.error("dry_run.write_refused", method=request.method, path=request.url.path)
+            raise DryRunWriteRefused(
+                f"dry run: refused {request.method} {request.url.path}; nothing was sent")
+        return await self.inner.handle_async_request(request)
+
+    async def __aenter__(self) -> ReadOnlyTransport:
+        await self.inner.__aenter__()
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None = None,
+                        exc_value: BaseException | None = None,
+                        traceback: TracebackType | None = None) -> None:
+        await self.inner.__aexit__(exc_type, exc_value, traceback)
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()
 
 
 class DryRunActionNetworkClient(ActionNetworkClient):

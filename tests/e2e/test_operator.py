@@ -91,6 +91,7 @@ def test_dry_run_writes_nothing_to_action_network(world: World) -> None:
     would = [e for e in events if e.get("event") == "dry_run.would"]
     assert any("Record Signature Helper" in e["operation"] for e in would)
     assert any(e["operation"] == "POST /petitions" for e in would)
+    assert not [e for e in events if e.get("event") == "dry_run.write_refused"]  # overrides cover all
     assert not Path(daemon.db).exists() or daemon.counts()["done"] == 0  # the real queue untouched
 
 
