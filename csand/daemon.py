@@ -34,8 +34,8 @@ from csand.controlshift.webhooks import WebhookProcessor
 from csand.dryrun import DryRunActionNetworkClient, ReadOnlyTransport, copy_database
 from csand.logs import get_logger
 from csand.ratelimit import TokenBucket
+from csand.retry import RetryPolicy
 from csand.store import STATUSES, Store
-from csand.sync.outcome import RetryPolicy
 from csand.sync.worker import Dispatcher
 from csand.systemd import Notifier
 from csand.web import Listener, build_app

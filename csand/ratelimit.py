@@ -3,8 +3,8 @@
 AN allows 4 requests/second per API key and asks clients to back off exponentially, so one
 bucket per key is shared by all workers: requests are spaced ``1/rate`` apart (a burst above 1
 would let a short spike exceed AN's window). On a 429 every worker pauses (for ``Retry-After``
-when AN sends it, otherwise an exponential pause), the rate is halved, and it climbs back
-linearly to the configured rate over ``recovery_seconds``.
+when AN sends it, otherwise the exponential pause of :data:`csand.retry.LIMITER_PAUSE`), the rate
+is halved, and it climbs back linearly to the configured rate over ``recovery_seconds``.
 
 Time comes from an injectable clock and sleep, so tests drive it with a fake clock.
 """
@@ -16,6 +16,8 @@ from collections.abc import Awaitable, Callable
 
 import anyio
 
+from csand.retry import LIMITER_PAUSE, RetryPolicy
+
 
 class TokenBucket:
     def __init__(
@@ -26,6 +28,7 @@ class TokenBucket:
         headroom: float = 1.0,
         min_rate_fraction: float = 0.125,
         recovery_seconds: float = 20.0,
+        pause_policy: RetryPolicy = LIMITER_PAUSE,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[None]] = anyio.sleep,
     ) -> None:
@@ -39,6 +42,7 @@ class TokenBucket:
         self.burst = max(1.0, burst)
         self.min_rate = self.target_rate * min_rate_fraction
         self.recovery_seconds = recovery_seconds
+        self.pause_policy = pause_policy
         self._clock = clock
         self._sleep = sleep
         self._lock = anyio.Lock()
@@ -83,7 +87,7 @@ class TokenBucket:
         now = self._clock()
         self.rate_limited_count += 1
         self._strikes += 1
-        pause = retry_after if retry_after is not None else min(30.0, 2.0 ** (self._strikes - 1))
+        pause = retry_after if retry_after is not None else self.pause_policy.delay(self._strikes)
         self._floor = max(self.min_rate, self.current_rate(now) / 2)
         self._limited_at = now + pause
         self._paused_until = max(self._paused_until, now + pause)

@@ -148,6 +148,23 @@ async def test_429_honours_ratelimit_reset(http: httpx.AsyncClient, clock: FakeC
 
 
 @pytest.mark.anyio
+@pytest.mark.parametrize("headers", [{}, {"RateLimit-Reset": "soon"}])
+async def test_429_without_a_readable_reset_pauses_five_seconds_each_time(
+    http: httpx.AsyncClient, clock: FakeClock, mock: respx.MockRouter, headers: dict[str, str]
+) -> None:
+    route = mock.get(f"{API}/organisation").mock(side_effect=[
+        httpx.Response(429, headers=headers),
+        httpx.Response(429, headers=headers),
+        httpx.Response(200, json={"organisation": {"slug": "org"}}),
+    ])
+    cs = api_client(http, clock)
+    start = clock()
+    assert await cs.organisation() == {"slug": "org"}
+    assert route.call_count == 3 and cs.rate_limited == 2
+    assert clock() - start == pytest.approx(10.0)
+
+
+@pytest.mark.anyio
 async def test_5xx_retried_with_backoff_then_cs_error(
     http: httpx.AsyncClient, clock: FakeClock, mock: respx.MockRouter
 ) -> None:
@@ -160,6 +177,18 @@ async def test_5xx_retried_with_backoff_then_cs_error(
     assert route.call_count == 5
     backoffs = [s for s in clock.slept if s >= 0.5]
     assert backoffs == [1.0, 2.0, 4.0, 8.0]
+
+
+@pytest.mark.anyio
+async def test_connection_errors_retried_with_backoff_then_cs_error(
+    http: httpx.AsyncClient, clock: FakeClock, mock: respx.MockRouter
+) -> None:
+    route = mock.get(f"{API}/organisation").mock(side_effect=httpx.ConnectError("refused"))
+    cs = api_client(http, clock)
+    with pytest.raises(CSError, match="unreachable"):
+        await cs.organisation()
+    assert route.call_count == 5
+    assert [s for s in clock.slept if s >= 0.5] == [1.0, 2.0, 4.0, 8.0]
 
 
 @pytest.mark.anyio

@@ -1,9 +1,8 @@
-"""Classifying Action Network answers (csand.sync.outcome) and the retry policy."""
+"""Classifying Action Network answers (csand.sync.outcome)."""
 
 from __future__ import annotations
 
 import dataclasses
-import random
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
@@ -14,7 +13,6 @@ from hypothesis import strategies as st
 
 from csand.sync.outcome import (
     Outcome,
-    RetryPolicy,
     Verdict,
     classify_exception,
     classify_response,
@@ -239,98 +237,3 @@ def test_outcome_is_immutable() -> None:
     outcome = Outcome(Verdict.OK)
     with pytest.raises(dataclasses.FrozenInstanceError):
         outcome.verdict = Verdict.DEAD  # type: ignore[misc]
-
-
-# ---- RetryPolicy --------------------------------------------------------------------------
-
-
-def raw_delay(policy: RetryPolicy, attempts: int) -> float:
-    return min(policy.cap, policy.base * policy.factor ** max(0, attempts - 1))
-
-
-policies = st.builds(
-    RetryPolicy,
-    base=st.floats(min_value=0.1, max_value=10),
-    factor=st.floats(min_value=1.0, max_value=4),
-    cap=st.floats(min_value=1, max_value=3600),
-    jitter=st.floats(min_value=0, max_value=1),
-    max_attempts=st.integers(min_value=1, max_value=200),
-)
-
-
-@PROPERTY_SETTINGS
-@given(policies, st.integers(min_value=1, max_value=200), st.integers(0, 2**32))
-def test_delay_within_jitter_bounds_and_cap(policy: RetryPolicy, attempts: int, seed: int) -> None:
-    raw = raw_delay(policy, attempts)
-    delay = policy.delay(attempts, random.Random(seed))
-    assert raw * (1 - policy.jitter) - 1e-9 <= delay <= raw + 1e-9
-    assert delay <= policy.cap + 1e-9
-    assert delay >= 0
-
-
-@PROPERTY_SETTINGS
-@given(policies, st.integers(min_value=1, max_value=199))
-def test_delay_bounds_grow_monotonically(policy: RetryPolicy, attempts: int) -> None:
-    low = [policy.delay(n, _Fixed(0.0)) for n in (attempts, attempts + 1)]
-    high = [policy.delay(n, _Fixed(1.0)) for n in (attempts, attempts + 1)]
-    assert low[0] <= low[1] + 1e-9
-    assert high[0] <= high[1] + 1e-9
-    assert high[1] <= policy.cap + 1e-9
-
-
-class _Fixed(random.Random):
-    """A random source pinned to one value, to read the jitter bounds exactly."""
-
-    def __init__(self, value: float) -> None:
-        super().__init__(0)
-        self.value = value
-
-    def random(self) -> float:
-        return self.value
-
-
-def test_default_schedule() -> None:
-    policy = RetryPolicy()
-    lows = [policy.delay(n, _Fixed(0.0)) for n in range(1, 12)]
-    highs = [policy.delay(n, _Fixed(1.0)) for n in range(1, 12)]
-    assert highs[:5] == [2.0, 4.0, 8.0, 16.0, 32.0]
-    assert lows[:5] == [1.0, 2.0, 4.0, 8.0, 16.0]
-    assert highs[-1] == 900.0 and lows[-1] == 450.0
-    # mean delay never falls as attempts grow
-    means = [(lo + hi) / 2 for lo, hi in zip(lows, highs, strict=True)]
-    assert means == sorted(means)
-
-
-def test_delay_uses_the_given_rng_deterministically() -> None:
-    policy = RetryPolicy()
-    a = [policy.delay(n, random.Random(7)) for n in range(1, 20)]
-    b = [policy.delay(n, random.Random(7)) for n in range(1, 20)]
-    assert a == b
-
-
-@PROPERTY_SETTINGS
-@given(st.integers(min_value=1, max_value=500), st.integers(min_value=0, max_value=600))
-def test_gives_up_exactly_at_max_attempts(max_attempts: int, attempts: int) -> None:
-    policy = RetryPolicy(max_attempts=max_attempts)
-    assert policy.gives_up(attempts) is (attempts >= max_attempts)
-
-
-def test_gives_up_boundary() -> None:
-    policy = RetryPolicy(max_attempts=3)
-    assert [policy.gives_up(n) for n in range(5)] == [False, False, False, True, True]
-
-
-def test_policy_is_frozen() -> None:
-    policy = RetryPolicy()
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        policy.max_attempts = 1  # type: ignore[misc]
-    with pytest.raises(dataclasses.FrozenInstanceError):
-        policy.cap = 1.0  # type: ignore[misc]
-    assert hash(policy) == hash(RetryPolicy())
-
-
-@pytest.mark.parametrize("attempts", [1025, 5000])
-def test_delay_stays_capped_for_very_many_attempts(attempts: int) -> None:
-    policy = RetryPolicy(max_attempts=10_000)
-    delay = policy.delay(attempts, random.Random(1))
-    assert policy.cap * (1 - policy.jitter) <= delay <= policy.cap

@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from csand.ratelimit import TokenBucket
+from csand.retry import RetryPolicy
 from tests.fakes import FakeClock
 
 PROPERTY_SETTINGS = settings(max_examples=100, deadline=None, derandomize=True, database=None)
@@ -278,6 +279,20 @@ def test_pause_resets_after_a_success() -> None:
     assert [b.on_rate_limited() for _ in range(3)] == [1, 2, 4]
     b.on_success()
     assert [b.on_rate_limited() for _ in range(2)] == [1, 2]
+
+
+def test_pause_stays_capped_after_very_many_429s() -> None:
+    """Past 1024 strikes the doubling overflows a float; the pause is the cap all the same."""
+    clock = FakeClock()
+    b = bucket(clock)
+    pauses = [b.on_rate_limited() for _ in range(1100)]
+    assert pauses[-100:] == [30] * 100
+
+
+def test_pause_follows_the_given_policy() -> None:
+    clock = FakeClock()
+    b = bucket(clock, pause_policy=RetryPolicy(base=0.5, factor=3.0, cap=10.0, jitter=0.0))
+    assert [b.on_rate_limited() for _ in range(4)] == [0.5, 1.5, 4.5, 10.0]
 
 
 @pytest.mark.anyio

@@ -1,9 +1,9 @@
 """ControlShift REST API: auth (API key or OAuth2 client credentials), paging, its rate limits.
 
 The poller is the only caller. Transient failures (5xx, timeouts, dropped connections) are retried
-a few times here with backoff, since a poll cycle is cheap to repeat; what still fails raises
-:class:`CSError` and the cycle is tried again at the next interval. Nothing is lost either way:
-the poller records what it saw only after it has enqueued it.
+a few times here (:data:`csand.retry.CS_TRANSIENT`), since a poll cycle is cheap to repeat; what
+still fails raises :class:`CSError` and the cycle is tried again at the next interval. Nothing is
+lost either way: the poller records what it saw only after it has enqueued it.
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ import httpx
 from csand import metrics
 from csand.logs import get_logger
 from csand.ratelimit import TokenBucket
+from csand.retry import CS_RATE_LIMITED, CS_TRANSIENT
 
 log = get_logger("controlshift")
 
-TRANSIENT_RETRIES = 4
 # No list is walked further than this many pages, whatever its meta says: a next_page that
 # keeps growing must not trap the poller. (CS's page size is undocumented; at 25 a page this
 # is 250,000 records.)
@@ -172,7 +172,8 @@ class ControlShiftClient:
     async def get(self, path: str) -> Any:
         url = f"{self.base_url}/api/v1{path}"
         auth_retried = False
-        failures = 0
+        failures = 0  # transient failures of this request so far
+        limited = 0  # 429s of this request so far
         while True:
             await self.limiter.acquire()
             self.requests += 1
@@ -181,9 +182,9 @@ class ControlShiftClient:
             except httpx.HTTPError as exc:
                 metrics.cs_requests.labels("error").inc()
                 failures += 1
-                if failures > TRANSIENT_RETRIES:
+                if CS_TRANSIENT.gives_up(failures):
                     raise CSError(f"ControlShift unreachable: {type(exc).__name__}: {exc}") from exc
-                await self._sleep(min(30.0, 0.5 * 2**failures))
+                await self._sleep(CS_TRANSIENT.delay(failures))
                 continue
             status = response.status_code
             metrics.cs_requests.labels(str(status)).inc()
@@ -197,7 +198,10 @@ class ControlShiftClient:
                 return body
             if status == 429:
                 self.rate_limited += 1
-                reset = _seconds(response.headers.get("RateLimit-Reset"), default=5.0)
+                limited += 1
+                reset = _seconds(response.headers.get("RateLimit-Reset"))
+                if reset is None:
+                    reset = CS_RATE_LIMITED.delay(limited)
                 log.warning("cs.rate_limited", pause_s=reset)
                 self.limiter.on_rate_limited(reset)
                 continue
@@ -213,9 +217,9 @@ class ControlShiftClient:
                 raise CSNotFound(f"ControlShift: {path.split('?')[0]} not found (404)")
             if status >= 500 or status == 408:
                 failures += 1
-                if failures > TRANSIENT_RETRIES:
+                if CS_TRANSIENT.gives_up(failures):
                     raise CSError(f"ControlShift answered {status} for {path}")
-                await self._sleep(min(30.0, 0.5 * 2**failures))
+                await self._sleep(CS_TRANSIENT.delay(failures))
                 continue
             raise CSError(f"ControlShift answered {status} for {path}: {response.text[:200]}")
 
@@ -269,11 +273,12 @@ class ControlShiftClient:
         return _items(body, "signatures", path, page), body.get("meta")
 
 
-def _seconds(value: str | None, default: float) -> float:
+def _seconds(value: str | None) -> float | None:
+    """A ``RateLimit-Reset`` header in seconds (at least 1), or None when absent or unreadable."""
     try:
-        return max(1.0, float(value)) if value is not None else default
+        return max(1.0, float(value)) if value is not None else None
     except ValueError:
-        return default
+        return None
 
 
 class PetitionDirectory:

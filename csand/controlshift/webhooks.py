@@ -40,8 +40,8 @@ from csand.model import (
     record_id,
     text_field,
 )
+from csand.retry import WEBHOOK_EVENTS, RetryPolicy
 from csand.store import Store, WebhookEvent
-from csand.sync.outcome import RetryPolicy
 
 log = get_logger("webhooks")
 
@@ -99,7 +99,7 @@ class WebhookProcessor:
         poke_poller: Callable[[], None],
         *,
         global_unsubscribes: bool = True,
-        policy: RetryPolicy = RetryPolicy(base=1.0, cap=300.0, max_attempts=1_000_000),
+        policy: RetryPolicy = WEBHOOK_EVENTS,
         clock: Callable[[], float] = time.time,
     ) -> None:
         self.store = store

@@ -1,19 +1,25 @@
 """HTTP outcome → what happens to the outbox item. Pure, no I/O.
 
-Two immutable values live here: :class:`Outcome` (how one AN answer is classified) and
-:class:`RetryPolicy` (when a failed item is tried again, and when csand gives up on it). The
-worker persists the result (attempts, next attempt time, reason) in the outbox, so a restart
-continues exactly where the last process left off.
+:class:`Outcome` is how one AN answer is classified; :class:`RetryPolicy` (from
+:mod:`csand.retry`, re-exported here) says when a failed item is tried again and when csand gives
+up on it. The worker persists the result (attempts, next attempt time, reason) in the outbox, so
+a restart continues exactly where the last process left off.
 """
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass
 from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import Any
+
+from csand.retry import RetryPolicy
+
+__all__ = [
+    "Outcome", "RetryPolicy", "Verdict", "classify_exception", "classify_response",
+    "parse_retry_after",
+]
 
 
 class Verdict(StrEnum):
@@ -97,30 +103,3 @@ def classify_exception(exc: BaseException) -> Outcome:
     name = type(exc).__name__
     detail = str(exc) or name
     return Outcome(Verdict.RETRY, f"{name}: {detail}"[:300])
-
-
-@dataclass(frozen=True, slots=True)
-class RetryPolicy:
-    """Exponential backoff with full jitter on the upper half, capped; give up after a number.
-
-    With the defaults an item is tried for roughly a day (2 s doubling to a 15 min cap) before
-    it goes to the dead letters, which rides out any plausible AN outage.
-    """
-
-    base: float = 2.0
-    factor: float = 2.0
-    cap: float = 900.0
-    jitter: float = 0.5  # fraction of the delay that is randomised
-    max_attempts: int = 100
-
-    def delay(self, attempts: int, rng: random.Random | None = None) -> float:
-        """Delay before try number ``attempts + 1`` (``attempts`` ≥ 1 failures so far)."""
-        try:
-            raw = min(self.cap, self.base * self.factor ** max(0, attempts - 1))
-        except OverflowError:  # thousands of attempts: far beyond the cap anyway
-            raw = self.cap
-        r = (rng or random).random()
-        return raw * (1 - self.jitter) + raw * self.jitter * r
-
-    def gives_up(self, attempts: int) -> bool:
-        return attempts >= self.max_attempts

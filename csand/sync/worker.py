@@ -29,9 +29,10 @@ from csand import metrics
 from csand.actionnetwork.client import ActionNetworkClient, ANFailure, before_request
 from csand.logs import get_logger
 from csand.model import Activity, ActivityKind, PetitionRef
+from csand.retry import OUTBOX, RetryPolicy
 from csand.store import Item, Store
 from csand.sync import rules
-from csand.sync.outcome import Outcome, RetryPolicy, Verdict
+from csand.sync.outcome import Outcome, Verdict
 
 log = get_logger("worker")
 
@@ -183,7 +184,7 @@ class Dispatcher:
         *,
         workers: int = 4,
         origin_system: str = "Controlshift Petition",
-        policy: RetryPolicy = RetryPolicy(),
+        policy: RetryPolicy = OUTBOX,
         lease_seconds: float = 300.0,
         auth_recheck_interval: float = 60.0,
         clock: Callable[[], float] = time.time,
