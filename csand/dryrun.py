@@ -19,7 +19,7 @@ import httpx
 
 from csand.actionnetwork.client import ActionNetworkClient, PersonRecord
 from csand.logs import get_logger
-from csand.sync.rules import Fields
+from csand.model import Fields
 
 log = get_logger("dry_run")
 

@@ -10,9 +10,11 @@ from __future__ import annotations
 import hashlib
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
 from enum import StrEnum
+from types import MappingProxyType
 from typing import Any
 
 CREATOR_TAG = "controlshift-petition-creator"
@@ -218,6 +220,31 @@ class Activity:
             petition=PetitionRef(**petition) if petition else None,
             tags=tuple(data.get("tags") or ()),
         )
+
+
+@dataclass(frozen=True, slots=True)
+class Person:
+    """What csand knows about one AN person, from AN's own earlier answers."""
+
+    exists: bool | None = None  # None: unknown, must look up before a non-opted-in write
+    uuid: str | None = None
+    subscribed: bool | None = None  # None: present but status unknown
+    # Per field (given_name, family_name, postal_code): CS time of the activity that set it.
+    fields_at: Mapping[str, datetime] = field(default_factory=lambda: MappingProxyType({}))
+    # The person's consent timeline, in ControlShift times (when the person acted, not when
+    # csand learnt of it): the latest org-wide unsubscribe, and the latest opt-in AN acknowledged.
+    unsubscribed_at: datetime | None = None
+    opted_in_at: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Fields:
+    """Person fields to send; ``None`` members are omitted (never blank a value AN has)."""
+
+    email: str
+    given_name: str | None = None
+    family_name: str | None = None
+    postal_code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

@@ -33,8 +33,7 @@ import aiosqlite
 import anyio
 
 from csand.logs import get_logger
-from csand.model import Activity, ActivityKind, DeadLetter, SignatureSeen, parse_time
-from csand.sync.rules import Person
+from csand.model import Activity, ActivityKind, DeadLetter, Person, SignatureSeen, parse_time
 
 # Each entry migrates from version i to i+1. Append only; never edit a released one.
 MIGRATIONS: list[str] = [

@@ -11,9 +11,9 @@ import pytest
 import respx
 
 from csand.actionnetwork.client import ActionNetworkClient, ANFailure, PersonRecord
+from csand.actionnetwork.errors import Verdict
+from csand.model import Fields
 from csand.ratelimit import TokenBucket
-from csand.sync.outcome import Verdict
-from csand.sync.rules import Fields
 from tests.fakes import FakeClock
 
 BASE = "https://an.test/api/v2"

@@ -91,12 +91,6 @@ def test_outbox_policy_is_the_configured_default() -> None:
     assert configured == OUTBOX == RetryPolicy()
 
 
-def test_outcome_still_exports_the_same_class() -> None:
-    from csand.sync.outcome import RetryPolicy as FromOutcome
-
-    assert FromOutcome is RetryPolicy
-
-
 def test_retry_module_imports_nothing_from_csand() -> None:
     tree = ast.parse(Path(csand.retry.__file__).read_text())
     imported = [alias.name for node in ast.walk(tree) if isinstance(node, ast.Import)

@@ -14,9 +14,8 @@ import aiosqlite
 import pytest
 
 from csand import store as store_module
-from csand.model import Activity, creator_activity, signature_activity
+from csand.model import Activity, Person, creator_activity, signature_activity
 from csand.store import MIGRATIONS, SignatureSeen, Store
-from csand.sync.rules import Person
 
 ORG = "test-org"
 T0 = 1_700_000_000.0

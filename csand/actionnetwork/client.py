@@ -1,6 +1,6 @@
 """Action Network API v2: the typed calls csand makes, each one request through the shared limiter.
 
-Every answer is classified by :mod:`csand.sync.outcome`; anything but success raises
+Every answer is classified by :mod:`csand.actionnetwork.errors`; anything but success raises
 :class:`ANFailure` carrying that outcome, and the worker decides what happens to the item. A 429
 informs the shared limiter (everyone pauses) and is retried here a few times, since it says
 nothing about the record.
@@ -18,10 +18,10 @@ from urllib.parse import quote
 import httpx
 
 from csand import metrics
+from csand.actionnetwork.errors import Outcome, Verdict, classify_exception, classify_response
 from csand.logs import get_logger
+from csand.model import Fields
 from csand.ratelimit import TokenBucket
-from csand.sync.outcome import Outcome, Verdict, classify_exception, classify_response
-from csand.sync.rules import Fields
 
 log = get_logger("actionnetwork")
 

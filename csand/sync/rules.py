@@ -13,39 +13,13 @@ with an explicit ``unsubscribed`` status before anything else is posted for them
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import MappingProxyType
 
-from csand.model import Activity, ActivityKind, PetitionRef, valid_email
+from csand.model import Activity, ActivityKind, Fields, Person, PetitionRef, valid_email
 
 MAX_STEPS = 12  # more than any plan needs; a loop beyond it is a bug, reported as dead
-
-
-@dataclass(frozen=True, slots=True)
-class Person:
-    """What csand knows about one AN person, from AN's own earlier answers."""
-
-    exists: bool | None = None  # None: unknown, must look up before a non-opted-in write
-    uuid: str | None = None
-    subscribed: bool | None = None  # None: present but status unknown
-    # Per field (given_name, family_name, postal_code): CS time of the activity that set it.
-    fields_at: Mapping[str, datetime] = field(default_factory=lambda: MappingProxyType({}))
-    # The person's consent timeline, in ControlShift times (when the person acted, not when
-    # csand learnt of it): the latest org-wide unsubscribe, and the latest opt-in AN acknowledged.
-    unsubscribed_at: datetime | None = None
-    opted_in_at: datetime | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Fields:
-    """Person fields to send; ``None`` members are omitted (never blank a value AN has)."""
-
-    email: str
-    given_name: str | None = None
-    family_name: str | None = None
-    postal_code: str | None = None
 
 
 @dataclass(frozen=True, slots=True)

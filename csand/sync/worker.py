@@ -27,12 +27,12 @@ import anyio
 
 from csand import metrics
 from csand.actionnetwork.client import ActionNetworkClient, ANFailure, before_request
+from csand.actionnetwork.errors import Outcome, Verdict
 from csand.logs import get_logger
 from csand.model import Activity, ActivityKind, PetitionRef
 from csand.retry import OUTBOX, RetryPolicy
 from csand.store import Item, Store
 from csand.sync import rules
-from csand.sync.outcome import Outcome, Verdict
 
 log = get_logger("worker")
 

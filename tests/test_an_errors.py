@@ -1,4 +1,4 @@
-"""Classifying Action Network answers (csand.sync.outcome)."""
+"""Classifying Action Network answers (csand.actionnetwork.errors)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csand.sync.outcome import (
+from csand.actionnetwork.errors import (
     Outcome,
     Verdict,
     classify_exception,

@@ -1,9 +1,9 @@
-"""HTTP outcome → what happens to the outbox item. Pure, no I/O.
+"""Action Network answer → retry, dead, pause or re-plan. Pure, no I/O.
 
-:class:`Outcome` is how one AN answer is classified; :class:`RetryPolicy` (from
-:mod:`csand.retry`, re-exported here) says when a failed item is tried again and when csand gives
-up on it. The worker persists the result (attempts, next attempt time, reason) in the outbox, so
-a restart continues exactly where the last process left off.
+:class:`Outcome` is how one AN answer is classified. The worker turns it into what happens to
+the outbox item, with :class:`csand.retry.RetryPolicy` saying when a failed item is tried again;
+the result (attempts, next attempt time, reason) is persisted in the outbox, so a restart
+continues exactly where the last process left off.
 """
 
 from __future__ import annotations
@@ -14,12 +14,7 @@ from email.utils import parsedate_to_datetime
 from enum import StrEnum
 from typing import Any
 
-from csand.retry import RetryPolicy
-
-__all__ = [
-    "Outcome", "RetryPolicy", "Verdict", "classify_exception", "classify_response",
-    "parse_retry_after",
-]
+__all__ = ["Outcome", "Verdict", "classify_exception", "classify_response", "parse_retry_after"]
 
 
 class Verdict(StrEnum):
