@@ -52,7 +52,7 @@ from csand.sim.controlshift import ControlShiftSim
 from csand.sim.scenario import Scenario, populate, unsyncable_reason
 from csand.sim.server import ServedApp
 from csand.sim.verify import compare
-from csand.store import Store
+from csand.storage import open_store
 
 DRAIN_TIMEOUT = 600.0
 STEADY_MARGIN = 2.0  # seconds excluded at each end of the drain for the steady rate
@@ -224,7 +224,7 @@ async def wait_drained(daemon: Daemon, limit: float = DRAIN_TIMEOUT) -> dict[str
 async def prefill(cs_url: str, cs: ControlShiftSim, db: Path) -> float:
     """Queue the whole backlog with csand's own poller (one backfill cycle, CS limit lifted)."""
     started = time.monotonic()
-    store = await Store.open(db)
+    store = await open_store(db)
     try:
         async with httpx.AsyncClient(timeout=30) as http:
             client = ControlShiftClient(http, cs_url, api_key=cs.api_key,

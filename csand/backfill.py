@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from csand.config import Settings
 from csand.daemon import AlreadyRunning, Daemon, single_instance
-from csand.store import Store
+from csand.storage import Storage, open_store
 
 REQUESTS_PER_ITEM = 1.5  # typical AN requests per activity (README benchmarks), for the ETA
 
@@ -28,7 +28,7 @@ async def run_backfill(settings: Settings, since: str | None, console: Console |
     console = console or Console()
     path = Path(settings.store.path)
     started = time.time()
-    store = await Store.open(path)
+    store = await open_store(path)
     try:
         if since:
             result = await store.requeue_since(since)
@@ -63,20 +63,20 @@ async def run_backfill(settings: Settings, since: str | None, console: Console |
         await store.close()
 
 
-async def _ask_for_sweep(store: Store) -> None:
+async def _ask_for_sweep(store: Storage) -> None:
     """A full sweep at once; before the first backfill, the first poll cycle is that sweep."""
     if await store.get_meta("backfill_done"):
         await store.set_meta(last_reconcile_at=0)
 
 
-def _swept_since(store: Store, started: float) -> Callable[[], Awaitable[bool]]:
+def _swept_since(store: Storage, started: float) -> Callable[[], Awaitable[bool]]:
     async def swept() -> bool:
         return float(await store.get_meta("last_reconcile_at") or 0) >= started
 
     return swept
 
 
-async def _watch(store: Store, settings: Settings, console: Console, started: float,
+async def _watch(store: Storage, settings: Settings, console: Console, started: float,
                  sweep_done: Callable[[], Awaitable[bool]]) -> None:
     rate = settings.action_network.requests_per_second
     with Progress(TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -12,7 +12,7 @@ from csand.actionnetwork.client import ActionNetworkClient, ANFailure
 from csand.config import Settings
 from csand.controlshift.client import ControlShiftClient, CSError, OAuthToken
 from csand.ratelimit import TokenBucket
-from csand.store import Store
+from csand.storage import open_store
 
 
 def _result(check: str, ok: bool, detail: str) -> dict[str, Any]:
@@ -53,7 +53,7 @@ async def check_action_network(settings: Settings, http: httpx.AsyncClient) -> d
 async def check_store(settings: Settings) -> dict[str, Any]:
     path = Path(settings.store.path)
     try:
-        store = await Store.open(path)
+        store = await open_store(path)
         try:
             await store.set_meta(checked_at=__version__)
             version = await store.schema_version()

@@ -65,7 +65,7 @@ def _load(path: Path, *, secrets: bool = True) -> config_mod.Settings:
 
 def _with_store(settings: config_mod.Settings, fn: Callable[[Any], Awaitable[T]],
                 *, must_exist: bool = True) -> T:
-    from csand.store import Store
+    from csand.storage import open_store
 
     path = Path(settings.store.path)
     if must_exist and not path.exists():
@@ -73,7 +73,7 @@ def _with_store(settings: config_mod.Settings, fn: Callable[[Any], Awaitable[T]]
         raise typer.Exit(1)
 
     async def go() -> T:
-        store = await Store.open(path)
+        store = await open_store(path)
         try:
             return await fn(store)
         finally:

@@ -35,7 +35,7 @@ from csand.dryrun import DryRunActionNetworkClient, ReadOnlyTransport, copy_data
 from csand.logs import get_logger
 from csand.ratelimit import TokenBucket
 from csand.retry import RetryPolicy
-from csand.store import STATUSES, Store
+from csand.storage import STATUSES, Storage, open_store
 from csand.sync.worker import Dispatcher
 from csand.systemd import Notifier
 from csand.web import Listener, build_app
@@ -87,7 +87,7 @@ class Daemon:
         self.settings = settings
         self._an_transport = an_transport
         self._cs_transport = cs_transport
-        self.store: Store | None = None
+        self.store: Storage | None = None
         self.poller: Poller | None = None
         self.dispatcher: Dispatcher | None = None
         self.webhooks: WebhookProcessor | None = None
@@ -120,7 +120,7 @@ class Daemon:
                 db_path = Path(scratch) / "csand.db"
                 copy_database(Path(s.store.path), db_path)
             async with AsyncExitStack() as stack:
-                store = await Store.open(db_path)
+                store = await open_store(db_path)
                 stack.push_async_callback(store.close)
                 self.store = store
                 released = await store.release_all_in_flight()

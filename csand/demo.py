@@ -189,9 +189,9 @@ def _summarise(console: Console, scenario: Scenario, an: ActionNetworkSim, daemo
 
 
 async def _dead(daemon: Daemon) -> list[dict[str, Any]]:
-    from csand.store import Store
+    from csand.storage import open_store
 
-    store = await Store.open(daemon.settings.store.path)
+    store = await open_store(daemon.settings.store.path)
     try:
         return await store.dead_items()
     finally:

@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from csand import logs
 from csand.cli import app
 from csand.model import signature_activity
-from csand.store import Store
+from csand.storage import open_store
 
 ORG = "test-org"
 SIGNER = "ann@example"  # invalid (no TLD), as CS sent it: the reason quotes it
@@ -31,7 +31,7 @@ def _config(tmp_path: Path, db: Path) -> Path:
 
 def _seed(db: Path) -> int:
     async def go() -> int:
-        store = await Store.open(db)
+        store = await open_store(db)
         try:
             petition = {"id": 1, "slug": "p-1", "title": "P", "url": "https://cs.example.org/p-1",
                         "launched": True, "creator": {"email": "cleo@example.org"}}

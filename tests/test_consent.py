@@ -30,7 +30,7 @@ from csand.model import (
 )
 from csand.ratelimit import TokenBucket
 from csand.sim.actionnetwork import ActionNetworkSim
-from csand.store import Store
+from csand.storage import Storage, open_store
 from csand.sync.worker import Dispatcher
 from tests.test_worker import AN_BASE, AN_KEY, ORG, FakeClock, drain, petition
 
@@ -61,7 +61,7 @@ class HookedTransport(httpx.AsyncBaseTransport):
 @dataclass
 class World:
     sim: ActionNetworkSim
-    store: Store
+    store: Storage
     an: ActionNetworkClient
     http: httpx.AsyncClient
     transport: HookedTransport
@@ -124,7 +124,7 @@ async def make_world(tmp_path: Path) -> AsyncIterator[World]:
     sim = ActionNetworkSim(api_key=AN_KEY, requests_per_second=None)
     clock = FakeClock()
     db_path = tmp_path / "csand.db"
-    store = await Store.open(db_path, clock=clock)
+    store = await open_store(db_path, clock=clock)
     transport = HookedTransport(httpx.ASGITransport(app=sim.app))
     try:
         async with httpx.AsyncClient(transport=transport) as http:

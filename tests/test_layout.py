@@ -16,6 +16,8 @@ PACKAGE = Path(__file__).resolve().parent.parent / "csand"
 
 def csand_imports(module: str) -> set[str]:
     path = PACKAGE / (module.removeprefix("csand.").replace(".", "/") + ".py")
+    if not path.exists():  # a package: its __init__
+        path = path.with_suffix("") / "__init__.py"
     names: set[str] = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
         if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("csand"):
@@ -32,7 +34,8 @@ ALLOWED = {
     "csand.retry": set(),
     "csand.actionnetwork.errors": set(),
     "csand.sync.rules": {"csand.model"},
-    "csand.store": {"csand.model", "csand.logs"},
+    "csand.storage": {"csand.model", "csand.storage.sqlite"},
+    "csand.storage.sqlite": {"csand.model", "csand.logs", "csand.storage"},
     "csand.controlshift.versions": {"csand.model"},
     "csand.actionnetwork.client": {"csand.actionnetwork.errors", "csand.model", "csand.logs",
                                    "csand.ratelimit", "csand.metrics"},
@@ -45,6 +48,13 @@ def test_imports_flow_one_way(module: str) -> None:
 
 
 def test_nothing_below_the_worker_imports_a_sync_module() -> None:
-    for module in ("csand.store", "csand.actionnetwork.client", "csand.actionnetwork.errors",
-                   "csand.model", "csand.retry", "csand.ratelimit"):
+    for module in ("csand.storage", "csand.storage.sqlite", "csand.actionnetwork.client",
+                   "csand.actionnetwork.errors", "csand.model", "csand.retry", "csand.ratelimit"):
         assert not any(name.startswith("csand.sync") for name in csand_imports(module)), module
+
+
+def test_storage_imports_nothing_above_it() -> None:
+    for module in ("csand.storage", "csand.storage.sqlite"):
+        above = ("csand.sync", "csand.controlshift", "csand.actionnetwork", "csand.daemon",
+                 "csand.cli", "csand.config")
+        assert not any(name.startswith(above) for name in csand_imports(module)), module

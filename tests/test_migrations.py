@@ -15,9 +15,10 @@ from typing import Any
 
 import pytest
 
-from csand import store as store_module
 from csand.model import parse_time, signature_activity
-from csand.store import MIGRATIONS, Store
+from csand.storage import open_store
+from csand.storage import sqlite as store_module
+from csand.storage.sqlite import MIGRATIONS
 from tests.test_consent import drain, make_world, sig
 from tests.test_worker import ORG, petition
 
@@ -73,7 +74,7 @@ async def test_every_earlier_version_migrates_with_its_data(tmp_path: Path, vers
     path = tmp_path / "csand.db"
     build_store(path, version)
 
-    store = await Store.open(path)
+    store = await open_store(path)
     try:
         assert await store.schema_version() == len(MIGRATIONS)
         person, applied = await store.knowledge(EMAIL, "signature:1")

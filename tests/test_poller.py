@@ -24,7 +24,7 @@ from csand.controlshift.poller import Poller, edge_order
 from csand.model import dead_letter
 from csand.ratelimit import TokenBucket
 from csand.sim.controlshift import ControlShiftSim
-from csand.store import Store
+from csand.storage import Storage, open_store
 
 SIGNATURES_ROUTE = "GET /api/v1/petitions/{slug}/signatures"
 PETITIONS_ROUTE = "GET /api/v1/petitions"
@@ -42,7 +42,7 @@ class FakeClock:
 @dataclass
 class Env:
     sim: ControlShiftSim
-    store: Store
+    store: Storage
     poller: Poller
     clock: FakeClock
     db_path: Path
@@ -71,7 +71,7 @@ async def make_env(tmp_path: Path, **sim_kw: Any) -> AsyncIterator[Env]:
     sim = ControlShiftSim(requests_per_minute=None, now=lambda: next(stamps), **sim_kw)
     clock = FakeClock()
     db_path = tmp_path / "csand.db"
-    store = await Store.open(db_path, clock=clock)
+    store = await open_store(db_path, clock=clock)
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=sim.app)) as http:
             cs = ControlShiftClient(http, "http://cs.test", api_key="cs-test-key",
@@ -561,7 +561,7 @@ def test_dead_retry_says_why_a_malformed_record_is_not_queued(tmp_path: Path) ->
     config_file.write_text(f'[controlshift]\nurl = "https://cs.example"\n[store]\npath = "{db}"\n')
 
     async def seed() -> None:
-        store = await Store.open(db)
+        store = await open_store(db)
         try:
             await store.commit_poll(None, dead_letters=[dead_letter(
                 "signature", {"id": 42, "email": 42}, ValueError("email"), petition_id=1)])

@@ -1,4 +1,4 @@
-"""The SQLite outbox (csand.store), on a real database file and a fake clock."""
+"""The SQLite backend (csand.storage.sqlite), on a real database file and a fake clock."""
 
 from __future__ import annotations
 
@@ -13,9 +13,10 @@ from typing import Any
 import aiosqlite
 import pytest
 
-from csand import store as store_module
-from csand.model import Activity, Person, creator_activity, signature_activity
-from csand.store import MIGRATIONS, SignatureSeen, Store
+from csand.model import Activity, Person, SignatureSeen, creator_activity, signature_activity
+from csand.storage import PetitionState, Storage, open_store
+from csand.storage import sqlite as store_module
+from csand.storage.sqlite import MIGRATIONS
 
 ORG = "test-org"
 T0 = 1_700_000_000.0
@@ -76,7 +77,7 @@ def db_path(tmp_path: Path) -> Path:
 
 @pytest.fixture
 async def store(db_path: Path, clock: FakeClock):
-    s = await Store.open(db_path, clock=clock)
+    s = await open_store(db_path, clock=clock)
     try:
         yield s
     finally:
@@ -102,7 +103,7 @@ def outbox(db_path: Path) -> list[sqlite3.Row]:
 
 @pytest.mark.anyio
 async def test_fresh_database_reaches_latest_version_in_wal_mode(db_path: Path, clock: FakeClock) -> None:
-    s = await Store.open(db_path, clock=clock)
+    s = await open_store(db_path, clock=clock)
     try:
         assert await s.schema_version() == len(MIGRATIONS)
     finally:
@@ -115,13 +116,13 @@ async def test_fresh_database_reaches_latest_version_in_wal_mode(db_path: Path, 
 
 @pytest.mark.anyio
 async def test_reopening_is_a_no_op_and_keeps_data(db_path: Path, clock: FakeClock) -> None:
-    s = await Store.open(db_path, clock=clock)
+    s = await open_store(db_path, clock=clock)
     await s.enqueue([sig(1, "ann@example.org")])
     await s.set_meta(org_slug=ORG)
     await s.close()
     schema_before = rows(db_path, "SELECT sql FROM sqlite_master ORDER BY name")
 
-    s = await Store.open(db_path, clock=clock)
+    s = await open_store(db_path, clock=clock)
     try:
         assert await s.schema_version() == len(MIGRATIONS)
         assert (await s.counts())["pending"] == 1
@@ -138,13 +139,13 @@ async def test_older_database_is_upgraded_in_place(
     db_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:1])
-    s = await Store.open(db_path, clock=clock)
+    s = await open_store(db_path, clock=clock)
     await s.enqueue([sig(1, "ann@example.org")])
     await s.close()
     assert rows(db_path, "PRAGMA user_version")[0][0] == 1
 
     monkeypatch.undo()
-    s = await Store.open(db_path, clock=clock)
+    s = await open_store(db_path, clock=clock)
     try:
         assert await s.schema_version() == len(MIGRATIONS)
         (item,) = await s.lease(1, 60)
@@ -157,12 +158,12 @@ async def test_older_database_is_upgraded_in_place(
 async def test_failed_migration_leaves_the_database_as_it_was(
     db_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    s = await Store.open(db_path, clock=clock)
+    s = await open_store(db_path, clock=clock)
     await s.close()
     broken = "CREATE TABLE half_done (a INTEGER); CREATE TABLE broken (;"
     monkeypatch.setattr(store_module, "MIGRATIONS", [*MIGRATIONS, broken])
     with pytest.raises(sqlite3.OperationalError):
-        await Store.open(db_path, clock=clock)
+        await open_store(db_path, clock=clock)
     assert rows(db_path, "PRAGMA user_version")[0][0] == len(MIGRATIONS)
     assert rows(db_path, "SELECT name FROM sqlite_master WHERE name = 'half_done'") == []
 
@@ -171,7 +172,7 @@ async def test_failed_migration_leaves_the_database_as_it_was(
 
 
 @pytest.mark.anyio
-async def test_enqueue_dedupes_same_version_and_adds_changed_one(store: Store, db_path: Path) -> None:
+async def test_enqueue_dedupes_same_version_and_adds_changed_one(store: Storage, db_path: Path) -> None:
     a = sig(1, "ann@example.org", join_organisation=None)
     assert await store.enqueue([a]) == 1
     assert await store.enqueue([a]) == 0
@@ -191,7 +192,7 @@ async def test_enqueue_dedupes_same_version_and_adds_changed_one(store: Store, d
 
 
 @pytest.mark.anyio
-async def test_enqueue_notifies_listeners_only_when_something_was_added(store: Store) -> None:
+async def test_enqueue_notifies_listeners_only_when_something_was_added(store: Storage) -> None:
     calls: list[int] = []
     store.listeners.append(lambda: calls.append(1))
     a = sig(1, "ann@example.org")
@@ -212,7 +213,7 @@ async def test_enqueue_notifies_listeners_only_when_something_was_added(store: S
         ["2024-01-01T00:00:00.500000Z", "2024-01-01T00:00:00Z", "2024-01-01T02:00:01+03:00"],
     ],
 )
-async def test_lease_one_per_person_in_occurred_order(store: Store, times: list[str]) -> None:
+async def test_lease_one_per_person_in_occurred_order(store: Storage, times: list[str]) -> None:
     activities = [sig(i + 1, "ann@example.org", t) for i, t in enumerate(times)]
     await store.enqueue(activities)  # enqueued out of time order
     expected = sorted(activities, key=lambda a: a.occurred_at)  # type: ignore[arg-type, return-value]
@@ -228,7 +229,7 @@ async def test_lease_one_per_person_in_occurred_order(store: Store, times: list[
 
 
 @pytest.mark.anyio
-async def test_lease_takes_one_item_for_each_person(store: Store) -> None:
+async def test_lease_takes_one_item_for_each_person(store: Storage) -> None:
     await store.enqueue([
         sig(1, "ann@example.org", "2024-01-02T00:00:00Z"),
         sig(2, "ann@example.org", "2024-01-01T00:00:00Z"),
@@ -242,7 +243,7 @@ async def test_lease_takes_one_item_for_each_person(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_never_two_in_flight_for_one_person_across_lease_calls(store: Store) -> None:
+async def test_never_two_in_flight_for_one_person_across_lease_calls(store: Storage) -> None:
     await store.enqueue([sig(1, "ann@example.org", "2024-01-01T00:00:00Z")])
     first = await store.lease(1, 60)
     assert [i.activity.source_key for i in first] == ["signature:1"]
@@ -257,7 +258,7 @@ async def test_never_two_in_flight_for_one_person_across_lease_calls(store: Stor
 
 
 @pytest.mark.anyio
-async def test_item_scheduled_in_the_future_is_not_leased(store: Store, clock: FakeClock) -> None:
+async def test_item_scheduled_in_the_future_is_not_leased(store: Storage, clock: FakeClock) -> None:
     await store.enqueue([sig(1, "ann@example.org")])
     (item,) = await store.lease(1, 60)
     await store.finish(item.id, "pending", error="boom", next_attempt_at=clock() + 30)
@@ -271,7 +272,7 @@ async def test_item_scheduled_in_the_future_is_not_leased(store: Store, clock: F
 
 
 @pytest.mark.anyio
-async def test_expired_lease_is_reclaimed(store: Store, clock: FakeClock, db_path: Path) -> None:
+async def test_expired_lease_is_reclaimed(store: Storage, clock: FakeClock, db_path: Path) -> None:
     await store.enqueue([sig(1, "ann@example.org")])
     (item,) = await store.lease(1, lease_seconds=30)
     assert outbox(db_path)[0]["lease_until"] == pytest.approx(T0 + 30)
@@ -285,7 +286,7 @@ async def test_expired_lease_is_reclaimed(store: Store, clock: FakeClock, db_pat
 
 
 @pytest.mark.anyio
-async def test_renewed_lease_is_not_reclaimed(store: Store, clock: FakeClock) -> None:
+async def test_renewed_lease_is_not_reclaimed(store: Storage, clock: FakeClock) -> None:
     await store.enqueue([sig(1, "ann@example.org")])
     (item,) = await store.lease(1, lease_seconds=30)
     clock.t += 20
@@ -297,7 +298,7 @@ async def test_renewed_lease_is_not_reclaimed(store: Store, clock: FakeClock) ->
 
 
 @pytest.mark.anyio
-async def test_release_all_in_flight(store: Store, db_path: Path) -> None:
+async def test_release_all_in_flight(store: Storage, db_path: Path) -> None:
     await store.enqueue([sig(1, "ann@example.org"), sig(2, "bob@example.org")])
     assert len(await store.lease(10, 3600)) == 2
     assert await store.lease(10, 3600) == []
@@ -312,7 +313,7 @@ async def test_release_all_in_flight(store: Store, db_path: Path) -> None:
 # ---------------------------------------------------------------- signatures behind their creator
 
 
-async def _creator_and_signature(store: Store) -> None:
+async def _creator_and_signature(store: Storage) -> None:
     creator = creator_activity(petition(7), ORG)
     signer = sig(70, "ann@example.org", pid=7)
     # The signature is the older activity and is enqueued first: it still waits.
@@ -321,7 +322,7 @@ async def _creator_and_signature(store: Store) -> None:
 
 @pytest.mark.anyio
 @pytest.mark.parametrize("outcome", ["done", "dead"])
-async def test_signature_waits_for_its_petition_creator(store: Store, outcome: str) -> None:
+async def test_signature_waits_for_its_petition_creator(store: Storage, outcome: str) -> None:
     await _creator_and_signature(store)
     (creator_item,) = await store.lease(10, 60)
     assert creator_item.activity.kind == "petition_created"
@@ -337,7 +338,7 @@ async def test_signature_waits_for_its_petition_creator(store: Store, outcome: s
 
 
 @pytest.mark.anyio
-async def test_signature_leasable_once_petition_is_mirrored(store: Store) -> None:
+async def test_signature_leasable_once_petition_is_mirrored(store: Storage) -> None:
     await _creator_and_signature(store)
     notified: list[int] = []
     store.listeners.append(lambda: notified.append(1))
@@ -349,7 +350,7 @@ async def test_signature_leasable_once_petition_is_mirrored(store: Store) -> Non
 
 
 @pytest.mark.anyio
-async def test_signature_of_other_petition_does_not_wait(store: Store) -> None:
+async def test_signature_of_other_petition_does_not_wait(store: Storage) -> None:
     await store.enqueue([creator_activity(petition(7), ORG), sig(80, "ann@example.org", pid=8)])
     leased = await store.lease(10, 60)
     assert len(leased) == 2
@@ -359,7 +360,7 @@ async def test_signature_of_other_petition_does_not_wait(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_finish_done_dead_and_pending(store: Store, clock: FakeClock, db_path: Path) -> None:
+async def test_finish_done_dead_and_pending(store: Storage, clock: FakeClock, db_path: Path) -> None:
     await store.enqueue([sig(1, "a@example.org"), sig(2, "b@example.org"),
                          sig(3, "c@example.org"), sig(4, "d@example.org")])
     items = {i.activity.source_key: i for i in await store.lease(10, 60)}
@@ -398,7 +399,7 @@ async def test_finish_done_dead_and_pending(store: Store, clock: FakeClock, db_p
 
 
 @pytest.mark.anyio
-async def test_finish_records_what_was_learned_about_the_person(store: Store) -> None:
+async def test_finish_records_what_was_learned_about_the_person(store: Storage) -> None:
     await store.enqueue([sig(1, "ann@example.org")])
     (item,) = await store.lease(1, 60)
     person = Person(exists=True, uuid="p-1", subscribed=True)
@@ -409,8 +410,8 @@ async def test_finish_records_what_was_learned_about_the_person(store: Store) ->
 # ---------------------------------------------------------------- commit_poll
 
 
-def _state(pid: int = 1) -> store_module.PetitionState:
-    return store_module.PetitionState(
+def _state(pid: int = 1) -> PetitionState:
+    return PetitionState(
         cs_id=pid, slug=f"petition-{pid}", updated_at="2024-01-01T00:00:00Z", public_count=2,
         content="abc", total_pages=1, an_uuid=None,
     )
@@ -420,7 +421,7 @@ def _seen(sid: int, pid: int = 1) -> SignatureSeen:
     return SignatureSeen(sid, pid, f"fp{sid}", None)
 
 
-async def _nothing_visible(store: Store, db_path: Path) -> None:
+async def _nothing_visible(store: Storage, db_path: Path) -> None:
     assert outbox(db_path) == []
     assert rows(db_path, "SELECT * FROM cs_signatures") == []
     assert rows(db_path, "SELECT * FROM cs_petitions") == []
@@ -429,7 +430,7 @@ async def _nothing_visible(store: Store, db_path: Path) -> None:
 
 
 @pytest.mark.anyio
-async def test_commit_poll_records_and_enqueues_together(store: Store, db_path: Path) -> None:
+async def test_commit_poll_records_and_enqueues_together(store: Storage, db_path: Path) -> None:
     added = await store.commit_poll(
         _state(), [_seen(1), _seen(2)], [sig(1, "a@example.org"), sig(2, "b@example.org")]
     )
@@ -443,7 +444,7 @@ async def test_commit_poll_records_and_enqueues_together(store: Store, db_path: 
 
 @pytest.mark.anyio
 async def test_commit_poll_is_atomic_when_an_activity_cannot_be_serialised(
-    store: Store, db_path: Path
+    store: Storage, db_path: Path
 ) -> None:
     good = sig(1, "a@example.org")
     broken_ref = dataclasses.replace(good.petition, title=object())  # type: ignore[arg-type]
@@ -455,7 +456,7 @@ async def test_commit_poll_is_atomic_when_an_activity_cannot_be_serialised(
 
 @pytest.mark.anyio
 async def test_commit_poll_is_atomic_when_the_transaction_fails_midway(
-    store: Store, db_path: Path, monkeypatch: pytest.MonkeyPatch
+    store: Storage, db_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # The petition and signature rows are written, then the outbox insert fails.
     monkeypatch.setattr(
@@ -472,7 +473,7 @@ async def test_commit_poll_is_atomic_when_the_transaction_fails_midway(
 
 
 @pytest.mark.anyio
-async def test_deleted_signature_cancels_only_its_pending_items(store: Store, db_path: Path) -> None:
+async def test_deleted_signature_cancels_only_its_pending_items(store: Storage, db_path: Path) -> None:
     await store.enqueue([sig(1, "a@example.org"), sig(2, "b@example.org")])
     await store.enqueue([sig(2, "b@example.org", first_name="Bea")])  # a second version, same person
     (b1,) = [i for i in await store.lease(10, 60) if i.activity.source_key == "signature:2"]
@@ -503,7 +504,7 @@ async def test_deleted_signature_cancels_only_its_pending_items(store: Store, db
 
 
 @pytest.mark.anyio
-async def test_person_knowledge_round_trip(store: Store) -> None:
+async def test_person_knowledge_round_trip(store: Storage) -> None:
     assert await store.person("nobody@example.org") == Person()
     fields_at = {
         "given_name": datetime(2024, 1, 2, 3, 4, 5, 678000, tzinfo=UTC),
@@ -526,7 +527,7 @@ async def test_person_knowledge_round_trip(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_tags_round_trip_case_insensitively(store: Store) -> None:
+async def test_tags_round_trip_case_insensitively(store: Storage) -> None:
     await store.save_tags([("controlshift:Avoiding Taxes", "t-1"), ("Signer", None)])
     await store.save_tags([("signer", "t-2")])
     assert await store.tags() == {
@@ -536,7 +537,7 @@ async def test_tags_round_trip_case_insensitively(store: Store) -> None:
 
 
 @pytest.mark.anyio
-async def test_status_figures(store: Store, clock: FakeClock) -> None:
+async def test_status_figures(store: Storage, clock: FakeClock) -> None:
     status = await store.status()
     for key in ("pending", "in_flight", "done", "dead", "cancelled"):
         assert type(status[key]) is int and status[key] == 0
@@ -560,7 +561,7 @@ async def test_status_figures(store: Store, clock: FakeClock) -> None:
 
 @pytest.mark.anyio
 async def test_a_second_connection_reads_while_the_writer_holds_a_transaction(
-    store: Store, db_path: Path
+    store: Storage, db_path: Path
 ) -> None:
     await store.enqueue([sig(1, "a@example.org")])
     seen_by_reader: list[int] = []
@@ -586,7 +587,7 @@ async def test_a_second_connection_reads_while_the_writer_holds_a_transaction(
 
 
 @pytest.mark.anyio
-async def test_a_stale_poll_never_undoes_a_deletion_or_a_newer_version(store: Store) -> None:
+async def test_a_stale_poll_never_undoes_a_deletion_or_a_newer_version(store: Storage) -> None:
     """The poller read a page; a webhook then recorded a deletion; the poll's commit comes last."""
     await store.commit_poll(None, [SignatureSeen(1, 1, "deleted", "2024-02-01T00:00:00+00:00",
                                                  "2024-02-01T00:00:00+00:00")])
@@ -616,7 +617,7 @@ def _by_source(db_path: Path) -> dict[str, sqlite3.Row]:
 
 @pytest.mark.anyio
 async def test_prune_reduces_old_finished_items_to_what_dedupe_and_reports_need(
-    store: Store, clock: FakeClock, db_path: Path
+    store: Storage, clock: FakeClock, db_path: Path
 ) -> None:
     old_done, recent_done = sig(1, "ann@example.org"), sig(2, "bob@example.org")
     old_dead, dropped, pending = (sig(3, "cy@example.org"), sig(4, "dee@example.org"),
@@ -660,7 +661,7 @@ async def test_prune_reduces_old_finished_items_to_what_dedupe_and_reports_need(
 
 
 @pytest.mark.anyio
-async def test_prune_works_in_batches(store: Store, clock: FakeClock, db_path: Path) -> None:
+async def test_prune_works_in_batches(store: Storage, clock: FakeClock, db_path: Path) -> None:
     await store.enqueue([sig(i, f"p{i}@example.org") for i in range(1, 8)])
     for row in outbox(db_path):
         await store.finish(row["id"], "done")
@@ -671,7 +672,7 @@ async def test_prune_works_in_batches(store: Store, clock: FakeClock, db_path: P
 
 @pytest.mark.anyio
 async def test_prune_empties_old_processed_webhook_bodies_and_keeps_their_dedupe(
-    store: Store, clock: FakeClock, db_path: Path
+    store: Storage, clock: FakeClock, db_path: Path
 ) -> None:
     body = '{"type":"signature.created","data":{"email":"ann@example.org"}}'
     assert await store.receive_event("jid-old", "signature.created", body)
@@ -701,7 +702,7 @@ async def test_pruned_personal_data_is_gone_from_the_database_file(
     db_path: Path, clock: FakeClock
 ) -> None:
     """secure_delete: the old payloads are overwritten, not merely unlinked from the b-tree."""
-    store = await Store.open(db_path, clock=clock)
+    store = await open_store(db_path, clock=clock)
     try:
         await store.enqueue([sig(1, "zoe.private@example.org"), sig(2, "yan.private@example.org")])
         for row in outbox(db_path):
@@ -717,7 +718,7 @@ async def test_pruned_personal_data_is_gone_from_the_database_file(
 
 @pytest.mark.anyio
 async def test_requeue_since_skips_pruned_items_and_counts_them(
-    store: Store, clock: FakeClock, db_path: Path
+    store: Storage, clock: FakeClock, db_path: Path
 ) -> None:
     await store.enqueue([sig(1, "ann@example.org"), sig(2, "bob@example.org"),
                          sig(3, "cy@example.org")])

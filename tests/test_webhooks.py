@@ -16,7 +16,7 @@ from csand.controlshift.webhooks import WebhookProcessor
 from csand.model import ActivityKind
 from csand.ratelimit import TokenBucket
 from csand.sim.controlshift import ControlShiftSim
-from csand.store import Store
+from csand.storage import open_store
 from csand.web import build_app
 
 SECRET = "whsec-test-0123456789"
@@ -151,7 +151,7 @@ class Rig:
         self.pokes = 0
 
     async def __aenter__(self) -> Rig:
-        self.store = await Store.open(self.tmp / "csand.db")
+        self.store = await open_store(self.tmp / "csand.db")
         self.http = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.cs.app),
                                       base_url="http://cs")
         client = ControlShiftClient(self.http, "http://cs", api_key="k",

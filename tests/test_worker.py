@@ -26,7 +26,7 @@ from csand.model import (
 )
 from csand.ratelimit import TokenBucket
 from csand.sim.actionnetwork import ActionNetworkSim
-from csand.store import Store
+from csand.storage import Storage, open_store
 from csand.sync.worker import Dispatcher
 
 ORG = "test-org"
@@ -69,7 +69,7 @@ def sig(sid: int, email: str, opted_in: bool | None = True, pid: int = 1,
 @dataclass
 class Env:
     sim: ActionNetworkSim
-    store: Store
+    store: Storage
     an: ActionNetworkClient
     http: httpx.AsyncClient
     clock: FakeClock
@@ -115,7 +115,7 @@ async def make_env(tmp_path: Path, api_key: str = AN_KEY) -> AsyncIterator[Env]:
     sim = ActionNetworkSim(api_key=AN_KEY, requests_per_second=None)
     clock = FakeClock()
     db_path = tmp_path / "csand.db"
-    store = await Store.open(db_path, clock=clock)
+    store = await open_store(db_path, clock=clock)
     try:
         async with httpx.AsyncClient(transport=httpx.ASGITransport(app=sim.app)) as http:
             an = ActionNetworkClient(http, AN_BASE, api_key, TokenBucket(1e6))

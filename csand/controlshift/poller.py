@@ -56,7 +56,7 @@ from csand.model import (
     record_id,
     text_field,
 )
-from csand.store import PetitionState, Store
+from csand.storage import PetitionState, Storage
 
 log = get_logger("poller")
 
@@ -102,7 +102,7 @@ class Poller:
     def __init__(
         self,
         cs: ControlShiftClient,
-        store: Store,
+        store: Storage,
         *,
         poll_interval: float = 30.0,
         reconcile_interval: float = 3600.0,

@@ -41,7 +41,7 @@ from csand.model import (
     text_field,
 )
 from csand.retry import WEBHOOK_EVENTS, RetryPolicy
-from csand.store import Store, WebhookEvent
+from csand.storage import Storage, WebhookEvent
 
 log = get_logger("webhooks")
 
@@ -93,7 +93,7 @@ class WebhookProcessor:
 
     def __init__(
         self,
-        store: Store,
+        store: Storage,
         directory: PetitionDirectory,
         org_slug: Callable[[], Any],
         poke_poller: Callable[[], None],

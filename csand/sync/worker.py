@@ -9,8 +9,8 @@ crash between AN's answer and csand's commit duplicates nothing.
 
 Two checks keep consent under every interleaving. Before each AN request the worker asks the
 store whether it still holds the lease and whether ControlShift deleted the record meanwhile
-(:meth:`Store.guard`): either way it sends nothing more. And every person write AN acknowledges
-mid-plan (the opt-in above all) is persisted at once (:meth:`Store.record_step`), so a retry, a
+(:meth:`Storage.guard`): either way it sends nothing more. And every person write AN acknowledges
+mid-plan (the opt-in above all) is persisted at once (:meth:`Storage.record_step`), so a retry, a
 shutdown or a crash continues the plan instead of replaying it.
 """
 
@@ -31,7 +31,7 @@ from csand.actionnetwork.errors import Outcome, Verdict
 from csand.logs import get_logger
 from csand.model import Activity, ActivityKind, PetitionRef
 from csand.retry import OUTBOX, RetryPolicy
-from csand.store import Item, Store
+from csand.storage import Item, Storage
 from csand.sync import rules
 
 log = get_logger("worker")
@@ -40,7 +40,7 @@ log = get_logger("worker")
 class TagCache:
     """AN ignores unknown names in ``add_tags``, so every tag is created before first use."""
 
-    def __init__(self, an: ActionNetworkClient, store: Store) -> None:
+    def __init__(self, an: ActionNetworkClient, store: Storage) -> None:
         self._an = an
         self._store = store
         self._known: set[str] | None = None  # lower-cased names AN is known to have
@@ -75,7 +75,7 @@ class PetitionMirror:
     before creating finds a petition whose creation csand did not get to record.
     """
 
-    def __init__(self, an: ActionNetworkClient, store: Store, origin_system: str) -> None:
+    def __init__(self, an: ActionNetworkClient, store: Storage, origin_system: str) -> None:
         self._an = an
         self._store = store
         self._origin = origin_system
@@ -179,7 +179,7 @@ class Dispatcher:
 
     def __init__(
         self,
-        store: Store,
+        store: Storage,
         an: ActionNetworkClient,
         *,
         workers: int = 4,

@@ -20,7 +20,7 @@ import pytest
 
 from csand.model import global_unsubscribe_activity
 from csand.sim.scenario import Scenario
-from csand.store import Store
+from csand.storage import open_store
 from tests.e2e.harness import AN_KEY, CS_KEY, Csand, World, make_world
 
 pytestmark = pytest.mark.e2e
@@ -226,7 +226,7 @@ def test_the_daemon_prunes_personal_data_past_the_retention_at_start(world: Worl
     long_ago = time.time() - 40 * 86400
 
     async def seed() -> None:  # an item synced 40 days ago, by an earlier csand
-        store = await Store.open(daemon.db, clock=lambda: long_ago)
+        store = await open_store(daemon.db, clock=lambda: long_ago)
         try:
             await store.enqueue([global_unsubscribe_activity(1, "old.signer@example.org", None)])
             [item] = await store.lease(1, 60)

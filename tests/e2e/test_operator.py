@@ -11,7 +11,7 @@ from pathlib import Path
 import anyio
 import pytest
 
-from csand.store import Store
+from csand.storage import open_store
 from tests.e2e.harness import Csand, World
 
 pytestmark = pytest.mark.e2e
@@ -110,7 +110,7 @@ def test_backfill_drains_and_resyncs_since_a_date(world: World) -> None:
     world.check()
 
     async def prune_as_if_40_days_later() -> None:
-        store = await Store.open(daemon.db, clock=lambda: time.time() + 40 * 86400)
+        store = await open_store(daemon.db, clock=lambda: time.time() + 40 * 86400)
         try:
             assert (await store.prune(30 * 86400))["outbox"] == daemon.counts()["done"]
         finally:

@@ -20,7 +20,7 @@ petitions, so that people, petitions and records collide often):
 * csand's work: lease an item (it stays in flight, held by a "worker", while other things
   happen), apply a held item (``Dispatcher._apply_and_record``), apply two held items at the same
   time, work through everything ready, advance the clock (retries become due; leases expire, so
-  the same item can be leased twice); restarts (a new Store on the same file,
+  the same item can be leased twice); restarts (a new Storage on the same file,
   ``release_all_in_flight``, a new Dispatcher); a kill -9 or a SIGTERM in the middle of an item,
   between AN's answer and csand's commit.
 
@@ -92,7 +92,7 @@ from csand.model import (
 )
 from csand.ratelimit import TokenBucket
 from csand.sim.actionnetwork import ActionNetworkSim
-from csand.store import Item, Store
+from csand.storage import Item, Storage, open_store
 from csand.sync.worker import Dispatcher
 
 ORG = "model-org"
@@ -308,7 +308,7 @@ class World:
         self.transport = LoggingTransport(self)
         self.http = httpx.AsyncClient(transport=self.transport)
         self.raw = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.sim.app))
-        self.store: Store
+        self.store: Storage
         self.dispatcher: Dispatcher
         self.log: list[Request] = []
         self.held: list[tuple[Item, Attempt]] = []  # leased, not yet applied
@@ -343,7 +343,7 @@ class World:
         return world
 
     async def _start(self) -> None:
-        self.store = await Store.open(self.path, clock=self.clock)
+        self.store = await open_store(self.path, clock=self.clock)
         await self.store.release_all_in_flight()
         limiter = TokenBucket(1e6, clock=lambda: self.mono, sleep=self._sleep)
         an = ActionNetworkClient(self.http, AN_BASE, AN_KEY, limiter)

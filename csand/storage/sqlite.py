@@ -1,4 +1,4 @@
-"""SQLite storage: schema, migrations and every query csand runs, in one place.
+"""The SQLite backend of :mod:`csand.storage`: schema, migrations and every query, in one place.
 
 Rules this module keeps:
 
@@ -23,7 +23,6 @@ import sqlite3
 import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
 from types import MappingProxyType
@@ -34,6 +33,7 @@ import anyio
 
 from csand.logs import get_logger
 from csand.model import Activity, ActivityKind, DeadLetter, Person, SignatureSeen, parse_time
+from csand.storage import STATUSES, Item, PetitionState, Requeued, WebhookEvent
 
 # Each entry migrates from version i to i+1. Append only; never edit a released one.
 MIGRATIONS: list[str] = [
@@ -176,56 +176,17 @@ MIGRATIONS: list[str] = [
     """,
 ]
 
-STATUSES = ("pending", "in_flight", "done", "dead", "cancelled")
-
 log = get_logger("store")
-PRUNED = "pruned:"  # person key prefix of items whose personal data was pruned (Store.prune)
-
-
-@dataclass(frozen=True, slots=True)
-class Item:
-    id: int
-    activity: Activity
-    attempts: int
-    enqueued_at: float
-    token: str = ""  # the lease: only its holder may record an outcome
-    done_steps: frozenset[str] = frozenset()  # what AN acknowledged on earlier attempts
-
-
-@dataclass(frozen=True, slots=True)
-class Requeued:
-    queued: int
-    skipped_deleted: int  # records ControlShift deleted: never sent to AN again
-    skipped_pruned: int = 0  # versions whose personal data was pruned: nothing left to send
-    skipped_malformed: int = 0  # malformed ControlShift records: nothing to send until corrected
-
-
-@dataclass(frozen=True, slots=True)
-class PetitionState:
-    cs_id: int
-    slug: str
-    updated_at: str | None
-    public_count: int | None
-    content: str | None
-    total_pages: int | None
-    an_uuid: str | None
-    creator_extra: str | None = None  # JSON: creator details only webhooks carry
-
-
-@dataclass(frozen=True, slots=True)
-class WebhookEvent:
-    id: int
-    type: str
-    body: str
-    attempts: int
+PRUNED = "pruned:"  # person key prefix of items whose personal data was pruned (see prune)
 
 
 def _iso(ts: float | None) -> str | None:
     return datetime.fromtimestamp(ts, UTC).isoformat() if ts else None
 
 
-class Store:
-    """The single writer. Open with ``await Store.open(path)``; close with ``await store.close()``."""
+class SQLiteStore:
+    """The single writer. Open with ``await SQLiteStore.open(path)`` (or
+    :func:`csand.storage.open_store`); close with ``await store.close()``."""
 
     def __init__(self, conn: aiosqlite.Connection, clock: Callable[[], float]) -> None:
         self._db = conn
@@ -246,7 +207,8 @@ class Store:
     # ---- lifecycle ----
 
     @classmethod
-    async def open(cls, path: str | Path, clock: Callable[[], float] = time.time) -> Store:
+    async def open(cls, path: str | Path, clock: Callable[[], float] = time.time
+                   ) -> SQLiteStore:
         path = Path(path)
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -932,6 +894,15 @@ class Store:
         counts.update({r["status"]: r["n"] for r in rows})
         return counts
 
+    async def items(self) -> list[dict[str, Any]]:
+        """Every outbox item in id order, read-only (see :meth:`csand.storage.Outbox.items`)."""
+        rows = await self._read(
+            "SELECT id, dedupe_key, source_key, person_key, petition_id, kind, payload, "
+            "occurred_at, status, attempts, next_attempt_at, lease_until, last_error, note, "
+            "enqueued_at, finished_at FROM outbox ORDER BY id"
+        )
+        return [dict(r) | {"payload": json.loads(r["payload"])} for r in rows]
+
     async def status(self) -> dict[str, Any]:
         """The figures ``csand status`` prints; cheap enough to call every second."""
         counts = await self.counts()
@@ -1197,4 +1168,4 @@ def _steps(progress: str | None) -> frozenset[str]:
     return frozenset(json.loads(progress)) if progress else frozenset()
 
 
-__all__ = ["Item", "PetitionState", "SignatureSeen", "Store", "ActivityKind", "MIGRATIONS"]
+__all__ = ["MIGRATIONS", "SQLiteStore"]
