@@ -15,7 +15,7 @@ from csand import logs
 from csand.daemon import single_instance
 from csand.dryrun import copy_database
 from csand.storage import open_store
-from tests.test_store import FakeClock, sig
+from tests.storage import FakeClock, sig
 
 
 def mode(path: Path) -> int:

@@ -1,0 +1,53 @@
+"""Storage tests: helpers shared by the conformance suite and the SQLite-specific tests."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from csand.model import Activity, signature_activity
+
+ORG = "test-org"
+T0 = 1_700_000_000.0
+
+
+class FakeClock:
+    def __init__(self, t: float = T0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def petition(pid: int = 1, creator_email: str = "creator@example.org", **extra: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": pid,
+        "slug": f"petition-{pid}",
+        "title": f"Petition {pid}",
+        "url": f"https://cs.example.org/petitions/petition-{pid}",
+        "launched": True,
+        "created_at": "2024-01-01T00:00:00Z",
+        "updated_at": "2024-01-01T00:00:00Z",
+        "creator": {"first_name": "Cleo", "last_name": "Ng", "email": creator_email},
+        "categories": [],
+    }
+    data.update(extra)
+    return data
+
+
+def signature(sid: int, email: str, created: str = "2024-01-02T00:00:00Z", **extra: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "id": sid,
+        "email": email,
+        "first_name": "Ann",
+        "last_name": "Lee",
+        "postcode": "2000",
+        "join_organisation": True,
+        "created_at": created,
+        "updated_at": created,
+    }
+    data.update(extra)
+    return data
+
+
+def sig(sid: int, email: str, created: str = "2024-01-02T00:00:00Z", pid: int = 1, **extra: Any) -> Activity:
+    return signature_activity(signature(sid, email, created, **extra), petition(pid), ORG)

@@ -1,0 +1,763 @@
+"""One suite every storage backend must pass: the rules csand relies on, through the interfaces
+of :mod:`csand.storage` only (no SQL, no backend internals).
+
+The ``storage`` fixture is parametrized over :data:`BACKENDS`; a new backend joins by adding one
+factory there. Backend-specific checks (migrations, files, transactions) live beside the backend's
+own tests (``tests/test_store.py`` for SQLite).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
+from datetime import UTC, datetime
+from pathlib import Path
+from types import MappingProxyType
+from typing import Any
+
+import pytest
+
+from csand.model import (
+    DeadLetter,
+    Person,
+    SignatureSeen,
+    creator_activity,
+    global_unsubscribe_activity,
+    parse_time,
+)
+from csand.storage import (
+    ANKnowledge,
+    Meta,
+    Outbox,
+    PetitionState,
+    SeenRecords,
+    Storage,
+    WebhookInbox,
+    open_store,
+)
+from tests.storage import ORG, T0, FakeClock, petition, sig
+
+Factory = Callable[[Path, FakeClock], Awaitable[Storage]]
+
+
+async def _sqlite(tmp_path: Path, clock: FakeClock) -> Storage:
+    return await open_store(tmp_path / "state" / "csand.db", clock=clock)
+
+
+# backend name → how to open an empty store of it on the given clock
+BACKENDS: dict[str, Factory] = {"sqlite": _sqlite}
+
+
+@pytest.fixture
+def clock() -> FakeClock:
+    return FakeClock()
+
+
+@pytest.fixture(params=sorted(BACKENDS))
+async def storage(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
+                  ) -> AsyncIterator[Storage]:
+    s = await BACKENDS[request.param](tmp_path, clock)
+    try:
+        yield s
+    finally:
+        await s.close()
+
+
+DAY = 86_400.0
+RETENTION = 30 * DAY
+
+
+# ---------------------------------------------------------------- the interfaces
+
+
+@pytest.mark.anyio
+async def test_the_backend_implements_every_interface(storage: Storage) -> None:
+    assert isinstance(storage, Storage)
+    for interface in (Outbox, WebhookInbox, SeenRecords, ANKnowledge, Meta):
+        for name, member in vars(interface).items():
+            if inspect.iscoroutinefunction(member):
+                assert inspect.iscoroutinefunction(getattr(storage, name)), (interface, name)
+    assert isinstance(storage.listeners, list)
+    assert await storage.schema_version() >= 1
+
+
+# ---------------------------------------------------------------- enqueue and deduplication
+
+
+@pytest.mark.anyio
+async def test_enqueue_dedupes_same_version_and_adds_changed_one(storage: Storage) -> None:
+    a = sig(1, "ann@example.org", join_organisation=None)
+    assert await storage.enqueue([a]) == 1
+    assert await storage.enqueue([a]) == 0
+    # Only a CS-side timestamp moved (e.g. a single-petition unsubscribe): same version.
+    bumped = sig(1, "ann@example.org", join_organisation=None, updated_at="2024-03-01T00:00:00Z")
+    assert bumped.fingerprint() == a.fingerprint()
+    assert await storage.enqueue([bumped]) == 0
+    assert len(await storage.items()) == 1
+
+    opted_in = sig(1, "ann@example.org", join_organisation=True)
+    assert opted_in.fingerprint() != a.fingerprint()
+    assert await storage.enqueue([opted_in]) == 1
+    items = await storage.items()
+    assert len(items) == 2
+    assert {r["source_key"] for r in items} == {"signature:1"}
+    assert {r["person_key"] for r in items} == {"ann@example.org"}
+
+
+@pytest.mark.anyio
+async def test_enqueue_notifies_listeners_only_when_something_was_added(storage: Storage) -> None:
+    calls: list[int] = []
+    storage.listeners.append(lambda: calls.append(1))
+    a = sig(1, "ann@example.org")
+    await storage.enqueue([a])
+    await storage.enqueue([a])
+    assert calls == [1]
+
+
+# ---------------------------------------------------------------- leasing
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize(
+    "times",
+    [
+        ["2024-01-03T00:00:00Z", "2024-01-01T00:00:00Z", "2024-01-02T00:00:00Z"],
+        # Whole second vs fractional second, and an offset that normalises to an earlier UTC.
+        ["2024-01-01T00:00:00.500000Z", "2024-01-01T00:00:00Z", "2024-01-01T02:00:01+03:00"],
+    ],
+)
+async def test_lease_one_per_person_in_occurred_order(storage: Storage, times: list[str]) -> None:
+    activities = [sig(i + 1, "ann@example.org", t) for i, t in enumerate(times)]
+    await storage.enqueue(activities)  # enqueued out of time order
+    expected = sorted(activities, key=lambda a: a.occurred_at)  # type: ignore[arg-type, return-value]
+
+    applied: list[str] = []
+    for _ in expected:
+        leased = await storage.lease(10, 60)
+        assert len(leased) == 1
+        applied.append(leased[0].activity.source_key)
+        await storage.finish(leased[0].id, "done")
+    assert applied == [a.source_key for a in expected]
+    assert await storage.lease(10, 60) == []
+
+
+@pytest.mark.anyio
+async def test_lease_takes_one_item_for_each_person(storage: Storage) -> None:
+    await storage.enqueue([
+        sig(1, "ann@example.org", "2024-01-02T00:00:00Z"),
+        sig(2, "ann@example.org", "2024-01-01T00:00:00Z"),
+        sig(3, "bob@example.org", "2024-01-01T00:00:00Z"),
+        sig(4, "cat@example.org", "2024-01-01T00:00:00Z"),
+    ])
+    leased = await storage.lease(10, 60)
+    assert sorted(i.activity.source_key for i in leased) == ["signature:2", "signature:3", "signature:4"]
+    assert len({i.activity.person_key for i in leased}) == len(leased)
+    assert (await storage.counts())["in_flight"] == 3
+
+
+@pytest.mark.anyio
+async def test_never_two_in_flight_for_one_person_across_lease_calls(storage: Storage) -> None:
+    await storage.enqueue([sig(1, "ann@example.org", "2024-01-01T00:00:00Z")])
+    first = await storage.lease(1, 60)
+    assert [i.activity.source_key for i in first] == ["signature:1"]
+    # A newer activity of the same person arrives while the first is in flight.
+    await storage.enqueue([sig(2, "ann@example.org", "2024-01-05T00:00:00Z"),
+                         sig(3, "bob@example.org", "2024-01-05T00:00:00Z")])
+    second = await storage.lease(10, 60)
+    assert [i.activity.source_key for i in second] == ["signature:3"]
+    await storage.finish(first[0].id, "done")
+    third = await storage.lease(10, 60)
+    assert [i.activity.source_key for i in third] == ["signature:2"]
+
+
+@pytest.mark.anyio
+async def test_item_scheduled_in_the_future_is_not_leased(storage: Storage, clock: FakeClock) -> None:
+    await storage.enqueue([sig(1, "ann@example.org")])
+    (item,) = await storage.lease(1, 60)
+    await storage.finish(item.id, "pending", error="boom", next_attempt_at=clock() + 30)
+    assert await storage.lease(10, 60) == []
+    clock.t += 29.9
+    assert await storage.lease(10, 60) == []
+    clock.t += 0.1
+    (again,) = await storage.lease(10, 60)
+    assert again.id == item.id
+    assert again.attempts == 1
+
+
+@pytest.mark.anyio
+async def test_expired_lease_is_reclaimed(storage: Storage, clock: FakeClock) -> None:
+    await storage.enqueue([sig(1, "ann@example.org")])
+    (item,) = await storage.lease(1, lease_seconds=30)
+    assert (await storage.items())[0]["lease_until"] == pytest.approx(T0 + 30)
+    clock.t += 30
+    assert await storage.lease(10, 30) == []  # not yet expired (strictly past the lease)
+    clock.t += 0.5
+    (again,) = await storage.lease(10, 30)
+    assert again.id == item.id
+    assert again.attempts == 0  # a crash does not use up an attempt
+    assert (await storage.items())[0]["lease_until"] == pytest.approx(clock.t + 30)
+
+
+@pytest.mark.anyio
+async def test_renewed_lease_is_not_reclaimed(storage: Storage, clock: FakeClock) -> None:
+    await storage.enqueue([sig(1, "ann@example.org")])
+    (item,) = await storage.lease(1, lease_seconds=30)
+    clock.t += 20
+    await storage.renew_leases([item.id], 30)  # the worker is still on it
+    clock.t += 25
+    assert await storage.lease(10, 30) == []  # 45 s after leasing, yet not handed out twice
+    clock.t += 6
+    assert [i.id for i in await storage.lease(10, 30)] == [item.id]
+
+
+@pytest.mark.anyio
+async def test_release_all_in_flight(storage: Storage) -> None:
+    await storage.enqueue([sig(1, "ann@example.org"), sig(2, "bob@example.org")])
+    assert len(await storage.lease(10, 3600)) == 2
+    assert await storage.lease(10, 3600) == []
+    assert await storage.release_all_in_flight() == 2
+    counts = await storage.counts()
+    assert counts["pending"] == 2 and counts["in_flight"] == 0
+    assert all(r["lease_until"] is None for r in await storage.items())
+    assert len(await storage.lease(10, 3600)) == 2
+    assert await storage.release_all_in_flight() == 2
+
+
+# ---------------------------------------------------------------- signatures behind their creator
+
+
+async def _creator_and_signature(storage: Storage) -> None:
+    creator = creator_activity(petition(7), ORG)
+    signer = sig(70, "ann@example.org", pid=7)
+    # The signature is the older activity and is enqueued first: it still waits.
+    await storage.enqueue([signer, creator])
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("outcome", ["done", "dead"])
+async def test_signature_waits_for_its_petition_creator(storage: Storage, outcome: str) -> None:
+    await _creator_and_signature(storage)
+    (creator_item,) = await storage.lease(10, 60)
+    assert creator_item.activity.kind == "petition_created"
+    assert await storage.lease(10, 60) == []  # creator in flight: still waiting
+
+    await storage.finish(creator_item.id, "pending", next_attempt_at=T0)
+    leased = await storage.lease(10, 60)
+    assert [i.activity.kind for i in leased] == ["petition_created"]  # creator pending: waiting
+
+    await storage.finish(leased[0].id, outcome, error="x" if outcome == "dead" else None)
+    (signer_item,) = await storage.lease(10, 60)
+    assert signer_item.activity.source_key == "signature:70"
+
+
+@pytest.mark.anyio
+async def test_signature_leasable_once_petition_is_mirrored(storage: Storage) -> None:
+    await _creator_and_signature(storage)
+    notified: list[int] = []
+    storage.listeners.append(lambda: notified.append(1))
+    await storage.set_petition_uuid(7, "petition-7", "an-petition-uuid")
+    assert notified == [1]
+    assert await storage.petition_uuid(7) == "an-petition-uuid"
+    leased = await storage.lease(10, 60)
+    assert sorted(str(i.activity.kind) for i in leased) == ["petition_created", "signature"]
+
+
+@pytest.mark.anyio
+async def test_signature_of_other_petition_does_not_wait(storage: Storage) -> None:
+    await storage.enqueue([creator_activity(petition(7), ORG), sig(80, "ann@example.org", pid=8)])
+    leased = await storage.lease(10, 60)
+    assert len(leased) == 2
+
+
+# ---------------------------------------------------------------- outcomes and dead letters
+
+
+@pytest.mark.anyio
+async def test_finish_done_dead_and_pending(storage: Storage, clock: FakeClock) -> None:
+    await storage.enqueue([sig(1, "a@example.org"), sig(2, "b@example.org"),
+                         sig(3, "c@example.org"), sig(4, "d@example.org")])
+    items = {i.activity.source_key: i for i in await storage.lease(10, 60)}
+    clock.t += 5
+    await storage.finish(items["signature:1"].id, "done", note="signer synced (subscribed)")
+    await storage.finish(items["signature:2"].id, "dead", error="Action Network refused the record (400): bad")
+    await storage.finish(items["signature:3"].id, "pending", error="503", next_attempt_at=clock() + 40)
+    await storage.finish(items["signature:4"].id, "pending", error="shutdown", count_attempt=False)
+
+    by_source = {r["source_key"]: r for r in await storage.items()}
+    done = by_source["signature:1"]
+    assert (done["status"], done["attempts"], done["note"]) == ("done", 1, "signer synced (subscribed)")
+    assert done["finished_at"] == pytest.approx(clock())
+    assert done["lease_until"] is None
+    dead = by_source["signature:2"]
+    assert (dead["status"], dead["attempts"]) == ("dead", 1)
+    assert dead["last_error"] == "Action Network refused the record (400): bad"
+    retry = by_source["signature:3"]
+    assert (retry["status"], retry["attempts"], retry["last_error"]) == ("pending", 1, "503")
+    assert retry["next_attempt_at"] == pytest.approx(clock() + 40)
+    assert retry["lease_until"] is None and retry["finished_at"] is None
+    released = by_source["signature:4"]
+    assert (released["status"], released["attempts"]) == ("pending", 0)
+    assert released["next_attempt_at"] == pytest.approx(clock())
+
+    status = await storage.status()
+    assert status["retrying"] == 1
+    assert status["dead_reasons"] == [{"reason": "Action Network refused the record (400): bad", "count": 1}]
+    (dead_item,) = await storage.dead_items()
+    assert dead_item["source_key"] == "signature:2"
+    assert datetime.fromisoformat(dead_item["finished_at"]).timestamp() == pytest.approx(clock())
+
+    assert (await storage.requeue_dead()).queued == 1
+    requeued = {r["source_key"]: r for r in await storage.items()}["signature:2"]
+    assert (requeued["status"], requeued["attempts"]) == ("pending", 0)
+
+
+@pytest.mark.anyio
+async def test_finish_records_what_was_learned_about_the_person(storage: Storage) -> None:
+    await storage.enqueue([sig(1, "ann@example.org")])
+    (item,) = await storage.lease(1, 60)
+    person = Person(exists=True, uuid="p-1", subscribed=True)
+    await storage.finish(item.id, "done", person=("ann@example.org", person))
+    assert await storage.person("ann@example.org") == person
+
+
+# ---------------------------------------------------------------- what was seen, committed with its items
+
+
+def _state(pid: int = 1) -> PetitionState:
+    return PetitionState(
+        cs_id=pid, slug=f"petition-{pid}", updated_at="2024-01-01T00:00:00Z", public_count=2,
+        content="abc", total_pages=1, an_uuid=None,
+    )
+
+
+def _seen(sid: int, pid: int = 1) -> SignatureSeen:
+    return SignatureSeen(sid, pid, f"fp{sid}", None)
+
+
+async def _nothing_visible(storage: Storage) -> None:
+    assert await storage.items() == []
+    assert await storage.signatures_seen(1) == {}
+    assert await storage.petition_state(1) is None
+
+
+@pytest.mark.anyio
+async def test_commit_poll_records_and_enqueues_together(storage: Storage) -> None:
+    added = await storage.commit_poll(
+        _state(), [_seen(1), _seen(2)], [sig(1, "a@example.org"), sig(2, "b@example.org")]
+    )
+    assert added == 2
+    assert set(await storage.signatures_seen(1)) == {1, 2}
+    state = await storage.petition_state(1)
+    assert state is not None and state.public_count == 2 and state.content == "abc"
+    assert await storage.petition_state(2) is None
+    assert len(await storage.items()) == 2
+
+
+@pytest.mark.anyio
+async def test_commit_poll_is_atomic_when_an_activity_cannot_be_serialised(
+    storage: Storage
+) -> None:
+    good = sig(1, "a@example.org")
+    broken_ref = dataclasses.replace(good.petition, title=object())  # type: ignore[arg-type]
+    broken = dataclasses.replace(sig(2, "b@example.org"), petition=broken_ref)
+    with pytest.raises(TypeError):
+        await storage.commit_poll(_state(), [_seen(1), _seen(2)], [good, broken, sig(3, "c@example.org")])
+    await _nothing_visible(storage)
+
+
+@pytest.mark.anyio
+async def test_deleted_signature_cancels_only_its_pending_items(storage: Storage) -> None:
+    await storage.enqueue([sig(1, "a@example.org"), sig(2, "b@example.org")])
+    await storage.enqueue([sig(2, "b@example.org", first_name="Bea")])  # a second version, same person
+    (b1,) = [i for i in await storage.lease(10, 60) if i.activity.source_key == "signature:2"]
+    await storage.finish(b1.id, "done")
+
+    added = await storage.commit_poll(
+        None, [SignatureSeen(1, 1, "deleted", "2024-02-01T00:00:00Z"),
+               SignatureSeen(2, 1, "deleted", "2024-02-01T00:00:00Z")],
+        deleted_sources=["signature:1", "signature:2"],
+    )
+    assert added == 0
+    statuses = [(r["source_key"], r["status"]) for r in await storage.items()]
+    assert statuses == [("signature:1", "in_flight"), ("signature:2", "done"), ("signature:2", "cancelled")]
+
+    await storage.release_all_in_flight()  # the deletion arrived while it was in flight
+    by_id = await storage.items()
+    assert by_id[0]["status"] == "cancelled"
+    assert by_id[0]["note"] == "signature deleted on ControlShift while it was being synced"
+    await storage.commit_poll(None, deleted_sources=["signature:1"])  # seen again: no change
+    assert (await storage.counts())["cancelled"] == 2
+    seen = await storage.signatures_seen(1)
+    assert seen[1].deleted_at == "2024-02-01T00:00:00Z"
+    assert (await storage.status())["signatures_deleted"] == 2
+    assert await storage.lease(10, 60) == []
+
+
+# ---------------------------------------------------------------- people, tags, meta, status
+
+
+@pytest.mark.anyio
+async def test_person_knowledge_round_trip(storage: Storage) -> None:
+    assert await storage.person("nobody@example.org") == Person()
+    fields_at = {
+        "given_name": datetime(2024, 1, 2, 3, 4, 5, 678000, tzinfo=UTC),
+        "postal_code": datetime(2023, 12, 31, tzinfo=UTC),
+    }
+    person = Person(exists=True, uuid="u-1", subscribed=False, fields_at=MappingProxyType(fields_at))
+    await storage.save_person("ann@example.org", person)
+    loaded = await storage.person("ann@example.org")
+    assert loaded == person
+    assert dict(loaded.fields_at) == fields_at
+    assert loaded.fields_at["given_name"].tzinfo is not None
+
+    unknown = Person(exists=None, uuid=None, subscribed=None)
+    await storage.save_person("ann@example.org", unknown)
+    assert await storage.person("ann@example.org") == unknown
+
+    absent = Person(exists=False)
+    await storage.save_person("bob@example.org", absent)
+    assert await storage.person("bob@example.org") == absent
+
+
+@pytest.mark.anyio
+async def test_tags_round_trip_case_insensitively(storage: Storage) -> None:
+    await storage.save_tags([("controlshift:Avoiding Taxes", "t-1"), ("Signer", None)])
+    await storage.save_tags([("signer", "t-2")])
+    assert await storage.tags() == {
+        "controlshift:avoiding taxes": ("controlshift:Avoiding Taxes", "t-1"),
+        "signer": ("Signer", "t-2"),
+    }
+
+
+@pytest.mark.anyio
+async def test_status_figures(storage: Storage, clock: FakeClock) -> None:
+    status = await storage.status()
+    for key in ("pending", "in_flight", "done", "dead", "cancelled"):
+        assert type(status[key]) is int and status[key] == 0
+    assert status["last_poll_at"] is None
+    assert status["last_reconcile_at"] is None
+    assert status["backfill_done"] is False
+    assert status["oldest_pending_age_s"] is None
+
+    await storage.enqueue([sig(1, "a@example.org"), sig(2, "b@example.org"), sig(3, "c@example.org")])
+    items = await storage.lease(2, 60)
+    await storage.finish(items[0].id, "done")
+    await storage.set_meta(last_poll_at=clock(), backfill_done="1", last_reconcile_at=clock() - 60)
+    clock.t += 12.5
+    status = await storage.status()
+    assert (status["pending"], status["in_flight"], status["done"], status["dead"]) == (1, 1, 1, 0)
+    assert datetime.fromisoformat(status["last_poll_at"]) == datetime.fromtimestamp(T0, UTC)
+    assert datetime.fromisoformat(status["last_reconcile_at"]) == datetime.fromtimestamp(T0 - 60, UTC)
+    assert status["backfill_done"] is True
+    assert status["oldest_pending_age_s"] == 12.5
+
+
+@pytest.mark.anyio
+async def test_a_stale_poll_never_undoes_a_deletion_or_a_newer_version(storage: Storage) -> None:
+    """The poller read a page; a webhook then recorded a deletion; the poll's commit comes last."""
+    await storage.commit_poll(None, [SignatureSeen(1, 1, "deleted", "2024-02-01T00:00:00+00:00",
+                                                 "2024-02-01T00:00:00+00:00")])
+    stale = sig(1, "ann@example.org")
+    await storage.commit_poll(None, [SignatureSeen(1, 1, stale.fingerprint(), None,
+                                                 "2024-01-02T00:00:00+00:00")], [stale])
+    assert (await storage.counts())["pending"] == 0
+    assert (await storage.signature_seen(1)).deleted_at is not None
+    newer = SignatureSeen(2, 1, "fp-new", None, "2024-03-01T00:00:00+00:00")
+    await storage.commit_poll(None, [newer])
+    older = sig(2, "bob@example.org")
+    await storage.commit_poll(None, [SignatureSeen(2, 1, older.fingerprint(), None,
+                                                 "2024-01-02T00:00:00+00:00")], [older])
+    assert (await storage.counts())["pending"] == 0
+    assert (await storage.signature_seen(2)).fingerprint == "fp-new"
+
+
+# ---------------------------------------------------------------- retention
+
+
+async def _by_source(storage: Storage) -> dict[str, dict[str, Any]]:
+    return {r["source_key"]: r for r in await storage.items()}
+
+
+@pytest.mark.anyio
+async def test_prune_reduces_old_finished_items_to_what_dedupe_and_reports_need(
+    storage: Storage, clock: FakeClock
+) -> None:
+    old_done, recent_done = sig(1, "ann@example.org"), sig(2, "bob@example.org")
+    old_dead, dropped, pending = (sig(3, "cy@example.org"), sig(4, "dee@example.org"),
+                                  sig(5, "eve@example.org"))
+    await storage.enqueue([old_done, recent_done, old_dead, dropped, pending])
+    ids = {r["source_key"]: r["id"] for r in await storage.items()}
+    await storage.finish(ids["signature:1"], "done", note="signer synced (subscribed)",
+                       error="AN 503 for ann@example.org")  # an earlier attempt's error
+    await storage.finish(ids["signature:3"], "dead", error="invalid email address 'cy@example.org'")
+    await storage.finish(ids["signature:4"], "dead", error="invalid email address 'dee@example.org'")
+    await storage.drop_dead([ids["signature:4"]])
+    clock.t += 2 * DAY
+    await storage.finish(ids["signature:2"], "done", note="signer synced (subscribed)")
+    before = await _by_source(storage)
+    counts_before = await storage.counts()
+
+    clock.t = T0 + 31 * DAY  # signature 1 and the dropped 4 finished 31 days ago; 2, 29 days ago
+    assert await storage.prune(RETENTION) == {"outbox": 2, "webhook_events": 0}
+
+    after = await _by_source(storage)
+    for source in ("signature:1", "signature:4"):
+        row, was = after[source], before[source]
+        assert row["payload"] == {"kind": "signature", "source_key": source,
+                                              "pruned": True}
+        assert row["person_key"] == f"pruned:{row['id']}"
+        assert row["last_error"] is None
+        kept = ("id", "dedupe_key", "source_key", "petition_id", "kind", "status", "occurred_at",
+                "finished_at", "enqueued_at", "note", "attempts")
+        assert [row[k] for k in kept] == [was[k] for k in kept]
+    for source in ("signature:2", "signature:3", "signature:5"):  # recent, dead, pending
+        assert dict(after[source]) == dict(before[source])
+    assert await storage.counts() == counts_before
+    assert (await storage.dead_item(ids["signature:4"]))["activity"]["pruned"] is True
+
+    # A pruned version seen again is still a duplicate; a second prune finds nothing to do.
+    assert await storage.enqueue([old_done]) == 0
+    assert await storage.prune(RETENTION) == {"outbox": 0, "webhook_events": 0}
+    # The pending item is unaffected and leasable.
+    (item,) = await storage.lease(10, 60)
+    assert item.activity == pending
+
+
+@pytest.mark.anyio
+async def test_prune_works_in_batches(storage: Storage, clock: FakeClock) -> None:
+    await storage.enqueue([sig(i, f"p{i}@example.org") for i in range(1, 8)])
+    for row in await storage.items():
+        await storage.finish(row["id"], "done")
+    clock.t += 31 * DAY
+    assert await storage.prune(RETENTION, batch=3) == {"outbox": 7, "webhook_events": 0}
+    assert all(r["person_key"].startswith("pruned:") for r in await storage.items())
+
+
+@pytest.mark.anyio
+async def test_prune_of_processed_webhooks_keeps_a_redelivery_recognised(
+    storage: Storage, clock: FakeClock
+) -> None:
+    body = '{"type":"signature.created","data":{"email":"ann@example.org"}}'
+    assert await storage.receive_event("jid-old", "signature.created", body)
+    assert await storage.receive_event("jid-waiting", "signature.created", body)
+    assert await storage.receive_event("jid-failed", "signature.created", body)
+    events = {e.id: e for e in await storage.events_due()}
+    old, waiting, failed = sorted(events)
+    await storage.commit_poll(None, event_id=old)
+    await storage.event_failed(failed, "malformed: no petition", None)  # given up on: processed
+    clock.t += 2 * DAY
+    assert await storage.receive_event("jid-recent", "signature.created", body)
+    (recent,) = [e.id for e in await storage.events_due() if e.id not in events]
+    await storage.commit_poll(None, event_id=recent)
+
+    clock.t = T0 + 31 * DAY
+    assert await storage.prune(RETENTION) == {"outbox": 0, "webhook_events": 2}
+    # CS redelivers a pruned event: still recognised, not processed again.
+    assert await storage.receive_event("jid-old", "signature.created", body) is False
+    assert [e.id for e in await storage.events_due()] == [waiting]
+    assert await storage.prune(RETENTION) == {"outbox": 0, "webhook_events": 0}
+
+
+@pytest.mark.anyio
+async def test_requeue_since_skips_pruned_items_and_counts_them(
+    storage: Storage, clock: FakeClock
+) -> None:
+    await storage.enqueue([sig(1, "ann@example.org"), sig(2, "bob@example.org"),
+                         sig(3, "cy@example.org")])
+    ids = {r["source_key"]: r["id"] for r in await storage.items()}
+    await storage.finish(ids["signature:1"], "done")
+    await storage.finish(ids["signature:3"], "dead", error="bad")
+    clock.t += 2 * DAY
+    await storage.finish(ids["signature:2"], "done")
+    clock.t = T0 + 31 * DAY
+    await storage.prune(RETENTION)
+
+    result = await storage.requeue_since("2000-01-01T00:00:00+00:00")
+    assert (result.queued, result.skipped_deleted, result.skipped_pruned) == (2, 0, 1)
+    queued = [r for r in await storage.items() if r["status"] == "pending"]
+    assert sorted(r["source_key"] for r in queued) == ["signature:2", "signature:3"]
+    assert all(not r["person_key"].startswith("pruned:") for r in queued)
+
+
+# ---------------------------------------------------------------- lease tokens and the guard
+
+
+@pytest.mark.anyio
+async def test_a_lost_lease_records_nothing_and_its_guard_says_so(
+    storage: Storage, clock: FakeClock
+) -> None:
+    await storage.enqueue([sig(1, "ann@example.org")])
+    (item,) = await storage.lease(1, 60)
+    assert item.token
+    assert await storage.guard(item.id, item.token) is None
+    clock.t += 3600  # the clock jumped: the item is handed out again
+    (again,) = await storage.lease(1, 60)
+    assert again.id == item.id and again.token != item.token
+    assert await storage.guard(item.id, item.token) == "lost"
+    assert await storage.record_step(item.id, item.token, ["person"]) is False
+    assert await storage.finish(item.id, "done", token=item.token) is False
+    await storage.renew_leases([(item.id, item.token)], 3600)  # renews nothing of the new holder
+    assert await storage.guard(again.id, again.token) is None
+    assert await storage.finish(again.id, "done", token=again.token) is True
+    assert await storage.guard(again.id, again.token) == "lost"  # finished: nothing more to send
+    assert [r["status"] for r in await storage.items()] == ["done"]
+
+
+@pytest.mark.anyio
+async def test_acknowledged_steps_survive_a_retry(storage: Storage) -> None:
+    await storage.enqueue([sig(1, "ann@example.org")])
+    (item,) = await storage.lease(1, 60)
+    assert item.done_steps == frozenset()
+    person = Person(exists=True, uuid="p-1", subscribed=True)
+    assert await storage.record_step(item.id, item.token, ["person", "tags"],
+                                     person=("ann@example.org", person), opt_in="signature:1")
+    assert await storage.finish(item.id, "pending", error="503", token=item.token)
+    (again,) = await storage.lease(1, 60)
+    assert again.done_steps == {"person", "tags"}
+    assert again.attempts == 1
+    assert await storage.knowledge("ann@example.org", "signature:1") == (person, True)
+    assert await storage.knowledge("ann@example.org", "signature:2") == (person, False)
+    assert await storage.knowledge("bob@example.org", "signature:1") == (Person(), True)
+
+
+@pytest.mark.anyio
+async def test_guard_sees_a_deletion_committed_while_in_flight(storage: Storage) -> None:
+    await storage.enqueue([sig(1, "ann@example.org")])
+    (item,) = await storage.lease(1, 60)
+    await storage.commit_poll(None, [SignatureSeen(1, 1, "deleted", "2024-02-01T00:00:00Z")],
+                              deleted_sources=["signature:1"])
+    assert await storage.guard(item.id, item.token) == "deleted"
+    # A retry of a deleted record is cancelled, never queued again.
+    assert await storage.finish(item.id, "pending", error="503", token=item.token)
+    assert (await storage.counts())["cancelled"] == 1
+    assert await storage.lease(10, 60) == []
+
+
+@pytest.mark.anyio
+async def test_guard_sees_a_newer_org_wide_unsubscribe(storage: Storage) -> None:
+    await storage.enqueue([sig(1, "ann@example.org")])
+    (item,) = await storage.lease(1, 60)
+    known = parse_time("2024-02-01T00:00:00Z")
+    assert await storage.guard(item.id, item.token, known) is None
+    await storage.enqueue([global_unsubscribe_activity(7, "ann@example.org",
+                                                       parse_time("2024-03-01T00:00:00Z"))])
+    assert await storage.guard(item.id, item.token, known) == "unsubscribed"
+    newer = parse_time("2024-03-01T00:00:00Z")
+    assert await storage.guard(item.id, item.token, newer) is None
+    # The consent timeline learnt it when the unsubscribe was enqueued, not when it runs.
+    assert (await storage.person("ann@example.org")).unsubscribed_at == newer
+
+
+@pytest.mark.anyio
+async def test_the_consent_timeline_only_moves_forward(storage: Storage) -> None:
+    later, earlier = parse_time("2024-03-01T00:00:00Z"), parse_time("2024-01-01T00:00:00Z")
+    await storage.save_person("ann@example.org",
+                              Person(exists=True, unsubscribed_at=later, opted_in_at=later))
+    await storage.save_person("ann@example.org",
+                              Person(exists=True, unsubscribed_at=earlier, opted_in_at=earlier))
+    person = await storage.person("ann@example.org")
+    assert (person.unsubscribed_at, person.opted_in_at) == (later, later)
+
+
+# ---------------------------------------------------------------- dead letters: retry and drop
+
+
+@pytest.mark.anyio
+async def test_dead_retry_skips_deleted_and_malformed_records(storage: Storage) -> None:
+    await storage.enqueue([sig(1, "ann@example.org"), sig(2, "bob@example.org")])
+    for item in await storage.lease(10, 60):
+        await storage.finish(item.id, "dead", error="bad", token=item.token)
+    letter = DeadLetter("signature:3", "malformed ControlShift signature: no email", '{"id":3}', 1)
+    await storage.commit_poll(None, dead_letters=[letter])
+    await storage.commit_poll(None, dead_letters=[letter])  # seen again: one dead letter
+    await storage.commit_poll(None, [SignatureSeen(1, 1, "deleted", "2024-02-01T00:00:00Z")],
+                              deleted_sources=["signature:1"])
+    assert (await storage.counts())["dead"] == 3
+    dead = {d["source_key"]: d for d in await storage.dead_items()}
+    assert set(dead) == {"signature:1", "signature:2", "signature:3"}
+    assert (await storage.dead_item(dead["signature:3"]["id"]))["kind"] == "malformed"
+
+    result = await storage.requeue_dead()
+    assert (result.queued, result.skipped_deleted, result.skipped_malformed) == (1, 1, 1)
+    (item,) = await storage.lease(10, 60)
+    assert item.activity.source_key == "signature:2" and item.attempts == 0
+    assert (await storage.requeue_dead([dead["signature:1"]["id"]])).skipped_deleted == 1
+
+    assert await storage.drop_dead([dead["signature:3"]["id"]]) == 1
+    assert await storage.drop_dead() == 1
+    assert await storage.dead_items() == []
+    counts = await storage.counts()
+    assert (counts["dead"], counts["cancelled"], counts["in_flight"]) == (0, 2, 1)
+    assert await storage.dead_item(10_000) is None
+
+
+@pytest.mark.anyio
+async def test_requeue_since_replays_the_latest_version_and_skips_deleted(
+    storage: Storage, clock: FakeClock
+) -> None:
+    await storage.enqueue([sig(1, "ann@example.org"), sig(2, "bob@example.org")])
+    await storage.enqueue([sig(2, "bob@example.org", first_name="Bea")])
+    while items := await storage.lease(10, 60):
+        for item in items:
+            await storage.finish(item.id, "done", token=item.token)
+    await storage.commit_poll(None, [SignatureSeen(1, 1, "deleted", "2024-02-01T00:00:00Z")],
+                              deleted_sources=["signature:1"])
+    assert (await storage.requeue_since("2030-01-01T00:00:00+00:00")).queued == 0
+    result = await storage.requeue_since("2000-01-01T00:00:00+00:00")
+    assert (result.queued, result.skipped_deleted) == (1, 1)
+    (item,) = await storage.lease(10, 60)
+    assert item.activity == sig(2, "bob@example.org", first_name="Bea")
+
+
+# ---------------------------------------------------------------- webhook inbox and seen records
+
+
+@pytest.mark.anyio
+async def test_webhook_events_are_received_once_and_retried_until_processed(
+    storage: Storage, clock: FakeClock
+) -> None:
+    assert await storage.receive_event("jid-1", "signature.created", '{"a":1}')
+    assert await storage.receive_event("jid-1", "signature.created", '{"a":1}') is False
+    assert await storage.receive_event("jid-2", "petition.updated", '{"b":2}')
+    first, second = await storage.events_due()
+    assert (first.type, first.body, first.attempts) == ("signature.created", '{"a":1}', 0)
+    await storage.event_failed(first.id, "AN unavailable", clock() + 30)
+    await storage.event_failed(second.id, "malformed", None)  # given up on
+    assert await storage.events_due() == []
+    clock.t += 30
+    (again,) = await storage.events_due()
+    assert (again.id, again.attempts) == (first.id, 1)
+    await storage.commit_poll(None, [], [sig(1, "ann@example.org")], event_id=first.id)
+    assert await storage.events_due() == []
+    status = await storage.status()
+    assert (status["webhooks_received"], status["webhooks_waiting"], status["webhooks_failed"]) \
+        == (2, 0, 1)
+
+
+@pytest.mark.anyio
+async def test_mirrored_petition_uuid_and_creator_details(storage: Storage) -> None:
+    assert await storage.petition_uuid(7) is None
+    await storage.commit_poll(None, creator_extra=(7, "petition-7", '{"postcode":"2000"}'))
+    await storage.set_petition_uuid(7, "petition-7", "u-1")
+    state = await storage.petition_state(7)
+    assert state is not None and (state.an_uuid, state.creator_extra) == (
+        "u-1", '{"postcode":"2000"}')
+    await storage.clear_petition_uuid(7, "u-old")  # a newer uuid stays
+    assert await storage.petition_uuid(7) == "u-1"
+    await storage.clear_petition_uuid(7, "u-1")
+    assert await storage.petition_uuid(7) is None
+
+
+@pytest.mark.anyio
+async def test_pending_signature_emails_and_meta(storage: Storage) -> None:
+    await storage.enqueue([sig(1, "Ann@Example.org"), sig(2, "bob@example.org"),
+                           sig(3, "cy@example.org", pid=2)])
+    (first, *_) = await storage.lease(1, 60)
+    assert await storage.pending_signature_emails(1) == {
+        s: e for s, e in {"signature:1": "Ann@Example.org", "signature:2": "bob@example.org"}.items()
+        if s != first.activity.source_key}
+    assert await storage.get_meta("org_slug") is None
+    await storage.set_meta(org_slug=ORG, an_rate=2.5, an_paused=None)
+    assert (await storage.get_meta("org_slug"), await storage.get_meta("an_rate")) == (ORG, "2.5")
+    assert await storage.get_meta("an_paused") is None
