@@ -21,3 +21,14 @@ class FakeClock:
         assert seconds >= 0
         self.slept.append(seconds)
         self.now += seconds
+
+
+class ManualClock:
+    """Time moves only when a test sets ``t``: for the store, the workers and the poller, whose
+    schedules (retries, leases, sweeps) a test steps through deliberately."""
+
+    def __init__(self, t: float = 1_700_000_000.0) -> None:
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t

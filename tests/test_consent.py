@@ -32,7 +32,8 @@ from csand.ratelimit import TokenBucket
 from csand.sim.actionnetwork import ActionNetworkSim
 from csand.storage import Storage, open_store
 from csand.sync.worker import Dispatcher
-from tests.test_worker import AN_BASE, AN_KEY, ORG, FakeClock, drain, petition
+from tests.fakes import ManualClock
+from tests.test_worker import AN_BASE, AN_KEY, ORG, drain, petition
 
 Hook = Callable[[httpx.Request], Awaitable[httpx.Response | None]]
 
@@ -65,7 +66,7 @@ class World:
     an: ActionNetworkClient
     http: httpx.AsyncClient
     transport: HookedTransport
-    clock: FakeClock
+    clock: ManualClock
     db_path: Path
     dispatchers: list[Dispatcher] = field(default_factory=list)
 
@@ -122,7 +123,7 @@ class World:
 @asynccontextmanager
 async def make_world(tmp_path: Path) -> AsyncIterator[World]:
     sim = ActionNetworkSim(api_key=AN_KEY, requests_per_second=None)
-    clock = FakeClock()
+    clock = ManualClock()
     db_path = tmp_path / "csand.db"
     store = await open_store(db_path, clock=clock)
     transport = HookedTransport(httpx.ASGITransport(app=sim.app))

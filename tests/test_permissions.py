@@ -15,7 +15,8 @@ from csand import logs
 from csand.daemon import single_instance
 from csand.dryrun import copy_database
 from csand.storage import open_store
-from tests.storage import FakeClock, sig
+from tests.fakes import ManualClock
+from tests.storage import sig
 
 
 def mode(path: Path) -> int:
@@ -36,7 +37,7 @@ def umask_022() -> Iterator[None]:
 async def test_a_new_database_its_wal_and_shm_are_owner_only(tmp_path: Path, umask_022: None
                                                              ) -> None:
     db = tmp_path / "state" / "csand.db"
-    store = await open_store(db, clock=FakeClock())
+    store = await open_store(db, clock=ManualClock())
     try:
         await store.enqueue([sig(1, "ann@example.org")])
         modes = {p.name: mode(p) for p in db.parent.iterdir()}
@@ -53,7 +54,7 @@ async def test_an_existing_readable_database_is_left_as_is_with_a_warning(
     sqlite3.connect(db).close()  # created by someone else, 0644
     os.chmod(db, 0o644)
     with capture_logs() as events:
-        store = await open_store(db, clock=FakeClock())
+        store = await open_store(db, clock=ManualClock())
         await store.close()
     assert mode(db) == 0o644  # the operator's choice: not csand's to change
     warned = [e for e in events if e["event"] == "store.readable_by_others"]
@@ -64,9 +65,9 @@ async def test_an_existing_readable_database_is_left_as_is_with_a_warning(
 @pytest.mark.anyio
 async def test_a_private_existing_database_opens_without_a_warning(tmp_path: Path) -> None:
     db = tmp_path / "csand.db"
-    await (await open_store(db, clock=FakeClock())).close()  # created by csand
+    await (await open_store(db, clock=ManualClock())).close()  # created by csand
     with capture_logs() as events:
-        store = await open_store(db, clock=FakeClock())
+        store = await open_store(db, clock=ManualClock())
         await store.close()
     assert not [e for e in events if e["event"] == "store.readable_by_others"]
 

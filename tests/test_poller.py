@@ -25,18 +25,12 @@ from csand.model import dead_letter
 from csand.ratelimit import TokenBucket
 from csand.sim.controlshift import ControlShiftSim
 from csand.storage import Storage, open_store
+from tests.fakes import ManualClock
 
 SIGNATURES_ROUTE = "GET /api/v1/petitions/{slug}/signatures"
 PETITIONS_ROUTE = "GET /api/v1/petitions"
 T0 = datetime(2024, 10, 1, 12, 0, tzinfo=UTC)
 
-
-class FakeClock:
-    def __init__(self, t: float = 1_727_784_000.0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 @dataclass
@@ -44,7 +38,7 @@ class Env:
     sim: ControlShiftSim
     store: Storage
     poller: Poller
-    clock: FakeClock
+    clock: ManualClock
     db_path: Path
 
     def outbox(self, where: str = "1") -> list[dict[str, Any]]:
@@ -69,7 +63,7 @@ async def make_env(tmp_path: Path, **sim_kw: Any) -> AsyncIterator[Env]:
     sim_kw.setdefault("page_size", 5)
     stamps = iter(T0 + timedelta(seconds=i) for i in range(100_000))
     sim = ControlShiftSim(requests_per_minute=None, now=lambda: next(stamps), **sim_kw)
-    clock = FakeClock()
+    clock = ManualClock(1_727_784_000.0)
     db_path = tmp_path / "csand.db"
     store = await open_store(db_path, clock=clock)
     try:

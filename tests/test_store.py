@@ -10,16 +10,16 @@ from typing import Any
 import aiosqlite
 import pytest
 
-from csand.model import SignatureSeen
-from csand.storage import PetitionState, open_store
+from csand.storage import open_store
 from csand.storage import sqlite as store_module
 from csand.storage.sqlite import MIGRATIONS, SQLiteStore
-from tests.storage import ORG, FakeClock, sig
+from tests.fakes import ManualClock
+from tests.storage import ORG, petition_state, seen_row, sig
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture
@@ -28,7 +28,7 @@ def db_path(tmp_path: Path) -> Path:
 
 
 @pytest.fixture
-async def store(db_path: Path, clock: FakeClock):
+async def store(db_path: Path, clock: ManualClock):
     s = await SQLiteStore.open(db_path, clock=clock)
     try:
         yield s
@@ -54,7 +54,7 @@ def outbox(db_path: Path) -> list[sqlite3.Row]:
 
 
 @pytest.mark.anyio
-async def test_fresh_database_reaches_latest_version_in_wal_mode(db_path: Path, clock: FakeClock) -> None:
+async def test_fresh_database_reaches_latest_version_in_wal_mode(db_path: Path, clock: ManualClock) -> None:
     s = await open_store(db_path, clock=clock)
     try:
         assert await s.schema_version() == len(MIGRATIONS)
@@ -67,7 +67,7 @@ async def test_fresh_database_reaches_latest_version_in_wal_mode(db_path: Path, 
 
 
 @pytest.mark.anyio
-async def test_reopening_is_a_no_op_and_keeps_data(db_path: Path, clock: FakeClock) -> None:
+async def test_reopening_is_a_no_op_and_keeps_data(db_path: Path, clock: ManualClock) -> None:
     s = await open_store(db_path, clock=clock)
     await s.enqueue([sig(1, "ann@example.org")])
     await s.set_meta(org_slug=ORG)
@@ -88,7 +88,7 @@ async def test_reopening_is_a_no_op_and_keeps_data(db_path: Path, clock: FakeClo
 
 @pytest.mark.anyio
 async def test_older_database_is_upgraded_in_place(
-    db_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    db_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:1])
     s = await open_store(db_path, clock=clock)
@@ -108,7 +108,7 @@ async def test_older_database_is_upgraded_in_place(
 
 @pytest.mark.anyio
 async def test_failed_migration_leaves_the_database_as_it_was(
-    db_path: Path, clock: FakeClock, monkeypatch: pytest.MonkeyPatch
+    db_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     s = await open_store(db_path, clock=clock)
     await s.close()
@@ -121,17 +121,6 @@ async def test_failed_migration_leaves_the_database_as_it_was(
 
 
 # ---------------------------------------------------------------- transactions
-
-
-def _state(pid: int = 1) -> PetitionState:
-    return PetitionState(
-        cs_id=pid, slug=f"petition-{pid}", updated_at="2024-01-01T00:00:00Z", public_count=2,
-        content="abc", total_pages=1, an_uuid=None,
-    )
-
-
-def _seen(sid: int, pid: int = 1) -> SignatureSeen:
-    return SignatureSeen(sid, pid, f"fp{sid}", None)
 
 
 async def _nothing_visible(store: SQLiteStore, db_path: Path) -> None:
@@ -152,11 +141,11 @@ async def test_commit_poll_is_atomic_when_the_transaction_fails_midway(
         "INSERT INTO outbox (no_such_column) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
     )
     with pytest.raises(sqlite3.OperationalError):
-        await store.commit_poll(_state(), [_seen(1), _seen(2)], [sig(1, "a@example.org")])
+        await store.commit_poll(petition_state(), [seen_row(1), seen_row(2)], [sig(1, "a@example.org")])
     await _nothing_visible(store, db_path)
 
     monkeypatch.undo()  # the writer connection is usable again: no half-open transaction
-    assert await store.commit_poll(_state(), [_seen(1)], [sig(1, "a@example.org")]) == 1
+    assert await store.commit_poll(petition_state(), [seen_row(1)], [sig(1, "a@example.org")]) == 1
     assert len(outbox(db_path)) == 1
 
 
@@ -195,7 +184,7 @@ RETENTION = 30 * DAY
 
 @pytest.mark.anyio
 async def test_pruned_personal_data_is_gone_from_the_database_file(
-    db_path: Path, clock: FakeClock
+    db_path: Path, clock: ManualClock
 ) -> None:
     """secure_delete: the old payloads are overwritten, not merely unlinked from the b-tree."""
     store = await open_store(db_path, clock=clock)
@@ -214,7 +203,7 @@ async def test_pruned_personal_data_is_gone_from_the_database_file(
 
 @pytest.mark.anyio
 async def test_prune_empties_old_processed_webhook_bodies_in_the_table(
-    store: SQLiteStore, clock: FakeClock, db_path: Path
+    store: SQLiteStore, clock: ManualClock, db_path: Path
 ) -> None:
     body = '{"type":"signature.created","data":{"email":"ann@example.org"}}'
     assert await store.receive_event("jid-old", "signature.created", body)

@@ -28,19 +28,13 @@ from csand.ratelimit import TokenBucket
 from csand.sim.actionnetwork import ActionNetworkSim
 from csand.storage import Storage, open_store
 from csand.sync.worker import Dispatcher
+from tests.fakes import ManualClock
 
 ORG = "test-org"
 AN_BASE = "http://an.test/api/v2"
 AN_KEY = "an-test-key"
 T0 = 1_727_784_000.0
 
-
-class FakeClock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def petition(pid: int = 1, categories: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -72,7 +66,7 @@ class Env:
     store: Storage
     an: ActionNetworkClient
     http: httpx.AsyncClient
-    clock: FakeClock
+    clock: ManualClock
     db_path: Path
 
     def dispatcher(self, **kw: Any) -> Dispatcher:
@@ -113,7 +107,7 @@ class Env:
 @asynccontextmanager
 async def make_env(tmp_path: Path, api_key: str = AN_KEY) -> AsyncIterator[Env]:
     sim = ActionNetworkSim(api_key=AN_KEY, requests_per_second=None)
-    clock = FakeClock()
+    clock = ManualClock(T0)
     db_path = tmp_path / "csand.db"
     store = await open_store(db_path, clock=clock)
     try:

@@ -94,6 +94,7 @@ from csand.ratelimit import TokenBucket
 from csand.sim.actionnetwork import ActionNetworkSim
 from csand.storage import Item, Storage, open_store
 from csand.sync.worker import Dispatcher
+from tests.fakes import ManualClock
 
 ORG = "model-org"
 AN_BASE = "http://an.test/api/v2"
@@ -222,13 +223,6 @@ def _iso(t: datetime) -> str:
     return t.isoformat().replace("+00:00", "Z")
 
 
-class FakeClock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
 
 class LoggingTransport(httpx.AsyncBaseTransport):
     """Serves the AN simulator in process; logs and attributes every request; injects faults."""
@@ -300,7 +294,7 @@ class World:
 
     def __init__(self, directory: Path) -> None:
         self.path = directory / "csand.db"
-        self.clock = FakeClock()
+        self.clock = ManualClock(T0)
         self.seq = 0  # one counter for requests, deliveries, leases and AN-side actions
         self.mono = 0.0  # the limiter's fake monotonic clock
         self.sim = ActionNetworkSim(api_key=AN_KEY, requests_per_second=None,

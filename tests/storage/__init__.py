@@ -4,18 +4,12 @@ from __future__ import annotations
 
 from typing import Any
 
-from csand.model import Activity, signature_activity
+from csand.model import Activity, SignatureSeen, signature_activity
+from csand.storage import PetitionState
 
 ORG = "test-org"
 T0 = 1_700_000_000.0
 
-
-class FakeClock:
-    def __init__(self, t: float = T0) -> None:
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def petition(pid: int = 1, creator_email: str = "creator@example.org", **extra: Any) -> dict[str, Any]:
@@ -51,3 +45,15 @@ def signature(sid: int, email: str, created: str = "2024-01-02T00:00:00Z", **ext
 
 def sig(sid: int, email: str, created: str = "2024-01-02T00:00:00Z", pid: int = 1, **extra: Any) -> Activity:
     return signature_activity(signature(sid, email, created, **extra), petition(pid), ORG)
+
+
+def petition_state(pid: int = 1) -> PetitionState:
+    """What a poll recorded of petition ``pid`` after walking it."""
+    return PetitionState(
+        cs_id=pid, slug=f"petition-{pid}", updated_at="2024-01-01T00:00:00Z", public_count=2,
+        content="abc", total_pages=1, an_uuid=None,
+    )
+
+
+def seen_row(sid: int, pid: int = 1) -> SignatureSeen:
+    return SignatureSeen(sid, pid, f"fp{sid}", None)

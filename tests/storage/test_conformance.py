@@ -30,18 +30,18 @@ from csand.storage import (
     ANKnowledge,
     Meta,
     Outbox,
-    PetitionState,
     SeenRecords,
     Storage,
     WebhookInbox,
     open_store,
 )
-from tests.storage import ORG, T0, FakeClock, petition, sig
+from tests.fakes import ManualClock
+from tests.storage import ORG, T0, petition, petition_state, seen_row, sig
 
-Factory = Callable[[Path, FakeClock], Awaitable[Storage]]
+Factory = Callable[[Path, ManualClock], Awaitable[Storage]]
 
 
-async def _sqlite(tmp_path: Path, clock: FakeClock) -> Storage:
+async def _sqlite(tmp_path: Path, clock: ManualClock) -> Storage:
     return await open_store(tmp_path / "state" / "csand.db", clock=clock)
 
 
@@ -50,12 +50,12 @@ BACKENDS: dict[str, Factory] = {"sqlite": _sqlite}
 
 
 @pytest.fixture
-def clock() -> FakeClock:
-    return FakeClock()
+def clock() -> ManualClock:
+    return ManualClock()
 
 
 @pytest.fixture(params=sorted(BACKENDS))
-async def storage(request: pytest.FixtureRequest, tmp_path: Path, clock: FakeClock
+async def storage(request: pytest.FixtureRequest, tmp_path: Path, clock: ManualClock
                   ) -> AsyncIterator[Storage]:
     s = await BACKENDS[request.param](tmp_path, clock)
     try:
@@ -172,7 +172,7 @@ async def test_never_two_in_flight_for_one_person_across_lease_calls(storage: St
 
 
 @pytest.mark.anyio
-async def test_item_scheduled_in_the_future_is_not_leased(storage: Storage, clock: FakeClock) -> None:
+async def test_item_scheduled_in_the_future_is_not_leased(storage: Storage, clock: ManualClock) -> None:
     await storage.enqueue([sig(1, "ann@example.org")])
     (item,) = await storage.lease(1, 60)
     await storage.finish(item.id, "pending", error="boom", next_attempt_at=clock() + 30)
@@ -186,7 +186,7 @@ async def test_item_scheduled_in_the_future_is_not_leased(storage: Storage, cloc
 
 
 @pytest.mark.anyio
-async def test_expired_lease_is_reclaimed(storage: Storage, clock: FakeClock) -> None:
+async def test_expired_lease_is_reclaimed(storage: Storage, clock: ManualClock) -> None:
     await storage.enqueue([sig(1, "ann@example.org")])
     (item,) = await storage.lease(1, lease_seconds=30)
     assert (await storage.items())[0]["lease_until"] == pytest.approx(T0 + 30)
@@ -200,7 +200,7 @@ async def test_expired_lease_is_reclaimed(storage: Storage, clock: FakeClock) ->
 
 
 @pytest.mark.anyio
-async def test_renewed_lease_is_not_reclaimed(storage: Storage, clock: FakeClock) -> None:
+async def test_renewed_lease_is_not_reclaimed(storage: Storage, clock: ManualClock) -> None:
     await storage.enqueue([sig(1, "ann@example.org")])
     (item,) = await storage.lease(1, lease_seconds=30)
     clock.t += 20
@@ -274,7 +274,7 @@ async def test_signature_of_other_petition_does_not_wait(storage: Storage) -> No
 
 
 @pytest.mark.anyio
-async def test_finish_done_dead_and_pending(storage: Storage, clock: FakeClock) -> None:
+async def test_finish_done_dead_and_pending(storage: Storage, clock: ManualClock) -> None:
     await storage.enqueue([sig(1, "a@example.org"), sig(2, "b@example.org"),
                          sig(3, "c@example.org"), sig(4, "d@example.org")])
     items = {i.activity.source_key: i for i in await storage.lease(10, 60)}
@@ -324,17 +324,6 @@ async def test_finish_records_what_was_learned_about_the_person(storage: Storage
 # ---------------------------------------------------------------- what was seen, committed with its items
 
 
-def _state(pid: int = 1) -> PetitionState:
-    return PetitionState(
-        cs_id=pid, slug=f"petition-{pid}", updated_at="2024-01-01T00:00:00Z", public_count=2,
-        content="abc", total_pages=1, an_uuid=None,
-    )
-
-
-def _seen(sid: int, pid: int = 1) -> SignatureSeen:
-    return SignatureSeen(sid, pid, f"fp{sid}", None)
-
-
 async def _nothing_visible(storage: Storage) -> None:
     assert await storage.items() == []
     assert await storage.signatures_seen(1) == {}
@@ -344,7 +333,7 @@ async def _nothing_visible(storage: Storage) -> None:
 @pytest.mark.anyio
 async def test_commit_poll_records_and_enqueues_together(storage: Storage) -> None:
     added = await storage.commit_poll(
-        _state(), [_seen(1), _seen(2)], [sig(1, "a@example.org"), sig(2, "b@example.org")]
+        petition_state(), [seen_row(1), seen_row(2)], [sig(1, "a@example.org"), sig(2, "b@example.org")]
     )
     assert added == 2
     assert set(await storage.signatures_seen(1)) == {1, 2}
@@ -362,7 +351,7 @@ async def test_commit_poll_is_atomic_when_an_activity_cannot_be_serialised(
     broken_ref = dataclasses.replace(good.petition, title=object())  # type: ignore[arg-type]
     broken = dataclasses.replace(sig(2, "b@example.org"), petition=broken_ref)
     with pytest.raises(TypeError):
-        await storage.commit_poll(_state(), [_seen(1), _seen(2)], [good, broken, sig(3, "c@example.org")])
+        await storage.commit_poll(petition_state(), [seen_row(1), seen_row(2)], [good, broken, sig(3, "c@example.org")])
     await _nothing_visible(storage)
 
 
@@ -431,7 +420,7 @@ async def test_tags_round_trip_case_insensitively(storage: Storage) -> None:
 
 
 @pytest.mark.anyio
-async def test_status_figures(storage: Storage, clock: FakeClock) -> None:
+async def test_status_figures(storage: Storage, clock: ManualClock) -> None:
     status = await storage.status()
     for key in ("pending", "in_flight", "done", "dead", "cancelled"):
         assert type(status[key]) is int and status[key] == 0
@@ -481,7 +470,7 @@ async def _by_source(storage: Storage) -> dict[str, dict[str, Any]]:
 
 @pytest.mark.anyio
 async def test_prune_reduces_old_finished_items_to_what_dedupe_and_reports_need(
-    storage: Storage, clock: FakeClock
+    storage: Storage, clock: ManualClock
 ) -> None:
     old_done, recent_done = sig(1, "ann@example.org"), sig(2, "bob@example.org")
     old_dead, dropped, pending = (sig(3, "cy@example.org"), sig(4, "dee@example.org"),
@@ -525,7 +514,7 @@ async def test_prune_reduces_old_finished_items_to_what_dedupe_and_reports_need(
 
 
 @pytest.mark.anyio
-async def test_prune_works_in_batches(storage: Storage, clock: FakeClock) -> None:
+async def test_prune_works_in_batches(storage: Storage, clock: ManualClock) -> None:
     await storage.enqueue([sig(i, f"p{i}@example.org") for i in range(1, 8)])
     for row in await storage.items():
         await storage.finish(row["id"], "done")
@@ -536,7 +525,7 @@ async def test_prune_works_in_batches(storage: Storage, clock: FakeClock) -> Non
 
 @pytest.mark.anyio
 async def test_prune_of_processed_webhooks_keeps_a_redelivery_recognised(
-    storage: Storage, clock: FakeClock
+    storage: Storage, clock: ManualClock
 ) -> None:
     body = '{"type":"signature.created","data":{"email":"ann@example.org"}}'
     assert await storage.receive_event("jid-old", "signature.created", body)
@@ -561,7 +550,7 @@ async def test_prune_of_processed_webhooks_keeps_a_redelivery_recognised(
 
 @pytest.mark.anyio
 async def test_requeue_since_skips_pruned_items_and_counts_them(
-    storage: Storage, clock: FakeClock
+    storage: Storage, clock: ManualClock
 ) -> None:
     await storage.enqueue([sig(1, "ann@example.org"), sig(2, "bob@example.org"),
                          sig(3, "cy@example.org")])
@@ -585,7 +574,7 @@ async def test_requeue_since_skips_pruned_items_and_counts_them(
 
 @pytest.mark.anyio
 async def test_a_lost_lease_records_nothing_and_its_guard_says_so(
-    storage: Storage, clock: FakeClock
+    storage: Storage, clock: ManualClock
 ) -> None:
     await storage.enqueue([sig(1, "ann@example.org")])
     (item,) = await storage.lease(1, 60)
@@ -694,7 +683,7 @@ async def test_dead_retry_skips_deleted_and_malformed_records(storage: Storage) 
 
 @pytest.mark.anyio
 async def test_requeue_since_replays_the_latest_version_and_skips_deleted(
-    storage: Storage, clock: FakeClock
+    storage: Storage, clock: ManualClock
 ) -> None:
     await storage.enqueue([sig(1, "ann@example.org"), sig(2, "bob@example.org")])
     await storage.enqueue([sig(2, "bob@example.org", first_name="Bea")])
@@ -715,7 +704,7 @@ async def test_requeue_since_replays_the_latest_version_and_skips_deleted(
 
 @pytest.mark.anyio
 async def test_webhook_events_are_received_once_and_retried_until_processed(
-    storage: Storage, clock: FakeClock
+    storage: Storage, clock: ManualClock
 ) -> None:
     assert await storage.receive_event("jid-1", "signature.created", '{"a":1}')
     assert await storage.receive_event("jid-1", "signature.created", '{"a":1}') is False
