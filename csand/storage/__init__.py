@@ -9,10 +9,14 @@ csand keeps four kinds of state, each behind its own interface:
   and which AN petition mirrors each CS petition.
 * :class:`ANKnowledge` — what Action Network's own answers told csand about people and tags.
 
-plus :class:`Meta` (key/value state, the status figures, the schema, closing). :class:`Storage`
-is all of them; a backend proves it keeps their rules by passing ``tests/storage``, one
-conformance suite for every backend. SQLite (:mod:`csand.storage.sqlite`) is the only backend
-for now.
+plus :class:`Meta` (key/value state, the status figures, the schema, closing) and
+:class:`Cluster` (which instance leads, their heartbeats, the Action Network request slots they
+share). :class:`Storage` is all of them; a backend proves it keeps their rules by passing
+``tests/storage``, one conformance suite for every backend.
+
+Two backends: SQLite (:mod:`csand.storage.sqlite`), one process on one machine, the zero-setup
+default; PostgreSQL (:mod:`csand.storage.postgres`), any number of instances on several machines
+sharing the work.
 
 Times are Unix seconds (float, from the store's injectable clock) for scheduling, ISO 8601 for
 display and for ControlShift's own times.
@@ -30,6 +34,22 @@ from typing import Any, Protocol, runtime_checkable
 from csand.model import Activity, DeadLetter, Person, SignatureSeen
 
 STATUSES = ("pending", "in_flight", "done", "dead", "cancelled")
+# A webhook event handed out by ``events_due`` is not handed out again for this long unless its
+# processing records a failure: two instances never process one event at once, and one whose
+# process died is taken up again after it.
+EVENT_CLAIM_SECONDS = 60.0
+
+
+class StoreError(Exception):
+    """A problem with the store the operator must fix, phrased for them."""
+
+
+class SchemaTooNew(StoreError):
+    """The database was migrated by a newer csand than this one: refuse rather than guess."""
+
+
+class NotLeader(StoreError):
+    """A fenced write by an instance that no longer leads: another instance polls now."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -94,9 +114,14 @@ class Outbox(Protocol):
         event_id: int | None = None,
         creator_extra: tuple[int, str, str] | None = None,
         dead_letters: Iterable[DeadLetter] = (),
+        fence: tuple[str, int] | None = None,
     ) -> int:
         """Record what was seen and enqueue what it produced, atomically; the number of new
-        items (re-seen versions are not added again)."""
+        items (re-seen versions are not added again).
+
+        ``fence`` is ``(instance, term)`` of a poller: the commit happens only while that
+        instance still leads in that term (else :class:`NotLeader`, nothing written), so a
+        deposed leader that wakes up late cannot write what it polled."""
         ...
 
     async def enqueue(self, activities: Iterable[Activity]) -> int: ...
@@ -165,7 +190,10 @@ class WebhookInbox(Protocol):
 
     async def receive_event(self, dedupe: str, type_: str, body: str) -> bool: ...
 
-    async def events_due(self, limit: int = 50) -> list[WebhookEvent]: ...
+    async def events_due(self, limit: int = 50) -> list[WebhookEvent]:
+        """Claim up to ``limit`` events ready to process, oldest first: none is handed out
+        again for :data:`EVENT_CLAIM_SECONDS` unless ``event_failed`` reschedules it."""
+        ...
 
     async def event_failed(self, event_id: int, error: str, retry_at: float | None) -> None: ...
 
@@ -217,30 +245,95 @@ class Meta(Protocol):
     async def close(self) -> None: ...
 
 
+class Cluster(Protocol):
+    """Several csand instances on one store: exactly one leads (polls ControlShift and runs the
+    sweeps), every one drains the outbox, and all share one Action Network request budget.
+
+    ``shared`` says whether other processes may use the store at the same time (PostgreSQL); a
+    SQLite store belongs to one process, which then always leads. Times of leadership and slots
+    are the store's: the database server's clock for PostgreSQL, so instances on machines whose
+    clocks disagree still agree on who leads and when a slot comes.
+    """
+
+    shared: bool
+    instance: str  # this process's name in the cluster (its leases and heartbeats carry it)
+
+    async def lead(self, ttl: float) -> int | None:
+        """Take or renew leadership for ``ttl`` seconds: the term while this instance leads
+        (a new term each time leadership changes hands), None while another one does."""
+        ...
+
+    async def resign(self) -> None:
+        """Give leadership up at once (a clean shutdown), so another instance takes over."""
+        ...
+
+    async def heartbeat(self, info: dict[str, Any]) -> None:
+        """Record that this instance is alive, with what ``csand status`` shows about it."""
+        ...
+
+    async def forget_instance(self) -> None:
+        """This instance stopped cleanly: drop its heartbeat row."""
+        ...
+
+    async def cluster(self) -> dict[str, Any]:
+        """``leader``, ``term``, ``leader_for_s`` (seconds its lease still runs) and
+        ``instances``: each with ``instance``, ``heartbeat_age_s`` and its info."""
+        ...
+
+    async def reserve(self, bucket: str, interval: float, pause: float = 0.0) -> float:
+        """Reserve the next request slot of ``bucket``: slots are ``interval`` seconds apart
+        across every instance, and none starts before a pause (``pause`` seconds from now,
+        after a 429) has passed. Returns how many seconds to wait for the slot."""
+        ...
+
+
 @runtime_checkable
-class Storage(Outbox, WebhookInbox, SeenRecords, ANKnowledge, Meta, Protocol):
+class Storage(Outbox, WebhookInbox, SeenRecords, ANKnowledge, Meta, Cluster, Protocol):
     """Everything csand stores: what a backend implements."""
 
 
-class _HasPath(Protocol):
-    @property
-    def path(self) -> PathLike[str]: ...
+def is_url(target: object) -> bool:
+    return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
 
 async def open_store(
-    target: str | PathLike[str] | _HasPath, clock: Callable[[], float] = time.time
+    target: str | PathLike[str] | Any, clock: Callable[[], float] | None = None, *,
+    instance: str | None = None, pool_size: int | None = None,
 ) -> Storage:
-    """Open the store: a database path, or the ``[store]`` settings (their ``path``).
+    """Open the store: a SQLite path, a ``postgresql://`` URL, or the ``[store]`` settings.
 
-    Creates and migrates the database as needed. SQLite is the only backend for now.
+    Creates and migrates the database as needed (:class:`SchemaTooNew` when a newer csand
+    migrated it). ``clock`` drives every time the store keeps; without one, scheduling uses
+    this machine's clock and PostgreSQL's cluster coordination the database server's.
+    ``instance`` names this process in a cluster (default: the host name).
     """
+    url = getattr(target, "url", None)
+    if url is not None and hasattr(url, "get_secret_value"):
+        url = url.get_secret_value()
+    if url is None and is_url(target):
+        url = target
+    if pool_size is None:
+        pool_size = getattr(target, "pool_size", None)
+    instance = instance or _default_instance()
+    if url:
+        from csand.storage.postgres import PostgresStore
+
+        return await PostgresStore.open(url, clock=clock, instance=instance,
+                                        pool_size=pool_size or 10)
     from csand.storage.sqlite import SQLiteStore
 
-    path = target.path if hasattr(target, "path") else target
-    return await SQLiteStore.open(path, clock=clock)
+    path = getattr(target, "path", None) or target
+    return await SQLiteStore.open(path, clock=clock or time.time, instance=instance)
+
+
+def _default_instance() -> str:
+    import socket
+
+    return socket.gethostname() or "csand"
 
 
 __all__ = [
-    "STATUSES", "ANKnowledge", "Item", "Meta", "Outbox", "PetitionState", "Requeued",
-    "SeenRecords", "Storage", "WebhookEvent", "WebhookInbox", "open_store",
+    "EVENT_CLAIM_SECONDS", "STATUSES", "ANKnowledge", "Cluster", "Item", "Meta", "NotLeader",
+    "Outbox", "PetitionState", "Requeued", "SchemaTooNew", "SeenRecords", "Storage",
+    "StoreError", "WebhookEvent", "WebhookInbox", "is_url", "open_store",
 ]

@@ -33,7 +33,16 @@ import anyio
 
 from csand.logs import get_logger
 from csand.model import Activity, ActivityKind, DeadLetter, Person, SignatureSeen, parse_time
-from csand.storage import STATUSES, Item, PetitionState, Requeued, WebhookEvent
+from csand.storage import (
+    EVENT_CLAIM_SECONDS,
+    STATUSES,
+    Item,
+    NotLeader,
+    PetitionState,
+    Requeued,
+    SchemaTooNew,
+    WebhookEvent,
+)
 
 # Each entry migrates from version i to i+1. Append only; never edit a released one.
 MIGRATIONS: list[str] = [
@@ -174,6 +183,28 @@ MIGRATIONS: list[str] = [
         WHERE o.person_key = an_people.email AND o.status = 'done'
           AND json_extract(o.payload, '$.opted_in') = 1);
     """,
+    # v6: the cluster interface (the PostgreSQL backend shares it among instances; here one
+    # process always leads): who leads in which term, each instance's heartbeat, request slots,
+    # and which instance holds each lease.
+    """
+    CREATE TABLE cluster_leader (
+        role   TEXT PRIMARY KEY,                -- 'poller'
+        holder TEXT NOT NULL,
+        term   INTEGER NOT NULL,
+        until  REAL NOT NULL
+    );
+    CREATE TABLE cluster_instances (
+        instance     TEXT PRIMARY KEY,
+        heartbeat_at REAL NOT NULL,
+        info         TEXT NOT NULL              -- JSON: what csand status shows
+    );
+    CREATE TABLE rate_buckets (
+        name         TEXT PRIMARY KEY,
+        next_at      REAL NOT NULL,             -- earliest start of the next slot
+        paused_until REAL NOT NULL DEFAULT 0
+    );
+    ALTER TABLE outbox ADD COLUMN lease_owner TEXT;
+    """,
 ]
 
 log = get_logger("store")
@@ -188,8 +219,12 @@ class SQLiteStore:
     """The single writer. Open with ``await SQLiteStore.open(path)`` (or
     :func:`csand.storage.open_store`); close with ``await store.close()``."""
 
-    def __init__(self, conn: aiosqlite.Connection, clock: Callable[[], float]) -> None:
+    shared = False  # one process per database file (the daemon's lock file sees to it)
+
+    def __init__(self, conn: aiosqlite.Connection, clock: Callable[[], float],
+                 instance: str = "csand") -> None:
         self._db = conn
+        self.instance = instance
         self._clock = clock
         self._lock = anyio.Lock()  # one transaction at a time on the writer connection
         self._reader: aiosqlite.Connection | None = None
@@ -207,8 +242,8 @@ class SQLiteStore:
     # ---- lifecycle ----
 
     @classmethod
-    async def open(cls, path: str | Path, clock: Callable[[], float] = time.time
-                   ) -> SQLiteStore:
+    async def open(cls, path: str | Path, clock: Callable[[], float] = time.time,
+                   instance: str = "csand") -> SQLiteStore:
         path = Path(path)
         if str(path) != ":memory:":
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -220,7 +255,7 @@ class SQLiteStore:
         await conn.execute("PRAGMA secure_delete=ON")  # pruned data is overwritten, not unlinked
         await conn.execute("PRAGMA foreign_keys=ON")
         await conn.execute("PRAGMA busy_timeout=30000")
-        store = cls(conn, clock)
+        store = cls(conn, clock, instance)
         try:
             await store._migrate()
             if str(path) != ":memory:":
@@ -246,6 +281,11 @@ class SQLiteStore:
             await self._db.execute("BEGIN IMMEDIATE")
             try:
                 version = (await (await self._db.execute("PRAGMA user_version")).fetchone())[0]
+                if version > len(MIGRATIONS):
+                    raise SchemaTooNew(
+                        f"the database is at schema version {version}, newer than this csand "
+                        f"knows ({len(MIGRATIONS)}): a newer csand migrated it; run that version "
+                        "or restore a backup taken before the upgrade")
                 for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
                     for statement in _statements(script):
                         await self._db.execute(statement)
@@ -325,6 +365,7 @@ class SQLiteStore:
         event_id: int | None = None,
         creator_extra: tuple[int, str, str] | None = None,
         dead_letters: Iterable[DeadLetter] = (),
+        fence: tuple[str, int] | None = None,
     ) -> int:
         """Record what was seen and enqueue what it produced, atomically.
 
@@ -343,6 +384,8 @@ class SQLiteStore:
         dead = [_dead_letter_row(d, now) for d in dead_letters]
 
         async def tx(db: aiosqlite.Connection) -> int:
+            if fence is not None:
+                await _check_fence(db, fence, now)
             # What was read before this transaction may be stale: a webhook processed meanwhile
             # may have recorded a deletion or a newer version. Those win; the stale copy and the
             # activity built from it are dropped here, under the write lock.
@@ -462,12 +505,19 @@ class SQLiteStore:
         return await self._write(tx)
 
     async def events_due(self, limit: int = 50) -> list[WebhookEvent]:
-        rows = await self._read(
-            "SELECT id, type, body, attempts FROM webhook_events "
-            "WHERE processed_at IS NULL AND next_attempt_at <= ? ORDER BY id LIMIT ?",
-            (self._clock(), limit),
-        )
-        return [WebhookEvent(**dict(r)) for r in rows]
+        now = self._clock()
+        due = ("SELECT id, type, body, attempts FROM webhook_events "
+               "WHERE processed_at IS NULL AND next_attempt_at <= ? ORDER BY id LIMIT ?")
+        if not await self._read(due, (now, 1)):  # the idle loop asks every second: read only
+            return []
+
+        async def tx(db: aiosqlite.Connection) -> list[WebhookEvent]:
+            rows = list(await (await db.execute(due, (now, limit))).fetchall())
+            await db.executemany("UPDATE webhook_events SET next_attempt_at = ? WHERE id = ?",
+                                 [(now + EVENT_CLAIM_SECONDS, r["id"]) for r in rows])
+            return [WebhookEvent(**dict(r)) for r in rows]
+
+        return await self._write(tx)
 
     async def event_failed(self, event_id: int, error: str, retry_at: float | None) -> None:
         """Retry later (``retry_at``), or give up on a malformed event (``None``)."""
@@ -488,7 +538,8 @@ class SQLiteStore:
     # ---- worker side ----
 
     async def release_all_in_flight(self) -> int:
-        """At start-up: whatever a previous (crashed) process held is ours to retry."""
+        """At start-up: whatever a previous (crashed) process held is ours to retry (one
+        process per SQLite file, so every lease in it was a previous process's)."""
 
         async def tx(db: aiosqlite.Connection) -> int:
             cur = await db.execute(_RELEASE + "WHERE status = 'in_flight'", {"now": self._clock()})
@@ -523,9 +574,10 @@ class SQLiteStore:
             tokens = [secrets.token_hex(8) for _ in rows]
             if rows:
                 await db.executemany(
-                    "UPDATE outbox SET status = 'in_flight', lease_until = ?, lease_token = ? "
-                    "WHERE id = ?",
-                    [(now + lease_seconds, t, r["id"]) for r, t in zip(rows, tokens, strict=True)],
+                    "UPDATE outbox SET status = 'in_flight', lease_until = ?, lease_token = ?, "
+                    "lease_owner = ? WHERE id = ?",
+                    [(now + lease_seconds, t, self.instance, r["id"])
+                     for r, t in zip(rows, tokens, strict=True)],
                 )
             for r, token in zip(rows, tokens, strict=True):
                 self._checked[(r["id"], token)] = epoch
@@ -820,6 +872,62 @@ class SQLiteStore:
 
         if values:
             await self._write(tx)
+
+    # ---- cluster (one process: it always leads) ----
+
+    async def lead(self, ttl: float) -> int | None:
+        now = self._clock()
+
+        async def tx(db: aiosqlite.Connection) -> int | None:
+            return await _lead(db, self.instance, now, ttl)
+
+        return await self._write(tx)
+
+    async def resign(self) -> None:
+        async def tx(db: aiosqlite.Connection) -> None:
+            # Expired, not deleted: terms keep counting up (a deposed term stays fenced off).
+            await db.execute("UPDATE cluster_leader SET until = 0 WHERE role = 'poller' "
+                             "AND holder = ?", (self.instance,))
+
+        await self._write(tx)
+
+    async def heartbeat(self, info: dict[str, Any]) -> None:
+        now = self._clock()
+
+        async def tx(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "INSERT INTO cluster_instances (instance, heartbeat_at, info) VALUES (?, ?, ?) "
+                "ON CONFLICT (instance) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, "
+                "info = excluded.info", (self.instance, now, json.dumps(info, default=str)))
+
+        await self._write(tx)
+
+    async def forget_instance(self) -> None:
+        async def tx(db: aiosqlite.Connection) -> None:
+            await db.execute("DELETE FROM cluster_instances WHERE instance = ?", (self.instance,))
+
+        await self._write(tx)
+
+    async def cluster(self) -> dict[str, Any]:
+        now = self._clock()
+        leader = await self._read("SELECT holder, term, until FROM cluster_leader "
+                                  "WHERE role = 'poller'")
+        rows = await self._read("SELECT instance, heartbeat_at, info FROM cluster_instances "
+                                "ORDER BY instance")
+        return _cluster_view(now, leader[0] if leader else None, rows)
+
+    async def reserve(self, bucket: str, interval: float, pause: float = 0.0) -> float:
+        now = self._clock()
+
+        async def tx(db: aiosqlite.Connection) -> float:
+            await db.execute(_RESERVE_INSERT, {"name": bucket, "now": now})
+            await db.execute(_RESERVE, {"name": bucket, "now": now, "pause": pause,
+                                        "interval": interval})
+            slot = (await (await db.execute("SELECT next_at FROM rate_buckets WHERE name = ?",
+                                            (bucket,))).fetchone())[0]
+            return max(0.0, slot - interval - now)
+
+        return await self._write(tx)
 
     # ---- retention ----
 
@@ -1162,6 +1270,59 @@ async def _save_person(db: aiosqlite.Connection, email: str, p: Person, now: flo
             now,
         ),
     )
+
+
+async def _lead(db: aiosqlite.Connection, instance: str, now: float, ttl: float) -> int | None:
+    row = await (await db.execute(
+        "SELECT holder, term, until FROM cluster_leader WHERE role = 'poller'")).fetchone()
+    if row is None:
+        await db.execute("INSERT INTO cluster_leader (role, holder, term, until) "
+                         "VALUES ('poller', ?, 1, ?)", (instance, now + ttl))
+        return 1
+    holder, term, until = row
+    if holder == instance and until >= now:
+        await db.execute("UPDATE cluster_leader SET until = ? WHERE role = 'poller'",
+                         (now + ttl,))
+        return int(term)
+    if until < now:  # the leader's lease ran out (it died or lost the database): take over
+        await db.execute("UPDATE cluster_leader SET holder = ?, term = term + 1, until = ? "
+                         "WHERE role = 'poller'", (instance, now + ttl))
+        return int(term) + 1
+    return None
+
+
+async def _check_fence(db: aiosqlite.Connection, fence: tuple[str, int], now: float) -> None:
+    row = await (await db.execute(
+        "SELECT holder, term, until FROM cluster_leader WHERE role = 'poller'")).fetchone()
+    if row is None or (row[0], row[1]) != fence or row[2] < now:
+        raise NotLeader(f"instance {fence[0]} no longer leads (term {fence[1]})")
+
+
+def _cluster_view(now: float, leader: Any, rows: Iterable[Any]) -> dict[str, Any]:
+    """The shape of :meth:`csand.storage.Cluster.cluster`, from rows of either backend."""
+    alive = leader is not None and leader[2] >= now
+    return {
+        "leader": leader[0] if alive else None,
+        "term": int(leader[1]) if leader is not None else None,
+        "leader_for_s": round(leader[2] - now, 1) if alive else None,
+        "instances": [
+            {"instance": r[0], "heartbeat_at": _iso(r[1]),
+             "heartbeat_age_s": round(now - r[1], 1),
+             **(json.loads(r[2]) if isinstance(r[2], str) else dict(r[2] or {}))}
+            for r in rows
+        ],
+    }
+
+
+# A slot starts no earlier than now, the pause, and one interval after the previous slot.
+_RESERVE_INSERT = ("INSERT INTO rate_buckets (name, next_at) VALUES (:name, :now) "
+                   "ON CONFLICT (name) DO NOTHING")
+_RESERVE = (
+    "UPDATE rate_buckets SET "
+    "paused_until = MAX(paused_until, :now + :pause), "
+    "next_at = MAX(next_at, :now, MAX(paused_until, :now + :pause)) + :interval "
+    "WHERE name = :name"
+)
 
 
 def _steps(progress: str | None) -> frozenset[str]:

@@ -27,8 +27,11 @@ from csand.model import (
     parse_time,
 )
 from csand.storage import (
+    EVENT_CLAIM_SECONDS,
     ANKnowledge,
+    Cluster,
     Meta,
+    NotLeader,
     Outbox,
     SeenRecords,
     Storage,
@@ -38,15 +41,21 @@ from csand.storage import (
 from tests.fakes import ManualClock
 from tests.storage import ORG, T0, petition, petition_state, seen_row, sig
 
-Factory = Callable[[Path, ManualClock], Awaitable[Storage]]
+Factory = Callable[[Any, ManualClock], Awaitable[Storage]]
 
 
 async def _sqlite(tmp_path: Path, clock: ManualClock) -> Storage:
     return await open_store(tmp_path / "state" / "csand.db", clock=clock)
 
 
-# backend name → how to open an empty store of it on the given clock
-BACKENDS: dict[str, Factory] = {"sqlite": _sqlite}
+async def _postgres(url: str, clock: ManualClock) -> Storage:
+    return await open_store(url, clock=clock, instance="test")
+
+
+# backend name → how to open an empty store of it on the given clock (from a path for files, a
+# fresh database's URL for servers)
+BACKENDS: dict[str, Factory] = {"sqlite": _sqlite, "postgres": _postgres}
+SERVERS = {"postgres": "pg_url"}  # backends whose store lives in a server: its fixture
 
 
 @pytest.fixture
@@ -57,7 +66,9 @@ def clock() -> ManualClock:
 @pytest.fixture(params=sorted(BACKENDS))
 async def storage(request: pytest.FixtureRequest, tmp_path: Path, clock: ManualClock
                   ) -> AsyncIterator[Storage]:
-    s = await BACKENDS[request.param](tmp_path, clock)
+    where = (request.getfixturevalue(SERVERS[request.param]) if request.param in SERVERS
+             else tmp_path)
+    s = await BACKENDS[request.param](where, clock)
     try:
         yield s
     finally:
@@ -74,7 +85,7 @@ RETENTION = 30 * DAY
 @pytest.mark.anyio
 async def test_the_backend_implements_every_interface(storage: Storage) -> None:
     assert isinstance(storage, Storage)
-    for interface in (Outbox, WebhookInbox, SeenRecords, ANKnowledge, Meta):
+    for interface in (Outbox, WebhookInbox, SeenRecords, ANKnowledge, Meta, Cluster):
         for name, member in vars(interface).items():
             if inspect.iscoroutinefunction(member):
                 assert inspect.iscoroutinefunction(getattr(storage, name)), (interface, name)
@@ -750,3 +761,97 @@ async def test_pending_signature_emails_and_meta(storage: Storage) -> None:
     await storage.set_meta(org_slug=ORG, an_rate=2.5, an_paused=None)
     assert (await storage.get_meta("org_slug"), await storage.get_meta("an_rate")) == (ORG, "2.5")
     assert await storage.get_meta("an_paused") is None
+
+
+@pytest.mark.anyio
+async def test_an_event_handed_out_is_not_handed_out_again_until_its_claim_runs_out(
+    storage: Storage, clock: ManualClock
+) -> None:
+    assert await storage.receive_event("jid-1", "signature.created", '{"a":1}')
+    (claimed,) = await storage.events_due()
+    assert await storage.events_due() == []  # another worker (or instance) asking now
+    clock.t += EVENT_CLAIM_SECONDS + 1  # its process died before recording anything
+    (again,) = await storage.events_due()
+    assert again.id == claimed.id
+    await storage.commit_poll(None, event_id=again.id)
+    clock.t += EVENT_CLAIM_SECONDS + 1
+    assert await storage.events_due() == []
+
+
+# ---------------------------------------------------------------- cluster
+
+
+@pytest.mark.anyio
+async def test_leadership_is_renewed_by_its_holder_and_taken_over_once_it_expires(
+    storage: Storage, clock: ManualClock
+) -> None:
+    me = storage.instance
+    term = await storage.lead(15)
+    assert term is not None
+    clock.t += 10
+    assert await storage.lead(15) == term  # renewed: same term
+    view = await storage.cluster()
+    assert (view["leader"], view["term"], view["leader_for_s"]) == (me, term, 15.0)
+    clock.t += 16  # not renewed in time: the lease ran out; whoever asks next leads anew
+    assert (await storage.cluster())["leader"] is None
+    assert await storage.lead(15) == term + 1
+
+
+@pytest.mark.anyio
+async def test_a_fenced_commit_is_refused_once_its_term_is_over(
+    storage: Storage, clock: ManualClock
+) -> None:
+    term = await storage.lead(15)
+    assert term is not None
+    fence = (storage.instance, term)
+    assert await storage.commit_poll(petition_state(1), [seen_row(1)],
+                                     [sig(1, "ann@example.org")], fence=fence) == 1
+    clock.t += 16  # the lease ran out: another instance may be polling by now
+    with pytest.raises(NotLeader):
+        await storage.commit_poll(petition_state(2), [seen_row(2, 2)],
+                                  [sig(2, "bob@example.org", pid=2)], fence=fence)
+    assert await storage.petition_state(2) is None  # nothing of it was written
+    assert [r["source_key"] for r in await storage.items()] == ["signature:1"]
+    new = await storage.lead(15)
+    with pytest.raises(NotLeader):  # a stale term is refused even when renewed since
+        await storage.commit_poll(None, [], [sig(2, "bob@example.org", pid=2)], fence=fence)
+    assert await storage.commit_poll(None, [], [sig(2, "bob@example.org", pid=2)],
+                                     fence=(storage.instance, new)) == 1
+
+
+@pytest.mark.anyio
+async def test_resigning_hands_leadership_over_at_once(storage: Storage) -> None:
+    term = await storage.lead(15)
+    await storage.resign()
+    assert (await storage.cluster())["leader"] is None
+    again = await storage.lead(15)
+    assert again is not None and again != term
+
+
+@pytest.mark.anyio
+async def test_heartbeats_show_each_instance_with_its_age(storage: Storage, clock: ManualClock
+                                                          ) -> None:
+    await storage.heartbeat({"pid": 42, "workers": 8})
+    clock.t += 7
+    (row,) = (await storage.cluster())["instances"]
+    assert (row["instance"], row["pid"], row["workers"], row["heartbeat_age_s"]) == \
+        (storage.instance, 42, 8, 7.0)
+    await storage.heartbeat({"pid": 42, "workers": 4})
+    (row,) = (await storage.cluster())["instances"]
+    assert (row["workers"], row["heartbeat_age_s"]) == (4, 0.0)
+    await storage.forget_instance()
+    assert (await storage.cluster())["instances"] == []
+
+
+@pytest.mark.anyio
+async def test_request_slots_are_spaced_and_wait_out_a_pause(storage: Storage, clock: ManualClock
+                                                             ) -> None:
+    waits = [await storage.reserve("an", 0.25) for _ in range(4)]
+    assert waits == pytest.approx([0.0, 0.25, 0.5, 0.75])
+    clock.t += 10  # idle: no credit is saved up for a burst
+    assert await storage.reserve("an", 0.25) == pytest.approx(0.0)
+    assert await storage.reserve("an", 0.25) == pytest.approx(0.25)
+    # A 429: nobody's slot starts before the pause is over.
+    assert await storage.reserve("an", 0.25, pause=5.0) == pytest.approx(5.0)
+    assert await storage.reserve("an", 0.25) == pytest.approx(5.25)
+    assert await storage.reserve("other", 0.25) == pytest.approx(0.0)  # buckets are separate

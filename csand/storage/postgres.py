@@ -1,0 +1,1022 @@
+"""The PostgreSQL backend of :mod:`csand.storage`: schema, migrations and every query, in one place.
+
+Any number of csand instances, on several machines, share one database. What SQLite got from
+having a single writer, this backend gets from the database:
+
+* **Leases** take rows with ``FOR UPDATE SKIP LOCKED``: two instances leasing at once never wait
+  for each other and never take the same item. The per-person rules hold across instances
+  because an item is only ready while no other item of its person is pending before it or in
+  flight, and a row another instance is leasing is still pending in everyone's view until that
+  lease commits.
+* **What was seen and what it produced** commit under one transaction-level advisory lock
+  (:data:`COMMIT_LOCK`), so a poll and a webhook about the same signature, on two instances,
+  still decide "newer version wins" one after the other, as they do on SQLite.
+* **The guard** before each Action Network request reads the database every time: another
+  instance may have committed a deletion or an unsubscribe a millisecond ago.
+* **Migrations** run in one transaction under an advisory lock (:data:`MIGRATE_LOCK`): instances
+  starting together migrate once; a database newer than this code is refused.
+* **Leadership and request slots** use the database server's clock (unless a clock is injected,
+  as tests do), so instances whose machine clocks disagree still agree on who leads.
+
+psycopg 3 with its connection pool: see the README's design notes for why.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import secrets
+import time
+from collections.abc import Callable, Iterable, Sequence
+from datetime import datetime
+from typing import Any
+
+from psycopg import AsyncConnection
+from psycopg.rows import dict_row
+from psycopg_pool import AsyncConnectionPool
+
+from csand.logs import get_logger
+from csand.model import Activity, ActivityKind, DeadLetter, Person, SignatureSeen, parse_time
+from csand.storage import (
+    EVENT_CLAIM_SECONDS,
+    STATUSES,
+    Item,
+    NotLeader,
+    PetitionState,
+    Requeued,
+    SchemaTooNew,
+    StoreError,
+    WebhookEvent,
+)
+from csand.storage.sqlite import (
+    PRUNED,
+    _dead_letter_row,
+    _float,
+    _iso,
+    _newer,
+    _outbox_row,
+    _signature_id,
+    _steps,
+)
+
+log = get_logger("store")
+
+# Advisory lock keys (any two 32-bit numbers unique to csand within the database).
+MIGRATE_LOCK = (0x6373616E, 1)  # "csan": migrations
+COMMIT_LOCK = (0x6373616E, 2)  # commits of what ControlShift showed
+
+# Each entry migrates from version i to i+1. Append only; never edit a released one.
+# Version 1 is the schema SQLite reached in its version 6, in PostgreSQL's types.
+MIGRATIONS: list[str] = [
+    """
+    CREATE TABLE csand_schema (
+        version integer NOT NULL
+    );
+    INSERT INTO csand_schema (version) VALUES (0);
+
+    CREATE TABLE meta (
+        key   text PRIMARY KEY,
+        value text
+    );
+
+    CREATE TABLE outbox (
+        id                bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        dedupe_key        text NOT NULL UNIQUE,    -- source record + version fingerprint
+        source_key        text NOT NULL,           -- the CS record ("signature:42")
+        person_key        text NOT NULL,           -- normalised email: one in flight per person
+        petition_id       bigint,                  -- CS petition id, for ordering behind its creator
+        kind              text NOT NULL,
+        payload           text NOT NULL,           -- Activity as JSON
+        occurred_at       text COLLATE "C" NOT NULL, -- CS time: per-person apply order
+        status            text NOT NULL DEFAULT 'pending'
+                          CHECK (status IN ('pending', 'in_flight', 'done', 'dead', 'cancelled')),
+        attempts          integer NOT NULL DEFAULT 0,
+        next_attempt_at   double precision NOT NULL DEFAULT 0,
+        lease_until       double precision,
+        lease_token       text,
+        lease_owner       text,                    -- the instance holding the lease
+        progress          text,                    -- JSON: steps AN acknowledged
+        source_deleted_at text,
+        last_error        text,
+        note              text,
+        enqueued_at       double precision NOT NULL,
+        finished_at       double precision
+    );
+    CREATE INDEX outbox_pending  ON outbox (id) WHERE status = 'pending';
+    CREATE INDEX outbox_flight   ON outbox (lease_until) WHERE status = 'in_flight';
+    CREATE INDEX outbox_person   ON outbox (person_key, status, occurred_at, id);
+    CREATE INDEX outbox_source   ON outbox (source_key, status);
+    CREATE INDEX outbox_petition ON outbox (petition_id, kind, status);
+    CREATE INDEX outbox_finished ON outbox (finished_at) WHERE status IN ('done', 'cancelled');
+
+    CREATE TABLE cs_petitions (
+        cs_id         bigint PRIMARY KEY,
+        slug          text NOT NULL,
+        updated_at    text,                        -- CS change signals seen at the last walk
+        public_count  integer,
+        content       text,                        -- fingerprint of title/categories/creator
+        total_pages   integer,
+        walked_at     double precision,
+        an_uuid       text,                        -- the mirrored AN petition, once created
+        creator_extra text                         -- JSON: creator details only webhooks carry
+    );
+
+    CREATE TABLE cs_signatures (
+        cs_id        bigint PRIMARY KEY,
+        petition_id  bigint NOT NULL,
+        fingerprint  text NOT NULL,
+        deleted_at   text,
+        updated_at   text
+    );
+    CREATE INDEX cs_signatures_petition ON cs_signatures (petition_id);
+
+    CREATE TABLE an_people (                       -- what AN's own answers told csand
+        email           text PRIMARY KEY,
+        exists_         boolean,
+        uuid            text,
+        subscribed      boolean,
+        fields_at       text,                      -- JSON: field name → CS time that set it
+        unsubscribed_at text COLLATE "C",          -- consent timeline, UTC ISO (compare as text)
+        opted_in_at     text COLLATE "C",
+        learned_at      double precision NOT NULL
+    );
+
+    CREATE TABLE an_tags (
+        name_key text PRIMARY KEY,                 -- lower-cased: AN tag names are case-insensitive
+        name     text NOT NULL,
+        uuid     text
+    );
+
+    CREATE TABLE opt_ins (
+        source_key text PRIMARY KEY,
+        applied_at double precision NOT NULL
+    );
+
+    CREATE TABLE webhook_events (
+        id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        dedupe          text NOT NULL UNIQUE,      -- CS's jid, or a hash of the body
+        type            text NOT NULL,
+        body            text NOT NULL,
+        received_at     double precision NOT NULL,
+        processed_at    double precision,
+        attempts        integer NOT NULL DEFAULT 0,
+        next_attempt_at double precision NOT NULL DEFAULT 0,
+        error           text
+    );
+    CREATE INDEX webhook_events_todo ON webhook_events (next_attempt_at, id)
+        WHERE processed_at IS NULL;
+
+    CREATE TABLE cluster_leader (
+        role   text PRIMARY KEY,                   -- 'poller'
+        holder text NOT NULL,
+        term   bigint NOT NULL,
+        until  double precision NOT NULL
+    );
+    CREATE TABLE cluster_instances (
+        instance     text PRIMARY KEY,
+        heartbeat_at double precision NOT NULL,
+        info         text NOT NULL                 -- JSON: what csand status shows
+    );
+    CREATE TABLE rate_buckets (
+        name         text PRIMARY KEY,
+        next_at      double precision NOT NULL,    -- earliest start of the next slot
+        paused_until double precision NOT NULL DEFAULT 0
+    );
+    """,
+]
+
+# The cluster's clock: an injected one (tests), else the database server's (one value for the
+# whole statement). CS times are ISO 8601 text of one format compared as text, hence the C
+# collation on those columns: a locale's collation may order punctuation differently.
+_NOW = "COALESCE(%(now)s::double precision, extract(epoch FROM statement_timestamp()))"
+
+
+def redact_url(url: str) -> str:
+    """The URL without its password, for logs and ``csand status``."""
+    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
+
+
+class PostgresStore:
+    """One instance's view of the shared database. Open with ``await PostgresStore.open(url)``
+    (or :func:`csand.storage.open_store`); close with ``await store.close()``."""
+
+    shared = True
+
+    def __init__(self, pool: AsyncConnectionPool, clock: Callable[[], float] | None,
+                 instance: str) -> None:
+        self._pool = pool
+        self._injected = clock
+        self._clock = clock or time.time
+        self.instance = instance
+        self.listeners: list[Callable[[], None]] = []  # called when work becomes ready
+
+    def _notify(self) -> None:
+        for listener in self.listeners:
+            listener()
+
+    def _cluster_now(self) -> float | None:
+        return self._injected() if self._injected is not None else None
+
+    # ---- lifecycle ----
+
+    @classmethod
+    async def open(cls, url: str, clock: Callable[[], float] | None = None, *,
+                   instance: str = "csand", pool_size: int = 10) -> PostgresStore:
+        pool = AsyncConnectionPool(
+            url, min_size=min(2, pool_size), max_size=pool_size, open=False,
+            kwargs={"autocommit": True, "row_factory": dict_row,
+                    "application_name": f"csand {instance}"[:63]},
+            name="csand", timeout=30.0,
+        )
+        try:
+            await pool.open(wait=True, timeout=30.0)
+        except Exception as exc:  # noqa: BLE001 - phrased for the operator
+            await pool.close()
+            raise StoreError(f"cannot connect to PostgreSQL at {redact_url(url)}: "
+                             f"{_reason(exc)}") from None
+        store = cls(pool, clock, instance)
+        try:
+            await store._migrate()
+        except BaseException:
+            await pool.close()
+            raise
+        return store
+
+    async def close(self) -> None:
+        await self._pool.close()
+
+    async def _migrate(self) -> None:
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", MIGRATE_LOCK)
+            exists = await (await conn.execute(
+                "SELECT to_regclass('csand_schema') IS NOT NULL AS e")).fetchone()
+            version = 0
+            if exists["e"]:
+                version = (await (await conn.execute(
+                    "SELECT version FROM csand_schema")).fetchone())["version"]
+            if version > len(MIGRATIONS):
+                raise SchemaTooNew(
+                    f"the database is at schema version {version}, newer than this csand knows "
+                    f"({len(MIGRATIONS)}): a newer csand migrated it; run that version on every "
+                    "instance, or restore a backup taken before the upgrade")
+            for number, script in enumerate(MIGRATIONS[version:], start=version + 1):
+                await conn.execute(script)
+                await conn.execute("UPDATE csand_schema SET version = %s", (number,))
+                log.info("store.migrated", backend="postgresql", version=number)
+
+    async def schema_version(self) -> int:
+        return (await self._one("SELECT version FROM csand_schema"))["version"]
+
+    # ---- connections ----
+
+    async def _rows(self, sql: str, params: Any = None) -> list[dict[str, Any]]:
+        async with self._pool.connection() as conn:
+            return await (await conn.execute(sql, params)).fetchall()
+
+    async def _one(self, sql: str, params: Any = None) -> dict[str, Any]:
+        rows = await self._rows(sql, params)
+        return rows[0]
+
+    async def _write(self, fn: Callable[[AsyncConnection[Any]], Any]) -> Any:
+        """Run ``fn`` in one transaction on a pooled connection."""
+        async with self._pool.connection() as conn, conn.transaction():
+            return await fn(conn)
+
+    # ---- meta ----
+
+    async def get_meta(self, key: str) -> str | None:
+        rows = await self._rows("SELECT value FROM meta WHERE key = %s", (key,))
+        return rows[0]["value"] if rows else None
+
+    async def set_meta(self, **values: str | float | None) -> None:
+        async def tx(db: AsyncConnection[Any]) -> None:
+            async with db.cursor() as cur:
+                await cur.executemany(
+                    "INSERT INTO meta (key, value) VALUES (%s, %s) "
+                    "ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+                    [(k, None if v is None else str(v)) for k, v in sorted(values.items())],
+                )
+
+        await self._write(tx)
+
+    # ---- poller side ----
+
+    async def petition_state(self, cs_id: int) -> PetitionState | None:
+        rows = await self._rows(
+            "SELECT cs_id, slug, updated_at, public_count, content, total_pages, an_uuid, "
+            "creator_extra FROM cs_petitions WHERE cs_id = %s", (cs_id,),
+        )
+        return PetitionState(**rows[0]) if rows else None
+
+    async def signatures_seen(self, petition_id: int) -> dict[int, SignatureSeen]:
+        rows = await self._rows(
+            "SELECT cs_id, petition_id, fingerprint, deleted_at, updated_at FROM cs_signatures "
+            "WHERE petition_id = %s", (petition_id,),
+        )
+        return {r["cs_id"]: SignatureSeen(**r) for r in rows}
+
+    async def commit_poll(
+        self,
+        petition: PetitionState | None,
+        signatures: Iterable[SignatureSeen] = (),
+        activities: Iterable[Activity] = (),
+        deleted_sources: Iterable[str] = (),
+        *,
+        event_id: int | None = None,
+        creator_extra: tuple[int, str, str] | None = None,
+        dead_letters: Iterable[DeadLetter] = (),
+        fence: tuple[str, int] | None = None,
+    ) -> int:
+        """Record what was seen and enqueue what it produced, atomically (see
+        :meth:`csand.storage.Outbox.commit_poll`). Commits of every instance take
+        :data:`COMMIT_LOCK` in turn, so "the newer version wins" is decided one at a time."""
+        now = self._clock()
+        activities = list(activities)
+        signatures = list(signatures)
+        deleted = list(deleted_sources)
+        dead = [_dead_letter_row(d, now) for d in dead_letters]
+
+        async def tx(db: AsyncConnection[Any]) -> int:
+            await db.execute("SELECT pg_advisory_xact_lock(%s, %s)", COMMIT_LOCK)
+            if fence is not None:
+                await _check_fence(db, fence, self._cluster_now())
+            stale = await _stale_signatures(db, signatures)
+            sigs = [(s.cs_id, s.petition_id, s.fingerprint, s.deleted_at, s.updated_at)
+                    for s in signatures if s.cs_id not in stale]
+            rows = [_outbox_row(a, now) for a in activities
+                    if _signature_id(a.source_key) not in stale]
+            async with db.cursor() as cur:
+                if petition is not None:
+                    await cur.execute(
+                        "INSERT INTO cs_petitions "
+                        "(cs_id, slug, updated_at, public_count, content, total_pages, "
+                        "walked_at) VALUES (%s, %s, %s, %s, %s, %s, %s) "
+                        "ON CONFLICT (cs_id) DO UPDATE SET "
+                        "slug = excluded.slug, updated_at = excluded.updated_at, "
+                        "public_count = excluded.public_count, content = excluded.content, "
+                        "total_pages = excluded.total_pages, walked_at = excluded.walked_at",
+                        (petition.cs_id, petition.slug, petition.updated_at,
+                         petition.public_count, petition.content, petition.total_pages, now),
+                    )
+                if sigs:
+                    await cur.executemany(
+                        "INSERT INTO cs_signatures "
+                        "(cs_id, petition_id, fingerprint, deleted_at, updated_at) "
+                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (cs_id) DO UPDATE SET "
+                        "fingerprint = excluded.fingerprint, deleted_at = excluded.deleted_at, "
+                        "updated_at = excluded.updated_at",
+                        sigs,
+                    )
+                added = 0
+                if rows:
+                    await cur.executemany(_INSERT_OUTBOX, rows)
+                    added = max(cur.rowcount, 0)
+                if dead:
+                    await cur.executemany(_INSERT_DEAD_LETTER, dead)
+                if deleted:
+                    # Every item of the record learns it, whatever its state (see SQLite).
+                    await cur.execute(
+                        "UPDATE outbox SET source_deleted_at = COALESCE(source_deleted_at, %s) "
+                        "WHERE source_key = ANY(%s)", (_iso(now), deleted))
+                    await cur.execute(
+                        "UPDATE outbox SET status = 'cancelled', finished_at = %s, "
+                        "note = 'signature deleted on ControlShift before it was synced' "
+                        "WHERE source_key = ANY(%s) AND status = 'pending'", (now, deleted))
+                unsubscribes = [(a.email, a.occurred_at.isoformat(), now) for a in activities
+                                if a.kind is ActivityKind.GLOBAL_UNSUBSCRIBE and a.email
+                                and a.occurred_at is not None]
+                if unsubscribes:
+                    # The consent timeline learns of an org-wide unsubscribe when csand does,
+                    # not when its item runs (see SQLite).
+                    await cur.executemany(
+                        "INSERT INTO an_people (email, unsubscribed_at, learned_at) "
+                        "VALUES (%s, %s, %s) ON CONFLICT (email) DO UPDATE SET unsubscribed_at = "
+                        "GREATEST(an_people.unsubscribed_at, excluded.unsubscribed_at)",
+                        unsubscribes)
+                if creator_extra is not None:
+                    await cur.execute(
+                        "INSERT INTO cs_petitions (cs_id, slug, creator_extra) "
+                        "VALUES (%s, %s, %s) ON CONFLICT (cs_id) DO UPDATE SET "
+                        "creator_extra = excluded.creator_extra", creator_extra)
+                if event_id is not None:
+                    await cur.execute(
+                        "UPDATE webhook_events SET processed_at = %s, error = NULL "
+                        "WHERE id = %s", (now, event_id))
+            return added
+
+        added = await self._write(tx)
+        if added:
+            self._notify()
+        return added
+
+    async def enqueue(self, activities: Iterable[Activity]) -> int:
+        return await self.commit_poll(None, (), activities)
+
+    async def signature_seen(self, cs_id: int) -> SignatureSeen | None:
+        rows = await self._rows(
+            "SELECT cs_id, petition_id, fingerprint, deleted_at, updated_at FROM cs_signatures "
+            "WHERE cs_id = %s", (cs_id,),
+        )
+        return SignatureSeen(**rows[0]) if rows else None
+
+    async def pending_signature_emails(self, petition_id: int) -> dict[str, str | None]:
+        rows = await self._rows(
+            "SELECT source_key, payload FROM outbox WHERE petition_id = %s "
+            "AND kind = 'signature' AND status = 'pending'", (petition_id,),
+        )
+        result: dict[str, str | None] = {}
+        for r in rows:
+            payload = json.loads(r["payload"])
+            result[r["source_key"]] = (
+                (payload.get("raw_email") or payload.get("email") or "").strip() or None)
+        return result
+
+    # ---- webhook inbox ----
+
+    async def receive_event(self, dedupe: str, type_: str, body: str) -> bool:
+        rows = await self._rows(
+            "INSERT INTO webhook_events (dedupe, type, body, received_at) "
+            "VALUES (%s, %s, %s, %s) ON CONFLICT (dedupe) DO NOTHING RETURNING id",
+            (dedupe, type_, body, self._clock()),
+        )
+        return bool(rows)
+
+    async def events_due(self, limit: int = 50) -> list[WebhookEvent]:
+        now = self._clock()
+        rows = await self._rows(
+            "UPDATE webhook_events SET next_attempt_at = %(claim)s WHERE id IN ("
+            "  SELECT id FROM webhook_events WHERE processed_at IS NULL "
+            "  AND next_attempt_at <= %(now)s ORDER BY id LIMIT %(limit)s "
+            "  FOR UPDATE SKIP LOCKED) "
+            "RETURNING id, type, body, attempts",
+            {"now": now, "claim": now + EVENT_CLAIM_SECONDS, "limit": limit},
+        )
+        return sorted((WebhookEvent(**r) for r in rows), key=lambda e: e.id)
+
+    async def event_failed(self, event_id: int, error: str, retry_at: float | None) -> None:
+        now = self._clock()
+        if retry_at is None:
+            sql = ("UPDATE webhook_events SET processed_at = %s, error = %s, "
+                   "attempts = attempts + 1 WHERE id = %s")
+            params: tuple[Any, ...] = (now, error, event_id)
+        else:
+            sql = ("UPDATE webhook_events SET next_attempt_at = %s, error = %s, "
+                   "attempts = attempts + 1 WHERE id = %s")
+            params = (retry_at, error, event_id)
+        await self._rows_none(sql, params)
+
+    async def _rows_none(self, sql: str, params: Any = None) -> int:
+        async with self._pool.connection() as conn:
+            cur = await conn.execute(sql, params)
+            return max(cur.rowcount, 0)
+
+    # ---- worker side ----
+
+    async def release_all_in_flight(self) -> int:
+        """At start-up: the leases this instance held before it restarted go back to the queue.
+        Other instances' leases are theirs; those of an instance that died expire
+        (``sync.lease_seconds``) and are reclaimed by whoever leases next."""
+        return await self._rows_none(
+            _RELEASE + "WHERE status = 'in_flight' AND lease_owner = %(owner)s",
+            {"now": self._clock(), "owner": self.instance})
+
+    async def lease(self, limit: int, lease_seconds: float) -> list[Item]:
+        """Take up to ``limit`` ready items (rules: :class:`csand.storage.Outbox`), skipping
+        rows another instance is taking at this moment."""
+        now = self._clock()
+
+        async def tx(db: AsyncConnection[Any]) -> list[Item]:
+            await db.execute(
+                _RELEASE + "WHERE status = 'in_flight' AND lease_until < %(now)s",
+                {"now": now})
+            rows = await (await db.execute(
+                _LEASE_QUERY, {"now": now, "limit": limit})).fetchall()
+            if not rows:
+                return []
+            tokens = [secrets.token_hex(8) for _ in rows]
+            await db.execute(
+                "UPDATE outbox SET status = 'in_flight', lease_until = %s, lease_owner = %s, "
+                "lease_token = v.token FROM unnest(%s::bigint[], %s::text[]) AS v(id, token) "
+                "WHERE outbox.id = v.id",
+                (now + lease_seconds, self.instance, [r["id"] for r in rows], tokens))
+            return [
+                Item(r["id"], Activity.from_json(json.loads(r["payload"])), r["attempts"],
+                     r["enqueued_at"], token, _steps(r["progress"]))
+                for r, token in zip(rows, tokens, strict=True)
+            ]
+
+        return await self._write(tx)
+
+    async def renew_leases(self, leases: Sequence[int | tuple[int, str]], lease_seconds: float
+                           ) -> None:
+        until = self._clock() + lease_seconds
+        pairs = [lease if isinstance(lease, tuple) else (lease, None) for lease in leases]
+        if not pairs:
+            return
+        await self._rows_none(
+            "UPDATE outbox SET lease_until = %s FROM unnest(%s::bigint[], %s::text[]) "
+            "AS v(id, token) WHERE outbox.id = v.id AND outbox.status = 'in_flight' "
+            "AND (v.token IS NULL OR outbox.lease_token = v.token)",
+            (until, [i for i, _ in pairs], [t for _, t in pairs]))
+
+    async def guard(self, item_id: int, token: str, unsubscribed_at: datetime | None = None
+                    ) -> str | None:
+        """Why the holder of this lease must not send its next AN request, or None (see
+        :meth:`csand.storage.Outbox.guard`). Always a read: any instance may have committed a
+        deletion, an unsubscribe or a reclaimed lease since the last one."""
+        rows = await self._rows(
+            "SELECT o.status, o.lease_token, o.source_deleted_at, p.unsubscribed_at "
+            "FROM outbox AS o LEFT JOIN an_people AS p ON p.email = o.person_key "
+            "WHERE o.id = %s", (item_id,))
+        if not rows or rows[0]["status"] != "in_flight" or rows[0]["lease_token"] != token:
+            return "lost"
+        if rows[0]["source_deleted_at"]:
+            return "deleted"
+        latest = parse_time(rows[0]["unsubscribed_at"])
+        if latest is not None and (unsubscribed_at is None or latest > unsubscribed_at):
+            return "unsubscribed"
+        return None
+
+    async def record_step(
+        self, item_id: int, token: str, steps: Iterable[str], *,
+        person: tuple[str, Person] | None = None, opt_in: str | None = None,
+    ) -> bool:
+        now = self._clock()
+        progress = json.dumps(sorted(set(steps)))
+
+        async def tx(db: AsyncConnection[Any]) -> bool:
+            cur = await db.execute(
+                "UPDATE outbox SET progress = %s WHERE id = %s AND lease_token = %s "
+                "AND status = 'in_flight'", (progress, item_id, token))
+            held = cur.rowcount == 1
+            await _save_knowledge(db, person, opt_in, now)
+            return held
+
+        return await self._write(tx)
+
+    async def finish(
+        self,
+        item_id: int,
+        status: str,
+        *,
+        error: str | None = None,
+        note: str | None = None,
+        next_attempt_at: float | None = None,
+        count_attempt: bool = True,
+        person: tuple[str, Person] | None = None,
+        opt_in_source: str | None = None,
+        token: str | None = None,
+        steps: Iterable[str] | None = None,
+    ) -> bool:
+        now = self._clock()
+        held = ("(%(token)s::text IS NULL OR (lease_token = %(token)s "
+                "AND status = 'in_flight'))")
+        progress = json.dumps(sorted(set(steps))) if steps is not None else None
+
+        async def tx(db: AsyncConnection[Any]) -> bool:
+            if status == "pending":
+                cur = await db.execute(
+                    _RELEASE + ", attempts = attempts + %(count)s, "
+                    "next_attempt_at = %(next)s, last_error = COALESCE(%(error)s, last_error), "
+                    "progress = COALESCE(%(progress)s, progress) "
+                    f"WHERE id = %(id)s AND {held}",
+                    {"count": 1 if count_attempt else 0, "next": next_attempt_at or now,
+                     "error": error, "id": item_id, "token": token, "now": now,
+                     "progress": progress})
+            else:
+                cur = await db.execute(
+                    "UPDATE outbox SET status = %(status)s, lease_until = NULL, "
+                    "lease_token = NULL, finished_at = %(now)s, attempts = attempts + 1, "
+                    "last_error = COALESCE(%(error)s, last_error), note = %(note)s, "
+                    "progress = COALESCE(%(progress)s, progress) "
+                    f"WHERE id = %(id)s AND {held}",
+                    {"status": status, "now": now, "error": error, "note": note,
+                     "id": item_id, "token": token, "progress": progress})
+            recorded = cur.rowcount == 1
+            await _save_knowledge(db, person, opt_in_source, now)
+            return recorded
+
+        return await self._write(tx)
+
+    async def requeue_dead(self, ids: Sequence[int] | None = None) -> Requeued:
+        where = "status = 'dead'" + ("" if ids is None else " AND id = ANY(%(ids)s)")
+        params = {"ids": list(ids or [])}
+
+        async def tx(db: AsyncConnection[Any]) -> Requeued:
+            counts = await (await db.execute(
+                "SELECT COUNT(*) FILTER (WHERE source_deleted_at IS NOT NULL) AS deleted, "
+                "COUNT(*) FILTER (WHERE source_deleted_at IS NULL AND kind = 'malformed') "
+                f"AS malformed FROM outbox WHERE {where}", params)).fetchone()
+            cur = await db.execute(
+                "UPDATE outbox SET status = 'pending', attempts = 0, next_attempt_at = 0, "
+                f"finished_at = NULL WHERE {where} AND source_deleted_at IS NULL "
+                "AND kind != 'malformed'", params)
+            return Requeued(cur.rowcount, counts["deleted"],
+                            skipped_malformed=counts["malformed"])
+
+        result = await self._write(tx)
+        if result.queued:
+            self._notify()
+        return result
+
+    async def requeue_since(self, since: str) -> Requeued:
+        now = self._clock()
+        latest = ("FROM outbox WHERE status IN ('done', 'dead') AND kind != 'malformed' "
+                  "AND occurred_at >= %(since)s "
+                  "AND id IN (SELECT MAX(id) FROM outbox GROUP BY source_key)")
+        params = {"since": since, "pruned": f"{PRUNED}%", "now": now}
+
+        async def tx(db: AsyncConnection[Any]) -> Requeued:
+            counts = await (await db.execute(
+                "SELECT COUNT(*) FILTER (WHERE source_deleted_at IS NOT NULL) AS deleted, "
+                "COUNT(*) FILTER (WHERE source_deleted_at IS NULL "
+                f"AND person_key LIKE %(pruned)s) AS pruned {latest}", params)).fetchone()
+            cur = await db.execute(
+                "INSERT INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, "
+                "payload, occurred_at, enqueued_at) "
+                "SELECT dedupe_key || '#resync@' || %(now)s::text, source_key, person_key, "
+                f"petition_id, kind, payload, occurred_at, %(now)s {latest} "
+                "AND source_deleted_at IS NULL AND person_key NOT LIKE %(pruned)s "
+                "ORDER BY id", params)
+            return Requeued(cur.rowcount, counts["deleted"], counts["pruned"])
+
+        result = await self._write(tx)
+        if result.queued:
+            self._notify()
+        return result
+
+    async def dead_item(self, item_id: int) -> dict[str, Any] | None:
+        rows = await self._rows(
+            "SELECT id, source_key, kind, status, attempts, last_error, payload, enqueued_at, "
+            "finished_at FROM outbox WHERE id = %s", (item_id,))
+        if not rows:
+            return None
+        row = rows[0]
+        row["activity"] = json.loads(row.pop("payload"))
+        row["enqueued_at"] = _iso(row["enqueued_at"])
+        row["finished_at"] = _iso(row["finished_at"])
+        return row
+
+    async def drop_dead(self, ids: Sequence[int] | None = None) -> int:
+        sql = ("UPDATE outbox SET status = 'cancelled', finished_at = %(now)s, "
+               "note = 'dropped by the operator' WHERE status = 'dead'")
+        if ids is not None:
+            sql += " AND id = ANY(%(ids)s)"
+        return await self._rows_none(sql, {"now": self._clock(), "ids": list(ids or [])})
+
+    # ---- what csand knows about AN ----
+
+    async def person(self, email: str) -> Person:
+        rows = await self._rows(
+            "SELECT exists_, uuid, subscribed, fields_at, unsubscribed_at, opted_in_at "
+            "FROM an_people WHERE email = %s", (email,))
+        return _person(rows[0]) if rows else Person()
+
+    async def knowledge(self, email: str, source_key: str) -> tuple[Person, bool]:
+        row = await self._one(
+            "SELECT p.exists_, p.uuid, p.subscribed, p.fields_at, p.unsubscribed_at, "
+            "p.opted_in_at, EXISTS (SELECT 1 FROM opt_ins WHERE source_key = %(source)s) "
+            "AS applied FROM (SELECT 1) AS one "
+            "LEFT JOIN an_people AS p ON p.email = %(email)s",
+            {"email": email, "source": source_key})
+        return _person(row), bool(row["applied"])
+
+    async def save_person(self, email: str, person: Person) -> None:
+        now = self._clock()
+
+        async def tx(db: AsyncConnection[Any]) -> None:
+            await _save_person(db, email, person, now)
+
+        await self._write(tx)
+
+    async def petition_uuid(self, cs_id: int) -> str | None:
+        rows = await self._rows("SELECT an_uuid FROM cs_petitions WHERE cs_id = %s", (cs_id,))
+        return rows[0]["an_uuid"] if rows else None
+
+    async def set_petition_uuid(self, cs_id: int, slug: str, uuid: str) -> None:
+        await self._rows_none(
+            "INSERT INTO cs_petitions (cs_id, slug, an_uuid) VALUES (%s, %s, %s) "
+            "ON CONFLICT (cs_id) DO UPDATE SET an_uuid = excluded.an_uuid", (cs_id, slug, uuid))
+        self._notify()  # signatures waiting for this petition are ready now
+
+    async def clear_petition_uuid(self, cs_id: int, uuid: str | None) -> None:
+        await self._rows_none(
+            "UPDATE cs_petitions SET an_uuid = NULL WHERE cs_id = %s "
+            "AND an_uuid IS NOT DISTINCT FROM %s", (cs_id, uuid))
+
+    async def tags(self) -> dict[str, tuple[str, str | None]]:
+        rows = await self._rows("SELECT name_key, name, uuid FROM an_tags")
+        return {r["name_key"]: (r["name"], r["uuid"]) for r in rows}
+
+    async def save_tags(self, tags: Iterable[tuple[str, str | None]]) -> None:
+        values = sorted({name.lower(): (name.lower(), name, uuid) for name, uuid in tags}.values())
+        if not values:
+            return
+
+        async def tx(db: AsyncConnection[Any]) -> None:
+            async with db.cursor() as cur:
+                await cur.executemany(
+                    "INSERT INTO an_tags (name_key, name, uuid) VALUES (%s, %s, %s) "
+                    "ON CONFLICT (name_key) DO UPDATE SET "
+                    "uuid = COALESCE(excluded.uuid, an_tags.uuid)", values)
+
+        await self._write(tx)
+
+    # ---- cluster ----
+
+    async def lead(self, ttl: float) -> int | None:
+        now = self._cluster_now()
+
+        async def tx(db: AsyncConnection[Any]) -> int | None:
+            # One row, locked by whoever asks: the holder renews, anyone takes it once expired.
+            row = await (await db.execute(
+                f"INSERT INTO cluster_leader (role, holder, term, until) "
+                f"VALUES ('poller', %(me)s, 1, {_NOW} + %(ttl)s) "
+                f"ON CONFLICT (role) DO UPDATE SET "
+                f"holder = CASE WHEN cluster_leader.holder = %(me)s "
+                f"  OR cluster_leader.until < {_NOW} THEN %(me)s ELSE cluster_leader.holder END, "
+                f"term = CASE WHEN cluster_leader.holder = %(me)s "
+                f"  AND cluster_leader.until >= {_NOW} THEN cluster_leader.term "
+                f"  WHEN cluster_leader.until < {_NOW} THEN cluster_leader.term + 1 "
+                f"  ELSE cluster_leader.term END, "
+                f"until = CASE WHEN cluster_leader.holder = %(me)s "
+                f"  OR cluster_leader.until < {_NOW} THEN {_NOW} + %(ttl)s "
+                f"  ELSE cluster_leader.until END "
+                f"RETURNING holder, term",
+                {"me": self.instance, "ttl": ttl, "now": now})).fetchone()
+            return int(row["term"]) if row["holder"] == self.instance else None
+
+        return await self._write(tx)
+
+    async def resign(self) -> None:
+        await self._rows_none(
+            "UPDATE cluster_leader SET until = 0 WHERE role = 'poller' AND holder = %s",
+            (self.instance,))  # expired, not deleted: terms keep counting up (the fence)
+
+    async def heartbeat(self, info: dict[str, Any]) -> None:
+        await self._rows_none(
+            f"INSERT INTO cluster_instances (instance, heartbeat_at, info) "
+            f"VALUES (%(me)s, {_NOW}, %(info)s) ON CONFLICT (instance) DO UPDATE SET "
+            f"heartbeat_at = excluded.heartbeat_at, info = excluded.info",
+            {"me": self.instance, "info": json.dumps(info, default=str),
+             "now": self._cluster_now()})
+
+    async def forget_instance(self) -> None:
+        await self._rows_none("DELETE FROM cluster_instances WHERE instance = %s",
+                              (self.instance,))
+
+    async def cluster(self) -> dict[str, Any]:
+        from csand.storage.sqlite import _cluster_view
+
+        params = {"now": self._cluster_now()}
+        now = (await self._one(f"SELECT {_NOW} AS now", params))["now"]
+        leader = await self._rows(
+            "SELECT holder, term, until FROM cluster_leader WHERE role = 'poller'")
+        rows = await self._rows(
+            "SELECT instance, heartbeat_at, info FROM cluster_instances ORDER BY instance")
+        return _cluster_view(
+            now, tuple(leader[0].values()) if leader else None,
+            [tuple(r.values()) for r in rows])
+
+    async def reserve(self, bucket: str, interval: float, pause: float = 0.0) -> float:
+        """One statement: slots of all instances are handed out in the order they ask, each
+        ``interval`` after the last, none before a pause ends (server time)."""
+        row = await self._one(
+            f"INSERT INTO rate_buckets AS b (name, next_at, paused_until) "
+            f"VALUES (%(name)s, {_NOW} + %(pause)s + %(interval)s, {_NOW} + %(pause)s) "
+            f"ON CONFLICT (name) DO UPDATE SET "
+            f"paused_until = GREATEST(b.paused_until, {_NOW} + %(pause)s), "
+            f"next_at = GREATEST(b.next_at, {_NOW}, b.paused_until, {_NOW} + %(pause)s) "
+            f"  + %(interval)s "
+            f"RETURNING next_at - %(interval)s - {_NOW} AS wait",
+            {"name": bucket, "interval": interval, "pause": pause,
+             "now": self._cluster_now()})
+        return max(0.0, float(row["wait"]))
+
+    # ---- retention ----
+
+    async def prune(self, retention_seconds: float, *, batch: int = 1000) -> dict[str, int]:
+        """Forget personal data finished with long ago (see the SQLite backend for what is
+        kept), ``batch`` rows per transaction so leases never wait long behind it."""
+        cutoff = self._clock() - retention_seconds
+        counts = {"outbox": 0, "webhook_events": 0}
+        while True:
+            n = await self._rows_none(
+                "UPDATE outbox SET person_key = %(pruned)s || id::text, "
+                "payload = json_build_object('kind', kind, 'source_key', source_key, "
+                "'pruned', true)::text, last_error = NULL "
+                "WHERE id IN (SELECT id FROM outbox WHERE status IN ('done', 'cancelled') "
+                "AND finished_at < %(cutoff)s AND person_key NOT LIKE %(like)s "
+                "ORDER BY id LIMIT %(batch)s FOR UPDATE SKIP LOCKED)",
+                {"pruned": PRUNED, "like": f"{PRUNED}%", "cutoff": cutoff, "batch": batch})
+            counts["outbox"] += n
+            if n < batch:
+                break
+        while True:
+            n = await self._rows_none(
+                "UPDATE webhook_events SET body = '{}' WHERE id IN (SELECT id FROM "
+                "webhook_events WHERE processed_at < %(cutoff)s AND body != '{}' "
+                "ORDER BY id LIMIT %(batch)s FOR UPDATE SKIP LOCKED)",
+                {"cutoff": cutoff, "batch": batch})
+            counts["webhook_events"] += n
+            if n < batch:
+                break
+        return counts
+
+    # ---- reporting ----
+
+    async def counts(self) -> dict[str, int]:
+        rows = await self._rows("SELECT status, COUNT(*) AS n FROM outbox GROUP BY status")
+        counts = dict.fromkeys(STATUSES, 0)
+        counts.update({r["status"]: r["n"] for r in rows})
+        return counts
+
+    async def items(self) -> list[dict[str, Any]]:
+        rows = await self._rows(
+            "SELECT id, dedupe_key, source_key, person_key, petition_id, kind, payload, "
+            "occurred_at, status, attempts, next_attempt_at, lease_until, last_error, note, "
+            "enqueued_at, finished_at FROM outbox ORDER BY id")
+        return [r | {"payload": json.loads(r["payload"])} for r in rows]
+
+    async def status(self) -> dict[str, Any]:
+        """The figures ``csand status`` prints (the same keys as SQLite's), in one round trip
+        for the outbox and one for the rest."""
+        now = self._clock()
+        counts = await self.counts()
+        meta = {r["key"]: r["value"] for r in await self._rows("SELECT key, value FROM meta")}
+        row = await self._one(
+            "SELECT "
+            "(SELECT MIN(enqueued_at) FROM outbox WHERE status IN ('pending', 'in_flight')) "
+            "  AS oldest, "
+            "(SELECT COUNT(*) FROM outbox WHERE status = 'dead' AND finished_at > %(hour)s) "
+            "  AS dead_recent, "
+            "(SELECT COUNT(*) FROM outbox WHERE status = 'pending' AND attempts > 0) AS waiting, "
+            "(SELECT COUNT(*) FROM cs_petitions) AS petitions, "
+            "(SELECT COUNT(an_uuid) FROM cs_petitions) AS mirrored, "
+            "(SELECT COUNT(*) FROM cs_signatures) AS signatures, "
+            "(SELECT COUNT(deleted_at) FROM cs_signatures) AS deleted, "
+            "(SELECT COUNT(*) FROM webhook_events) AS events, "
+            "(SELECT COUNT(processed_at) FROM webhook_events) AS processed, "
+            "(SELECT COUNT(*) FROM webhook_events WHERE processed_at IS NOT NULL "
+            "  AND error IS NOT NULL) AS failed",
+            {"hour": now - 3600})
+        reasons = await self._rows(
+            "SELECT last_error AS reason, COUNT(*) AS n FROM outbox WHERE status = 'dead' "
+            "GROUP BY last_error ORDER BY n DESC, last_error LIMIT 5")
+        oldest = row["oldest"]
+        return {
+            **{k: counts[k] for k in STATUSES},
+            "retrying": row["waiting"],
+            "oldest_pending_age_s": round(now - oldest, 1) if oldest else None,
+            "last_poll_at": _iso(_float(meta.get("last_poll_at"))),
+            "last_reconcile_at": _iso(_float(meta.get("last_reconcile_at"))),
+            "backfill_done": meta.get("backfill_done") == "1",
+            "petitions_seen": row["petitions"],
+            "petitions_mirrored": row["mirrored"],
+            "signatures_seen": row["signatures"],
+            "signatures_deleted": row["deleted"],
+            "an_paused": meta.get("an_paused") or None,
+            "an_rate": _float(meta.get("an_rate")),
+            "an_429s_since_start": int(meta.get("an_rate_limited") or 0),
+            "last_poll_result": meta.get("last_poll_result"),
+            "daemon_heartbeat_at": _iso(_float(meta.get("heartbeat_at"))),
+            "daemon_started_at": _iso(_float(meta.get("started_at"))),
+            "dead_last_hour": row["dead_recent"],
+            "webhooks_received": row["events"],
+            "webhooks_waiting": row["events"] - row["processed"],
+            "webhooks_failed": row["failed"],
+            "webhook_endpoint": json.loads(meta["webhook_endpoint"])
+            if meta.get("webhook_endpoint") else None,
+            "dead_reasons": [{"reason": r["reason"], "count": r["n"]} for r in reasons],
+        }
+
+    async def dead_items(self, limit: int = 50) -> list[dict[str, Any]]:
+        rows = await self._rows(
+            "SELECT id, source_key, kind, attempts, last_error, finished_at FROM outbox "
+            "WHERE status = 'dead' ORDER BY id LIMIT %s", (limit,))
+        return [r | {"finished_at": _iso(r["finished_at"])} for r in rows]
+
+
+def _reason(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__
+
+
+def _person(r: dict[str, Any]) -> Person:
+    from csand.storage.sqlite import _field_times
+
+    return Person(
+        exists=r["exists_"], uuid=r["uuid"], subscribed=r["subscribed"],
+        fields_at=_field_times(r["fields_at"]),
+        unsubscribed_at=parse_time(r["unsubscribed_at"]),
+        opted_in_at=parse_time(r["opted_in_at"]),
+    )
+
+
+async def _check_fence(db: AsyncConnection[Any], fence: tuple[str, int], now: float | None
+                       ) -> None:
+    row = await (await db.execute(
+        f"SELECT holder, term, until >= {_NOW} AS alive FROM cluster_leader "
+        f"WHERE role = 'poller' FOR SHARE", {"now": now})).fetchone()
+    if row is None or (row["holder"], row["term"]) != fence or not row["alive"]:
+        raise NotLeader(f"instance {fence[0]} no longer leads (term {fence[1]})")
+
+
+async def _stale_signatures(db: AsyncConnection[Any], signatures: Sequence[SignatureSeen]
+                            ) -> set[int]:
+    """Ids among ``signatures`` older than what is recorded (or live copies of deleted ones)."""
+    if not signatures:
+        return set()
+    by_id = {s.cs_id: s for s in signatures}
+    rows = await (await db.execute(
+        "SELECT cs_id, deleted_at, updated_at FROM cs_signatures WHERE cs_id = ANY(%s)",
+        (list(by_id),))).fetchall()
+    stale: set[int] = set()
+    for r in rows:
+        new = by_id[r["cs_id"]]
+        if r["deleted_at"] and not new.deleted_at:
+            stale.add(r["cs_id"])
+        elif r["updated_at"] and new.updated_at and _newer(r["updated_at"], new.updated_at):
+            stale.add(r["cs_id"])
+    return stale
+
+
+async def _save_knowledge(db: AsyncConnection[Any], person: tuple[str, Person] | None,
+                          opt_in: str | None, now: float) -> None:
+    if person is not None:
+        await _save_person(db, person[0], person[1], now)
+    if opt_in is not None:
+        await db.execute(
+            "INSERT INTO opt_ins (source_key, applied_at) VALUES (%s, %s) "
+            "ON CONFLICT (source_key) DO NOTHING", (opt_in, now))
+
+
+async def _save_person(db: AsyncConnection[Any], email: str, p: Person, now: float) -> None:
+    # The consent timeline only moves forward (GREATEST ignores NULLs): a writer holding an
+    # older view must not take back a newer opt-in or unsubscribe.
+    await db.execute(
+        "INSERT INTO an_people (email, exists_, uuid, subscribed, fields_at, unsubscribed_at, "
+        "opted_in_at, learned_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+        "ON CONFLICT (email) DO UPDATE SET exists_ = excluded.exists_, uuid = excluded.uuid, "
+        "subscribed = excluded.subscribed, fields_at = excluded.fields_at, "
+        "unsubscribed_at = GREATEST(an_people.unsubscribed_at, excluded.unsubscribed_at), "
+        "opted_in_at = GREATEST(an_people.opted_in_at, excluded.opted_in_at), "
+        "learned_at = excluded.learned_at",
+        (email, p.exists, p.uuid, p.subscribed,
+         json.dumps({k: v.isoformat() for k, v in p.fields_at.items()}) if p.fields_at else None,
+         p.unsubscribed_at.isoformat() if p.unsubscribed_at else None,
+         p.opted_in_at.isoformat() if p.opted_in_at else None, now))
+
+
+# An item handed back goes back to the queue, unless ControlShift deleted its record meanwhile:
+# then it is cancelled (see the SQLite backend).
+_RELEASE = (
+    "UPDATE outbox SET lease_until = NULL, lease_token = NULL, lease_owner = NULL, "
+    "status = CASE WHEN source_deleted_at IS NULL THEN 'pending' ELSE 'cancelled' END, "
+    "finished_at = CASE WHEN source_deleted_at IS NULL THEN NULL ELSE %(now)s END, "
+    "note = CASE WHEN source_deleted_at IS NULL THEN note "
+    "ELSE 'signature deleted on ControlShift while it was being synced' END "
+)
+
+_INSERT_OUTBOX = (
+    "INSERT INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, payload, "
+    "occurred_at, enqueued_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+    "ON CONFLICT (dedupe_key) DO NOTHING"
+)
+
+_INSERT_DEAD_LETTER = (
+    "INSERT INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, payload, "
+    "occurred_at, status, last_error, note, enqueued_at, finished_at) "
+    "VALUES (%s, %s, %s, %s, 'malformed', %s, %s, 'dead', %s, %s, %s, %s) "
+    "ON CONFLICT (dedupe_key) DO NOTHING"
+)
+
+# The rules of SQLite's lease query; FOR UPDATE SKIP LOCKED passes over rows another instance
+# is leasing right now instead of waiting for it.
+_LEASE_QUERY = """
+SELECT o.id, o.payload, o.attempts, o.enqueued_at, o.progress
+FROM outbox AS o
+WHERE o.status = 'pending'
+  AND o.next_attempt_at <= %(now)s
+  AND o.source_deleted_at IS NULL
+  AND NOT EXISTS (
+        SELECT 1 FROM outbox AS busy
+        WHERE busy.person_key = o.person_key AND busy.status = 'in_flight')
+  AND NOT EXISTS (
+        SELECT 1 FROM outbox AS earlier
+        WHERE earlier.person_key = o.person_key AND earlier.status = 'pending'
+          AND (earlier.occurred_at < o.occurred_at
+               OR (earlier.occurred_at = o.occurred_at AND earlier.id < o.id)))
+  AND (o.kind != 'signature'
+       OR EXISTS (SELECT 1 FROM cs_petitions AS p
+                  WHERE p.cs_id = o.petition_id AND p.an_uuid IS NOT NULL)
+       OR NOT EXISTS (SELECT 1 FROM outbox AS c
+                      WHERE c.petition_id = o.petition_id AND c.kind = 'petition_created'
+                        AND c.status IN ('pending', 'in_flight')))
+ORDER BY o.id
+LIMIT %(limit)s
+FOR UPDATE OF o SKIP LOCKED
+"""
+
+
+__all__ = ["MIGRATIONS", "PostgresStore", "redact_url"]
