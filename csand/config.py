@@ -4,9 +4,10 @@ Everything is validated at start-up into one immutable :class:`Settings`; any pr
 csand with one message that names the offending key (``action_network.api_key: ...``), because an
 operator reading ``journalctl`` should not have to guess.
 
-Secrets (API keys, the OAuth client secret) may be given inline, as ``<name>_file`` pointing at a
-file, or through systemd credentials: a file named ``<section>_<name>`` (for example
-``action_network_api_key``) in ``$CREDENTIALS_DIRECTORY``.
+Secrets (API keys, the OAuth client secret, the PostgreSQL URL) may be given inline, as
+``<name>_file`` pointing at a file, or through systemd credentials: a file named
+``<section>_<name>`` (for example ``action_network_api_key``, ``store_url``) in
+``$CREDENTIALS_DIRECTORY``.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import os
 import re
 import tomllib
+import urllib.parse
 from contextvars import ContextVar
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -106,10 +108,43 @@ class SyncSettings(_Section):
     auth_recheck_interval: Positive = 60.0
 
 
+POSTGRES_SCHEMES = ("postgresql://", "postgres://")
+BOTH_STORES = "set either path (SQLite) or url (PostgreSQL), not both"
+
+
 class StoreSettings(_Section):
+    # SQLite (the default): one process on one machine. Exclusive with url / url_file.
     path: Path = Path("/var/lib/csand/csand.db")
+    # PostgreSQL: any number of instances share the work. A secret (it holds the password):
+    # inline, url_file, the systemd credential store_url, or CSAND_STORE__URL.
+    url: SecretStr | None = None
+    url_file: Path | None = None
+    pool_size: Annotated[int, Field(ge=1)] = 10  # PostgreSQL connections per instance
+    # This instance's name in a cluster (csand status, leases, heartbeats). None: the host name,
+    # so two instances on one machine need distinct names.
+    instance: str | None = None
     # Days a finished item's and a processed webhook's personal data is kept (then pruned).
     retention_days: Positive = 30.0
+
+    @field_validator("url", mode="after")
+    @classmethod
+    def _url(cls, value: Any) -> Any:  # overrides _Section's http(s) check; see _check_store
+        return value
+
+    @field_validator("instance")
+    @classmethod
+    def _instance(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        value = value.strip()
+        if not value or len(value) > 60 or any(c.isspace() or not c.isprintable() for c in value):
+            raise ValueError("must be 1 to 60 characters without spaces (default: the host name)")
+        return value
+
+    @property
+    def postgres_url(self) -> str | None:
+        """The PostgreSQL URL in clear (for the connection only), None for SQLite."""
+        return self.url.get_secret_value() if self.url is not None else None
 
 
 class LogSettings(_Section):
@@ -141,7 +176,7 @@ class Settings(BaseSettings):
         # The TOML file arrives as init kwargs; the environment overrides it.
         return (env_settings, init_settings)
 
-    @field_validator("controlshift", "action_network", mode="after")
+    @field_validator("controlshift", "action_network", "store", mode="after")
     @classmethod
     def _secrets(cls, section: _Section, info: ValidationInfo) -> _Section:
         return _resolve_secrets(section, info.field_name or "")
@@ -150,16 +185,32 @@ class Settings(BaseSettings):
         """Every secret value, for the log redactor."""
         values = [
             self.controlshift.api_key, self.controlshift.client_secret,
-            self.controlshift.webhook_secret, self.action_network.api_key,
+            self.controlshift.webhook_secret, self.action_network.api_key, self.store.url,
         ]
-        return [v.get_secret_value() for v in values if v is not None]
+        found = [v.get_secret_value() for v in values if v is not None]
+        if self.store.url is not None:
+            found += url_passwords(self.store.url.get_secret_value())
+        return found
 
 
-def _read_secret(path: Path, key: str) -> SecretStr | None:
+def url_passwords(url: str) -> list[str]:
+    """The password of a PostgreSQL URL as written and decoded (userinfo or ?password=)."""
+    try:
+        parts = urllib.parse.urlsplit(url)
+        raw = [parts.netloc.rpartition("@")[0].partition(":")[2]] if "@" in parts.netloc else []
+        raw += urllib.parse.parse_qs(parts.query).get("password", [])
+    except ValueError:
+        return []
+    found = {p for r in raw for p in (r, urllib.parse.unquote(r)) if p}
+    return sorted(found)
+
+
+def _read_secret(path: Path, key: str, *, required: bool = False) -> SecretStr | None:
+    """``required``: even for read-only commands (they need the store's URL to read it)."""
     try:
         value = path.read_text(encoding="utf-8").strip()
     except OSError as exc:
-        if not _SECRETS_REQUIRED.get():
+        if not required and not _SECRETS_REQUIRED.get():
             return None
         raise ValueError(f"{key}: cannot read {path}: {exc.strerror or exc}") from None
     if not value:
@@ -169,19 +220,26 @@ def _read_secret(path: Path, key: str) -> SecretStr | None:
 
 def _resolve_secrets(section: _Section, name: str) -> _Section:
     updates: dict[str, Any] = {}
-    secret_names = ["api_key"] + (
-        ["client_secret", "webhook_secret"] if name == "controlshift" else [])
+    if name == "store":
+        secret_names = ["url"]
+    else:
+        secret_names = ["api_key"] + (
+            ["client_secret", "webhook_secret"] if name == "controlshift" else [])
     creds = os.environ.get("CREDENTIALS_DIRECTORY")
     sources: dict[str, str] = {}
     for key in secret_names:
         file = getattr(section, f"{key}_file")
         if file is not None:
             sources[key] = f"{key}_file: {file}"
-            updates[key] = _read_secret(Path(file), f"{key}_file")
+            updates[key] = _read_secret(Path(file), f"{key}_file", required=name == "store")
         elif getattr(section, key) is None and creds and (Path(creds) / f"{name}_{key}").is_file():
             sources[key] = f"{key}: systemd credential {name}_{key}"
-            updates[key] = _read_secret(Path(creds) / f"{name}_{key}", key)
+            updates[key] = _read_secret(Path(creds) / f"{name}_{key}", key,
+                                        required=name == "store")
     section = section.model_copy(update=updates)
+    if name == "store":
+        _check_store(section, sources.get("url", "url:"))  # type: ignore[arg-type]
+        return section
     if not _SECRETS_REQUIRED.get():
         return section
     if name == "controlshift":
@@ -195,6 +253,25 @@ def _resolve_secrets(section: _Section, name: str) -> _Section:
                 "api_key is required (or client_id and client_secret for OAuth)"
             )
     return section
+
+
+def _check_store(store: StoreSettings, source: str) -> None:
+    """One store: SQLite ``path`` or PostgreSQL ``url`` (from any source), never both.
+
+    ``path`` has a default, so only an explicitly set one (file or environment) conflicts.
+    Messages never quote the URL: it holds the password.
+    """
+    if store.url is None and store.url_file is None:
+        return
+    if "path" in store.model_fields_set:
+        # "store: ..." (no key prefix, see _describe): the conflict is the section's.
+        raise ValueError(BOTH_STORES if source == "url:" else f"{BOTH_STORES} ({source})")
+    url = store.postgres_url or ""
+    if url.startswith(POSTGRES_SCHEMES):
+        return
+    if source == "url:":  # inline or CSAND_STORE__URL
+        raise ValueError("url: must start with postgresql:// or postgres://")
+    raise ValueError(f"{source} does not hold a URL starting with postgresql:// or postgres://")
 
 
 def _check_webhook_secret(section: _Section, source: str) -> None:

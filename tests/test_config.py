@@ -362,3 +362,130 @@ def test_csand_run_refuses_a_short_webhook_secret_in_one_line(tmp_path: Path) ->
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and "controlshift.webhook_secret:" in lines[0], done.stderr
     assert not (tmp_path / "csand.db").exists()  # refused before anything started
+
+
+# ---------------------------------------------------------------- the store: SQLite or PostgreSQL
+
+PG_PASSWORD = "pg-s3cret-pw"
+PG_URL = f"postgresql://csand:{PG_PASSWORD}@db.example.org:5432/csand"
+
+
+def test_sqlite_stays_the_default(tmp_path: Path) -> None:
+    store = load_text(tmp_path, MINIMAL).store
+    assert store.path == Path("/var/lib/csand/csand.db")
+    assert store.url is None and store.postgres_url is None
+    assert (store.pool_size, store.instance) == (10, None)
+
+
+def test_postgresql_url_pool_size_and_instance(tmp_path: Path) -> None:
+    s = load_text(tmp_path, MINIMAL + f'\n[store]\nurl = "{PG_URL}"\npool_size = 4\n'
+                  'instance = "csand-b"\n')
+    assert s.store.postgres_url == PG_URL
+    assert (s.store.pool_size, s.store.instance) == (4, "csand-b")
+    assert PG_PASSWORD not in repr(s.store) and PG_PASSWORD not in str(s)
+
+
+def test_the_url_and_its_password_are_secrets_for_the_log_redactor(tmp_path: Path) -> None:
+    s = load_text(tmp_path, MINIMAL + '\n[store]\nurl = "postgres://csand:p%40ss%2Fw@db/csand"\n')
+    assert "postgres://csand:p%40ss%2Fw@db/csand" in s.secrets()
+    assert "p%40ss%2Fw" in s.secrets() and "p@ss/w" in s.secrets()  # as written and decoded
+    query = load_text(tmp_path, MINIMAL + '\n[store]\nurl = "postgresql://db/x?password=qpw99"\n')
+    assert "qpw99" in query.secrets()
+
+
+@pytest.mark.parametrize("url", ["mysql://u:pw-xyz@db/csand", "db.example.org/csand",
+                                 "https://u:pw-xyz@db/csand"])
+def test_the_url_must_be_a_postgresql_url(tmp_path: Path, url: str) -> None:
+    message = error_for(tmp_path, MINIMAL + f'\n[store]\nurl = "{url}"\n')
+    assert "store.url: must start with postgresql:// or postgres://" in message
+    assert "pw-xyz" not in message and url not in message
+
+
+def test_path_and_url_together_are_refused_in_one_line(tmp_path: Path) -> None:
+    message = error_for(tmp_path, MINIMAL + f'\n[store]\npath = "{tmp_path / "x.db"}"\n'
+                        f'url = "{PG_URL}"\n')
+    assert message.endswith("store: set either path (SQLite) or url (PostgreSQL), not both")
+    assert "\n" not in message and PG_PASSWORD not in message
+
+
+def test_path_and_url_file_together_are_refused(tmp_path: Path) -> None:
+    url_file = write(tmp_path, PG_URL + "\n", "store_url")
+    message = error_for(tmp_path, MINIMAL + f'\n[store]\npath = "{tmp_path / "x.db"}"\n'
+                        f'url_file = "{url_file}"\n')
+    assert "store: set either path (SQLite) or url (PostgreSQL), not both" in message
+    assert str(url_file) in message and PG_PASSWORD not in message
+
+
+def test_the_default_path_does_not_conflict_with_a_url(tmp_path: Path) -> None:
+    s = load_text(tmp_path, MINIMAL + f'\n[store]\nurl = "{PG_URL}"\nretention_days = 7\n')
+    assert s.store.postgres_url == PG_URL
+
+
+def test_url_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("CSAND_STORE__URL", PG_URL)
+    assert load_text(tmp_path, MINIMAL).store.postgres_url == PG_URL
+    # It overrides a URL in the file ...
+    other = "postgresql://other:pw@elsewhere/csand"
+    assert load_text(tmp_path, MINIMAL + f'\n[store]\nurl = "{other}"\n').store.postgres_url \
+        == PG_URL
+    # ... but not a SQLite path in it: that config names two stores, which is refused.
+    message = error_for(tmp_path, MINIMAL + f'\n[store]\npath = "{tmp_path / "x.db"}"\n')
+    assert "store: set either path (SQLite) or url (PostgreSQL), not both" in message
+    assert PG_PASSWORD not in message
+
+
+def test_an_environment_path_with_a_file_url_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setenv("CSAND_STORE__PATH", str(tmp_path / "x.db"))
+    message = error_for(tmp_path, MINIMAL + f'\n[store]\nurl = "{PG_URL}"\n')
+    assert "store: set either path (SQLite) or url (PostgreSQL), not both" in message
+
+
+def test_url_file(tmp_path: Path) -> None:
+    url_file = write(tmp_path, f"  {PG_URL}\n", "store_url")
+    s = load_text(tmp_path, MINIMAL + f'\n[store]\nurl_file = "{url_file}"\n')
+    assert s.store.postgres_url == PG_URL
+    assert PG_URL in s.secrets() and PG_PASSWORD in s.secrets()
+
+
+def test_url_file_is_needed_even_by_read_only_commands(tmp_path: Path) -> None:
+    # Without it they would silently open the default SQLite path instead.
+    config_file = write(tmp_path, MINIMAL + f'\n[store]\nurl_file = "{tmp_path / "absent"}"\n')
+    with pytest.raises(ConfigError, match=r"store\.url_file: cannot read"):
+        config.load(config_file, secrets=False)
+
+
+@pytest.mark.parametrize(("content", "expected"), [
+    ("\n", "is empty"),
+    ("mysql://u:pw-xyz@db/x\n", "does not hold a URL starting with postgresql://"),
+])
+def test_a_bad_url_file(tmp_path: Path, content: str, expected: str) -> None:
+    url_file = write(tmp_path, content, "store_url")
+    message = error_for(tmp_path, MINIMAL + f'\n[store]\nurl_file = "{url_file}"\n')
+    assert "store.url_file:" in message and expected in message and str(url_file) in message
+    assert "pw-xyz" not in message
+
+
+def test_url_as_a_systemd_credential(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "store_url").write_text(PG_URL + "\n")
+    monkeypatch.setenv("CREDENTIALS_DIRECTORY", str(creds))
+    s = load_text(tmp_path, MINIMAL)
+    assert s.store.postgres_url == PG_URL and PG_PASSWORD in s.secrets()
+    inline = "postgresql://inline:pw@db/x"  # an inline URL wins, as for the API keys
+    assert load_text(tmp_path, MINIMAL + f'\n[store]\nurl = "{inline}"\n').store.postgres_url \
+        == inline
+    (creds / "store_url").write_text("sqlite:///x.db\n")
+    message = error_for(tmp_path, MINIMAL)
+    assert "store.url: systemd credential store_url does not hold a URL" in message
+
+
+@pytest.mark.parametrize(("line", "key"), [
+    ("pool_size = 0", "store.pool_size"),
+    ('instance = ""', "store.instance"),
+    ('instance = "two words"', "store.instance"),
+])
+def test_bad_pool_size_and_instance(tmp_path: Path, line: str, key: str) -> None:
+    assert f"{key}:" in error_for(tmp_path, MINIMAL + f"\n[store]\n{line}\n")
