@@ -16,9 +16,10 @@ import anyio
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
+from csand.checks import STALE_AFTER_S, open_configured_store
 from csand.config import Settings
 from csand.daemon import AlreadyRunning, Daemon, single_instance
-from csand.storage import Storage, open_store
+from csand.storage import Storage
 
 REQUESTS_PER_ITEM = 1.5  # typical AN requests per activity (README benchmarks), for the ETA
 
@@ -26,9 +27,8 @@ REQUESTS_PER_ITEM = 1.5  # typical AN requests per activity (README benchmarks),
 async def run_backfill(settings: Settings, since: str | None, console: Console | None = None
                        ) -> int:
     console = console or Console()
-    path = Path(settings.store.path)
     started = time.time()
-    store = await open_store(path)
+    store = await open_configured_store(settings)
     try:
         if since:
             result = await store.requeue_since(since)
@@ -39,10 +39,7 @@ async def run_backfill(settings: Settings, since: str | None, console: Console |
                 console.print(f"{result.skipped_pruned} more could not be: their personal data "
                               f"was pruned (store.retention_days = "
                               f"{settings.store.retention_days:g})")
-        try:
-            with single_instance(path):
-                pass
-        except AlreadyRunning:
+        if await _daemon_running(store, settings):
             # One sweeper only: two would share ControlShift's 1000 requests/minute unknowingly.
             console.print("The daemon is running: asking it for a full sweep, and watching.")
             await _ask_for_sweep(store)
@@ -61,6 +58,20 @@ async def run_backfill(settings: Settings, since: str | None, console: Console |
         return 0
     finally:
         await store.close()
+
+
+async def _daemon_running(store: Storage, settings: Settings) -> bool:
+    """SQLite: the daemon's lock file is held. PostgreSQL: some instance's heartbeat is fresh
+    (its leader, or the one that takes over, then does the sweep asked for)."""
+    if store.shared:
+        cluster = await store.cluster()
+        return any((i.get("heartbeat_age_s") is not None and i["heartbeat_age_s"] <= STALE_AFTER_S)
+                   for i in cluster["instances"])
+    try:
+        with single_instance(Path(settings.store.path)):
+            return False
+    except AlreadyRunning:
+        return True
 
 
 async def _ask_for_sweep(store: Storage) -> None:

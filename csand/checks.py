@@ -12,7 +12,11 @@ from csand.actionnetwork.client import ActionNetworkClient, ANFailure
 from csand.config import Settings
 from csand.controlshift.client import ControlShiftClient, CSError, OAuthToken
 from csand.ratelimit import TokenBucket
-from csand.storage import open_store
+from csand.storage import Storage, StoreError, open_store
+from csand.storage.postgres import redact_url
+
+# An instance whose last heartbeat is older than this is shown as stale (probably down).
+STALE_AFTER_S = 30.0
 
 
 def _result(check: str, ok: bool, detail: str) -> dict[str, Any]:
@@ -50,18 +54,60 @@ async def check_action_network(settings: Settings, http: httpx.AsyncClient) -> d
     return _result("Action Network", True, f"{an.url}: the group API key is valid")
 
 
-async def check_store(settings: Settings) -> dict[str, Any]:
-    path = Path(settings.store.path)
+def store_location(settings: Settings) -> str:
+    """Where the store is, fit to show: the SQLite path, or the PostgreSQL URL without password."""
+    url = settings.store.postgres_url
+    return redact_url(url) if url is not None else str(Path(settings.store.path))
+
+
+async def open_configured_store(settings: Settings) -> Storage:
+    """The store ``[store]`` names (url, else path), opened as ``[store] instance``.
+
+    :class:`StoreError` (one line, password masked) when PostgreSQL cannot be reached.
+    """
+    url = settings.store.postgres_url
+    if url is not None:
+        await _probe_postgres(url)
+    return await open_store(settings.store, instance=settings.store.instance)
+
+
+async def _probe_postgres(url: str) -> None:
+    """One plain connection first: the pool behind open_store retries for 30 s and then reports
+    only "pool initialization incomplete", where an operator needs libpq's reason at once."""
+    import psycopg
+
     try:
-        store = await open_store(path)
+        conn = await psycopg.AsyncConnection.connect(url, connect_timeout=10)
+    except Exception as exc:  # noqa: BLE001 - phrased for the operator
+        lines = str(exc).strip().splitlines()
+        reason = lines[0] if lines else type(exc).__name__
+        raise StoreError(f"cannot connect to PostgreSQL at {redact_url(url)}: {reason}") from None
+    await conn.close()
+
+
+async def check_store(settings: Settings) -> dict[str, Any]:
+    where = store_location(settings)
+    try:
+        store = await open_configured_store(settings)
         try:
             await store.set_meta(checked_at=__version__)
             version = await store.schema_version()
         finally:
             await store.close()
+    except StoreError as exc:  # already names the store, phrased for the operator
+        return _result("store", False, _redact(str(exc), settings))
     except Exception as exc:  # noqa: BLE001 - any failure is the answer
-        return _result("store", False, f"{path}: not writable: {type(exc).__name__}: {exc}")
-    return _result("store", True, f"{path}: writable (schema version {version})")
+        return _result("store", False, _redact(
+            f"{where}: not writable: {type(exc).__name__}: {exc}", settings))
+    kind = "PostgreSQL" if settings.store.url is not None else "SQLite"
+    return _result("store", True, f"{where}: writable ({kind}, schema version {version})")
+
+
+def _redact(text: str, settings: Settings) -> str:
+    for secret in sorted(settings.secrets(), key=len, reverse=True):
+        if len(secret) >= 4:
+            text = text.replace(secret, "***")
+    return text
 
 
 async def run_checks(settings: Settings) -> list[dict[str, Any]]:

@@ -65,21 +65,27 @@ def _load(path: Path, *, secrets: bool = True) -> config_mod.Settings:
 
 def _with_store(settings: config_mod.Settings, fn: Callable[[Any], Awaitable[T]],
                 *, must_exist: bool = True) -> T:
-    from csand.storage import open_store
+    from csand.checks import open_configured_store
+    from csand.storage import StoreError
 
-    path = Path(settings.store.path)
-    if must_exist and not path.exists():
-        typer.echo(f"csand: no database at {path} yet (has csand run started?)", err=True)
-        raise typer.Exit(1)
+    if settings.store.url is None:  # SQLite: a command that reads must not create an empty one
+        path = Path(settings.store.path)
+        if must_exist and not path.exists():
+            typer.echo(f"csand: no database at {path} yet (has csand run started?)", err=True)
+            raise typer.Exit(1)
 
     async def go() -> T:
-        store = await open_store(path)
+        store = await open_configured_store(settings)
         try:
             return await fn(store)
         finally:
             await store.close()
 
-    return anyio.run(go, backend="asyncio")
+    try:
+        return anyio.run(go, backend="asyncio")
+    except StoreError as exc:  # unreachable, newer schema: one line, the password masked
+        typer.echo(f"csand: {exc}", err=True)
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -91,12 +97,13 @@ def run(
 ) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT (SIGHUP reloads logging)."""
     from csand.daemon import AlreadyRunning, Daemon
+    from csand.storage import StoreError
 
     settings = _load(config)
     logs.configure(settings.log.level, settings.log.format, secrets=settings.secrets())
     try:
         anyio.run(Daemon(settings, config_path=config, dry_run=dry_run).run, backend="asyncio")
-    except AlreadyRunning as exc:
+    except (AlreadyRunning, StoreError) as exc:
         typer.echo(f"csand: {exc}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
@@ -113,7 +120,7 @@ def status(config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH, as_json: JsonO
     from csand import health
 
     settings = _load(config, secrets=False)
-    data = _with_store(settings, lambda store: store.status())
+    data = _with_store(settings, _status_with_cluster)
     problems = health.reasons(data, poll_interval=settings.controlshift.poll_interval,
                               now=time.time())
     data["healthy"] = not problems
@@ -124,11 +131,78 @@ def status(config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH, as_json: JsonO
     if as_json:
         typer.echo(json.dumps(data))
     else:
+        from rich.console import Console
+
         from csand.report import print_status
 
-        print_status(data)
+        console = Console()
+        print_status(data, console)
+        _print_cluster(data["cluster"], console)
     if problems:
         raise typer.Exit(UNHEALTHY)
+
+
+async def _status_with_cluster(store: Any) -> dict[str, Any]:
+    """``store.status()`` plus ``"cluster"``: ``store.cluster()`` with ``backend``, ``shared``,
+    ``stale_after_s`` and, per instance, ``stale`` (its heartbeat is older than that)."""
+    from csand.checks import STALE_AFTER_S
+
+    data = await store.status()
+    cluster = dict(await store.cluster())
+    cluster["backend"] = "postgresql" if store.shared else "sqlite"
+    cluster["shared"] = bool(store.shared)
+    cluster["stale_after_s"] = STALE_AFTER_S
+    cluster["instances"] = [
+        {**i, "stale": i.get("heartbeat_age_s") is None or i["heartbeat_age_s"] > STALE_AFTER_S}
+        for i in cluster.get("instances") or ()]
+    data["cluster"] = cluster
+    return data
+
+
+def _ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    seconds = max(0, int(seconds))
+    if seconds < 120:
+        return f"{seconds} s ago"
+    if seconds < 7200:
+        return f"{seconds // 60} min ago"
+    if seconds < 172800:
+        return f"{seconds // 3600} h ago"
+    return f"{seconds // 86400} days ago"
+
+
+def _print_cluster(cluster: dict[str, Any], console: Any) -> None:
+    """Who leads and each instance's last heartbeat. SQLite has one instance: one line."""
+    from rich.table import Table
+
+    instances = cluster.get("instances") or []
+    leader = cluster.get("leader")
+    if not cluster.get("shared"):
+        for i in instances:  # none before the daemon's first heartbeat
+            state = " [red](stale: not running?)[/red]" if i["stale"] else ""
+            console.print(f"[bold]instance[/bold] {i['instance']} (SQLite, single instance), "
+                          f"heartbeat {_ago(i.get('heartbeat_age_s'))}{state}")
+        return
+    if leader:
+        lead = (f"[bold]leader[/bold] {leader} (term {cluster.get('term')}, lease runs "
+                f"{cluster.get('leader_for_s') or 0:.0f} s more)")
+    else:
+        lead = ("[yellow]no leader: no instance polls ControlShift now"
+                + (" (one takes over within a lease)" if any(not i["stale"] for i in instances)
+                   else "") + "[/yellow]")
+    table = Table(title=f"cluster (PostgreSQL, {len(instances)} instance(s))")
+    for column in ("instance", "role", "heartbeat", "host", "pid", "workers", "version"):
+        table.add_column(column)
+    for i in instances:
+        heartbeat = _ago(i.get("heartbeat_age_s"))
+        if i["stale"]:
+            heartbeat = f"[red]{heartbeat}: stale, down?[/red]"
+        table.add_row(i["instance"], "leader" if i["instance"] == leader else "follower",
+                      heartbeat, *(str(i.get(k, "")) for k in ("host", "pid", "workers",
+                                                                   "version")))
+    console.print(table)
+    console.print(lead)
 
 
 @app.command()
@@ -261,9 +335,25 @@ def backfill(
             typer.echo(f"csand: --since {since!r} is not a date", err=True)
             raise typer.Exit(2)
         since_iso = parsed.isoformat()
+    from csand.storage import StoreError
+
     logs.configure("warning", "json", stream=logs.open_private(  # lives as long as the process
-        Path(settings.store.path).with_suffix(".backfill.log")), secrets=settings.secrets())
-    raise typer.Exit(anyio.run(run_backfill, settings, since_iso, backend="asyncio"))
+        _backfill_log(settings)), secrets=settings.secrets())
+    try:
+        code = anyio.run(run_backfill, settings, since_iso, backend="asyncio")
+    except StoreError as exc:
+        typer.echo(f"csand: {exc}", err=True)
+        raise typer.Exit(1) from None
+    raise typer.Exit(code)
+
+
+def _backfill_log(settings: config_mod.Settings) -> Path:
+    """Where ``csand backfill`` logs: beside the SQLite database. With PostgreSQL there is no
+    database file to sit beside, so ./csand.backfill.log: the current directory is one the
+    operator running the backfill chose and can write (unlike /var/lib/csand, the service's)."""
+    if settings.store.url is None:
+        return Path(settings.store.path).with_suffix(".backfill.log")
+    return Path.cwd() / "csand.backfill.log"
 
 
 @app.command()

@@ -12,7 +12,7 @@ import fcntl
 import json
 import os
 import signal
-import sqlite3
+import socket
 import tempfile
 import time
 from collections.abc import Iterator
@@ -33,9 +33,9 @@ from csand.controlshift.poller import Poller
 from csand.controlshift.webhooks import WebhookProcessor
 from csand.dryrun import DryRunActionNetworkClient, ReadOnlyTransport, copy_database
 from csand.logs import get_logger
-from csand.ratelimit import TokenBucket
+from csand.ratelimit import SharedTokenBucket, TokenBucket
 from csand.retry import RetryPolicy
-from csand.storage import STATUSES, Storage, open_store
+from csand.storage import STATUSES, NotLeader, Storage, StoreError, open_store, redact_url
 from csand.sync.worker import Dispatcher
 from csand.systemd import Notifier
 from csand.web import Listener, build_app
@@ -43,6 +43,12 @@ from csand.web import Listener, build_app
 log = get_logger("daemon")
 
 HEARTBEAT_SECONDS = 5.0
+# Leadership of a cluster (PostgreSQL): a lease of LEAD_TTL seconds, renewed every LEAD_RENEW.
+# A leader that dies is replaced within LEAD_TTL + LEAD_RENEW (20 s); one that cannot renew
+# stops polling LEAD_MARGIN seconds before its lease can run out in the database.
+LEAD_TTL = 15.0
+LEAD_RENEW = 5.0
+LEAD_MARGIN = 3.0
 PRUNE_SECONDS = 3600.0  # personal data past store.retention_days is pruned this often
 AN_HEADROOM = 0.97  # 3% under AN's limit: arrival jitter must not cost 429s
 
@@ -96,6 +102,7 @@ class Daemon:
         self._stop = anyio.Event()
         self.last_status: dict = {}
         self.notifier = Notifier()
+        self.is_leader = False
         self.dry_run = dry_run
         self.config_path = config_path
 
@@ -112,26 +119,39 @@ class Daemon:
 
     async def _run(self) -> None:
         s = self.settings
-        # A dry run works on its own copy, so it may run beside the real daemon.
-        lock = nullcontext() if self.dry_run else single_instance(Path(s.store.path))
+        url = _store_url(s)
+        if url and self.dry_run:
+            raise StoreError("csand run --dry-run decides on a copy of a SQLite store; with "
+                             "PostgreSQL (store.url) there is no copy to work on: run the dry "
+                             "run with a SQLite store")
+        # One process per SQLite file; with PostgreSQL any number share the database. A dry run
+        # works on its own copy, so it may run beside the real daemon.
+        lock = nullcontext() if self.dry_run or url else single_instance(Path(s.store.path))
         with lock, tempfile.TemporaryDirectory(prefix="csand-dry-run-") as scratch:
-            db_path = Path(s.store.path)
+            target: Any = s.store
             if self.dry_run:  # decisions on a copy: the real queue and knowledge stay as they are
-                db_path = Path(scratch) / "csand.db"
-                copy_database(Path(s.store.path), db_path)
+                target = Path(scratch) / "csand.db"
+                copy_database(Path(s.store.path), target)
             async with AsyncExitStack() as stack:
-                store = await open_store(db_path)
+                store = await open_store(target, instance=_instance_name(s))
                 stack.push_async_callback(store.close)
                 self.store = store
+                if store.shared:
+                    await self._check_instance_name(store)
                 released = await store.release_all_in_flight()
                 an_http = await stack.enter_async_context(self._an_http())
                 cs_http = await stack.enter_async_context(httpx.AsyncClient(
                     transport=self._cs_transport, timeout=s.controlshift.timeout,
                     headers={"User-Agent": f"csand/{__version__}"},
                 ))
+                # AN's limit is per API key: instances on one database share one bucket.
+                limiter = (SharedTokenBucket(store, s.action_network.requests_per_second,
+                                             headroom=AN_HEADROOM) if store.shared
+                           else TokenBucket(s.action_network.requests_per_second,
+                                            headroom=AN_HEADROOM))
                 an = (DryRunActionNetworkClient if self.dry_run else ActionNetworkClient)(
                     an_http, s.action_network.url, s.action_network.api_key.get_secret_value(),  # type: ignore[union-attr]
-                    TokenBucket(s.action_network.requests_per_second, headroom=AN_HEADROOM),
+                    limiter,
                 )
                 cs = self._cs_client(cs_http)
                 self.poller = Poller(
@@ -155,8 +175,9 @@ class Daemon:
                 if s.http.listen and not self.dry_run:
                     self.listener = Listener(self._http_app(), s.http.listen)
                 await store.set_meta(an_paused=None, pid=os.getpid(), started_at=time.time())
-                log.info("daemon.start", version=__version__, db=str(s.store.path),
-                         dry_run=self.dry_run,
+                log.info("daemon.start", version=__version__,
+                         db=redact_url(url) if url else str(s.store.path),
+                         instance=store.instance, cluster=store.shared, dry_run=self.dry_run,
                          workers=s.sync.workers, an_rate=s.action_network.requests_per_second,
                          poll_interval=s.controlshift.poll_interval,
                          reconcile_interval=s.controlshift.reconcile_interval,
@@ -226,12 +247,10 @@ class Daemon:
 
             async def poll() -> None:
                 with poll_scope:
-                    await self.poller.run()  # type: ignore[union-attr]
+                    await self._lead()
 
             tg.start_soon(poll)
             tg.start_soon(self._heartbeat)
-            if not self.dry_run:  # a dry run's copy of the database is thrown away anyway
-                tg.start_soon(self._prune)
             work_scope = anyio.CancelScope()
             work_done = anyio.Event()
 
@@ -243,7 +262,6 @@ class Daemon:
             tg.start_soon(work)
             if self.webhooks is not None:
                 tg.start_soon(self.webhooks.run)
-                tg.start_soon(self._watch_webhook_endpoint)
             if self.listener is not None:
                 await tg.start(self.listener.run)
                 log.info("http.listening", listen=self.settings.http.listen)
@@ -266,18 +284,116 @@ class Daemon:
         with anyio.CancelScope(shield=True):
             unfinished = len(dispatcher.in_flight)
             await dispatcher.release_in_flight()
-            await self.store.set_meta(heartbeat_at=None)
+            if self.store.shared:  # another instance takes over polling now, not in 20 s
+                await self.store.resign()
+                await self.store.forget_instance()
+            else:
+                await self.store.set_meta(heartbeat_at=None)
         log.info("daemon.stopped", released=unfinished, ms=round((time.monotonic() - t0) * 1000))
+
+    async def _lead(self) -> None:
+        """Poll ControlShift, run the sweeps, the prune and the endpoint check while this
+        instance leads; a SQLite store has one process, which always leads.
+
+        Leadership is renewed every ``LEAD_RENEW`` seconds. When the store cannot be reached,
+        polling stops ``LEAD_MARGIN`` seconds before the lease could run out, so two instances
+        never poll at once; a late commit of a deposed leader is refused by the fence anyway.
+        """
+        assert self.store is not None and self.poller is not None
+        store = self.store
+        while True:
+            term: int | None = None
+            asked = time.monotonic()
+            with anyio.move_on_after(LEAD_RENEW):
+                try:
+                    term = await store.lead(LEAD_TTL)
+                except Exception as exc:  # noqa: BLE001 - the database is unreachable: retry
+                    log.warning("cluster.lead_failed", error=str(exc))
+            if term is None:
+                await anyio.sleep(LEAD_RENEW - min(LEAD_RENEW, time.monotonic() - asked))
+                continue
+            await self._while_leading(term, asked)
+
+    async def _while_leading(self, term: int, asked: float) -> None:
+        """Run the leader's work in term ``term`` until leadership is lost or cannot be renewed
+        in time (``asked``: when the lease just granted was asked for, on this machine)."""
+        assert self.store is not None and self.poller is not None
+        store, instance = self.store, self.store.instance
+        self.poller.fence = (instance, term) if store.shared else None
+        deadline = asked + LEAD_TTL - LEAD_MARGIN
+        self.is_leader = True
+        metrics.leader.set(1)
+        log.info("cluster.leading", instance=instance, term=term, cluster=store.shared)
+        reason = "another instance leads"
+        try:
+            async with anyio.create_task_group() as tg:
+                async def leader_work() -> None:
+                    try:
+                        await self.poller.run()  # type: ignore[union-attr]
+                    except* NotLeader:  # a commit found the term over: stop at once
+                        pass
+                    tg.cancel_scope.cancel()
+
+                tg.start_soon(leader_work)
+                if not self.dry_run:  # a dry run's copy of the database is thrown away anyway
+                    tg.start_soon(self._prune)
+                if self.webhooks is not None:
+                    tg.start_soon(self._watch_webhook_endpoint)
+                while True:
+                    await anyio.sleep(max(0.0, min(LEAD_RENEW, deadline - time.monotonic())))
+                    if time.monotonic() >= deadline:
+                        reason = "the lease could not be renewed in time"
+                        break
+                    asked = time.monotonic()
+                    answer: int | None | str = "no answer"
+                    with anyio.move_on_after(deadline - asked):
+                        try:
+                            answer = await store.lead(LEAD_TTL)
+                        except Exception as exc:  # noqa: BLE001 - retried until the deadline
+                            log.warning("cluster.renew_failed", error=str(exc))
+                    if answer == term:
+                        deadline = asked + LEAD_TTL - LEAD_MARGIN
+                    elif answer != "no answer":  # None, or a later term of this instance
+                        break
+                tg.cancel_scope.cancel()
+        finally:
+            self.poller.fence = None
+            self.is_leader = False
+            metrics.leader.set(0)
+        log.warning("cluster.not_leading", instance=instance, term=term, reason=reason,
+                    msg="polling stopped here; this instance keeps draining the outbox")
+
+    async def _check_instance_name(self, store: Storage) -> None:
+        """Two live instances with one name would release each other's leases at start-up."""
+        me = store.instance
+        for other in (await store.cluster())["instances"]:
+            if other["instance"] != me or other.get("heartbeat_age_s", 1e9) > 3 * HEARTBEAT_SECONDS:
+                continue
+            if other.get("host") == socket.gethostname() and not _alive(other.get("pid")):
+                continue  # this machine's previous process, gone (a kill -9 and a restart)
+            raise StoreError(
+                f"another csand instance named {me!r} is running (host {other.get('host')}, "
+                f"pid {other.get('pid')}, heartbeat {other.get('heartbeat_age_s')} s ago): "
+                "give each instance its own name ([store] instance)")
 
     async def _heartbeat(self) -> None:
         """Every few seconds: liveness for ``csand status``, and the gauges for /metrics."""
         assert self.store and self.dispatcher
+        started = time.time()
         while True:
             rate = self.dispatcher.an.limiter.current_rate()
             await self.store.set_meta(
                 heartbeat_at=time.time(), an_rate=round(rate, 3),
                 an_rate_limited=self.dispatcher.an.limiter.rate_limited_count,
             )
+            await self.store.heartbeat({
+                "host": socket.gethostname(), "pid": os.getpid(), "version": __version__,
+                "started_at": started, "workers": self.settings.sync.workers,
+                "in_flight": len(self.dispatcher.in_flight),
+                "leading": self.is_leader,
+                "an_rate": round(rate, 3),
+                "an_429s": self.dispatcher.an.limiter.rate_limited_count,
+            })
             snapshot = await self.store.status()
             for state in STATUSES:
                 metrics.outbox_items.labels(state).set(snapshot[state])
@@ -295,7 +411,7 @@ class Daemon:
         while True:
             try:
                 pruned = await self.store.prune(days * 86400)
-            except sqlite3.Error as exc:  # the store is busy or broken: try again next time
+            except Exception as exc:  # noqa: BLE001 - the store is busy or broken: next time
                 log.warning("store.prune_failed", error=str(exc))
             else:
                 if any(pruned.values()):
@@ -392,6 +508,25 @@ class Daemon:
             logs.configure(fresh.log.level, fresh.log.format, secrets=fresh.secrets())
             log.info("daemon.reloaded", log_level=fresh.log.level, log_format=fresh.log.format)
         self.notifier.ready("reloaded")
+
+
+def _store_url(settings: Settings) -> str | None:
+    url = getattr(settings.store, "url", None)
+    return url.get_secret_value() if hasattr(url, "get_secret_value") else url
+
+
+def _instance_name(settings: Settings) -> str:
+    return getattr(settings.store, "instance", None) or socket.gethostname() or "csand"
+
+
+def _alive(pid: Any) -> bool:
+    try:
+        os.kill(int(pid), 0)
+    except (TypeError, ValueError, ProcessLookupError):
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _status_line(snapshot: dict[str, Any], paused: str | None) -> str:

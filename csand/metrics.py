@@ -27,6 +27,9 @@ an_rate = Gauge(
     "csand_an_rate_per_second", "Current token-bucket rate for Action Network.", registry=REGISTRY)
 an_paused = Gauge(
     "csand_an_paused", "1 while workers are paused because AN rejects the key.", registry=REGISTRY)
+leader = Gauge(
+    "csand_leader", "1 while this instance leads: it polls ControlShift and runs the sweeps.",
+    registry=REGISTRY)
 poll_cycles = Histogram(
     "csand_poll_cycle_seconds", "Duration of ControlShift poll cycles.", ["kind"],
     buckets=(0.1, 0.5, 1, 2, 5, 10, 30, 60, 300, 900, 3600), registry=REGISTRY)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Awaitable, Callable
+from typing import Protocol
 
 import anyio
 
@@ -92,4 +93,40 @@ class TokenBucket:
         self._limited_at = now + pause
         self._paused_until = max(self._paused_until, now + pause)
         self._next = max(self._next, self._paused_until)
+        return pause
+
+
+class SlotSource(Protocol):
+    async def reserve(self, bucket: str, interval: float, pause: float = 0.0) -> float: ...
+
+
+class SharedTokenBucket(TokenBucket):
+    """The same limiter for several csand instances on one database.
+
+    AN's limit is per API key, not per process: each request reserves the next slot of one
+    row in the database (:meth:`csand.storage.Cluster.reserve`), so slots of all instances are
+    ``1/rate`` apart together. A 429 seen here pauses every instance (the pause goes with the
+    next reservation) and halves this instance's rate, which spaces the shared slots further
+    while it recovers.
+    """
+
+    def __init__(self, slots: SlotSource, rate: float, *, bucket: str = "action_network",
+                 **options: object) -> None:
+        super().__init__(rate, **options)  # type: ignore[arg-type]
+        self._slots = slots
+        self.bucket = bucket
+        self._pause_to_share = 0.0
+
+    async def acquire(self) -> None:
+        while True:
+            pause, self._pause_to_share = self._pause_to_share, 0.0
+            wait = await self._slots.reserve(self.bucket, 1.0 / self.current_rate(), pause)
+            if wait > 0:
+                await self._sleep(wait)
+            if self._clock() + 1e-9 >= self._paused_until:
+                return
+
+    def on_rate_limited(self, retry_after: float | None = None) -> float:
+        pause = super().on_rate_limited(retry_after)
+        self._pause_to_share = max(self._pause_to_share, pause)
         return pause

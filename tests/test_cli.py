@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -106,3 +107,120 @@ def test_dead_show_masks_unless_revealed(config: Path) -> None:
 def test_status_tells_how_long_personal_data_is_kept(config: Path) -> None:
     assert json.loads(invoke("status", "--json", "--config", str(config)))["retention_days"] == 30
     assert "kept 30 days" in invoke("status", "--config", str(config))
+
+
+# ---------------------------------------------------------------- PostgreSQL: the cluster
+
+
+def _pg_config(tmp_path: Path, url: str) -> Path:
+    path = tmp_path / "config.toml"
+    path.write_text(f'[controlshift]\nurl = "https://cs.example.org"\n\n'
+                    f'[store]\nurl = "{url}"\n', encoding="utf-8")
+    return path
+
+
+def _two_instances(url: str, *, stale_b: bool = False) -> None:
+    async def go() -> None:
+        a = await open_store(url, instance="a")
+        b = await open_store(url, instance="b", clock=(lambda: 1000.0) if stale_b else None)
+        try:
+            await a.heartbeat({"pid": 101, "workers": 4, "version": "1.0", "host": "host-a"})
+            await b.heartbeat({"pid": 202, "workers": 2, "version": "1.0", "host": "host-b"})
+            assert await a.lead(15) is not None
+        finally:
+            await a.close()
+            await b.close()
+
+    anyio.run(go, backend="asyncio")
+
+
+def run_cli(*args: str) -> tuple[int, str, str]:
+    result = CliRunner().invoke(app, list(args), env={"COLUMNS": "300"})
+    assert result.exception is None or isinstance(result.exception, SystemExit), result.output
+    return result.exit_code, result.stdout, result.stderr
+
+
+def test_status_shows_the_postgresql_cluster(tmp_path: Path, pg_url: str) -> None:
+    _two_instances(pg_url, stale_b=True)  # b's heartbeat is from 1970: stale
+    config = _pg_config(tmp_path, pg_url)
+    _, out, _ = run_cli("status", "--config", str(config))
+    assert "cluster (PostgreSQL, 2 instance(s))" in out
+    assert re.search(r"leader a \(term 1, lease runs 1[0-5] s more\)", out), out
+    row_a = next(line for line in out.splitlines() if "host-a" in line)
+    row_b = next(line for line in out.splitlines() if "host-b" in line)
+    assert "leader" in row_a and "stale" not in row_a and "s ago" in row_a
+    assert "follower" in row_b and "stale, down?" in row_b
+
+    _, out, _ = run_cli("status", "--json", "--config", str(config))
+    cluster = json.loads(out)["cluster"]
+    assert (cluster["leader"], cluster["term"], cluster["backend"], cluster["shared"]) == (
+        "a", 1, "postgresql", True)
+    assert 0 < cluster["leader_for_s"] <= 15
+    by_name = {i["instance"]: i for i in cluster["instances"]}
+    assert set(by_name) == {"a", "b"}
+    assert by_name["a"]["pid"] == 101 and not by_name["a"]["stale"]
+    assert by_name["b"]["stale"] and by_name["b"]["heartbeat_age_s"] > 30
+
+
+def test_status_without_a_leader_says_so(tmp_path: Path, pg_url: str) -> None:
+    config = _pg_config(tmp_path, pg_url)
+    code, out, _ = run_cli("status", "--config", str(config))
+    assert "no leader" in out and "cluster (PostgreSQL, 0 instance(s))" in out
+    assert json.loads(run_cli("status", "--json", "--config", str(config))[1])["cluster"][
+        "leader"] is None
+
+
+def test_status_on_sqlite_shows_its_one_instance_in_a_line(config: Path) -> None:
+    db = Path(config.read_text().split('path = "')[1].split('"')[0])
+
+    async def beat() -> None:
+        store = await open_store(db, instance="solo")
+        try:
+            await store.heartbeat({"pid": 1})
+        finally:
+            await store.close()
+
+    anyio.run(beat, backend="asyncio")
+    out = invoke("status", "--config", str(config))
+    assert "instance solo (SQLite, single instance), heartbeat 0 s ago" in out
+    assert "PostgreSQL" not in out
+    cluster = json.loads(invoke("status", "--json", "--config", str(config)))["cluster"]
+    assert (cluster["backend"], cluster["shared"]) == ("sqlite", False)
+    assert [i["instance"] for i in cluster["instances"]] == ["solo"]
+
+
+def test_status_with_an_unreachable_server_is_one_line_without_the_password(
+    tmp_path: Path,
+) -> None:
+    password = "n0t-to-be-sh0wn"
+    config = _pg_config(tmp_path, f"postgresql://csand:{password}@127.0.0.1:1/csand")
+    code, out, err = run_cli("status", "--config", str(config))
+    assert code == 1 and out == ""
+    assert err.count("\n") == 1, err
+    assert err.startswith("csand: cannot connect to PostgreSQL at "
+                          "postgresql://csand:***@127.0.0.1:1/csand: ")
+    assert password not in err
+
+
+def test_dead_list_works_on_postgresql(tmp_path: Path, pg_url: str) -> None:
+    code, out, _ = run_cli("dead", "list", "--json", "--config", str(_pg_config(tmp_path, pg_url)))
+    assert code == 0 and json.loads(out) == []
+
+
+def test_check_names_the_store_without_the_password(tmp_path: Path, pg_url: str) -> None:
+
+    from csand import config as config_mod
+    from csand.checks import check_store
+
+    settings = config_mod.load(_pg_config(tmp_path, pg_url), secrets=False)
+    result = anyio.run(check_store, settings, backend="asyncio")
+    assert result["ok"], result
+    assert "PostgreSQL, schema version" in result["detail"]
+    for secret in config_mod.url_passwords(pg_url):
+        assert secret not in result["detail"]
+    bad = config_mod.load(_pg_config(tmp_path, "postgresql://csand:pw-hidden@127.0.0.1:1/x"),
+                          secrets=False)
+    result = anyio.run(check_store, bad, backend="asyncio")
+    assert not result["ok"] and "pw-hidden" not in result["detail"]
+    assert "cannot connect to PostgreSQL at postgresql://csand:***@127.0.0.1:1/x" \
+        in result["detail"]

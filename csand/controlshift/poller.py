@@ -119,6 +119,9 @@ class Poller:
         self.cycles = 0
         self.poked = anyio.Event()  # set to start the next cycle early (webhooks, tests)
         self.directory = PetitionDirectory(cs)
+        # (instance, term) while this process leads a cluster: every commit of what was polled
+        # is refused once another instance leads (csand.storage.NotLeader stops the cycle).
+        self.fence: tuple[str, int] | None = None
 
     # ---- loops ----
 
@@ -417,7 +420,8 @@ class Poller:
 
     async def _commit(self, state: PetitionState | None, batch: _Batch) -> int:
         return await self.store.commit_poll(state, batch.signatures, batch.activities,
-                                            batch.deleted, dead_letters=batch.dead)
+                                            batch.deleted, dead_letters=batch.dead,
+                                            fence=self.fence)
 
 
 class _Batch:

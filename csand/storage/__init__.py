@@ -24,12 +24,14 @@ display and for ControlShift's own times.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from os import PathLike
 from typing import Any, Protocol, runtime_checkable
+from urllib.parse import urlsplit, urlunsplit
 
 from csand.model import Activity, DeadLetter, Person, SignatureSeen
 
@@ -292,6 +294,15 @@ class Storage(Outbox, WebhookInbox, SeenRecords, ANKnowledge, Meta, Cluster, Pro
     """Everything csand stores: what a backend implements."""
 
 
+def redact_url(url: str) -> str:
+    """The URL without its password (user:password@ or password=...), for logs and messages."""
+    parts = urlsplit(url)
+    userinfo, at, host = parts.netloc.rpartition("@")
+    if at and ":" in userinfo:
+        parts = parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}")
+    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", urlunsplit(parts))
+
+
 def is_url(target: object) -> bool:
     return isinstance(target, str) and target.startswith(("postgresql://", "postgres://"))
 
@@ -335,5 +346,5 @@ def _default_instance() -> str:
 __all__ = [
     "EVENT_CLAIM_SECONDS", "STATUSES", "ANKnowledge", "Cluster", "Item", "Meta", "NotLeader",
     "Outbox", "PetitionState", "Requeued", "SchemaTooNew", "SeenRecords", "Storage",
-    "StoreError", "WebhookEvent", "WebhookInbox", "is_url", "open_store",
+    "StoreError", "WebhookEvent", "WebhookInbox", "is_url", "open_store", "redact_url",
 ]

@@ -24,7 +24,6 @@ psycopg 3 with its connection pool: see the README's design notes for why.
 from __future__ import annotations
 
 import json
-import re
 import secrets
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -47,16 +46,19 @@ from csand.storage import (
     SchemaTooNew,
     StoreError,
     WebhookEvent,
+    redact_url,
 )
-from csand.storage.sqlite import (
+from csand.storage.common import (
     PRUNED,
-    _dead_letter_row,
-    _float,
-    _iso,
-    _newer,
-    _outbox_row,
-    _signature_id,
-    _steps,
+    cluster_view,
+    dead_letter_row,
+    field_times,
+    float_or_none,
+    iso,
+    newer,
+    outbox_row,
+    signature_id,
+    steps_of,
 )
 
 log = get_logger("store")
@@ -189,11 +191,6 @@ MIGRATIONS: list[str] = [
 # whole statement). CS times are ISO 8601 text of one format compared as text, hence the C
 # collation on those columns: a locale's collation may order punctuation differently.
 _NOW = "COALESCE(%(now)s::double precision, extract(epoch FROM statement_timestamp()))"
-
-
-def redact_url(url: str) -> str:
-    """The URL without its password, for logs and ``csand status``."""
-    return re.sub(r"(://[^:/@]+):[^@]*@", r"\1:***@", url)
 
 
 class PostgresStore:
@@ -334,7 +331,7 @@ class PostgresStore:
         activities = list(activities)
         signatures = list(signatures)
         deleted = list(deleted_sources)
-        dead = [_dead_letter_row(d, now) for d in dead_letters]
+        dead = [dead_letter_row(d, now) for d in dead_letters]
 
         async def tx(db: AsyncConnection[Any]) -> int:
             await db.execute("SELECT pg_advisory_xact_lock(%s, %s)", COMMIT_LOCK)
@@ -343,8 +340,8 @@ class PostgresStore:
             stale = await _stale_signatures(db, signatures)
             sigs = [(s.cs_id, s.petition_id, s.fingerprint, s.deleted_at, s.updated_at)
                     for s in signatures if s.cs_id not in stale]
-            rows = [_outbox_row(a, now) for a in activities
-                    if _signature_id(a.source_key) not in stale]
+            rows = [outbox_row(a, now) for a in activities
+                    if signature_id(a.source_key) not in stale]
             async with db.cursor() as cur:
                 if petition is not None:
                     await cur.execute(
@@ -377,7 +374,7 @@ class PostgresStore:
                     # Every item of the record learns it, whatever its state (see SQLite).
                     await cur.execute(
                         "UPDATE outbox SET source_deleted_at = COALESCE(source_deleted_at, %s) "
-                        "WHERE source_key = ANY(%s)", (_iso(now), deleted))
+                        "WHERE source_key = ANY(%s)", (iso(now), deleted))
                     await cur.execute(
                         "UPDATE outbox SET status = 'cancelled', finished_at = %s, "
                         "note = 'signature deleted on ControlShift before it was synced' "
@@ -501,7 +498,7 @@ class PostgresStore:
                 (now + lease_seconds, self.instance, [r["id"] for r in rows], tokens))
             return [
                 Item(r["id"], Activity.from_json(json.loads(r["payload"])), r["attempts"],
-                     r["enqueued_at"], token, _steps(r["progress"]))
+                     r["enqueued_at"], token, steps_of(r["progress"]))
                 for r, token in zip(rows, tokens, strict=True)
             ]
 
@@ -653,8 +650,8 @@ class PostgresStore:
             return None
         row = rows[0]
         row["activity"] = json.loads(row.pop("payload"))
-        row["enqueued_at"] = _iso(row["enqueued_at"])
-        row["finished_at"] = _iso(row["finished_at"])
+        row["enqueued_at"] = iso(row["enqueued_at"])
+        row["finished_at"] = iso(row["finished_at"])
         return row
 
     async def drop_dead(self, ids: Sequence[int] | None = None) -> int:
@@ -766,15 +763,13 @@ class PostgresStore:
                               (self.instance,))
 
     async def cluster(self) -> dict[str, Any]:
-        from csand.storage.sqlite import _cluster_view
-
         params = {"now": self._cluster_now()}
         now = (await self._one(f"SELECT {_NOW} AS now", params))["now"]
         leader = await self._rows(
             "SELECT holder, term, until FROM cluster_leader WHERE role = 'poller'")
         rows = await self._rows(
             "SELECT instance, heartbeat_at, info FROM cluster_instances ORDER BY instance")
-        return _cluster_view(
+        return cluster_view(
             now, tuple(leader[0].values()) if leader else None,
             [tuple(r.values()) for r in rows])
 
@@ -868,19 +863,19 @@ class PostgresStore:
             **{k: counts[k] for k in STATUSES},
             "retrying": row["waiting"],
             "oldest_pending_age_s": round(now - oldest, 1) if oldest else None,
-            "last_poll_at": _iso(_float(meta.get("last_poll_at"))),
-            "last_reconcile_at": _iso(_float(meta.get("last_reconcile_at"))),
+            "last_poll_at": iso(float_or_none(meta.get("last_poll_at"))),
+            "last_reconcile_at": iso(float_or_none(meta.get("last_reconcile_at"))),
             "backfill_done": meta.get("backfill_done") == "1",
             "petitions_seen": row["petitions"],
             "petitions_mirrored": row["mirrored"],
             "signatures_seen": row["signatures"],
             "signatures_deleted": row["deleted"],
             "an_paused": meta.get("an_paused") or None,
-            "an_rate": _float(meta.get("an_rate")),
+            "an_rate": float_or_none(meta.get("an_rate")),
             "an_429s_since_start": int(meta.get("an_rate_limited") or 0),
             "last_poll_result": meta.get("last_poll_result"),
-            "daemon_heartbeat_at": _iso(_float(meta.get("heartbeat_at"))),
-            "daemon_started_at": _iso(_float(meta.get("started_at"))),
+            "daemon_heartbeat_at": iso(float_or_none(meta.get("heartbeat_at"))),
+            "daemon_started_at": iso(float_or_none(meta.get("started_at"))),
             "dead_last_hour": row["dead_recent"],
             "webhooks_received": row["events"],
             "webhooks_waiting": row["events"] - row["processed"],
@@ -894,7 +889,7 @@ class PostgresStore:
         rows = await self._rows(
             "SELECT id, source_key, kind, attempts, last_error, finished_at FROM outbox "
             "WHERE status = 'dead' ORDER BY id LIMIT %s", (limit,))
-        return [r | {"finished_at": _iso(r["finished_at"])} for r in rows]
+        return [r | {"finished_at": iso(r["finished_at"])} for r in rows]
 
 
 def _reason(exc: BaseException) -> str:
@@ -903,11 +898,9 @@ def _reason(exc: BaseException) -> str:
 
 
 def _person(r: dict[str, Any]) -> Person:
-    from csand.storage.sqlite import _field_times
-
     return Person(
         exists=r["exists_"], uuid=r["uuid"], subscribed=r["subscribed"],
-        fields_at=_field_times(r["fields_at"]),
+        fields_at=field_times(r["fields_at"]),
         unsubscribed_at=parse_time(r["unsubscribed_at"]),
         opted_in_at=parse_time(r["opted_in_at"]),
     )
@@ -936,7 +929,7 @@ async def _stale_signatures(db: AsyncConnection[Any], signatures: Sequence[Signa
         new = by_id[r["cs_id"]]
         if r["deleted_at"] and not new.deleted_at:
             stale.add(r["cs_id"])
-        elif r["updated_at"] and new.updated_at and _newer(r["updated_at"], new.updated_at):
+        elif r["updated_at"] and new.updated_at and newer(r["updated_at"], new.updated_at):
             stale.add(r["cs_id"])
     return stale
 
@@ -1019,4 +1012,4 @@ FOR UPDATE OF o SKIP LOCKED
 """
 
 
-__all__ = ["MIGRATIONS", "PostgresStore", "redact_url"]
+__all__ = ["MIGRATIONS", "PostgresStore"]

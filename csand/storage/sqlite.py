@@ -23,9 +23,8 @@ import sqlite3
 import stat
 import time
 from collections.abc import Callable, Iterable, Sequence
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
-from types import MappingProxyType
 from typing import Any
 
 import aiosqlite
@@ -42,6 +41,18 @@ from csand.storage import (
     Requeued,
     SchemaTooNew,
     WebhookEvent,
+)
+from csand.storage.common import (
+    PRUNED,
+    cluster_view,
+    dead_letter_row,
+    field_times,
+    float_or_none,
+    iso,
+    newer,
+    outbox_row,
+    signature_id,
+    steps_of,
 )
 
 # Each entry migrates from version i to i+1. Append only; never edit a released one.
@@ -208,11 +219,6 @@ MIGRATIONS: list[str] = [
 ]
 
 log = get_logger("store")
-PRUNED = "pruned:"  # person key prefix of items whose personal data was pruned (see prune)
-
-
-def _iso(ts: float | None) -> str | None:
-    return datetime.fromtimestamp(ts, UTC).isoformat() if ts else None
 
 
 class SQLiteStore:
@@ -381,7 +387,7 @@ class SQLiteStore:
         activities = list(activities)
         signatures = list(signatures)
         deleted = [(s,) for s in deleted_sources]
-        dead = [_dead_letter_row(d, now) for d in dead_letters]
+        dead = [dead_letter_row(d, now) for d in dead_letters]
 
         async def tx(db: aiosqlite.Connection) -> int:
             if fence is not None:
@@ -392,8 +398,8 @@ class SQLiteStore:
             stale = await _stale_signatures(db, signatures)
             sigs = [(s.cs_id, s.petition_id, s.fingerprint, s.deleted_at, s.updated_at)
                     for s in signatures if s.cs_id not in stale]
-            rows = [_outbox_row(a, now) for a in activities
-                    if _signature_id(a.source_key) not in stale]
+            rows = [outbox_row(a, now) for a in activities
+                    if signature_id(a.source_key) not in stale]
             if petition is not None:
                 await db.execute(
                     "INSERT INTO cs_petitions "
@@ -426,7 +432,7 @@ class SQLiteStore:
                 await db.executemany(
                     "UPDATE outbox SET source_deleted_at = COALESCE(source_deleted_at, ?) "
                     "WHERE source_key = ?",
-                    [(_iso(now), s) for (s,) in deleted],
+                    [(iso(now), s) for (s,) in deleted],
                 )
                 await db.executemany(
                     "UPDATE outbox SET status = 'cancelled', finished_at = ?, "
@@ -583,7 +589,7 @@ class SQLiteStore:
                 self._checked[(r["id"], token)] = epoch
             return [
                 Item(r["id"], Activity.from_json(json.loads(r["payload"])), r["attempts"],
-                     r["enqueued_at"], token, _steps(r["progress"]))
+                     r["enqueued_at"], token, steps_of(r["progress"]))
                 for r, token in zip(rows, tokens, strict=True)
             ]
 
@@ -788,8 +794,8 @@ class SQLiteStore:
             return None
         row = dict(rows[0])
         row["activity"] = json.loads(row.pop("payload"))
-        row["enqueued_at"] = _iso(row["enqueued_at"])
-        row["finished_at"] = _iso(row["finished_at"])
+        row["enqueued_at"] = iso(row["enqueued_at"])
+        row["finished_at"] = iso(row["finished_at"])
         return row
 
     async def drop_dead(self, ids: Sequence[int] | None = None) -> int:
@@ -914,7 +920,7 @@ class SQLiteStore:
                                   "WHERE role = 'poller'")
         rows = await self._read("SELECT instance, heartbeat_at, info FROM cluster_instances "
                                 "ORDER BY instance")
-        return _cluster_view(now, leader[0] if leader else None, rows)
+        return cluster_view(now, leader[0] if leader else None, rows)
 
     async def reserve(self, bucket: str, interval: float, pause: float = 0.0) -> float:
         now = self._clock()
@@ -1045,19 +1051,19 @@ class SQLiteStore:
             **{k: counts[k] for k in STATUSES},
             "retrying": waiting[0]["n"],
             "oldest_pending_age_s": round(now - oldest_t, 1) if oldest_t else None,
-            "last_poll_at": _iso(_float(meta.get("last_poll_at"))),
-            "last_reconcile_at": _iso(_float(meta.get("last_reconcile_at"))),
+            "last_poll_at": iso(float_or_none(meta.get("last_poll_at"))),
+            "last_reconcile_at": iso(float_or_none(meta.get("last_reconcile_at"))),
             "backfill_done": meta.get("backfill_done") == "1",
             "petitions_seen": petitions[0]["n"],
             "petitions_mirrored": petitions[0]["mirrored"],
             "signatures_seen": signatures[0]["n"],
             "signatures_deleted": signatures[0]["deleted"],
             "an_paused": meta.get("an_paused") or None,
-            "an_rate": _float(meta.get("an_rate")),
+            "an_rate": float_or_none(meta.get("an_rate")),
             "an_429s_since_start": int(meta.get("an_rate_limited") or 0),
             "last_poll_result": meta.get("last_poll_result"),
-            "daemon_heartbeat_at": _iso(_float(meta.get("heartbeat_at"))),
-            "daemon_started_at": _iso(_float(meta.get("started_at"))),
+            "daemon_heartbeat_at": iso(float_or_none(meta.get("heartbeat_at"))),
+            "daemon_started_at": iso(float_or_none(meta.get("started_at"))),
             "dead_last_hour": dead_recent[0]["n"],
             "webhooks_received": events[0]["n"],
             "webhooks_waiting": events[0]["n"] - events[0]["processed"],
@@ -1072,7 +1078,7 @@ class SQLiteStore:
             "SELECT id, source_key, kind, attempts, last_error, finished_at FROM outbox "
             "WHERE status = 'dead' ORDER BY id LIMIT ?", (limit,),
         )
-        return [dict(r) | {"finished_at": _iso(r["finished_at"])} for r in rows]
+        return [dict(r) | {"finished_at": iso(r["finished_at"])} for r in rows]
 
 
 def _person(r: sqlite3.Row) -> Person:
@@ -1081,26 +1087,10 @@ def _person(r: sqlite3.Row) -> Person:
         exists=None if r["exists_"] is None else bool(r["exists_"]),
         uuid=r["uuid"],
         subscribed=None if r["subscribed"] is None else bool(r["subscribed"]),
-        fields_at=_field_times(r["fields_at"]),
+        fields_at=field_times(r["fields_at"]),
         unsubscribed_at=parse_time(r["unsubscribed_at"]),
         opted_in_at=parse_time(r["opted_in_at"]),
     )
-
-
-def _field_times(value: str | None) -> MappingProxyType[str, datetime]:
-    times: dict[str, datetime] = {}
-    for name, stamp in (json.loads(value) if value else {}).items():
-        parsed = parse_time(stamp)
-        if parsed is not None:
-            times[name] = parsed
-    return MappingProxyType(times)
-
-
-def _float(value: str | None) -> float | None:
-    try:
-        return float(value) if value is not None else None
-    except ValueError:
-        return None
 
 
 def _create_private(path: Path) -> None:
@@ -1168,11 +1158,6 @@ LIMIT :limit
 """
 
 
-def _signature_id(source_key: str) -> int | None:
-    kind, _, rest = source_key.partition(":")
-    return int(rest) if kind == "signature" and rest.isdigit() else None
-
-
 async def _stale_signatures(
     db: aiosqlite.Connection, signatures: Sequence[SignatureSeen]
 ) -> set[int]:
@@ -1192,28 +1177,9 @@ async def _stale_signatures(
             new = by_id[cs_id]
             if deleted_at and not new.deleted_at:
                 stale.add(cs_id)
-            elif updated_at and new.updated_at and _newer(updated_at, new.updated_at):
+            elif updated_at and new.updated_at and newer(updated_at, new.updated_at):
                 stale.add(cs_id)
     return stale
-
-
-def _newer(recorded: str, seen: str) -> bool:
-    a, b = parse_time(recorded), parse_time(seen)
-    return a is not None and b is not None and a > b
-
-
-def _outbox_row(a: Activity, now: float) -> tuple[Any, ...]:
-    occurred = a.occurred_at.isoformat() if a.occurred_at else ""
-    return (
-        a.dedupe_key,
-        a.source_key,
-        a.person_key,
-        a.petition.cs_id if a.petition else None,
-        str(a.kind),
-        json.dumps(a.to_json(), separators=(",", ":")),
-        occurred,
-        now,
-    )
 
 
 async def _save_knowledge(
@@ -1232,15 +1198,6 @@ _INSERT_DEAD_LETTER = (
     "payload, occurred_at, status, last_error, note, enqueued_at, finished_at) "
     "VALUES (?, ?, ?, ?, 'malformed', ?, ?, 'dead', ?, ?, ?, ?)"
 )
-
-
-def _dead_letter_row(d: DeadLetter, now: float) -> tuple[Any, ...]:
-    return (
-        d.dedupe_key, d.source_key, f"invalid:{d.source_key}", d.petition_id,
-        json.dumps(d.payload(), separators=(",", ":")), _iso(now) or "", d.reason,
-        "malformed ControlShift record: syncs by itself once corrected on ControlShift",
-        now, now,
-    )
 
 
 async def _save_person(db: aiosqlite.Connection, email: str, p: Person, now: float) -> None:
@@ -1298,22 +1255,6 @@ async def _check_fence(db: aiosqlite.Connection, fence: tuple[str, int], now: fl
         raise NotLeader(f"instance {fence[0]} no longer leads (term {fence[1]})")
 
 
-def _cluster_view(now: float, leader: Any, rows: Iterable[Any]) -> dict[str, Any]:
-    """The shape of :meth:`csand.storage.Cluster.cluster`, from rows of either backend."""
-    alive = leader is not None and leader[2] >= now
-    return {
-        "leader": leader[0] if alive else None,
-        "term": int(leader[1]) if leader is not None else None,
-        "leader_for_s": round(leader[2] - now, 1) if alive else None,
-        "instances": [
-            {"instance": r[0], "heartbeat_at": _iso(r[1]),
-             "heartbeat_age_s": round(now - r[1], 1),
-             **(json.loads(r[2]) if isinstance(r[2], str) else dict(r[2] or {}))}
-            for r in rows
-        ],
-    }
-
-
 # A slot starts no earlier than now, the pause, and one interval after the previous slot.
 _RESERVE_INSERT = ("INSERT INTO rate_buckets (name, next_at) VALUES (:name, :now) "
                    "ON CONFLICT (name) DO NOTHING")
@@ -1323,10 +1264,6 @@ _RESERVE = (
     "next_at = MAX(next_at, :now, MAX(paused_until, :now + :pause)) + :interval "
     "WHERE name = :name"
 )
-
-
-def _steps(progress: str | None) -> frozenset[str]:
-    return frozenset(json.loads(progress)) if progress else frozenset()
 
 
 __all__ = ["MIGRATIONS", "SQLiteStore"]

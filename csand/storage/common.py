@@ -1,0 +1,87 @@
+"""What both storage backends share: the row formats of activities, dead letters, times and
+the cluster view, so the two store exactly the same things."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from types import MappingProxyType
+from typing import Any
+
+from csand.model import Activity, DeadLetter, parse_time
+
+PRUNED = "pruned:"  # person key prefix of items whose personal data was pruned (see prune)
+
+
+def iso(ts: float | None) -> str | None:
+    return datetime.fromtimestamp(ts, UTC).isoformat() if ts else None
+
+
+def field_times(value: str | None) -> MappingProxyType[str, datetime]:
+    times: dict[str, datetime] = {}
+    for name, stamp in (json.loads(value) if value else {}).items():
+        parsed = parse_time(stamp)
+        if parsed is not None:
+            times[name] = parsed
+    return MappingProxyType(times)
+
+
+def float_or_none(value: str | None) -> float | None:
+    try:
+        return float(value) if value is not None else None
+    except ValueError:
+        return None
+
+
+def signature_id(source_key: str) -> int | None:
+    kind, _, rest = source_key.partition(":")
+    return int(rest) if kind == "signature" and rest.isdigit() else None
+
+
+def newer(recorded: str, seen: str) -> bool:
+    a, b = parse_time(recorded), parse_time(seen)
+    return a is not None and b is not None and a > b
+
+
+def outbox_row(a: Activity, now: float) -> tuple[Any, ...]:
+    occurred = a.occurred_at.isoformat() if a.occurred_at else ""
+    return (
+        a.dedupe_key,
+        a.source_key,
+        a.person_key,
+        a.petition.cs_id if a.petition else None,
+        str(a.kind),
+        json.dumps(a.to_json(), separators=(",", ":")),
+        occurred,
+        now,
+    )
+
+
+def dead_letter_row(d: DeadLetter, now: float) -> tuple[Any, ...]:
+    return (
+        d.dedupe_key, d.source_key, f"invalid:{d.source_key}", d.petition_id,
+        json.dumps(d.payload(), separators=(",", ":")), iso(now) or "", d.reason,
+        "malformed ControlShift record: syncs by itself once corrected on ControlShift",
+        now, now,
+    )
+
+
+def cluster_view(now: float, leader: Any, rows: Iterable[Any]) -> dict[str, Any]:
+    """The shape of :meth:`csand.storage.Cluster.cluster`, from rows of either backend."""
+    alive = leader is not None and leader[2] >= now
+    return {
+        "leader": leader[0] if alive else None,
+        "term": int(leader[1]) if leader is not None else None,
+        "leader_for_s": round(leader[2] - now, 1) if alive else None,
+        "instances": [
+            {"instance": r[0], "heartbeat_at": iso(r[1]),
+             "heartbeat_age_s": round(now - r[1], 1),
+             **(json.loads(r[2]) if isinstance(r[2], str) else dict(r[2] or {}))}
+            for r in rows
+        ],
+    }
+
+
+def steps_of(progress: str | None) -> frozenset[str]:
+    return frozenset(json.loads(progress)) if progress else frozenset()
