@@ -224,3 +224,29 @@ def test_check_names_the_store_without_the_password(tmp_path: Path, pg_url: str)
     assert not result["ok"] and "pw-hidden" not in result["detail"]
     assert "cannot connect to PostgreSQL at postgresql://csand:***@127.0.0.1:1/x" \
         in result["detail"]
+
+
+def test_backfill_on_postgresql_sees_a_running_instance_by_its_heartbeat(
+    tmp_path: Path, pg_url: str, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from csand import config as config_mod
+    from csand.backfill import _daemon_running
+    from csand.cli import _backfill_log
+    from csand.storage import open_store as open_
+
+    settings = config_mod.load(_pg_config(tmp_path, pg_url), secrets=False)
+    monkeypatch.chdir(tmp_path)
+    assert _backfill_log(settings) == tmp_path / "csand.backfill.log"  # no database file
+
+    async def go() -> tuple[bool, bool]:
+        store = await open_(pg_url, instance="backfill")
+        try:
+            before = await _daemon_running(store, settings)
+            other = await open_(pg_url, instance="daemon")
+            await other.heartbeat({"pid": 1})
+            await other.close()
+            return before, await _daemon_running(store, settings)
+        finally:
+            await store.close()
+
+    assert anyio.run(go, backend="asyncio") == (False, True)
