@@ -25,19 +25,26 @@ DEADLINE = 120.0  # generous: a CI machine may be slow; normal runs take a few s
 class Csand:
     """One ``csand run`` child process with its config, database and log file."""
 
-    def __init__(self, tmp: Path, cs_url: str, cs_key: str, an_url: str, an_key: str,
+    def __init__(self, tmp: Path, cs_url: str, cs_key: str, an_url: str, an_key: str, *,
+                 name: str = "csand", store_url: str | None = None,
                  **overrides: dict[str, Any]) -> None:
+        """``store_url``: a PostgreSQL database shared with other instances (``name`` then
+        names this instance and its files); else a SQLite file of its own."""
         self.tmp = tmp
+        self.name = name
+        self.store_url = store_url
         self.db = tmp / "csand.db"
-        self.config = tmp / "config.toml"
-        self.log_path = tmp / "csand.log"
+        self.config = tmp / ("config.toml" if name == "csand" else f"{name}.toml")
+        self.log_path = tmp / f"{name}.log"
+        store: dict[str, Any] = ({"url": store_url, "instance": name} if store_url
+                                 else {"path": str(self.db)})
         sections: dict[str, dict[str, Any]] = {
             "controlshift": {"url": cs_url, "api_key": cs_key, "poll_interval": 0.5,
                              "reconcile_interval": 3600.0},
             "action_network": {"url": an_url, "api_key": an_key, "requests_per_second": 50.0,
                                "timeout": 5.0},
             "sync": {"retry_base": 0.2, "retry_cap": 1.0, "auth_recheck_interval": 0.5},
-            "store": {"path": str(self.db)},
+            "store": store,
             "log": {"format": "json"},
         }
         for section, values in overrides.items():
@@ -75,6 +82,8 @@ class Csand:
     # ---- reading its state (WAL lets us read while it writes) ----
 
     def query(self, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        if self.store_url:
+            return pg_query(self.store_url, sql, params)
         if not self.db.exists():
             return []
         conn = sqlite3.connect(f"file:{self.db}?mode=ro", uri=True, timeout=10)
@@ -140,6 +149,17 @@ class Csand:
         return "\n".join(self.log_lines()[-n:])
 
 
+def pg_query(url: str, sql: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """The same read on PostgreSQL (``?`` placeholders become ``%s``)."""
+    import psycopg
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        try:
+            return conn.execute(sql.replace("?", "%s"), params).fetchall()
+        except psycopg.errors.UndefinedTable:
+            return []  # schema not created yet
+
+
 def _toml(sections: dict[str, dict[str, Any]]) -> str:
     lines = []
     for name, values in sections.items():
@@ -167,8 +187,10 @@ class World:
         self.scenario = populate(self.cs, self.an, **kwargs)
         return self.scenario
 
-    def csand(self, **overrides: dict[str, Any]) -> Csand:
-        daemon = Csand(self.tmp, self.cs_url, CS_KEY, f"{self.an_url}/api/v2", AN_KEY, **overrides)
+    def csand(self, *, name: str = "csand", store_url: str | None = None,
+              **overrides: dict[str, Any]) -> Csand:
+        daemon = Csand(self.tmp, self.cs_url, CS_KEY, f"{self.an_url}/api/v2", AN_KEY,
+                       name=name, store_url=store_url, **overrides)
         self.daemons.append(daemon)
         return daemon
 
@@ -184,8 +206,9 @@ class World:
 
 
 def make_world(tmp_path: Path, **cs_kwargs: Any) -> Iterator[World]:
+    an_rate = cs_kwargs.pop("an_requests_per_second", None)  # the AN simulator's limit
     cs = ControlShiftSim(api_key=CS_KEY, page_size=cs_kwargs.pop("page_size", 7), **cs_kwargs)
-    an = ActionNetworkSim(api_key=AN_KEY, requests_per_second=None)
+    an = ActionNetworkSim(api_key=AN_KEY, requests_per_second=an_rate)
     with ServedApp(cs.app) as cs_served, ServedApp(an.app) as an_served:
         world = World(tmp_path, cs, an, cs_served.url, an_served.url)
         try:
