@@ -10,7 +10,7 @@ from typing import Any
 import aiosqlite
 import pytest
 
-from csand.storage import open_store
+from csand.storage import SchemaTooNew, open_store
 from csand.storage import sqlite as store_module
 from csand.storage.sqlite import MIGRATIONS, SQLiteStore
 from tests.fakes import ManualClock
@@ -118,6 +118,25 @@ async def test_failed_migration_leaves_the_database_as_it_was(
         await open_store(db_path, clock=clock)
     assert rows(db_path, "PRAGMA user_version")[0][0] == len(MIGRATIONS)
     assert rows(db_path, "SELECT name FROM sqlite_master WHERE name = 'half_done'") == []
+
+
+@pytest.mark.anyio
+async def test_a_database_migrated_by_a_newer_csand_is_refused(db_path: Path,
+                                                               clock: ManualClock) -> None:
+    s = await open_store(db_path, clock=clock)
+    await s.enqueue([sig(1, "ann@example.org")])
+    await s.close()
+    conn = sqlite3.connect(db_path)
+    try:
+        conn.execute("PRAGMA user_version = 99")
+        conn.commit()
+    finally:
+        conn.close()
+    with pytest.raises(SchemaTooNew, match="newer") as refused:
+        await SQLiteStore.open(db_path, clock=clock)
+    assert "99" in str(refused.value)
+    assert rows(db_path, "PRAGMA user_version")[0][0] == 99  # left as it was
+    assert len(outbox(db_path)) == 1
 
 
 # ---------------------------------------------------------------- transactions
