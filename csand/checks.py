@@ -65,24 +65,7 @@ async def open_configured_store(settings: Settings) -> Storage:
 
     :class:`StoreError` (one line, password masked) when PostgreSQL cannot be reached.
     """
-    url = settings.store.postgres_url
-    if url is not None:
-        await _probe_postgres(url)
     return await open_store(settings.store, instance=settings.store.instance)
-
-
-async def _probe_postgres(url: str) -> None:
-    """One plain connection first: the pool behind open_store retries for 30 s and then reports
-    only "pool initialization incomplete", where an operator needs libpq's reason at once."""
-    import psycopg
-
-    try:
-        conn = await psycopg.AsyncConnection.connect(url, connect_timeout=10)
-    except Exception as exc:  # noqa: BLE001 - phrased for the operator
-        lines = str(exc).strip().splitlines()
-        reason = lines[0] if lines else type(exc).__name__
-        raise StoreError(f"cannot connect to PostgreSQL at {redact_url(url)}: {reason}") from None
-    await conn.close()
 
 
 async def check_store(settings: Settings) -> dict[str, Any]:

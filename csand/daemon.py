@@ -441,8 +441,11 @@ class Daemon:
                 await self.store.set_meta(healthz_at=time.time())
         except Exception as exc:  # noqa: BLE001 - any failure means "not writable"
             reasons.append(f"store not writable: {type(exc).__name__}: {exc}")
+        status = await self.store.status()
+        if self.store.shared:
+            status["cluster"] = {**await self.store.cluster(), "shared": True}
         found = health.reasons(
-            await self.store.status(), poll_interval=self.settings.controlshift.poll_interval,
+            status, poll_interval=self.settings.controlshift.poll_interval,
             now=time.time(), daemon_expected=False, dead_growth=False,
         )
         if self.dispatcher.auth_paused and not any("paused" in r for r in found):

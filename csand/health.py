@@ -7,6 +7,7 @@ from datetime import datetime
 from typing import Any
 
 HEARTBEAT_STALE_SECONDS = 60.0
+INSTANCE_STALE_SECONDS = 30.0  # an instance heartbeats every 5 s
 
 
 def _age(iso: str | None, now: float) -> float | None:
@@ -37,4 +38,23 @@ def reasons(status: dict[str, Any], *, poll_interval: float, now: float,
     endpoint = status.get("webhook_endpoint") or {}
     if endpoint.get("disabled_at"):
         found.append(f"ControlShift disabled csand's webhook endpoint at {endpoint['disabled_at']}")
+    found.extend(cluster_reasons(status.get("cluster")))
+    return found
+
+
+def cluster_reasons(cluster: dict[str, Any] | None) -> list[str]:
+    """Several instances on one PostgreSQL database: nobody polls, or an instance went silent."""
+    if not cluster or not cluster.get("shared"):
+        return []
+    found: list[str] = []
+    alive = [i for i in cluster.get("instances", [])
+             if i.get("heartbeat_age_s", 1e9) <= INSTANCE_STALE_SECONDS]
+    if alive and cluster.get("leader") is None:
+        found.append("no instance leads: nobody polls ControlShift (an instance takes over "
+                     "within 20 s of the leader's death; longer means they cannot renew)")
+    for instance in cluster.get("instances", []):
+        if instance.get("heartbeat_age_s", 0) > INSTANCE_STALE_SECONDS:
+            found.append(f"instance {instance['instance']} has sent no heartbeat for "
+                         f"{instance['heartbeat_age_s']:.0f} s (down, or cannot reach the "
+                         "database; a clean stop removes it)")
     return found

@@ -40,6 +40,8 @@ STATUSES = ("pending", "in_flight", "done", "dead", "cancelled")
 # processing records a failure: two instances never process one event at once, and one whose
 # process died is taken up again after it.
 EVENT_CLAIM_SECONDS = 60.0
+# An instance silent this long (killed, never restarted) is dropped from the cluster's list.
+FORGET_INSTANCE_SECONDS = 86_400.0
 
 
 class StoreError(Exception):
@@ -344,7 +346,7 @@ def _default_instance() -> str:
 
 
 __all__ = [
-    "EVENT_CLAIM_SECONDS", "STATUSES", "ANKnowledge", "Cluster", "Item", "Meta", "NotLeader",
+    "EVENT_CLAIM_SECONDS", "FORGET_INSTANCE_SECONDS", "STATUSES", "ANKnowledge", "Cluster", "Item", "Meta", "NotLeader",
     "Outbox", "PetitionState", "Requeued", "SchemaTooNew", "SeenRecords", "Storage",
     "StoreError", "WebhookEvent", "WebhookInbox", "is_url", "open_store", "redact_url",
 ]

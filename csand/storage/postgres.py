@@ -38,6 +38,7 @@ from csand.logs import get_logger
 from csand.model import Activity, ActivityKind, DeadLetter, Person, SignatureSeen, parse_time
 from csand.storage import (
     EVENT_CLAIM_SECONDS,
+    FORGET_INSTANCE_SECONDS,
     STATUSES,
     Item,
     NotLeader,
@@ -219,6 +220,14 @@ class PostgresStore:
     @classmethod
     async def open(cls, url: str, clock: Callable[[], float] | None = None, *,
                    instance: str = "csand", pool_size: int = 10) -> PostgresStore:
+        # One plain connection first: the pool retries for its whole timeout and then reports
+        # only "pool initialization incomplete", where an operator needs libpq's reason at once.
+        try:
+            probe = await AsyncConnection.connect(url, connect_timeout=10)
+        except Exception as exc:  # noqa: BLE001 - phrased for the operator
+            raise StoreError(f"cannot connect to PostgreSQL at {redact_url(url)}: "
+                             f"{_reason(exc)}") from None
+        await probe.close()
         pool = AsyncConnectionPool(
             url, min_size=min(2, pool_size), max_size=pool_size, open=False,
             kwargs={"autocommit": True, "row_factory": dict_row,
@@ -751,12 +760,18 @@ class PostgresStore:
             (self.instance,))  # expired, not deleted: terms keep counting up (the fence)
 
     async def heartbeat(self, info: dict[str, Any]) -> None:
-        await self._rows_none(
-            f"INSERT INTO cluster_instances (instance, heartbeat_at, info) "
-            f"VALUES (%(me)s, {_NOW}, %(info)s) ON CONFLICT (instance) DO UPDATE SET "
-            f"heartbeat_at = excluded.heartbeat_at, info = excluded.info",
-            {"me": self.instance, "info": json.dumps(info, default=str),
-             "now": self._cluster_now()})
+        params = {"me": self.instance, "info": json.dumps(info, default=str),
+                  "now": self._cluster_now(), "forget": FORGET_INSTANCE_SECONDS}
+
+        async def tx(db: AsyncConnection[Any]) -> None:
+            await db.execute(
+                f"INSERT INTO cluster_instances (instance, heartbeat_at, info) "
+                f"VALUES (%(me)s, {_NOW}, %(info)s) ON CONFLICT (instance) DO UPDATE SET "
+                f"heartbeat_at = excluded.heartbeat_at, info = excluded.info", params)
+            await db.execute(f"DELETE FROM cluster_instances "
+                             f"WHERE heartbeat_at < {_NOW} - %(forget)s", params)
+
+        await self._write(tx)
 
     async def forget_instance(self) -> None:
         await self._rows_none("DELETE FROM cluster_instances WHERE instance = %s",

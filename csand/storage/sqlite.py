@@ -34,6 +34,7 @@ from csand.logs import get_logger
 from csand.model import Activity, ActivityKind, DeadLetter, Person, SignatureSeen, parse_time
 from csand.storage import (
     EVENT_CLAIM_SECONDS,
+    FORGET_INSTANCE_SECONDS,
     STATUSES,
     Item,
     NotLeader,
@@ -905,6 +906,8 @@ class SQLiteStore:
                 "INSERT INTO cluster_instances (instance, heartbeat_at, info) VALUES (?, ?, ?) "
                 "ON CONFLICT (instance) DO UPDATE SET heartbeat_at = excluded.heartbeat_at, "
                 "info = excluded.info", (self.instance, now, json.dumps(info, default=str)))
+            await db.execute("DELETE FROM cluster_instances WHERE heartbeat_at < ?",
+                             (now - FORGET_INSTANCE_SECONDS,))
 
         await self._write(tx)
 

@@ -28,6 +28,7 @@ from csand.model import (
 )
 from csand.storage import (
     EVENT_CLAIM_SECONDS,
+    FORGET_INSTANCE_SECONDS,
     ANKnowledge,
     Cluster,
     Meta,
@@ -841,6 +842,22 @@ async def test_heartbeats_show_each_instance_with_its_age(storage: Storage, cloc
     assert (row["workers"], row["heartbeat_age_s"]) == (4, 0.0)
     await storage.forget_instance()
     assert (await storage.cluster())["instances"] == []
+
+
+@pytest.mark.anyio
+async def test_an_instance_silent_for_a_day_is_dropped_from_the_list(
+    storage: Storage, clock: ManualClock
+) -> None:
+    me = storage.instance
+    storage.instance = "decommissioned"  # another instance's row, written as it would be
+    await storage.heartbeat({"pid": 1})
+    storage.instance = me
+    clock.t += FORGET_INSTANCE_SECONDS - 1
+    await storage.heartbeat({"pid": 2})
+    assert len((await storage.cluster())["instances"]) == 2  # silent, but not for a day yet
+    clock.t += 2
+    await storage.heartbeat({"pid": 2})
+    assert [i["instance"] for i in (await storage.cluster())["instances"]] == [me]
 
 
 @pytest.mark.anyio
