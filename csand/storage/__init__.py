@@ -301,8 +301,8 @@ def redact_url(url: str) -> str:
     parts = urlsplit(url)
     userinfo, at, host = parts.netloc.rpartition("@")
     if at and ":" in userinfo:
-        parts = parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}")
-    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", urlunsplit(parts))
+        url = urlunsplit(parts._replace(netloc=f"{userinfo.split(':', 1)[0]}:***@{host}"))
+    return re.sub(r"(?i)(password=)[^&\s]*", r"\1***", url)
 
 
 def is_url(target: object) -> bool:
