@@ -102,12 +102,23 @@ def run(
     settings = _load(config)
     logs.configure(settings.log.level, settings.log.format, secrets=settings.secrets())
     try:
-        anyio.run(Daemon(settings, config_path=config, dry_run=dry_run).run, backend="asyncio")
+        try:
+            anyio.run(Daemon(settings, config_path=config, dry_run=dry_run).run,
+                      backend="asyncio")
+        except BaseExceptionGroup as group:  # raised inside the daemon's task group
+            raise _only(group) from None
     except (AlreadyRunning, StoreError) as exc:
         typer.echo(f"csand: {exc}", err=True)
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         pass
+
+
+def _only(group: BaseExceptionGroup) -> BaseException:
+    """The one exception a task group wrapped (the group itself when there are several)."""
+    while isinstance(group, BaseExceptionGroup) and len(group.exceptions) == 1:
+        group = group.exceptions[0]  # type: ignore[assignment]
+    return group
 
 
 @app.command()

@@ -250,3 +250,14 @@ def test_backfill_on_postgresql_sees_a_running_instance_by_its_heartbeat(
             await store.close()
 
     assert anyio.run(go, backend="asyncio") == (False, True)
+
+
+def test_a_dry_run_on_postgresql_is_refused_with_one_line(tmp_path: Path, pg_url: str) -> None:
+    """A dry run decides on a copy of the store; a shared database has no copy to work on."""
+    config = _pg_config(tmp_path, pg_url)
+    with config.open("a", encoding="utf-8") as f:
+        f.write('\n[action_network]\napi_key = "an-key"\n')
+    result = CliRunner().invoke(app, ["run", "--dry-run", "--config", str(config)],
+                                env={"COLUMNS": "300", "CSAND_CONTROLSHIFT__API_KEY": "cs-key"})
+    assert result.exit_code == 1, result.output
+    assert "--dry-run" in result.output and "SQLite" in result.output
