@@ -112,6 +112,15 @@ def run(
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
         pass
+    except Exception as exc:
+        if not type(exc).__module__.startswith("psycopg"):
+            raise
+        # The database went away mid-run (a restart, a failover): exit and let systemd start
+        # csand again; what was in flight is released at start-up or its lease expires.
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        typer.echo(f"csand: lost the PostgreSQL connection ({first}); exiting so that it is "
+                   "restarted (nothing is lost: unfinished items go back to the queue)", err=True)
+        raise typer.Exit(1) from None
 
 
 def _only(group: BaseExceptionGroup) -> BaseException:
