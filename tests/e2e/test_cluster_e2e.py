@@ -96,3 +96,51 @@ def leader_dies_mid_drain(world: World, pg_url: str) -> None:
     assert rate <= RATE
     code, _ = b.terminate()
     assert code == 0
+
+
+WEBHOOK_SECRET = "whsec-cluster-e2e-123456"
+
+
+def test_a_webhook_delivered_to_an_instance_that_does_not_lead_is_synced_at_once(
+        tmp_path: Path, pg_url: str) -> None:
+    for world in make_world(tmp_path):
+        webhooks_on_the_follower(world, pg_url)
+
+
+def webhooks_on_the_follower(world: World, pg_url: str) -> None:
+    from tests.e2e.test_webhooks_e2e import free_port, wait_until
+
+    world.populate(petitions=2, signatures=20, seed=5)
+    ports = {"a": free_port(), "b": free_port()}
+    daemons = {
+        name: world.csand(
+            name=name, store_url=pg_url,
+            # Polling an hour away after the backfill: what lands fast came by webhook.
+            controlshift={"poll_interval": 3600.0, "webhook_secret": WEBHOOK_SECRET},
+            http={"listen": f"127.0.0.1:{port}"},
+        ) for name, port in ports.items()
+    }
+    a = daemons["a"].start()
+    a.wait_for(lambda: leader(a) == "a" and a.meta("backfill_done") == "1"
+               and a.counts()["pending"] == 0 and a.counts()["in_flight"] == 0, "the backfill")
+    b = daemons["b"].start()
+    b.wait_for(lambda: len(b.query("SELECT instance FROM cluster_instances")) == 2, "b's heartbeat")
+    world.check()
+    # ControlShift delivers to b only (behind a load balancer, any instance may get any event).
+    world.cs.add_webhook_endpoint(f"http://127.0.0.1:{ports['b']}/webhooks/controlshift",
+                                  WEBHOOK_SECRET)
+    slug = next(p["slug"] for p in world.cs.petitions() if p["launched"])
+    sent = time.monotonic()
+    world.cs.add_signature(slug, email="by.webhook@example.org", first_name="Wen",
+                           join_organisation=True)
+    wait_until(lambda: (world.an.person("by.webhook@example.org") or {}).get("status")
+               == "subscribed", "the webhook's signature in AN", timeout=20)
+    assert time.monotonic() - sent < 10
+    assert leader(b) == "a"  # b did not need to lead to take and process the event
+    # Processed once, by whichever instance claimed it first.
+    processed = [e["event_id"] for d in (a, b) for e in events(d, "webhook.processed")]
+    assert processed and len(processed) == len(set(processed))
+    world.check()
+    for daemon in (a, b):
+        code, _ = daemon.terminate()
+        assert code == 0
