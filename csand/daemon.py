@@ -133,7 +133,10 @@ class Daemon:
                 target = Path(scratch) / "csand.db"
                 copy_database(Path(s.store.path), target)
             async with AsyncExitStack() as stack:
-                store = await open_store(target, instance=_instance_name(s))
+                # Each worker may hold one connection (a petition's mirror lock) while it needs
+                # another: the pool must outnumber the workers.
+                store = await open_store(target, instance=_instance_name(s),
+                                         pool_size=max(s.store.pool_size, s.sync.workers + 4))
                 stack.push_async_callback(store.close)
                 self.store = store
                 if store.shared:

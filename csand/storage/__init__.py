@@ -27,6 +27,7 @@ from __future__ import annotations
 import re
 import time
 from collections.abc import Callable, Iterable, Sequence
+from contextlib import AbstractAsyncContextManager
 from dataclasses import dataclass
 from datetime import datetime
 from os import PathLike
@@ -218,6 +219,12 @@ class SeenRecords(Protocol):
     async def set_petition_uuid(self, cs_id: int, slug: str, uuid: str) -> None: ...
 
     async def clear_petition_uuid(self, cs_id: int, uuid: str | None) -> None: ...
+
+    def mirror_lock(self, cs_id: int) -> AbstractAsyncContextManager[None]:
+        """Held while a worker looks for and creates the AN petition mirroring ``cs_id``: two
+        instances must not both find none and both create one. (One process: a no-op; the
+        worker's own lock serialises its workers.)"""
+        ...
 
 
 class ANKnowledge(Protocol):

@@ -26,7 +26,8 @@ from __future__ import annotations
 import json
 import secrets
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
 from typing import Any
 
@@ -67,6 +68,7 @@ log = get_logger("store")
 # Advisory lock keys (any two 32-bit numbers unique to csand within the database).
 MIGRATE_LOCK = (0x6373616E, 1)  # "csan": migrations
 COMMIT_LOCK = (0x6373616E, 2)  # commits of what ControlShift showed
+MIRROR_LOCK = 0x63736D70  # "csmp", with the CS petition id: creating its AN twin
 
 # Each entry migrates from version i to i+1. Append only; never edit a released one.
 # Version 1 is the schema SQLite reached in its version 6, in PostgreSQL's types.
@@ -709,6 +711,15 @@ class PostgresStore:
         await self._rows_none(
             "UPDATE cs_petitions SET an_uuid = NULL WHERE cs_id = %s "
             "AND an_uuid IS NOT DISTINCT FROM %s", (cs_id, uuid))
+
+    @asynccontextmanager
+    async def mirror_lock(self, cs_id: int) -> AsyncIterator[None]:
+        """A transaction-level advisory lock on a connection of its own, held while the worker
+        looks for and creates the petition in AN (a few requests)."""
+        async with self._pool.connection() as conn, conn.transaction():
+            await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)",
+                               (MIRROR_LOCK, cs_id % 2_147_483_647))
+            yield
 
     async def tags(self) -> dict[str, tuple[str, str | None]]:
         rows = await self._rows("SELECT name_key, name, uuid FROM an_tags")

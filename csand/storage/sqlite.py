@@ -22,7 +22,8 @@ import secrets
 import sqlite3
 import stat
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from contextlib import asynccontextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -862,6 +863,10 @@ class SQLiteStore:
                              "AND an_uuid IS ?", (cs_id, uuid))
 
         await self._write(tx)
+
+    @asynccontextmanager
+    async def mirror_lock(self, cs_id: int) -> AsyncIterator[None]:
+        yield  # one process per database: the worker's in-process lock is enough
 
     async def tags(self) -> dict[str, tuple[str, str | None]]:
         rows = await self._read("SELECT name_key, name, uuid FROM an_tags")

@@ -71,8 +71,9 @@ class TagCache:
 class PetitionMirror:
     """Creates each CS petition's AN twin exactly once, also across crashes.
 
-    In-process a per-petition lock serialises creation; across a crash the identifier lookup
-    before creating finds a petition whose creation csand did not get to record.
+    A per-petition lock serialises creation in this process, the store's mirror lock across the
+    instances sharing a database; across a crash the identifier lookup before creating finds a
+    petition whose creation csand did not get to record.
     """
 
     def __init__(self, an: ActionNetworkClient, store: Storage, origin_system: str) -> None:
@@ -96,7 +97,9 @@ class PetitionMirror:
         if known:
             return known
         lock = self._locks.setdefault(petition.cs_id, anyio.Lock())
-        async with lock:
+        # In this process the lock, across instances on one database the store's lock: both
+        # found no twin and created one otherwise (AN refuses the second identifier).
+        async with lock, self._store.mirror_lock(petition.cs_id):
             uuid = await self._store.petition_uuid(petition.cs_id)
             if uuid:
                 self._known[petition.cs_id] = uuid
