@@ -67,8 +67,8 @@ import contextvars
 import json
 import os
 import random
-import sqlite3
 import tempfile
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -292,8 +292,9 @@ class LoggingTransport(httpx.AsyncBaseTransport):
 class World:
     """csand (store + dispatcher) against the AN simulator, plus a model of ControlShift."""
 
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, store_url: str | None = None) -> None:
         self.path = directory / "csand.db"
+        self.target: Path | str = store_url or self.path  # PostgreSQL, else a SQLite file
         self.clock = ManualClock(T0)
         self.seq = 0  # one counter for requests, deliveries, leases and AN-side actions
         self.mono = 0.0  # the limiter's fake monotonic clock
@@ -331,13 +332,13 @@ class World:
         self.restarts = 0
 
     @classmethod
-    async def create(cls, directory: Path) -> World:
-        world = cls(directory)
+    async def create(cls, directory: Path, store_url: str | None = None) -> World:
+        world = cls(directory, store_url)
         await world._start()
         return world
 
     async def _start(self) -> None:
-        self.store = await open_store(self.path, clock=self.clock)
+        self.store = await open_store(self.target, clock=self.clock, instance="model")
         await self.store.release_all_in_flight()
         limiter = TokenBucket(1e6, clock=lambda: self.mono, sleep=self._sleep)
         an = ActionNetworkClient(self.http, AN_BASE, AN_KEY, limiter)
@@ -769,14 +770,6 @@ class World:
             assert known is None or known > a.leased_seq, (
                 f"WRITE FOR A DELETED SIGNATURE: {r}; deletion committed at #{known}")
 
-    def outbox(self) -> list[sqlite3.Row]:
-        conn = sqlite3.connect(self.path)
-        conn.row_factory = sqlite3.Row
-        try:
-            return list(conn.execute(
-                "SELECT id, source_key, status, last_error FROM outbox ORDER BY id"))
-        finally:
-            conn.close()
 
     def mirrored(self, pid: int) -> str | None:
         identifier = petition_identifier(ORG, pid)
@@ -787,7 +780,7 @@ class World:
     async def check_end(self) -> None:
         counts = await self.store.counts()
         assert counts["pending"] == 0 and counts["in_flight"] == 0, counts
-        rows = self.outbox()
+        rows = await self.store.items()
         for row in rows:
             if row["status"] == "dead":
                 assert (row["last_error"] or "").strip(), f"dead without a reason: {dict(row)}"
@@ -889,11 +882,15 @@ AN_EVENTS = st.one_of(
 
 
 class HistoryMachine(RuleBasedStateMachine):
+    # Set for the PostgreSQL run: a fresh database per history.
+    new_database: Callable[[], str] | None = None
+
     def __init__(self) -> None:
         super().__init__()
         self.tmp = tempfile.TemporaryDirectory()
         self.loop = asyncio.new_event_loop()
-        self.world = self.loop.run_until_complete(World.create(Path(self.tmp.name)))
+        url = type(self).new_database() if type(self).new_database is not None else None
+        self.world = self.loop.run_until_complete(World.create(Path(self.tmp.name), url))
         self.failed = False
 
     def run(self, coro: Any) -> Any:
@@ -1006,6 +1003,26 @@ def _settings(examples: int, steps: int, shrink: bool) -> settings:
 class TestHistory(HistoryMachine.TestCase):
     settings = _settings(examples=int(os.environ.get("CSAND_MODEL_EXAMPLES", "300")), steps=50,
                          shrink=False)
+
+
+class PostgresHistoryMachine(HistoryMachine):
+    """The same histories with the PostgreSQL backend: the rules hold whichever store."""
+
+    def __init__(self) -> None:
+        assert type(self).new_database is not None, "no PostgreSQL database to run on"
+        super().__init__()
+        assert isinstance(self.world.target, str)
+
+
+class TestHistoryPostgres(PostgresHistoryMachine.TestCase):
+    settings = _settings(examples=int(os.environ.get("CSAND_MODEL_PG_EXAMPLES", "60")), steps=50,
+                         shrink=False)
+
+    @pytest.fixture(autouse=True)
+    def _databases(self, pg_new_database: Callable[[], str]) -> Iterator[None]:
+        PostgresHistoryMachine.new_database = staticmethod(pg_new_database)  # type: ignore[assignment]
+        yield
+        PostgresHistoryMachine.new_database = None
 
 
 @pytest.mark.slow
