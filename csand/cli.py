@@ -376,6 +376,84 @@ def _backfill_log(settings: config_mod.Settings) -> Path:
     return Path.cwd() / "csand.backfill.log"
 
 
+@app.command("store-copy")
+def store_copy(
+    config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH,
+    to: Annotated[str | None, typer.Option(
+        "--to", help="The empty PostgreSQL database: postgresql://user:password@host/db.",
+        show_default=False)] = None,
+    to_file: Annotated[Path | None, typer.Option(
+        "--to-file", help="A file holding that URL (keeps the password off the command line).",
+        show_default=False)] = None,
+) -> None:
+    """Copy the SQLite store ([store] path) into an empty PostgreSQL database (stop csand first).
+
+    Keeps what ControlShift cannot tell again (org-wide unsubscribes received by webhook) and
+    what Action Network acknowledged (opt-ins), so the move needs no re-sync of all history.
+    """
+    from csand.storage import StoreError, is_url, redact_url
+    from csand.storage.copy import TABLES, copy_sqlite_to_postgres
+
+    settings = _load(config, secrets=False)
+    if settings.store.url is not None:
+        typer.echo(f"csand: {config} already names a PostgreSQL store ([store] url): "
+                   "store-copy reads the SQLite one ([store] path)", err=True)
+        raise typer.Exit(2)
+    if (to is None) == (to_file is None):
+        typer.echo("csand: give the PostgreSQL URL with --to or --to-file", err=True)
+        raise typer.Exit(2)
+    if to_file is not None:
+        try:
+            to = to_file.read_text(encoding="utf-8").strip()
+        except OSError as exc:
+            typer.echo(f"csand: cannot read {to_file}: {exc.strerror or exc}", err=True)
+            raise typer.Exit(2) from None
+    assert to is not None
+    if not is_url(to):
+        typer.echo(f"csand: {redact_url(to)!r} is not a postgresql:// URL", err=True)
+        raise typer.Exit(2)
+    logs.configure("warning", "auto", stream=sys.stderr,
+                   secrets=config_mod.url_passwords(to))  # stray library warnings, redacted
+    source = Path(settings.store.path)
+
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+    from rich.table import Table
+
+    console = Console()
+    err = Console(stderr=True)
+    with Progress(TextColumn("{task.description:<15}"), BarColumn(), MofNCompleteColumn(),
+                  console=err, transient=True, disable=not err.is_terminal) as bar:
+        tasks = {table: bar.add_task(table, total=None) for table in TABLES}
+
+        def progress(table: str, done: int, total: int) -> None:
+            bar.update(tasks[table], completed=done, total=total)
+
+        try:
+            copied = anyio.run(lambda: copy_sqlite_to_postgres(source, to, progress=progress),
+                               backend="asyncio")
+        except StoreError as exc:
+            failed: StoreError | None = exc
+        else:
+            failed = None
+    if failed is not None:  # once the progress bar is gone: one line
+        typer.echo(f"csand: {failed}", err=True)
+        raise typer.Exit(1)
+    console.print(f"Copied {source} to {redact_url(to)}:", soft_wrap=True, markup=False,
+                  highlight=False)
+    table = Table()
+    table.add_column("table")
+    table.add_column("rows", justify="right")
+    for name, rows in copied.items():
+        table.add_row(name, f"{rows:,}")
+    console.print(table)
+    console.print(
+        "Next: in the config, replace [store] path with the URL (url, url_file or the systemd "
+        "credential store_url), then start csand on one machine, check csand status, and start "
+        f"the other instances. Keep {source} until then, in case you go back.",
+        soft_wrap=True, markup=False, highlight=False)
+
+
 @app.command()
 def demo(
     petitions: Annotated[int, typer.Option(help="Petitions to generate.")] = 12,
