@@ -160,9 +160,11 @@ class Attempt:
     version_at: datetime | None = None  # updated_at of the record version this item carries
     fault: Fault | None = None
     sent: int = 0
+    instance: int = 0  # which csand instance leased it (several share a PostgreSQL database)
 
     def __str__(self) -> str:
-        return f"item {self.item_id} ({self.source_key}, leased at #{self.leased_seq})"
+        return (f"item {self.item_id} ({self.source_key}, leased at #{self.leased_seq} "
+                f"by instance {self.instance})")
 
 
 @dataclass
@@ -292,9 +294,12 @@ class LoggingTransport(httpx.AsyncBaseTransport):
 class World:
     """csand (store + dispatcher) against the AN simulator, plus a model of ControlShift."""
 
-    def __init__(self, directory: Path, store_url: str | None = None) -> None:
+    def __init__(self, directory: Path, store_url: str | None = None, instances: int = 1) -> None:
         self.path = directory / "csand.db"
         self.target: Path | str = store_url or self.path  # PostgreSQL, else a SQLite file
+        self.instances = instances  # csand processes on the one store (several: PostgreSQL)
+        self.stores: list[Storage] = []
+        self.dispatchers: list[Dispatcher] = []
         self.clock = ManualClock(T0)
         self.seq = 0  # one counter for requests, deliveries, leases and AN-side actions
         self.mono = 0.0  # the limiter's fake monotonic clock
@@ -303,8 +308,6 @@ class World:
         self.transport = LoggingTransport(self)
         self.http = httpx.AsyncClient(transport=self.transport)
         self.raw = httpx.AsyncClient(transport=httpx.ASGITransport(app=self.sim.app))
-        self.store: Storage
-        self.dispatcher: Dispatcher
         self.log: list[Request] = []
         self.held: list[tuple[Item, Attempt]] = []  # leased, not yet applied
         self.hooks: list[list[Any]] = []  # [requests to go, email]: AN unsubscribe mid-plan
@@ -332,25 +335,44 @@ class World:
         self.restarts = 0
 
     @classmethod
-    async def create(cls, directory: Path, store_url: str | None = None) -> World:
-        world = cls(directory, store_url)
+    async def create(cls, directory: Path, store_url: str | None = None, instances: int = 1
+                     ) -> World:
+        world = cls(directory, store_url, instances)
         await world._start()
         return world
 
+    @property
+    def store(self) -> Storage:
+        return self.stores[0]
+
+    @property
+    def dispatcher(self) -> Dispatcher:
+        return self.dispatchers[0]
+
     async def _start(self) -> None:
-        self.store = await open_store(self.target, clock=self.clock, instance="model")
-        await self.store.release_all_in_flight()
+        for i in range(self.instances):
+            await self._start_instance(i)
+
+    async def _start_instance(self, i: int) -> None:
+        store = await open_store(self.target, clock=self.clock, instance=f"model-{i}")
+        await store.release_all_in_flight()
         limiter = TokenBucket(1e6, clock=lambda: self.mono, sleep=self._sleep)
         an = ActionNetworkClient(self.http, AN_BASE, AN_KEY, limiter)
-        self.dispatcher = Dispatcher(self.store, an, clock=self.clock, rng=random.Random(0),
-                                     lease_seconds=LEASE_SECONDS)
+        dispatcher = Dispatcher(store, an, clock=self.clock, rng=random.Random(0),
+                                lease_seconds=LEASE_SECONDS)
+        if i < len(self.stores):
+            self.stores[i], self.dispatchers[i] = store, dispatcher
+        else:
+            self.stores.append(store)
+            self.dispatchers.append(dispatcher)
 
     async def _sleep(self, seconds: float) -> None:
         self.mono += max(0.0, seconds)
         await asyncio.sleep(0)
 
     async def close(self) -> None:
-        await self.store.close()
+        for store in self.stores:
+            await store.close()
         await self.http.aclose()
         await self.raw.aclose()
 
@@ -601,12 +623,14 @@ class World:
                        at, a.occurred_at if kind == "global_unsubscribe" else None, sig_id,
                        self.seq, version_at or a.occurred_at)
 
-    async def lease(self) -> bool:
+    async def lease(self, instance: int = 0) -> bool:
         self.seq += 1
-        items = await self.store.lease(1, LEASE_SECONDS)
+        items = await self.stores[instance].lease(1, LEASE_SECONDS)
         for item in items:
-            self.held.append((item, self._attempt(item)))
-            self.dispatcher.in_flight[item.id] = item  # as Dispatcher.run does
+            attempt = self._attempt(item)
+            attempt.instance = instance
+            self.held.append((item, attempt))
+            self.dispatchers[instance].in_flight[item.id] = item  # as Dispatcher.run does
         return bool(items)
 
     async def apply(self, n: int = 0, fault: Fault | None = None) -> None:
@@ -617,15 +641,15 @@ class World:
         try:
             await self._apply(item, attempt)
         except Killed:
-            await self.restart()
+            await self.restart(attempt.instance)
         except Terminated:
-            await self.dispatcher.release_in_flight()
-            await self.restart()
+            await self.dispatchers[attempt.instance].release_in_flight()
+            await self.restart(attempt.instance)
 
     async def _apply(self, item: Item, attempt: Attempt) -> None:
         token = CURRENT.set(attempt)
         try:
-            await self.dispatcher._apply_and_record(item)
+            await self.dispatchers[attempt.instance]._apply_and_record(item)
         finally:
             CURRENT.reset(token)
 
@@ -637,21 +661,21 @@ class World:
         second = self.held.pop(m % len(self.held))
         await asyncio.gather(self._apply(*first), self._apply(*second))
 
-    async def work(self, limit: int = 20) -> None:
+    async def work(self, limit: int = 20, instance: int = 0) -> None:
         for _ in range(limit):
-            if not await self.lease():
+            if not await self.lease(instance):
                 return
             await self.apply(len(self.held) - 1)
 
     def advance(self, seconds: float) -> None:
         self.clock.t += seconds
 
-    async def restart(self) -> None:
+    async def restart(self, instance: int = 0) -> None:
         """The process ends (whatever it held stays in flight) and a new one starts."""
-        self.held.clear()
+        self.held = [h for h in self.held if h[1].instance != instance]
         self.restarts += 1
-        await self.store.close()
-        await self._start()
+        await self.stores[instance].close()
+        await self._start_instance(instance)
 
     async def drain(self) -> None:
         self.hooks.clear()
@@ -882,15 +906,17 @@ AN_EVENTS = st.one_of(
 
 
 class HistoryMachine(RuleBasedStateMachine):
-    # Set for the PostgreSQL run: a fresh database per history.
+    # Set for the PostgreSQL runs: a fresh database per history.
     new_database: Callable[[], str] | None = None
+    instances = 1
 
     def __init__(self) -> None:
         super().__init__()
         self.tmp = tempfile.TemporaryDirectory()
         self.loop = asyncio.new_event_loop()
         url = type(self).new_database() if type(self).new_database is not None else None
-        self.world = self.loop.run_until_complete(World.create(Path(self.tmp.name), url))
+        self.world = self.loop.run_until_complete(
+            World.create(Path(self.tmp.name), url, type(self).instances))
         self.failed = False
 
     def run(self, coro: Any) -> Any:
@@ -1015,6 +1041,36 @@ class PostgresHistoryMachine(HistoryMachine):
 
 
 class TestHistoryPostgres(PostgresHistoryMachine.TestCase):
+    settings = _settings(examples=int(os.environ.get("CSAND_MODEL_PG_EXAMPLES", "60")), steps=50,
+                         shrink=False)
+
+    @pytest.fixture(autouse=True)
+    def _databases(self, pg_new_database: Callable[[], str]) -> Iterator[None]:
+        PostgresHistoryMachine.new_database = staticmethod(pg_new_database)  # type: ignore[assignment]
+        yield
+        PostgresHistoryMachine.new_database = None
+
+
+class ClusterHistoryMachine(PostgresHistoryMachine):
+    """Two csand instances on one PostgreSQL database, each leasing, applying, dying and
+    restarting on its own, interleaved with everything else."""
+
+    instances = 2
+
+    @rule()
+    def lease_on_b(self) -> None:
+        self.run(self.world.lease(1))
+
+    @rule()
+    def work_on_b(self) -> None:
+        self.run(self.world.work(instance=1))
+
+    @rule()
+    def restart_b(self) -> None:
+        self.run(self.world.restart(1))
+
+
+class TestClusterHistory(ClusterHistoryMachine.TestCase):
     settings = _settings(examples=int(os.environ.get("CSAND_MODEL_PG_EXAMPLES", "60")), steps=50,
                          shrink=False)
 
