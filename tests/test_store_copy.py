@@ -226,3 +226,35 @@ def test_store_copy_refusals_are_one_line(tmp_path: Path) -> None:
     assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "cannot connect to PostgreSQL" in result.stderr and password not in result.stderr
     assert _cli("store-copy", "--config", str(config)).exit_code == 2
+
+
+def test_every_table_and_column_of_both_schemas_is_copied_or_deliberately_left(
+        tmp_path: Path, pg_url: str) -> None:
+    """A migration that adds a table or a column must teach the copy about it."""
+    import sqlite3
+
+    import psycopg
+
+    from csand.storage.copy import TABLES
+
+    left_out = {"cluster_leader", "cluster_instances", "rate_buckets", "csand_schema"}
+
+    async def make() -> None:
+        for target in (tmp_path / "csand.db", pg_url):
+            store = await open_store(target)
+            await store.close()
+
+    anyio.run(make, backend="asyncio")
+    with sqlite3.connect(tmp_path / "csand.db") as conn:
+        lite = {t: {c[1] for c in conn.execute(f"PRAGMA table_info({t})")}
+                for (t,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    with psycopg.connect(pg_url) as conn:
+        pg: dict[str, set[str]] = {}
+        for table, column in conn.execute(
+                "SELECT table_name, column_name FROM information_schema.columns "
+                "WHERE table_schema = current_schema()"):
+            pg.setdefault(table, set()).add(column)
+    for schema in (lite, pg):
+        assert set(schema) - left_out == set(TABLES)
+        for table, columns in TABLES.items():
+            assert schema[table] == set(columns), table
