@@ -1,6 +1,6 @@
 """csand benchmark: the real daemon against the built-in simulators, served on loopback.
 
-Run ``python bench/bench.py [--quick]``. Four measurements, each checked against the sync rules
+Run ``python bench/bench.py [--quick]``. Six measurements, each checked against the sync rules
 with :func:`csand.sim.verify.compare` (a warning is printed when AN's end state is wrong):
 
 1. AN requests per synced action on a realistic mix, next to a naive client's count.
@@ -11,6 +11,10 @@ with :func:`csand.sim.verify.compare` (a warning is printed when AN's end state 
    in-process with 8 and 4 workers and as a ``csand run`` child process, whose peak RSS
    (VmHWM) is the memory figure since it excludes the simulators.
 4. Latency of one new signature while idle (``poll_interval = 2 s``): p50/p95/max.
+5. The same for a signature pushed by a signed webhook (polling an hour away).
+6. PostgreSQL (a throwaway server started here, or ``--pg-url``): capacity of one and of two
+   ``csand run`` instances on one database with the AN limit lifted; two instances sharing
+   AN's real 4 req/s limit; failover time after ``kill -9`` of the leader.
 
 csand logs (JSON, level warning) go to a temporary file; a summary of what it logged is printed.
 The last line of output is one JSON object with every figure.
@@ -40,6 +44,7 @@ from typing import Any
 
 import anyio
 import httpx
+import psycopg
 
 from csand import config as config_mod
 from csand import logs
@@ -119,24 +124,39 @@ def check(scenario: Scenario, an: ActionNetworkSim, what: str) -> bool:
     return not bad
 
 
-def outbox_figures(db: Path) -> dict[str, Any]:
-    """Counts and first/last finish time of the done items, read from csand's database."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
-    try:
-        counts = dict(conn.execute("SELECT status, COUNT(*) FROM outbox GROUP BY status"))
-        first, last = conn.execute(
-            "SELECT MIN(finished_at), MAX(finished_at) FROM outbox WHERE status = 'done'"
-        ).fetchone()
-    except sqlite3.OperationalError:
-        return {"counts": {}, "first": None, "last": None}
-    finally:
-        conn.close()
+def _connect(db: Path | str) -> Any:
+    """A read-only SQLite connection, or an autocommit psycopg one for a ``postgresql://`` URL."""
+    if is_pg(db):
+        return psycopg.connect(str(db), autocommit=True)
+    return sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+
+
+def is_pg(db: Path | str) -> bool:
+    return isinstance(db, str) and db.startswith(("postgresql:", "postgres:"))
+
+
+def _outbox_figures_on(conn: Any) -> dict[str, Any]:
+    counts = dict(conn.execute("SELECT status, COUNT(*) FROM outbox GROUP BY status").fetchall())
+    first, last = conn.execute(
+        "SELECT MIN(finished_at), MAX(finished_at) FROM outbox WHERE status = 'done'"
+    ).fetchone()
     return {"counts": counts, "first": first, "last": last}
 
 
-def quarter_rates(db: Path) -> tuple[float, float]:
+def outbox_figures(db: Path | str) -> dict[str, Any]:
+    """Counts and first/last finish time of the done items, read from csand's database."""
+    conn = _connect(db)
+    try:
+        return _outbox_figures_on(conn)
+    except (sqlite3.OperationalError, psycopg.Error):
+        return {"counts": {}, "first": None, "last": None}
+    finally:
+        conn.close()
+
+
+def quarter_rates(db: Path | str) -> tuple[float, float]:
     """actions/s over the first and over the last quarter of the done items (by finish time)."""
-    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True, timeout=10)
+    conn = _connect(db)
     try:
         times = [t for (t,) in conn.execute(
             "SELECT finished_at FROM outbox WHERE status = 'done' ORDER BY finished_at")]
@@ -221,10 +241,12 @@ async def wait_drained(daemon: Daemon, limit: float = DRAIN_TIMEOUT) -> dict[str
     return outbox_figures(db)["counts"]
 
 
-async def prefill(cs_url: str, cs: ControlShiftSim, db: Path) -> float:
-    """Queue the whole backlog with csand's own poller (one backfill cycle, CS limit lifted)."""
+async def prefill(cs_url: str, cs: ControlShiftSim, db: Path | str,
+                  instance: str | None = None) -> float:
+    """Queue the whole backlog with csand's own poller (one backfill cycle, CS limit lifted)
+    into a SQLite file or a PostgreSQL database (``instance``: the name it opens it under)."""
     started = time.monotonic()
-    store = await open_store(db)
+    store = await open_store(db, **({"instance": instance} if instance else {}))
     try:
         async with httpx.AsyncClient(timeout=30) as http:
             client = ControlShiftClient(http, cs_url, api_key=cs.api_key,
@@ -593,6 +615,470 @@ def bench_webhook_latency(tmp: Path, quick: bool) -> None:
     }
 
 
+# --------------------------------------------------------------------------- 6. PostgreSQL
+
+
+def _load_pgserver() -> Any:
+    """tests/pgserver.py (throwaway server, fresh databases), loaded by path."""
+    path = Path(__file__).resolve().parents[1] / "tests" / "pgserver.py"
+    spec = importlib.util.spec_from_file_location("csand_bench_pgserver", path)
+    assert spec is not None and spec.loader is not None
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class PgDatabases:
+    """Fresh databases on a PostgreSQL server: one started here (thrown away at the end), or the
+    existing one at ``--pg-url`` (an admin URL; the databases made here are dropped again)."""
+
+    def __init__(self, pg_url: str | None) -> None:
+        self.pgserver = _load_pgserver()
+        self.server: Any = None
+        self.base_dir: Path | None = None
+        self.admin_url = pg_url
+        self.made: list[str] = []
+        self.postmaster: int | None = None
+
+    def __enter__(self) -> PgDatabases:
+        if self.admin_url is None:
+            # Not under the bench's temporary directory: the postgres user must reach it.
+            self.base_dir = Path(tempfile.mkdtemp(prefix="csand-bench-pg-"))
+            self.server = self.pgserver.PostgresServer(self.base_dir)
+            self.admin_url = self.server.start()
+            pid_file = self.server.data_dir / "postmaster.pid"
+            self.postmaster = int(pid_file.read_text().split()[0])
+        with psycopg.connect(self.admin_url, autocommit=True) as conn:
+            version = conn.execute("SHOW server_version").fetchone()[0]
+        FIGURES.setdefault("pg", {})["server_version"] = version
+        FIGURES["pg"]["server"] = "started by the bench" if self.server else "--pg-url"
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.server is not None:
+            self.server.stop()
+            return
+        for name in self.made:
+            try:
+                self.pgserver.drop_database(self.admin_url, name)
+            except psycopg.Error as e:
+                warn(f"[6] could not drop database {name}: {e}")
+
+    def fresh(self, name: str) -> str:
+        name = f"csand_bench_{name}_{os.getpid()}"
+        self.pgserver.drop_database(self.admin_url, name)
+        self.made.append(name)
+        return str(self.pgserver.create_database(self.admin_url, name))
+
+    def server_cpu(self) -> float | None:
+        """CPU seconds of the server started here: the postmaster and its reaped children, plus
+        its live backends. None for a server at --pg-url."""
+        if self.postmaster is None:
+            return None
+        ticks = 0
+        for entry in os.listdir("/proc"):
+            if not entry.isdigit():
+                continue
+            try:
+                with open(f"/proc/{entry}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(entry) == self.postmaster:
+                ticks += sum(int(x) for x in fields[11:15])
+            elif int(fields[1]) == self.postmaster:
+                ticks += int(fields[11]) + int(fields[12])
+        return ticks / os.sysconf("SC_CLK_TCK")
+
+
+class CsandProcess:
+    """One ``csand run`` child on a PostgreSQL database, named ``name`` in the cluster."""
+
+    def __init__(self, tmp: Path, tag: str, name: str, sections: dict[str, dict[str, Any]],
+                 url: str) -> None:
+        self.name = name
+        sections = {k: dict(v) for k, v in sections.items()}
+        sections["store"] = {"url": url, "instance": name}
+        sections["log"] = {"level": "warning", "format": "json"}
+        config = tmp / f"{tag}-{name}.toml"
+        config.write_text(_toml(sections))
+        self.log_path = tmp / f"{tag}-{name}.log"
+        env = {k: v for k, v in os.environ.items()
+               if not k.startswith(("CSAND_", "PG"))}
+        with self.log_path.open("wb") as log_file:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "csand", "run", "--config", str(config)],
+                stdout=log_file, stderr=subprocess.STDOUT, env=env,
+            )
+        self.pid = self.proc.pid
+        self.rss_max_kib = 0
+        self.hwm_kib = 0
+        self.cpu_s = 0.0
+        self.cpu_at_first_done: float | None = None
+        self.code: int | None = None
+
+    def sample(self, any_done: bool) -> None:
+        if self.proc.poll() is not None:
+            raise RuntimeError(f"csand run ({self.name}) exited with {self.proc.returncode}: "
+                               + self.log_path.read_text()[-2000:])
+        status = _proc_status(self.pid)
+        self.rss_max_kib = max(self.rss_max_kib, int(status["VmRSS"].split()[0]))
+        self.hwm_kib = int(status["VmHWM"].split()[0])
+        self.cpu_s = _proc_cpu_seconds(self.pid)
+        if any_done and self.cpu_at_first_done is None:
+            self.cpu_at_first_done = self.cpu_s
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        self.code = self.proc.wait(30)
+        return self.code
+
+    def kill9(self) -> None:
+        self.proc.kill()
+        self.code = self.proc.wait(10)
+
+    def summary(self) -> dict[str, Any]:
+        drain_cpu = self.cpu_s - (self.cpu_at_first_done or 0.0)
+        return {"peak_rss_mib": round(self.hwm_kib / 1024.0, 1),
+                "max_sampled_rss_mib": round(self.rss_max_kib / 1024.0, 1),
+                "cpu_s_total": round(self.cpu_s, 2), "cpu_s_drain": round(drain_cpu, 2),
+                "exit_code": self.code, "log_events": log_summary(self.log_path)}
+
+
+def _stop_all(procs: list[CsandProcess], what: str) -> None:
+    for p in procs:
+        try:
+            code = p.stop()
+        except subprocess.TimeoutExpired:
+            p.kill9()
+            code = -9
+        if code != 0:
+            warn(f"{what}: csand run ({p.name}) exited with {code} after SIGTERM")
+
+
+def _pg_stats(conn: Any) -> dict[str, int]:
+    """The database's committed transactions and rows written per table, so far."""
+    stats = dict(conn.execute(
+        "SELECT relname, n_tup_ins + n_tup_upd + n_tup_del FROM pg_stat_user_tables").fetchall())
+    stats["(transactions)"] = conn.execute(
+        "SELECT xact_commit + xact_rollback FROM pg_stat_database "
+        "WHERE datname = current_database()").fetchone()[0]
+    return stats
+
+
+def _watch_drain(conn: Any, procs: list[CsandProcess], total: int,
+                 pg: PgDatabases | None = None,
+                 stats_at_first: dict[str, int] | None = None) -> dict[str, float | None]:
+    """Sample the processes every 0.1 s until every queued item is finished and nothing is
+    pending or in flight; returns the server's and this process's (the simulators') CPU
+    seconds at the first item done (and fills ``stats_at_first`` with :func:`_pg_stats`)."""
+    if stats_at_first is None:
+        stats_at_first = {}
+    deadline = time.monotonic() + DRAIN_TIMEOUT
+    at_first: dict[str, float | None] = {}
+    while True:
+        time.sleep(0.1)
+        counts = _outbox_figures_on(conn)["counts"]
+        any_done = bool(counts.get("done"))
+        if any_done and not at_first:
+            at_first = {"server": pg.server_cpu() if pg is not None else None,
+                        "bench": time.process_time()}
+            if pg is not None:
+                stats_at_first.update(_pg_stats(conn))
+        for p in procs:
+            p.sample(any_done)
+        finished = counts.get("done", 0) + counts.get("dead", 0) + counts.get("cancelled", 0)
+        if finished >= total and not counts.get("pending") and not counts.get("in_flight"):
+            return at_first
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"csand run did not drain in time: {counts}")
+
+
+def _done_by_instance(url: str) -> dict[str, int]:
+    with psycopg.connect(url, autocommit=True) as conn:
+        return {str(owner): n for owner, n in conn.execute(
+            "SELECT lease_owner, COUNT(*) FROM outbox WHERE status = 'done' "
+            "GROUP BY lease_owner ORDER BY lease_owner").fetchall()}
+
+
+def bench_pg_capacity(pg: PgDatabases, tmp: Path, signatures: int, instances: int,
+                      workers: int = 8) -> None:
+    cs, an, scenario = capacity_scenario(signatures)
+    tag = f"m6a-{instances}i"
+    url = pg.fresh(f"m6a_{instances}i")
+    names = ["a", "b", "c", "d"][:instances]
+    with ServedApp(cs.app) as cs_s, ServedApp(an.app) as an_s:
+        walk = anyio.run(prefill, cs_s.url, cs, url, "bench-prefill", backend="asyncio")
+        total = sum(outbox_figures(url)["counts"].values())
+        an.reset_stats()
+        sections = settings_dict(cs_s.url, cs, an_s.url, an, tmp / "unused.db",
+                                 an_rate=100000.0, workers=workers)
+        server_cpu0 = server_cpu1 = None
+        stats0: dict[str, int] = {}
+        procs: list[CsandProcess] = []
+        try:
+            procs = [CsandProcess(tmp, tag, name, sections, url) for name in names]
+            with psycopg.connect(url, autocommit=True) as conn:
+                at_first = _watch_drain(conn, procs, total, pg, stats0)
+            server_cpu0, server_cpu1 = at_first["server"], pg.server_cpu()
+            bench_cpu = time.process_time() - (at_first["bench"] or 0.0)
+        finally:
+            _stop_all(procs, f"[6a] {instances} instance(s)")
+        time.sleep(0.6)  # the backends' last statistics reach the server
+        with psycopg.connect(url, autocommit=True) as conn:
+            stats1 = _pg_stats(conn)
+    ok = check(scenario, an, f"[6a] PostgreSQL, {instances} csand run instance(s)")
+    fig = outbox_figures(url)
+    rate, span = drain_rate(fig)
+    q_first, q_last = quarter_rates(url)
+    requests = an.stats()["requests"]
+    done = fig["counts"].get("done", 0)
+    by_instance = _done_by_instance(url)
+    cpu_drain = sum(p.cpu_s - (p.cpu_at_first_done or 0.0) for p in procs)
+    server_cpu = (server_cpu1 - server_cpu0
+                  if server_cpu0 is not None and server_cpu1 is not None else None)
+    label = "1 instance" if instances == 1 else f"{instances} instances"
+    row(f"PostgreSQL, {label} x {workers} workers: actions/s", f"{rate:.1f}",
+        f"{done} done in {span:.1f} s, {requests / max(span, 1e-9):.0f} AN req/s; "
+        f">= 150: {verdict(rate >= 150)}")
+    row("  first / last quarter of the backlog", f"{q_first:.0f} / {q_last:.0f}", "actions/s")
+    for p in procs:
+        s = p.summary()
+        row(f"  instance {p.name}: peak RSS / CPU in drain",
+            f"{s['peak_rss_mib']:.1f} MiB",
+            f"{s['cpu_s_drain']:.1f} s CPU ({s['cpu_s_drain'] / max(span, 1e-9):.0%} of one "
+            f"core), {by_instance.get(p.name, 0)} done; <= 150 MB: "
+            f"{verdict(p.hwm_kib * 1024 <= 150e6)}")
+    cpu_note = f"csand {cpu_drain / max(1, done) * 1000:.1f} ms/action"
+    if server_cpu is not None:
+        cpu_note += (f", PostgreSQL server {server_cpu:.1f} s CPU = "
+                     f"{server_cpu / max(1, done) * 1000:.1f} ms/action")
+    cpu_note += f", simulators (this process) {bench_cpu / max(1, done) * 1000:.1f} ms/action"
+    row("  CPU in drain, all csand instances", f"{cpu_drain:.1f} s", cpu_note)
+    written = {k: stats1.get(k, 0) - stats0.get(k, 0) for k in stats1}
+    per_action = {k: round(v / max(1, done), 2) for k, v in sorted(written.items()) if v}
+    row("  PostgreSQL transactions per action", f"{per_action.get('(transactions)', 0):.1f}",
+        "rows written per action: " + ", ".join(
+            f"{k} {v}" for k, v in per_action.items() if k != "(transactions)")
+        + " (from the first item done; includes the bench's own watching, ~20 tx/s)")
+    FIGURES.setdefault("pg", {})[f"capacity_{instances}i"] = {
+        "signatures": signatures, "instances": instances, "workers_each": workers,
+        "queued": total, "prefill_walk_s": round(walk, 2), "done": done,
+        "dead": fig["counts"].get("dead", 0), "done_by_instance": by_instance,
+        "drain_s": round(span, 2), "actions_per_s": round(rate, 1),
+        "first_quarter_per_s": round(q_first, 1), "last_quarter_per_s": round(q_last, 1),
+        "an_requests": requests, "an_requests_per_s": round(requests / max(span, 1e-9), 1),
+        "csand_cpu_s_drain": round(cpu_drain, 2),
+        "csand_cpu_ms_per_action": round(cpu_drain / max(1, done) * 1000, 2),
+        "server_cpu_s_drain": None if server_cpu is None else round(server_cpu, 2),
+        "simulators_cpu_s_drain": round(bench_cpu, 2),
+        "pg_written_per_action": per_action,
+        "instances_detail": {p.name: p.summary() for p in procs},
+        "end_state_ok": ok, "pass_150": rate >= 150,
+        "pass_rss": all(p.hwm_kib * 1024 <= 150e6 for p in procs),
+    }
+
+
+def bench_pg_rate(pg: PgDatabases, tmp: Path, signatures: int) -> None:
+    say(f"\n[6b] Two instances sharing AN's limit: AN sim and csand at 4 req/s, 4 workers each, "
+        f"queued backlog petitions=5, signatures={signatures}")
+    cs = ControlShiftSim(seed=2, requests_per_minute=None)
+    an = ActionNetworkSim(requests_per_second=4.0, seed=2)
+    scenario = populate(cs, an, petitions=5, signatures=signatures, seed=2)
+    url = pg.fresh("m6b")
+    with ServedApp(cs.app) as cs_s, ServedApp(an.app) as an_s:
+        anyio.run(prefill, cs_s.url, cs, url, "bench-prefill", backend="asyncio")
+        total = sum(outbox_figures(url)["counts"].values())
+        an.reset_stats()
+        sections = settings_dict(cs_s.url, cs, an_s.url, an, tmp / "unused.db",
+                                 an_rate=4.0, workers=4)
+        procs: list[CsandProcess] = []
+        started = time.monotonic()
+        try:
+            procs = [CsandProcess(tmp, "m6b", name, sections, url) for name in ("a", "b")]
+            with psycopg.connect(url, autocommit=True) as conn:
+                _watch_drain(conn, procs, total)
+        finally:
+            _stop_all(procs, "[6b]")
+        elapsed = time.monotonic() - started
+    ok = check(scenario, an, "[6b] PostgreSQL, two instances at 4 req/s")
+    stats = an.stats()
+    times = sorted(stats["request_times"])
+    first, last = times[0], times[-1]
+    lo, hi = first + STEADY_MARGIN, last - STEADY_MARGIN
+    steady = [t for t in times if lo <= t < hi]
+    window = max(1e-9, hi - lo)
+    achieved = len(steady) / window
+    overall = (len(times) - 1) / max(1e-9, last - first)
+    gaps = [b - a for a, b in zip(steady, steady[1:], strict=False)]
+    long_gaps = sum(1 for g in gaps if g > 0.5)
+    fraction = achieved / 4.0
+    by_instance = _done_by_instance(url)
+    done = sum(by_instance.values())
+    one = FIGURES.get("rate")
+    if one is not None:
+        ref_fraction, ref_429 = one["fraction_of_limit"], one["rate_limited"]
+        ref = f"2a this run: {ref_fraction:.1%}, {ref_429} 429s"
+    else:  # bench/README.md's figure for one SQLite instance (measurement 2a)
+        ref_fraction, ref_429 = 0.971, 0
+        ref = "2a (README, not run now): 97.1%, 0 429s"
+    in_band = 0.97 <= fraction <= 1.0
+    row("synced actions (done by a / b)",
+        f"{by_instance.get('a', 0)} / {by_instance.get('b', 0)}", f"in {elapsed:.1f} s")
+    row("accepted AN requests (429s)", f"{len(times)} ({stats['rate_limited']})",
+        f"drain {last - first:.1f} s, overall {overall:.2f} req/s")
+    row("steady achieved rate, two instances", f"{achieved:.3f} req/s",
+        f"{fraction:.1%} of 4.0; 97-100%: {verdict(in_band)}; 429s <= one instance's: "
+        f"{verdict(stats['rate_limited'] <= ref_429)}  ({ref})")
+    if gaps:
+        row("steady inter-request gap p50 / max",
+            f"{statistics.median(gaps) * 1000:.0f} / {max(gaps) * 1000:.0f} ms",
+            f"{long_gaps} gaps > 500 ms")
+    FIGURES.setdefault("pg", {})["shared_rate"] = {
+        "signatures": signatures, "queued": total, "done": done, "done_by_instance": by_instance,
+        "accepted_requests": len(times), "rate_limited": stats["rate_limited"],
+        "drain_seconds": round(last - first, 2), "steady_window_s": round(window, 2),
+        "steady_requests": len(steady), "achieved_rps": round(achieved, 4),
+        "fraction_of_limit": round(fraction, 4), "overall_rps": round(overall, 4),
+        "gaps_over_500ms": long_gaps,
+        "max_gap_ms": round(max(gaps) * 1000, 1) if gaps else None,
+        "one_instance_fraction": ref_fraction, "one_instance_429": ref_429,
+        "one_instance_source": "2a this run" if one is not None else "README",
+        "instances_detail": {p.name: p.summary() for p in procs},
+        "pass_band": in_band, "pass_429": stats["rate_limited"] <= ref_429, "end_state_ok": ok,
+    }
+
+
+def _leader(conn: Any) -> tuple[str | None, float | None]:
+    rows = conn.execute(
+        "SELECT holder, until FROM cluster_leader WHERE role = 'poller'").fetchall()
+    return (rows[0][0], rows[0][1]) if rows else (None, None)
+
+
+def _last_poll_at(conn: Any) -> float:
+    rows = conn.execute("SELECT value FROM meta WHERE key = 'last_poll_at'").fetchall()
+    try:
+        return float(rows[0][0]) if rows and rows[0][0] is not None else 0.0
+    except ValueError:
+        return 0.0
+
+
+def _wait_for(what: str, condition: Callable[[], bool], timeout: float = 60.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"[6c] timed out waiting for {what}")
+        time.sleep(0.05)
+
+
+FAILOVER_RATE = 10.0  # AN limit in 6c: slow enough that the backlog outlasts the kills
+
+
+def bench_pg_failover(pg: PgDatabases, tmp: Path, repeats: int, signatures: int) -> None:
+    say(f"\n[6c] Failover: two instances draining a backlog (AN sim and csand at "
+        f"{FAILOVER_RATE:g} req/s, 4 workers each, lease_seconds 10, poll_interval 2), "
+        f"kill -9 of the leader x {repeats}, petitions=5, signatures={signatures}")
+    cs = ControlShiftSim(seed=6, requests_per_minute=None)
+    an = ActionNetworkSim(requests_per_second=FAILOVER_RATE, seed=6)
+    scenario = populate(cs, an, petitions=5, signatures=signatures, seed=6)
+    rng = random.Random(6)
+    launched = [p for p in cs.petitions() if p["launched"]]
+    url = pg.fresh("m6c")
+    results: list[dict[str, Any]] = []
+    drained_before_kill = 0
+    names = iter("cdefghij")
+    with ServedApp(cs.app) as cs_s, ServedApp(an.app) as an_s:
+        anyio.run(prefill, cs_s.url, cs, url, "bench-prefill", backend="asyncio")
+        sections = settings_dict(cs_s.url, cs, an_s.url, an, tmp / "unused.db",
+                                 an_rate=FAILOVER_RATE, workers=4, poll_interval=2.0)
+        sections["sync"]["lease_seconds"] = 10.0  # the dead leader's leases come back soon
+        procs: dict[str, CsandProcess] = {}
+        try:
+            for name in ("a", "b"):
+                procs[name] = CsandProcess(tmp, "m6c", name, sections, url)
+            with psycopg.connect(url, autocommit=True) as conn:
+                def live() -> set[str]:
+                    return {str(r[0]) for r in conn.execute(
+                        "SELECT instance FROM cluster_instances").fetchall()}
+
+                start = time.time()
+                _wait_for("a leader's first poll", lambda: _leader(conn)[0] in procs
+                          and _last_poll_at(conn) > start)
+                for rep in range(repeats):
+                    alive = {n for n, p in procs.items() if p.proc.poll() is None}
+                    _wait_for("two live instances' heartbeats", lambda a=alive: a <= live())
+                    time.sleep(1.0)  # mid-drain, both working
+                    holder, until = _leader(conn)
+                    assert holder is not None
+                    counts = _outbox_figures_on(conn)["counts"]
+                    if not counts.get("pending"):
+                        drained_before_kill += 1
+                        warn(f"[6c] repeat {rep + 1}: the backlog was drained before the kill")
+                    victim = procs[holder]
+                    victim.sample(True)
+                    killed = time.time()
+                    victim.kill9()
+                    # What ControlShift gains after the leader died must still arrive.
+                    petition = rng.choice(launched)
+                    for k, opted in enumerate((True, False)):
+                        cs.add_signature(petition["slug"],
+                                         email=f"after.kill{rep}.{k}@example.org",
+                                         first_name="Kim", last_name="Ill", postcode="6011",
+                                         join_organisation=opted)
+                    survivors = alive - {holder}
+                    took_over: float | None = None
+                    while True:
+                        time.sleep(0.05)
+                        new_holder, _ = _leader(conn)
+                        if new_holder in survivors and took_over is None:
+                            took_over = time.time() - killed
+                        if new_holder in survivors and _last_poll_at(conn) > killed:
+                            polled = time.time() - killed
+                            break
+                        if time.time() - killed > 120:
+                            raise RuntimeError("[6c] no survivor polled within 120 s")
+                    poll_started = _last_poll_at(conn) - killed
+                    result = {"killed": holder, "new_leader": new_holder,
+                              "lease_left_at_kill_s": round((until or killed) - killed, 2),
+                              "takeover_s": round(took_over or polled, 2),
+                              "poll_started_s": round(poll_started, 2),
+                              "first_poll_done_s": round(polled, 2),
+                              "pending_at_kill": counts.get("pending", 0)}
+                    results.append(result)
+                    row(f"repeat {rep + 1}: kill -9 {holder} -> {new_holder} polled after",
+                        f"{polled:.2f} s",
+                        f"lease had {result['lease_left_at_kill_s']:.1f} s left, took over "
+                        f"at {result['takeover_s']:.1f} s, {result['pending_at_kill']} pending "
+                        "at the kill")
+                    if rep + 1 < repeats:  # a replacement, so two instances share the work again
+                        name = next(names)
+                        procs[name] = CsandProcess(tmp, "m6c", name, sections, url)
+                total = sum(_outbox_figures_on(conn)["counts"].values())
+                _watch_drain(conn, [p for p in procs.values() if p.proc.poll() is None], total)
+        finally:
+            _stop_all([p for p in procs.values() if p.proc.poll() is None], "[6c]")
+    ok = check(scenario, an, "[6c] PostgreSQL failover")
+    fig = outbox_figures(url)
+    worst = max(r["first_poll_done_s"] for r in results)
+    lost = [f"after.kill{r}.{k}" for r in range(len(results)) for k in (0, 1)
+            if an.person(f"after.kill{r}.{k}@example.org") is None]
+    row("failover: kill to first poll, max", f"{worst:.2f} s",
+        f"of {len(results)}; <= 30 s: {verdict(worst <= 30)}")
+    row("end state after the kills", verdict(ok and not lost),
+        f"done {fig['counts'].get('done', 0)}, dead {fig['counts'].get('dead', 0)}, "
+        f"signatures added after the kills missing in AN: {len(lost)}")
+    FIGURES.setdefault("pg", {})["failover"] = {
+        "signatures": signatures, "repeats": repeats, "an_rate": FAILOVER_RATE,
+        "results": results, "max_s": worst, "target_s": 30.0, "pass": worst <= 30,
+        "counts": fig["counts"], "added_after_kill_missing": lost,
+        "drained_before_kill": drained_before_kill,
+        "instances_detail": {n: p.summary() for n, p in procs.items()},
+        "end_state_ok": ok,
+    }
+
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -611,8 +1097,12 @@ def log_summary(path: Path) -> dict[str, int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs (about 2 minutes)")
-    parser.add_argument("--only", default="12345",
-                        help="which measurements to run, e.g. --only 3 (default: all)")
+    parser.add_argument("--only", default="123456",
+                        help="which measurements to run, e.g. --only 36 (default: all)")
+    parser.add_argument("--pg-url", default=None,
+                        help="admin URL of an existing PostgreSQL server for measurement 6 "
+                        "(it creates and drops its own databases); default: start a "
+                        "throwaway server with tests/pgserver.py")
     args = parser.parse_args()
     only = set(args.only)
     quick = args.quick
@@ -642,6 +1132,16 @@ def main() -> int:
                 bench_latency(tmp, quick)
             if "5" in only:
                 bench_webhook_latency(tmp, quick)
+            if "6" in only:
+                with PgDatabases(args.pg_url) as pg:
+                    signatures = 1000 if quick else 5000
+                    say(f"\n[6a] PostgreSQL ({FIGURES['pg']['server_version']}), engine capacity "
+                        f"with the AN limit lifted, csand run processes, queued backlog "
+                        f"petitions=20, signatures={signatures}")
+                    for instances in (1, 2):
+                        bench_pg_capacity(pg, tmp, signatures, instances)
+                    bench_pg_rate(pg, tmp, 80 if quick else 300)
+                    bench_pg_failover(pg, tmp, 1 if quick else 3, 200 if quick else 600)
         FIGURES["csand_log_events"] = log_summary(log_path)
     elapsed = time.monotonic() - began
     FIGURES["mode"] = "quick" if quick else "full"
