@@ -18,8 +18,9 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from csand.checks import STALE_AFTER_S, open_configured_store
 from csand.config import Settings
-from csand.daemon import AlreadyRunning, Daemon, single_instance
+from csand.daemon import Daemon
 from csand.storage import Storage
+from csand.storage.sqlite import AlreadyRunning, single_instance
 
 REQUESTS_PER_ITEM = 1.5  # typical AN requests per activity (README benchmarks), for the ETA
 

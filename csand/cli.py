@@ -96,8 +96,9 @@ def run(
         "to Action Network (works on a copy of the database).")] = False,
 ) -> None:
     """Run the daemon in the foreground until SIGTERM or SIGINT (SIGHUP reloads logging)."""
-    from csand.daemon import AlreadyRunning, Daemon
+    from csand.daemon import Daemon
     from csand.storage import StoreError
+    from csand.storage.sqlite import AlreadyRunning
 
     settings = _load(config)
     logs.configure(settings.log.level, settings.log.format, secrets=settings.secrets())

@@ -8,15 +8,13 @@ queue without using up an attempt. Exit code 0, well within systemd's 15 s defau
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import signal
 import socket
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import AsyncExitStack, contextmanager, nullcontext
+from contextlib import AsyncExitStack, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +34,7 @@ from csand.logs import get_logger
 from csand.ratelimit import SharedTokenBucket, TokenBucket
 from csand.retry import RetryPolicy
 from csand.storage import STATUSES, NotLeader, Storage, StoreError, open_store, redact_url
+from csand.storage.sqlite import single_instance
 from csand.sync.worker import Dispatcher
 from csand.systemd import Notifier
 from csand.web import Listener, build_app
@@ -51,33 +50,6 @@ LEAD_RENEW = 5.0
 LEAD_MARGIN = 3.0
 PRUNE_SECONDS = 3600.0  # personal data past store.retention_days is pruned this often
 AN_HEADROOM = 0.97  # 3% under AN's limit: arrival jitter must not cost 429s
-
-
-class AlreadyRunning(Exception):
-    pass
-
-
-@contextmanager
-def single_instance(db_path: Path) -> Iterator[None]:
-    """Two daemons on one database would each think they own the in-flight items."""
-    if str(db_path) == ":memory:":
-        yield
-        return
-    db_path.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = db_path.with_name(db_path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise AlreadyRunning(
-                f"another csand is already running on {db_path} (lock {lock_path})"
-            ) from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        yield
-    finally:
-        os.close(fd)
 
 
 class Daemon:

@@ -76,3 +76,23 @@ def pg_new_database(pg_admin_url: str, _pg_admin_conn: Any) -> Iterator[Callable
 def pg_url(pg_new_database: Callable[[], str]) -> str:
     """URL of a fresh, empty database (dropped after the test)."""
     return pg_new_database()
+
+
+@pytest.fixture(autouse=True)
+def restore_logging() -> Iterator[None]:
+    """A command run in-process (typer's CliRunner) points the logs at the runner's stderr,
+    which is closed afterwards: every test starts and ends with the logging it found."""
+    import logging
+
+    import structlog
+
+    from csand import logs
+
+    root = logging.getLogger()
+    handlers, level, secrets = list(root.handlers), root.level, list(logs.redactor.secrets)
+    try:
+        yield
+    finally:
+        structlog.reset_defaults()
+        root.handlers, logs.redactor.secrets = handlers, secrets
+        root.setLevel(level)

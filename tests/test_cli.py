@@ -3,17 +3,13 @@
 from __future__ import annotations
 
 import json
-import logging
 import re
-from collections.abc import Iterator
 from pathlib import Path
 
 import anyio
 import pytest
-import structlog
 from typer.testing import CliRunner
 
-from csand import logs
 from csand.cli import app
 from csand.model import signature_activity
 from csand.storage import open_store
@@ -48,19 +44,6 @@ def _seed(db: Path) -> int:
             await store.close()
 
     return anyio.run(go, backend="asyncio")
-
-
-@pytest.fixture(autouse=True)
-def restore_logging() -> Iterator[None]:
-    """Each command points the logs at the runner's stderr, which is closed afterwards."""
-    root = logging.getLogger()
-    handlers, level, secrets = list(root.handlers), root.level, list(logs.redactor.secrets)
-    try:
-        yield
-    finally:
-        structlog.reset_defaults()
-        root.handlers, logs.redactor.secrets = handlers, secrets
-        root.setLevel(level)
 
 
 @pytest.fixture

@@ -40,7 +40,7 @@ ALLOWED = {
                              "csand.storage.common"},
     "csand.storage.postgres": {"csand.model", "csand.logs", "csand.storage",
                                "csand.storage.common"},
-    "csand.storage.copy": {"csand.storage", "csand.storage.sqlite"},
+    "csand.storage.copy": {"csand.storage", "csand.storage.common", "csand.storage.sqlite"},
     "csand.controlshift.versions": {"csand.model"},
     "csand.actionnetwork.client": {"csand.actionnetwork.errors", "csand.model", "csand.logs",
                                    "csand.ratelimit", "csand.metrics"},

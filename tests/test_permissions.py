@@ -12,9 +12,9 @@ import pytest
 from structlog.testing import capture_logs
 
 from csand import logs
-from csand.daemon import single_instance
 from csand.dryrun import copy_database
 from csand.storage import open_store
+from csand.storage.sqlite import single_instance
 from tests.fakes import ManualClock
 from tests.storage import sig
 

@@ -155,7 +155,7 @@ async def test_refused_while_a_daemon_holds_the_lock_and_without_a_database(
     fd = os.open(db.with_name("csand.db.lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # as csand run holds it
-        with pytest.raises(StoreError, match="a csand is running"):
+        with pytest.raises(StoreError, match="another csand is already running"):
             await copy_sqlite_to_postgres(db, pg_url)
     finally:
         os.close(fd)

@@ -85,3 +85,9 @@ def cluster_view(now: float, leader: Any, rows: Iterable[Any]) -> dict[str, Any]
 
 def steps_of(progress: str | None) -> frozenset[str]:
     return frozenset(json.loads(progress)) if progress else frozenset()
+
+
+def reason_of(exc: BaseException) -> str:
+    """The first line of an exception's message (libpq's are several lines long)."""
+    text = str(exc).strip().splitlines()
+    return text[0] if text else type(exc).__name__

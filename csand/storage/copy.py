@@ -20,12 +20,9 @@ Cluster state (leader, heartbeats, request slots) is not copied: each instance m
 
 from __future__ import annotations
 
-import fcntl
-import os
 import sqlite3
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from os import PathLike
 from pathlib import Path
 from typing import Any
@@ -34,7 +31,8 @@ import anyio
 from psycopg import AsyncConnection, sql
 
 from csand.storage import StoreError, open_store, redact_url
-from csand.storage.sqlite import SQLiteStore
+from csand.storage.common import reason_of
+from csand.storage.sqlite import SQLiteStore, single_instance
 
 BATCH = 5_000
 
@@ -80,7 +78,7 @@ async def copy_sqlite_to_postgres(
     path = Path(sqlite_path)
     if not await anyio.Path(path).is_file():
         raise StoreError(f"no SQLite database at {path}")
-    with _daemon_lock(path):
+    with single_instance(path):
         store = await SQLiteStore.open(path)  # migrated to the current schema first
         await store.close()
         target = await open_store(pg_url, instance="store-copy")  # creates/migrates the schema
@@ -94,7 +92,7 @@ async def copy_sqlite_to_postgres(
                                                      application_name="csand store-copy")
             except Exception as exc:  # noqa: BLE001 - phrased for the operator
                 raise StoreError(f"cannot connect to PostgreSQL at {redact_url(pg_url)}: "
-                                 f"{_reason(exc)}") from None
+                                 f"{reason_of(exc)}") from None
             try:
                 source.execute("BEGIN")  # one snapshot of every table
                 try:
@@ -106,7 +104,7 @@ async def copy_sqlite_to_postgres(
             except Exception as exc:
                 if not type(exc).__module__.startswith(("psycopg", "sqlite3")):
                     raise
-                raise StoreError(f"copy failed, nothing was copied: {_reason(exc)}") from None
+                raise StoreError(f"copy failed, nothing was copied: {reason_of(exc)}") from None
             finally:
                 await conn.close()
         finally:
@@ -178,30 +176,6 @@ async def _copy_table(source: sqlite3.Connection, conn: AsyncConnection[Any], ta
 async def _read(source: sqlite3.Connection, query: str) -> sqlite3.Cursor:
     return await anyio.to_thread.run_sync(source.execute, query)
 
-
-@contextmanager
-def _daemon_lock(db_path: Path) -> Iterator[None]:
-    """The lock ``csand run`` holds (see :func:`csand.daemon.single_instance`): refused while a
-    daemon holds it, and held here so that none starts during the copy."""
-    lock_path = db_path.with_name(db_path.name + ".lock")
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise StoreError(
-                f"a csand is running on {db_path} (lock {lock_path}): stop it first "
-                "(sudo systemctl stop csand)") from None
-        os.ftruncate(fd, 0)
-        os.write(fd, str(os.getpid()).encode())
-        yield
-    finally:
-        os.close(fd)  # releases the lock
-
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 __all__ = ["BATCH", "TABLES", "copy_sqlite_to_postgres"]

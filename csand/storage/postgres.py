@@ -59,6 +59,7 @@ from csand.storage.common import (
     iso,
     newer,
     outbox_row,
+    reason_of,
     signature_id,
     steps_of,
 )
@@ -228,7 +229,7 @@ class PostgresStore:
             probe = await AsyncConnection.connect(url, connect_timeout=10)
         except Exception as exc:  # noqa: BLE001 - phrased for the operator
             raise StoreError(f"cannot connect to PostgreSQL at {redact_url(url)}: "
-                             f"{_reason(exc)}") from None
+                             f"{reason_of(exc)}") from None
         await probe.close()
         pool = AsyncConnectionPool(
             url, min_size=min(2, pool_size), max_size=pool_size, open=False,
@@ -241,7 +242,7 @@ class PostgresStore:
         except Exception as exc:  # noqa: BLE001 - phrased for the operator
             await pool.close()
             raise StoreError(f"cannot connect to PostgreSQL at {redact_url(url)}: "
-                             f"{_reason(exc)}") from None
+                             f"{reason_of(exc)}") from None
         store = cls(pool, clock, instance)
         try:
             await store._migrate()
@@ -917,10 +918,6 @@ class PostgresStore:
             "WHERE status = 'dead' ORDER BY id LIMIT %s", (limit,))
         return [r | {"finished_at": iso(r["finished_at"])} for r in rows]
 
-
-def _reason(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    return text[0] if text else type(exc).__name__
 
 
 def _person(r: dict[str, Any]) -> Person:

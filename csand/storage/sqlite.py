@@ -16,14 +16,15 @@ Times are Unix seconds (float, from an injectable clock) for scheduling, ISO 860
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import secrets
 import sqlite3
 import stat
 import time
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterable, Iterator, Sequence
+from contextlib import asynccontextmanager, contextmanager
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -42,6 +43,7 @@ from csand.storage import (
     PetitionState,
     Requeued,
     SchemaTooNew,
+    StoreError,
     WebhookEvent,
 )
 from csand.storage.common import (
@@ -1101,6 +1103,35 @@ def _person(r: sqlite3.Row) -> Person:
     )
 
 
+class AlreadyRunning(StoreError):
+    """A csand process already holds this database (its lock file)."""
+
+
+@contextmanager
+def single_instance(db_path: Path) -> Iterator[None]:
+    """Hold the database's lock file: one process per SQLite database (``csand run``, and
+    ``csand store-copy`` while it reads). Two daemons on one file would each think they own
+    the in-flight items."""
+    if str(db_path) == ":memory:":
+        yield
+        return
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    lock_path = db_path.with_name(db_path.name + ".lock")
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise AlreadyRunning(
+                f"another csand is already running on {db_path} (lock {lock_path})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.write(fd, str(os.getpid()).encode())
+        yield
+    finally:
+        os.close(fd)
+
+
 def _create_private(path: Path) -> None:
     """Create the database file owner-only (0600), whatever the umask: it holds names, emails and
     postcodes, and SQLite gives its ``-wal`` and ``-shm`` files the database file's mode.
@@ -1274,4 +1305,4 @@ _RESERVE = (
 )
 
 
-__all__ = ["MIGRATIONS", "SQLiteStore"]
+__all__ = ["MIGRATIONS", "AlreadyRunning", "SQLiteStore", "single_instance"]

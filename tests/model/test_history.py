@@ -1040,15 +1040,19 @@ class PostgresHistoryMachine(HistoryMachine):
         assert isinstance(self.world.target, str)
 
 
-class TestHistoryPostgres(PostgresHistoryMachine.TestCase):
-    settings = _settings(examples=int(os.environ.get("CSAND_MODEL_PG_EXAMPLES", "60")), steps=50,
-                         shrink=False)
+class _FreshDatabases:
+    """Gives each history of a PostgreSQL machine a database of its own."""
 
     @pytest.fixture(autouse=True)
     def _databases(self, pg_new_database: Callable[[], str]) -> Iterator[None]:
         PostgresHistoryMachine.new_database = staticmethod(pg_new_database)  # type: ignore[assignment]
         yield
         PostgresHistoryMachine.new_database = None
+
+
+class TestHistoryPostgres(_FreshDatabases, PostgresHistoryMachine.TestCase):
+    settings = _settings(examples=int(os.environ.get("CSAND_MODEL_PG_EXAMPLES", "60")), steps=50,
+                         shrink=False)
 
 
 class ClusterHistoryMachine(PostgresHistoryMachine):
@@ -1070,15 +1074,9 @@ class ClusterHistoryMachine(PostgresHistoryMachine):
         self.run(self.world.restart(1))
 
 
-class TestClusterHistory(ClusterHistoryMachine.TestCase):
+class TestClusterHistory(_FreshDatabases, ClusterHistoryMachine.TestCase):
     settings = _settings(examples=int(os.environ.get("CSAND_MODEL_PG_EXAMPLES", "60")), steps=50,
                          shrink=False)
-
-    @pytest.fixture(autouse=True)
-    def _databases(self, pg_new_database: Callable[[], str]) -> Iterator[None]:
-        PostgresHistoryMachine.new_database = staticmethod(pg_new_database)  # type: ignore[assignment]
-        yield
-        PostgresHistoryMachine.new_database = None
 
 
 @pytest.mark.slow
