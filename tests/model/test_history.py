@@ -1051,7 +1051,7 @@ class _FreshDatabases:
 
 
 class TestHistoryPostgres(_FreshDatabases, PostgresHistoryMachine.TestCase):
-    settings = _settings(examples=int(os.environ.get("CSAND_MODEL_PG_EXAMPLES", "60")), steps=50,
+    settings = _settings(examples=int(os.environ.get("CSAND_MODEL_PG_EXAMPLES", "40")), steps=50,
                          shrink=False)
 
 
@@ -1075,7 +1075,7 @@ class ClusterHistoryMachine(PostgresHistoryMachine):
 
 
 class TestClusterHistory(_FreshDatabases, ClusterHistoryMachine.TestCase):
-    settings = _settings(examples=int(os.environ.get("CSAND_MODEL_PG_EXAMPLES", "60")), steps=50,
+    settings = _settings(examples=int(os.environ.get("CSAND_MODEL_PG_EXAMPLES", "40")), steps=50,
                          shrink=False)
 
 
