@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from csand.ratelimit import TokenBucket
+from csand.ratelimit import SharedTokenBucket, TokenBucket
 from csand.retry import RetryPolicy
 from tests.fakes import FakeClock
 
@@ -363,3 +363,55 @@ def test_defaults_do_not_touch_the_fake_clock_at_rest() -> None:
     assert b.current_rate() == 4.0
     assert b.paused_until == 0.0
     assert clock.slept == []
+
+
+# ---------------------------------------------------------------- shared by several instances
+
+
+class Slots:
+    """What a store's ``reserve`` does, on the same fake clock: one sequence of slots."""
+
+    def __init__(self, clock: FakeClock) -> None:
+        self.clock = clock
+        self.next_at = 0.0
+        self.paused_until = 0.0
+        self.calls: list[tuple[str, float, float]] = []
+
+    async def reserve(self, bucket: str, interval: float, pause: float = 0.0) -> float:
+        now = self.clock()
+        self.calls.append((bucket, interval, pause))
+        self.paused_until = max(self.paused_until, now + pause)
+        slot = max(self.next_at, now, self.paused_until)
+        self.next_at = slot + interval
+        return slot - now
+
+
+@pytest.mark.anyio
+async def test_shared_bucket_waits_for_the_slot_the_store_hands_out() -> None:
+    clock = FakeClock()
+    slots = Slots(clock)
+    bucket = SharedTokenBucket(slots, 4.0, headroom=0.97, clock=clock, sleep=clock.sleep)
+    started = clock()
+    for _ in range(5):
+        await bucket.acquire()
+    assert clock() - started == pytest.approx(4 / (4 * 0.97))
+    assert {c[:2] for c in slots.calls} == {("action_network", 1 / (4 * 0.97))}
+
+
+@pytest.mark.anyio
+async def test_a_429_here_pauses_every_instance_and_slows_this_one() -> None:
+    clock = FakeClock()
+    slots = Slots(clock)
+    bucket = SharedTokenBucket(slots, 4.0, headroom=1.0, clock=clock, sleep=clock.sleep)
+    await bucket.acquire()
+    pause = bucket.on_rate_limited(retry_after=3.0)
+    assert pause == 3.0
+    before = clock()
+    await bucket.acquire()
+    # The pause went to the store with the next reservation, where the other instances meet it.
+    assert slots.calls[-1][2] == 3.0 and slots.paused_until == pytest.approx(before + 3.0)
+    assert clock() >= before + 3.0
+    # This instance asks for wider slots while it recovers (half the rate: twice the interval).
+    assert slots.calls[-1][1] == pytest.approx(0.5)
+    await bucket.acquire()
+    assert slots.calls[-1][2] == 0.0  # the pause is shared once, not with every request
