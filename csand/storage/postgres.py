@@ -69,6 +69,9 @@ log = get_logger("store")
 # Advisory lock keys (any two 32-bit numbers unique to csand within the database).
 MIGRATE_LOCK = (0x6373616E, 1)  # "csan": migrations
 COMMIT_LOCK = (0x6373616E, 2)  # commits of what ControlShift showed
+# An instance heartbeats every 5 s: one silent this long is dead (or cut off from the database,
+# so it cannot send anything either), and its leases go back to the queue.
+SILENT_INSTANCE_SECONDS = 30.0
 MIRROR_LOCK = 0x63736D70  # "csmp", with the CS petition id: creating its AN twin
 
 # Each entry migrates from version i to i+1. Append only; never edit a released one.
@@ -195,6 +198,10 @@ MIGRATIONS: list[str] = [
 # whole statement). CS times are ISO 8601 text of one format compared as text, hence the C
 # collation on those columns: a locale's collation may order punctuation differently.
 _NOW = "COALESCE(%(now)s::double precision, extract(epoch FROM statement_timestamp()))"
+
+
+def _NOW_AS(param: str) -> str:  # noqa: N802 - _NOW with another parameter name
+    return _NOW.replace("%(now)s", f"%({param})s")
 
 
 class PostgresStore:
@@ -495,9 +502,14 @@ class PostgresStore:
         now = self._clock()
 
         async def tx(db: AsyncConnection[Any]) -> list[Item]:
+            # Expired leases, and those of an instance whose heartbeat stopped (killed, its
+            # machine gone): its items need not wait out the whole lease.
             await db.execute(
-                _RELEASE + "WHERE status = 'in_flight' AND lease_until < %(now)s",
-                {"now": now})
+                _RELEASE + "WHERE status = 'in_flight' AND (lease_until < %(now)s "
+                f"OR lease_owner IN (SELECT instance FROM cluster_instances "
+                f"WHERE heartbeat_at < {_NOW_AS('cluster_now')} - %(silent)s))",
+                {"now": now, "cluster_now": self._cluster_now(),
+                 "silent": SILENT_INSTANCE_SECONDS})
             rows = await (await db.execute(
                 _LEASE_QUERY, {"now": now, "limit": limit})).fetchall()
             if not rows:

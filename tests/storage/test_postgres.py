@@ -583,3 +583,22 @@ async def test_only_one_instance_at_a_time_holds_a_petitions_mirror_lock(
         tg.start_soon(first)
         tg.start_soon(second)
     assert order == ["a in", "b in 8", "a out", "b in 7"]
+
+
+async def test_leases_of_an_instance_whose_heartbeat_stopped_come_back_before_they_expire(
+    pair: tuple[Storage, Storage], clock: ManualClock
+) -> None:
+    a, b = pair
+    await a.enqueue([sig(1, "ann@example.org"), sig(2, "bob@example.org")])
+    await a.heartbeat({"pid": 1})
+    await b.heartbeat({"pid": 2})
+    (held,) = await a.lease(1, 300)
+    clock.t += 25
+    await b.heartbeat({"pid": 2})
+    await a.heartbeat({"pid": 1})  # a is alive: its lease stays its own
+    assert [i.activity.source_key for i in await b.lease(5, 300)] == ["signature:2"]
+    clock.t += 31  # a went silent (killed): far from the 300 s lease's end
+    await b.heartbeat({"pid": 2})
+    (taken,) = await b.lease(5, 300)
+    assert taken.id == held.id and taken.token != held.token
+    assert await a.guard(held.id, held.token) == "lost"  # were a still running, it sends nothing
