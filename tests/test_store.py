@@ -233,3 +233,19 @@ async def test_prune_empties_old_processed_webhook_bodies_in_the_table(
     assert await store.prune(RETENTION) == {"outbox": 0, "webhook_events": 1}
     bodies = {r["dedupe"]: r["body"] for r in rows(db_path, "SELECT * FROM webhook_events")}
     assert bodies == {"jid-old": "{}", "jid-waiting": body}
+
+
+@pytest.mark.anyio
+async def test_a_new_process_leads_at_once_whatever_the_previous_one_held(
+        db_path: Path, clock: ManualClock) -> None:
+    """One process per SQLite file: a previous process's unexpired lease (it was killed, and the
+    host was renamed since) must not delay the first poll."""
+    old = await SQLiteStore.open(db_path, clock=clock, instance="old-name")
+    assert await old.lead(15) == 1
+    await old.close()
+    new = await SQLiteStore.open(db_path, clock=clock, instance="new-name")
+    try:
+        assert await new.lead(15) == 2
+        assert (await new.cluster())["leader"] == "new-name"
+    finally:
+        await new.close()

@@ -1280,11 +1280,11 @@ async def _lead(db: aiosqlite.Connection, instance: str, now: float, ttl: float)
         await db.execute("UPDATE cluster_leader SET until = ? WHERE role = 'poller'",
                          (now + ttl,))
         return int(term)
-    if until < now:  # the leader's lease ran out (it died or lost the database): take over
-        await db.execute("UPDATE cluster_leader SET holder = ?, term = term + 1, until = ? "
-                         "WHERE role = 'poller'", (instance, now + ttl))
-        return int(term) + 1
-    return None
+    # Another holder is a previous process on this file (one process per SQLite database, by the
+    # lock file), whatever its lease says: take over at once, in a new term.
+    await db.execute("UPDATE cluster_leader SET holder = ?, term = term + 1, until = ? "
+                     "WHERE role = 'poller'", (instance, now + ttl))
+    return int(term) + 1
 
 
 async def _check_fence(db: aiosqlite.Connection, fence: tuple[str, int], now: float) -> None:
