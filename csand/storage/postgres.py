@@ -391,9 +391,12 @@ class PostgresStore:
                     await cur.executemany(_INSERT_DEAD_LETTER, dead)
                 if deleted:
                     # Every item of the record learns it, whatever its state (see SQLite).
+                    # Rows locked in id order, as renew_leases does: two transactions
+                    # updating the same in-flight rows never wait for each other in a circle.
                     await cur.execute(
                         "UPDATE outbox SET source_deleted_at = COALESCE(source_deleted_at, %s) "
-                        "WHERE source_key = ANY(%s)", (iso(now), deleted))
+                        "WHERE id IN (SELECT id FROM outbox WHERE source_key = ANY(%s) "
+                        "ORDER BY id FOR UPDATE)", (iso(now), deleted))
                     await cur.execute(
                         "UPDATE outbox SET status = 'cancelled', finished_at = %s, "
                         "note = 'signature deleted on ControlShift before it was synced' "
@@ -504,10 +507,13 @@ class PostgresStore:
         async def tx(db: AsyncConnection[Any]) -> list[Item]:
             # Expired leases, and those of an instance whose heartbeat stopped (killed, its
             # machine gone): its items need not wait out the whole lease.
+            # SKIP LOCKED: two instances reclaiming at once never wait for (or deadlock on)
+            # each other; what one skips, it or the other takes next time.
             await db.execute(
-                _RELEASE + "WHERE status = 'in_flight' AND (lease_until < %(now)s "
-                f"OR lease_owner IN (SELECT instance FROM cluster_instances "
-                f"WHERE heartbeat_at < {_NOW_AS('cluster_now')} - %(silent)s))",
+                _RELEASE + "WHERE id IN (SELECT id FROM outbox WHERE status = 'in_flight' "
+                "AND (lease_until < %(now)s OR lease_owner IN (SELECT instance FROM "
+                f"cluster_instances WHERE heartbeat_at < {_NOW_AS('cluster_now')} - %(silent)s)) "
+                "FOR UPDATE SKIP LOCKED)",
                 {"now": now, "cluster_now": self._cluster_now(),
                  "silent": SILENT_INSTANCE_SECONDS})
             rows = await (await db.execute(
@@ -534,11 +540,19 @@ class PostgresStore:
         pairs = [lease if isinstance(lease, tuple) else (lease, None) for lease in leases]
         if not pairs:
             return
-        await self._rows_none(
-            "UPDATE outbox SET lease_until = %s FROM unnest(%s::bigint[], %s::text[]) "
-            "AS v(id, token) WHERE outbox.id = v.id AND outbox.status = 'in_flight' "
-            "AND (v.token IS NULL OR outbox.lease_token = v.token)",
-            (until, [i for i, _ in pairs], [t for _, t in pairs]))
+        pairs.sort(key=lambda pair: pair[0])  # rows locked in id order (see commit_poll)
+
+        async def tx(db: AsyncConnection[Any]) -> None:
+            ids = [i for i, _ in pairs]
+            await db.execute("SELECT id FROM outbox WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+                             (ids,))
+            await db.execute(
+                "UPDATE outbox SET lease_until = %s FROM unnest(%s::bigint[], %s::text[]) "
+                "AS v(id, token) WHERE outbox.id = v.id AND outbox.status = 'in_flight' "
+                "AND (v.token IS NULL OR outbox.lease_token = v.token)",
+                (until, ids, [t for _, t in pairs]))
+
+        await self._write(tx)
 
     async def guard(self, item_id: int, token: str, unsubscribed_at: datetime | None = None
                     ) -> str | None:

