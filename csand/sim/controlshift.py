@@ -17,8 +17,18 @@ with ``x-controlshift-webhook-signature: sha256:<hex HMAC-SHA256 of the body>``)
 one at a time per endpoint, from a background thread. A non-2xx answer or a transport error is
 retried with the identical body after each of ``webhook_retry_delays`` (real seconds, on
 ``time.monotonic``); after 9 failed retries of one event that event is dropped and the endpoint is
-disabled until ``enable_webhook_endpoint``. Mutators emit ``signature.*``, ``petition.*`` and
-``unsubscribe.created``; ``emit`` sends any other event.
+disabled until ``enable_webhook_endpoint``. Mutators emit ``signature.*``, ``petition.*``,
+``event.*``, ``attendee.*`` and ``unsubscribe.created``; ``emit`` sends any other event.
+
+Events, calendars and attendees follow ``spec/events-api.md`` A1-A3 (``add_calendar``,
+``add_event``, ``update_event``, ``add_attendee``, ``update_attendee``, ``confirm_attendee``,
+``delete_attendee``). Events are keyed by slug and carry no numeric id anywhere. REST events
+(``/events``, ``/events/{slug}``, ``/calendars/{slug}/events``; every event, unlaunched ones
+included, newest first unless ``event_order="asc"``) have no created_at / updated_at, no
+moderation status and a host with only a full name, but carry ``calendar`` (or null). Event
+webhooks carry ``admin_status``, created_at / updated_at and a host with split names and consent,
+but no description, time zone or calendar. Cancellation (``cancelled_at``) shows nowhere but in
+``events()``. There is no list of calendars. Deleted attendees vanish from REST.
 """
 
 from __future__ import annotations
@@ -41,6 +51,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
 from urllib.parse import parse_qs
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import anyio
 import httpx
@@ -70,6 +81,82 @@ _PETITION_EDITABLE = frozenset(
 )
 # The creator as the REST API shows it (postcode and opt-in only travel in petition webhooks).
 _REST_CREATOR_FIELDS = ("full_name", "first_name", "last_name", "email", "phone_number")
+
+# Events are keyed by slug: no numeric id in any payload. ``seq`` is internal (a tie-break).
+_EVENT_FIXED = frozenset(
+    {"id", "seq", "calendar", "host_member_id", "start_in_zone", "end_in_zone", "_deleted"}
+)
+_EVENT_DEFAULTS: dict[str, Any] = {
+    "locale": "en",
+    "host_address": None,
+    "max_attendees_count": None,
+    "external_id": None,
+    "location_venue": None,
+    "unconfirmed_location": False,
+    "shifts": [],
+    "petition": None,
+    "labels": [],
+    "mentor": None,
+    "image_url": None,
+    "administered_at": None,
+    "admin_reason": None,
+    # Only in bulk data: never shown by REST or webhooks.
+    "cancelled_at": None,
+    "hidden_at": None,
+}
+_EVENT_KNOWN = frozenset(
+    {
+        "seq",
+        "slug",
+        "title",
+        "description",
+        "start_at",
+        "end_at",
+        "time_zone",
+        "virtual",
+        "host",
+        "location",
+        "calendar_slug",
+        "launched_at",
+        "admin_status",
+        "url",
+        "created_at",
+        "updated_at",
+        *_EVENT_DEFAULTS,
+    }
+)
+_HOST_KNOWN = frozenset(
+    {
+        "full_name",
+        "first_name",
+        "last_name",
+        "email",
+        "phone_number",
+        "postcode",
+        "country",
+        "join_organisation",
+        "opt_in_sms",
+        "confirmed_at",
+    }
+)
+_LOCATION_FIELDS = (
+    "query",
+    "latitude",
+    "longitude",
+    "street_number",
+    "street",
+    "locality",
+    "region",
+    "postal_code",
+    "country",
+    "created_at",
+    "extra_location_info",
+)
+# Event webhooks carry the location without extra_location_info.
+_WEBHOOK_LOCATION_FIELDS = tuple(k for k in _LOCATION_FIELDS if k != "extra_location_info")
+_CALENDAR_FIELDS = ("name", "description", "slug", "url", "partnership")
+_ATTENDEE_FIXED = frozenset({"id", "member", "member_id", "event", "event_slug", "_deleted"})
+ATTENDING_STATUSES = frozenset({"attending", "not_attending", "attended", "confirmed", "no_show"})
 
 WEBHOOK_SIGNATURE_HEADER = "x-controlshift-webhook-signature"
 # Retries of one event before the endpoint is disabled (10 attempts in all).
@@ -207,6 +294,8 @@ class ControlShiftSim:
         page_size: int = 10,
         signature_order: Literal["asc", "desc"] = "asc",
         petition_order: Literal["asc", "desc"] = "desc",
+        event_order: Literal["asc", "desc"] = "desc",
+        attendee_order: Literal["asc", "desc"] = "asc",
         requests_per_minute: int | None = 1000,
         token_requests_per_minute: int | None = 10,
         deleted_visible: bool = True,
@@ -227,6 +316,8 @@ class ControlShiftSim:
         self.page_size = page_size
         self.signature_order: Literal["asc", "desc"] = signature_order
         self.petition_order: Literal["asc", "desc"] = petition_order
+        self.event_order: Literal["asc", "desc"] = event_order
+        self.attendee_order: Literal["asc", "desc"] = attendee_order
         self.requests_per_minute = requests_per_minute
         self.token_requests_per_minute = token_requests_per_minute
         self.deleted_visible = deleted_visible
@@ -263,6 +354,12 @@ class ControlShiftSim:
         self.reset_stats()
         self._unsubscribes: list[dict[str, Any]] = []
         self._next_unsubscribe_id = 1
+        self._calendars: dict[str, dict[str, Any]] = {}  # slug -> stored calendar
+        self._events: dict[str, dict[str, Any]] = {}  # slug -> stored event
+        self._attendees: dict[int, dict[str, Any]] = {}  # id -> stored attendee
+        self._by_event: dict[str, list[int]] = {}  # event slug -> attendee ids
+        self._next_event_seq = 1
+        self._next_attendee_id = 1
         # Webhook state has its own lock: the sender thread never takes ``_lock`` while holding
         # it, and never holds either during HTTP. Lock order: ``_lock`` before ``_wh_cond``.
         self._wh_cond = threading.Condition(threading.Lock())
@@ -285,6 +382,16 @@ class ControlShiftSim:
                 methods=["GET"],
             ),
             Route("/api/v1/members/lookup", self._member_lookup, methods=["GET"]),
+            Route("/api/v1/events", self._event_list, methods=["GET"]),
+            Route("/api/v1/events/{slug}", self._event_one, methods=["GET"]),
+            Route("/api/v1/events/{slug}/attendees", self._attendee_list, methods=["GET"]),
+            Route(
+                "/api/v1/events/{slug}/attendees/lookup",
+                self._attendee_lookup,
+                methods=["GET"],
+            ),
+            Route("/api/v1/calendars/{slug}", self._calendar_one, methods=["GET"]),
+            Route("/api/v1/calendars/{slug}/events", self._calendar_events, methods=["GET"]),
             Route("/api/v1/webhook_endpoints", self._webhook_endpoint_list, methods=["GET"]),
         ]
         self.app = Starlette(
@@ -499,6 +606,305 @@ class ControlShiftSim:
         with self._lock:
             return [{k: self._ts(v) for k, v in u.items()} for u in self._unsubscribes]
 
+    # ------------------------------------------------------------------ events (test-side API)
+
+    def add_calendar(
+        self,
+        slug: str,
+        name: str,
+        *,
+        description: str | None = None,
+        url: str | None = None,
+        partnership: Any = None,
+    ) -> dict[str, Any]:
+        """Create a calendar (a collection of events; there is no REST list of them)."""
+        with self._lock:
+            if slug in self._calendars:
+                raise ValueError(f"calendar slug {slug!r} already exists")
+            calendar = {
+                "slug": slug,
+                "name": name,
+                "description": description,
+                "url": url if url is not None else f"{self._org_url()}/calendars/{slug}",
+                "partnership": copy.deepcopy(partnership),
+            }
+            self._calendars[slug] = calendar
+            return dict(calendar)
+
+    def calendars(self) -> list[dict[str, Any]]:
+        """Every calendar, in creation order (for tests; the API has no such list)."""
+        with self._lock:
+            return [copy.deepcopy(c) for c in self._calendars.values()]
+
+    def add_event(
+        self,
+        slug: str,
+        *,
+        title: str,
+        description: str | None,
+        start_at: datetime,
+        end_at: datetime | None,
+        time_zone: str = "UTC",
+        virtual: bool = False,
+        host: dict[str, Any],
+        location: dict[str, Any] | None = None,
+        calendar_slug: str | None = None,
+        launched: bool = True,
+        admin_status: str = "good",
+        url: str | None = None,
+        created_at: datetime | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """Create an event, keyed by ``slug`` (events have no numeric id in any payload).
+
+        ``host`` has email, first_name, last_name and optionally full_name, phone_number,
+        postcode, country, join_organisation, opt_in_sms, confirmed_at. ``location`` has any of
+        query, latitude, longitude, street_number, street, locality, region, postal_code,
+        country, created_at, extra_location_info. ``extra`` sets the other fields (locale,
+        host_address, max_attendees_count, external_id, location_venue, unconfirmed_location,
+        shifts, petition (a petition slug), labels, mentor, image_url, administered_at,
+        admin_reason, cancelled_at, hidden_at — the last two are never shown by the API — or
+        fields csand does not use). Emits ``event.created.requires_moderation`` when launched
+        with admin_status "unreviewed", else ``event.created`` when launched, else nothing.
+        Returns the event as ``GET /api/v1/events/{slug}`` shows it."""
+        fixed = _EVENT_FIXED & set(extra)
+        if fixed:
+            raise TypeError(f"cannot set event fields {sorted(fixed)}")
+        _zone(time_zone)
+        with self._lock:
+            if slug in self._events:
+                raise ValueError(f"event slug {slug!r} already exists")
+            if calendar_slug is not None and calendar_slug not in self._calendars:
+                raise KeyError(calendar_slug)
+            stamp = _aware(created_at) if created_at is not None else self._stamp()
+            event: dict[str, Any] = {
+                "seq": self._next_event_seq,
+                "slug": slug,
+                "title": title,
+                "description": description,
+                "start_at": _aware(start_at),
+                "end_at": _aware(end_at) if end_at is not None else None,
+                "time_zone": time_zone,
+                "virtual": bool(virtual),
+                "host": self._event_host(host),
+                "location": self._event_location(location, stamp),
+                "calendar_slug": calendar_slug,
+                "launched_at": stamp if launched else None,
+                "admin_status": admin_status,
+                "url": url if url is not None else f"{self._org_url()}/events/{slug}",
+                "created_at": stamp,
+                "updated_at": stamp,
+                **copy.deepcopy(_EVENT_DEFAULTS),
+            }
+            event.update(extra)
+            self._next_event_seq += 1
+            self._events[slug] = event
+            self._by_event[slug] = []
+            self._touch_member(event["host"]["email"], stamp)
+            if event["launched_at"] is not None:
+                if admin_status == "unreviewed":
+                    self._emit("event.created.requires_moderation", self._event_data(event))
+                else:
+                    self._emit("event.created", self._event_data(event))
+            return self._render_event(event)
+
+    def update_event(self, slug: str, **changes: Any) -> dict[str, Any]:
+        """Change any field given to ``add_event`` (``host`` is merged into the host;
+        ``launched=True/False`` sets or clears ``launched_at``; a new ``admin_status`` sets
+        ``administered_at`` unless given). Bumps ``updated_at``. Emits ``event.created`` when this
+        launches the event, else ``event.updated`` (also for unlaunched or cancelled events)."""
+        fixed = (_EVENT_FIXED | {"updated_at", "created_at", "launched_at"}) & set(changes)
+        if fixed:
+            raise TypeError(f"cannot update event fields {sorted(fixed)}")
+        if "time_zone" in changes:
+            _zone(changes["time_zone"])
+        with self._lock:
+            event = self._events[slug]
+            calendar_slug = changes.get("calendar_slug")
+            if calendar_slug is not None and calendar_slug not in self._calendars:
+                raise KeyError(calendar_slug)
+            was_launched = event["launched_at"] is not None
+            stamp = self._bump(event["updated_at"])
+            for key, value in changes.items():
+                if key == "host":
+                    merged = {**event["host"], **value}
+                    if "full_name" not in value:
+                        del merged["full_name"]
+                    event["host"] = self._event_host(merged)
+                    self._touch_member(event["host"]["email"], stamp)
+                elif key == "location":
+                    event["location"] = self._event_location(value, stamp)
+                elif key == "launched":
+                    if not value:
+                        event["launched_at"] = None
+                    elif event["launched_at"] is None:
+                        event["launched_at"] = stamp
+                elif key in ("start_at", "end_at"):
+                    event[key] = _aware(value) if value is not None else None
+                elif key == "virtual":
+                    event[key] = bool(value)
+                else:
+                    event[key] = copy.deepcopy(value)
+            if (
+                "admin_status" in changes
+                and "administered_at" not in changes
+                and changes["admin_status"] != "unreviewed"
+            ):
+                event["administered_at"] = stamp
+            event["updated_at"] = stamp
+            launching = not was_launched and event["launched_at"] is not None
+            self._emit("event.created" if launching else "event.updated", self._event_data(event))
+            return self._render_event(event)
+
+    def event(self, slug: str) -> dict[str, Any]:
+        """One event as ``GET /api/v1/events/{slug}`` shows it."""
+        with self._lock:
+            return self._render_event(self._events[slug])
+
+    def events(self) -> list[dict[str, Any]]:
+        """Every event's stored record (datetimes, ``calendar_slug``, ``admin_status``,
+        ``launched_at``, ``cancelled_at``, ...), in creation order: for oracles."""
+        with self._lock:
+            out = []
+            for e in self._events.values():
+                record = copy.deepcopy(e)
+                del record["seq"]
+                out.append(record)
+            return out
+
+    def event_webhook_data(self, slug: str) -> dict[str, Any]:
+        """The event as ``event.*`` webhooks carry it now."""
+        with self._lock:
+            return self._event_data(self._events[slug])
+
+    def add_attendee(
+        self,
+        event_slug: str,
+        *,
+        email: str | None,
+        first_name: str | None = None,
+        last_name: str | None = None,
+        postcode: str | None = None,
+        phone_number: str | None = None,
+        attending_status: str = "attending",
+        join_organisation: bool | None = None,
+        opt_in_sms: bool | None = None,
+        additional_fields: dict[str, Any] | None = None,
+        created_at: datetime | None = None,
+        confirmed_at: datetime | None = None,
+        **extra: Any,
+    ) -> dict[str, Any]:
+        """RSVP to an event. ``extra`` sets any other field of the body (country,
+        notification_level, new_mobile_subscriber, partnership_opt_ins, email_opt_in_type,
+        eu_data_processing_consent, unsubscribe_at, confirmed_reason, source, utm_*, ...).
+        Emits ``attendee.created`` if the event is launched. Returns the webhook body."""
+        fixed = _ATTENDEE_FIXED & set(extra)
+        if fixed:
+            raise TypeError(f"cannot set attendee fields {sorted(fixed)}")
+        _check_attending_status(attending_status)
+        with self._lock:
+            event = self._events[event_slug]
+            stamp = _aware(created_at) if created_at is not None else self._stamp()
+            opt_in = self._opt_in_type(join_organisation)
+            opt_in["context"] = "event_rsvp"
+            attendee: dict[str, Any] = {
+                "id": self._next_attendee_id,
+                "first_name": first_name,
+                "last_name": last_name,
+                "email": email,
+                "phone_number": phone_number,
+                "postcode": postcode,
+                "country": None,
+                "notification_level": "all",
+                "attending_status": attending_status,
+                "join_organisation": join_organisation,
+                "new_mobile_subscriber": None,
+                "opt_in_sms": opt_in_sms,
+                "additional_fields": copy.deepcopy(additional_fields or {}),
+                "partnership_opt_ins": [],
+                "email_opt_in_type": opt_in,
+                "eu_data_processing_consent": None,
+                "created_at": stamp,
+                "updated_at": stamp,
+                "unsubscribe_at": None,
+                "confirmed_at": _aware(confirmed_at) if confirmed_at is not None else None,
+                "confirmed_reason": None,
+                "source": None,
+                "event_slug": event_slug,
+            }
+            attendee.update(extra)
+            self._next_attendee_id += 1
+            member = self._touch_member(email, stamp)
+            attendee["member_id"] = member["id"] if member else None
+            self._attendees[attendee["id"]] = attendee
+            self._by_event[event_slug].append(attendee["id"])
+            rendered = self._render_attendee(attendee)
+            if event["launched_at"] is not None:
+                self._emit("attendee.created", rendered)
+            return rendered
+
+    def update_attendee(self, attendee_id: int, **changes: Any) -> dict[str, Any]:
+        """Change any field (attending_status, join_organisation, opt_in_sms, additional_fields,
+        unsubscribe_at, ...); bumps ``updated_at``. Changing ``join_organisation`` also updates
+        ``email_opt_in_type.mailable`` unless that is given too. Emits ``attendee.updated``.
+        A deleted attendee raises KeyError."""
+        fixed = (_ATTENDEE_FIXED | {"updated_at", "created_at"}) & set(changes)
+        if fixed:
+            raise TypeError(f"cannot update attendee fields {sorted(fixed)}")
+        if "attending_status" in changes:
+            _check_attending_status(changes["attending_status"])
+        with self._lock:
+            attendee = self._live_attendee(attendee_id)
+            if "join_organisation" in changes and "email_opt_in_type" not in changes:
+                opt_in = dict(attendee["email_opt_in_type"] or {})
+                opt_in["mailable"] = changes["join_organisation"] is True
+                changes["email_opt_in_type"] = opt_in
+            attendee.update(copy.deepcopy(changes))
+            attendee["updated_at"] = self._bump(attendee["updated_at"])
+            if "email" in changes:
+                member = self._touch_member(attendee["email"], attendee["updated_at"])
+                attendee["member_id"] = member["id"] if member else None
+            rendered = self._render_attendee(attendee)
+            self._emit("attendee.updated", rendered)
+            return rendered
+
+    def confirm_attendee(self, attendee_id: int) -> dict[str, Any]:
+        """The attendee confirms by email: sets ``confirmed_at`` and bumps ``updated_at``
+        (consent fields unchanged); emits ``attendee.confirmed``."""
+        with self._lock:
+            attendee = self._live_attendee(attendee_id)
+            stamp = self._bump(attendee["updated_at"])
+            attendee["confirmed_at"] = attendee["updated_at"] = stamp
+            rendered = self._render_attendee(attendee)
+            self._emit("attendee.confirmed", rendered)
+            return rendered
+
+    def delete_attendee(self, attendee_id: int) -> dict[str, Any]:
+        """Delete an attendee: gone from every REST answer; emits ``attendee.deleted`` with its
+        last body (unchanged). Deleting it again does nothing and returns that body."""
+        with self._lock:
+            attendee = self._attendees[attendee_id]
+            rendered = self._render_attendee(attendee)
+            if attendee.get("_deleted"):
+                return rendered
+            attendee["_deleted"] = True
+            self._emit("attendee.deleted", rendered)
+            return rendered
+
+    def attendees(
+        self, event_slug: str | None = None, *, include_deleted: bool = False
+    ) -> list[dict[str, Any]]:
+        """Attendee bodies (as webhooks carry them), by id; deleted ones only on request."""
+        with self._lock:
+            ids: Sequence[int] = (
+                list(self._attendees) if event_slug is None else self._by_event[event_slug]
+            )
+            return [
+                self._render_attendee(self._attendees[i])
+                for i in ids
+                if include_deleted or not self._attendees[i].get("_deleted")
+            ]
+
     def petition(self, slug: str) -> dict[str, Any]:
         with self._lock:
             return self._render_petition(self._petitions[slug])
@@ -698,6 +1104,60 @@ class ControlShiftSim:
         ids = [s["id"] for s in sigs]
         self._order_cache[slug] = (key, ids)
         return ids
+
+    def _org_url(self) -> str:
+        return f"https://{self.org_slug}.example.org"
+
+    def _event_host(self, host: dict[str, Any]) -> dict[str, Any]:
+        first, last = host.get("first_name"), host.get("last_name")
+        full = " ".join(part for part in (first, last) if isinstance(part, str) and part) or None
+        confirmed = host.get("confirmed_at")
+        return {
+            "full_name": host.get("full_name", full),
+            "first_name": first,
+            "last_name": last,
+            "email": host.get("email"),
+            "phone_number": host.get("phone_number"),
+            "postcode": host.get("postcode"),
+            "country": host.get("country"),
+            "join_organisation": host.get("join_organisation"),
+            "opt_in_sms": host.get("opt_in_sms"),
+            "confirmed_at": _aware(confirmed) if isinstance(confirmed, datetime) else confirmed,
+            **{k: copy.deepcopy(v) for k, v in host.items() if k not in _HOST_KNOWN},
+        }
+
+    @staticmethod
+    def _event_location(location: dict[str, Any] | None, stamp: datetime) -> dict[str, Any] | None:
+        if location is None:
+            return None
+        out: dict[str, Any] = {key: None for key in _LOCATION_FIELDS}
+        out["created_at"] = stamp
+        out.update(copy.deepcopy(location))
+        return out
+
+    def _live_attendee(self, attendee_id: int) -> dict[str, Any]:
+        attendee = self._attendees[attendee_id]
+        if attendee.get("_deleted"):
+            raise KeyError(attendee_id)
+        return attendee
+
+    def _ordered_events(self, calendar_slug: str | None = None) -> list[dict[str, Any]]:
+        events = [
+            e
+            for e in self._events.values()
+            if calendar_slug is None or e["calendar_slug"] == calendar_slug
+        ]
+        events.sort(key=lambda e: (e["created_at"], e["seq"]), reverse=self.event_order == "desc")
+        return events
+
+    def _ordered_attendees(self, event_slug: str) -> list[dict[str, Any]]:
+        live = [
+            a
+            for a in (self._attendees[i] for i in self._by_event[event_slug])
+            if not a.get("_deleted")
+        ]
+        live.sort(key=lambda a: (a["created_at"], a["id"]), reverse=self.attendee_order == "desc")
+        return live
 
     # ------------------------------------------------------------------ webhook delivery
 
@@ -920,6 +1380,148 @@ class ControlShiftSim:
         out["member"] = {"id": s["member_id"]} if s["member_id"] is not None else None
         slug = s["petition_slug"]
         out["petition"] = {"slug": slug, "url": self._petition_url(slug)}
+        return out
+
+    def _in_zone(self, value: datetime | None, zone: str) -> str | None:
+        if value is None:
+            return None
+        text = value.astimezone(_zone(zone)).isoformat(timespec="milliseconds")
+        return text.replace("+00:00", "Z") if self.utc_suffix == "Z" else text
+
+    def _render_calendar_ref(self, slug: str | None) -> dict[str, Any] | None:
+        if slug is None:
+            return None
+        c = self._calendars[slug]
+        return {"name": c["name"], "slug": c["slug"], "url": c["url"]}
+
+    def _render_calendar(self, c: dict[str, Any]) -> dict[str, Any]:
+        return {key: copy.deepcopy(c[key]) for key in _CALENDAR_FIELDS}
+
+    def _petition_ref(self, slug: Any, *, with_url: bool) -> Any:
+        if not isinstance(slug, str):
+            return copy.deepcopy(slug)
+        return {"slug": slug, "url": self._petition_url(slug)} if with_url else {"slug": slug}
+
+    def _extra_fields(self, e: dict[str, Any]) -> dict[str, Any]:
+        """Fields a test set that the simulator does not model, shown everywhere as given."""
+        return {k: self._render_value(v) for k, v in e.items() if k not in _EVENT_KNOWN}
+
+    def _render_value(self, value: Any) -> Any:
+        if isinstance(value, dict):
+            return {k: self._render_value(v) for k, v in value.items()}
+        if isinstance(value, list):
+            return [self._render_value(v) for v in value]
+        return self._ts(value)
+
+    def _render_event(self, e: dict[str, Any]) -> dict[str, Any]:
+        """An event as the REST API shows it: no numeric id, no created_at / updated_at, no
+        moderation status; a host with only a full name; the calendar or null."""
+        host = e["host"]
+        member = self._members.get(_norm_email(host["email"]))
+        location = e["location"]
+        return {
+            "slug": e["slug"],
+            "title": e["title"],
+            "url": e["url"],
+            "description": e["description"],
+            "start_at": self._ts(e["start_at"]),
+            "end_at": self._ts(e["end_at"]),
+            "start_in_zone": self._in_zone(e["start_at"], e["time_zone"]),
+            "end_in_zone": self._in_zone(e["end_at"], e["time_zone"]),
+            "time_zone": e["time_zone"],
+            "virtual": e["virtual"],
+            "launched_at": self._ts(e["launched_at"]),
+            "locale": e["locale"],
+            "host_address": e["host_address"],
+            "max_attendees_count": e["max_attendees_count"],
+            "external_id": e["external_id"],
+            "host": {
+                "member_id": member["id"] if member else None,
+                "full_name": host["full_name"],
+                "email": host["email"],
+                "phone_number": host["phone_number"],
+                "postcode": host["postcode"],
+            },
+            "location": (
+                None
+                if location is None
+                else {key: self._render_value(location[key]) for key in _LOCATION_FIELDS}
+            ),
+            "location_venue": e["location_venue"],
+            "shifts": self._render_value(e["shifts"]),
+            "petition": self._petition_ref(e["petition"], with_url=True),
+            "labels": self._render_value(e["labels"]),
+            "mentor": self._render_value(e["mentor"]),
+            "calendar": self._render_calendar_ref(e["calendar_slug"]),
+            **self._extra_fields(e),
+        }
+
+    def _event_data(self, e: dict[str, Any]) -> dict[str, Any]:
+        """An event as ``event.*`` webhooks carry it: moderation status, created_at /
+        updated_at and a host with split names and consent; no id, description, time_zone,
+        calendar, capacity or cancel flag."""
+        host = e["host"]
+        member = self._members.get(_norm_email(host["email"]))
+        location = e["location"]
+        email_opt_in = self._opt_in_type(host["join_organisation"])
+        email_opt_in["context"] = "event_creation"
+        sms_opt_in = None
+        if host["opt_in_sms"] is not None:
+            sms_opt_in = self._opt_in_type(host["opt_in_sms"])
+            sms_opt_in["context"] = "event_creation"
+        webhook_host = {
+            "id": member["id"] if member else None,
+            "email": host["email"],
+            "first_name": host["first_name"],
+            "last_name": host["last_name"],
+            "phone_number": host["phone_number"],
+            "postcode": host["postcode"],
+            "country": host["country"],
+            "join_organisation": host["join_organisation"],
+            "email_opt_in_type": email_opt_in,
+            "opt_in_sms": host["opt_in_sms"],
+            "sms_opt_in_type": sms_opt_in,
+            "confirmed_at": self._ts(host["confirmed_at"]),
+        }
+        webhook_host.update(
+            {k: self._render_value(v) for k, v in host.items() if k not in _HOST_KNOWN}
+        )
+        return {
+            "slug": e["slug"],
+            "title": e["title"],
+            "start_at": self._ts(e["start_at"]),
+            "end_at": self._ts(e["end_at"]),
+            "virtual": e["virtual"],
+            "location": (
+                None
+                if location is None
+                else {key: self._render_value(location[key]) for key in _WEBHOOK_LOCATION_FIELDS}
+            ),
+            "location_venue": e["location_venue"],
+            "unconfirmed_location": e["unconfirmed_location"],
+            "host": webhook_host,
+            "url": e["url"],
+            "admin_status": e["admin_status"],
+            "administered_at": self._ts(e["administered_at"]),
+            "admin_reason": e["admin_reason"],
+            "created_at": self._ts(e["created_at"]),
+            "updated_at": self._ts(e["updated_at"]),
+            "shifts": self._render_value(e["shifts"]),
+            "image_url": e["image_url"],
+            "petition": self._petition_ref(e["petition"], with_url=False),
+            "mentor": self._render_value(e["mentor"]),
+            **self._extra_fields(e),
+        }
+
+    def _render_attendee(self, a: dict[str, Any]) -> dict[str, Any]:
+        out = {
+            key: self._render_value(value)
+            for key, value in a.items()
+            if key not in ("event_slug", "member_id", "_deleted")
+        }
+        out["member"] = {"id": a["member_id"]} if a["member_id"] is not None else None
+        event = self._events[a["event_slug"]]
+        out["event"] = {"url": event["url"], "slug": event["slug"]}
         return out
 
     def _render_member(self, m: dict[str, Any]) -> dict[str, Any]:
@@ -1153,6 +1755,66 @@ class ControlShiftSim:
                 return _error(404, "not found")
             return JSONResponse({"member": self._render_member(member)})
 
+    async def _event_list(self, request: Request) -> Response:
+        with self._lock:
+            page, meta = self._page(self._ordered_events(), request)
+            body = {"events": [self._render_event(e) for e in page], "meta": meta}
+        return JSONResponse(body)
+
+    async def _event_one(self, request: Request) -> Response:
+        with self._lock:
+            event = self._events.get(request.path_params["slug"])
+            if event is None:
+                return _error(404, "not found")
+            return JSONResponse({"event": self._render_event(event)})
+
+    async def _attendee_list(self, request: Request) -> Response:
+        slug = request.path_params["slug"]
+        with self._lock:
+            event = self._events.get(slug)
+            if event is None:
+                return _error(404, "not found")
+            page, meta = self._page(self._ordered_attendees(slug), request)
+            body = {
+                "meta": meta,
+                "event": {"title": event["title"], "slug": slug, "url": event["url"]},
+                "attendees": [self._render_attendee(a) for a in page],
+            }
+        return JSONResponse(body)
+
+    async def _attendee_lookup(self, request: Request) -> Response:
+        slug = request.path_params["slug"]
+        email = _norm_email(request.query_params.get("email"))
+        with self._lock:
+            if slug not in self._events or not email:
+                return _error(404, "not found")
+            matches = [a for a in self._ordered_attendees(slug) if _norm_email(a["email"]) == email]
+            if not matches:
+                return _error(404, "not found")
+            best = max(matches, key=lambda a: (a["created_at"], a["id"]))
+            return JSONResponse({"attendee": self._render_attendee(best)})
+
+    async def _calendar_one(self, request: Request) -> Response:
+        with self._lock:
+            calendar = self._calendars.get(request.path_params["slug"])
+            if calendar is None:
+                return _error(404, "not found")
+            return JSONResponse({"calendar": self._render_calendar(calendar)})
+
+    async def _calendar_events(self, request: Request) -> Response:
+        slug = request.path_params["slug"]
+        with self._lock:
+            calendar = self._calendars.get(slug)
+            if calendar is None:
+                return _error(404, "not found")
+            page, meta = self._page(self._ordered_events(slug), request)
+            body = {
+                "meta": meta,
+                "calendar": self._render_calendar(calendar),
+                "events": [self._render_event(e) for e in page],
+            }
+        return JSONResponse(body)
+
     async def _webhook_endpoint_list(self, request: Request) -> Response:
         return JSONResponse(self.webhook_endpoints())
 
@@ -1186,6 +1848,18 @@ async def _drop_connection(receive: Receive) -> None:
     with anyio.move_on_after(2):
         while (await receive())["type"] != "http.disconnect":
             pass
+
+
+def _zone(name: str) -> ZoneInfo:
+    try:
+        return ZoneInfo(name)
+    except (ZoneInfoNotFoundError, ValueError, TypeError) as exc:
+        raise ValueError(f"unknown time zone {name!r}") from exc
+
+
+def _check_attending_status(status: str) -> None:
+    if status not in ATTENDING_STATUSES:
+        raise ValueError(f"attending_status must be one of {sorted(ATTENDING_STATUSES)}")
 
 
 def _error(status: int, message: str) -> JSONResponse:
