@@ -5,6 +5,31 @@ silently ignored unknown tags, globally unique petition identifiers, the people 
 ``next`` link, the per-key rate limit, the ``200 {}`` helper failures, and injected outages
 (5xx, slow answers, dropped connections, failures after the write was committed). Tests drive
 it over real HTTP (see :mod:`csand.sim.server`) and inspect its state through plain methods.
+
+Events, event campaigns, attendances, person custom fields and phone numbers follow
+``spec/events-api.md`` section B (the event routes need ``ActionNetworkSim(events_api=True)``). Where that document marks a behaviour unconfirmed or a GUESS,
+the simulator takes the stricter reading, the one that exposes a client bug:
+
+- Identifiers are unique across every resource (petitions, events, event campaigns,
+  attendances): a POST reusing one is refused with 400, like a petition's.
+- An event joins an event campaign only when POSTed to ``/event_campaigns/{id}/events``; nothing
+  moves an existing event in or out (a PUT ignores campaign links, creator, organizer and
+  identifiers).
+- An event's ``status`` is accepted (when valid) on POST and PUT but silently ignored: every
+  event stays ``confirmed``. Events, event campaigns and attendances cannot be deleted (405).
+- A PUT ``location`` replaces the whole location object: fields it leaves out are gone.
+- ``end_date`` before ``start_date`` is refused (400); dates must be ISO 8601.
+- The Record Attendance Helper answers every failure of the request body (no or invalid email,
+  an email status other than ``subscribed``, a malformed phone or custom field, an identifier
+  in use, ...) with ``200 {}`` and writes nothing. It subscribes a person new to the list and
+  leaves an existing person's status alone, like the signature helper.
+- An attendance's ``status`` is always ``accepted``: a ``declined`` (or any) status sent is ignored.
+- Custom field values must be strings (400, or ``200 {}`` on the attendance helper); an empty
+  string overwrites like any other value. With ``custom_fields_locked`` a key that is not
+  pre-created (:meth:`ActionNetworkSim.add_custom_field`) is silently dropped.
+- A phone number new to the person gets SMS status ``unsubscribed`` unless a status is sent; an
+  existing number's status changes only when a status is sent. People are matched on email
+  first, then on phone; a number that belongs to someone else is silently dropped.
 """
 
 from __future__ import annotations
@@ -39,8 +64,11 @@ MAX_NAME = 255
 MAX_POSTAL_CODE = 64
 MAX_EMAIL = 254
 STATUSES = frozenset({"subscribed", "unsubscribed"})
+PHONE_STATUSES = frozenset({"subscribed", "unsubscribed", "bouncing", "previous bounce"})
+EVENT_STATUSES = frozenset({"confirmed", "tentative", "cancelled"})
 SIGNUP = "POST /people"
 SIGNATURE = "POST /petitions/{uuid}/signatures"
+ATTENDANCE = "POST /events/{uuid}/attendances"
 ENTRY_POINT = "GET /"
 
 _EMAIL = re.compile(r"[^@\s]+@[^@\s.]+(?:\.[^@\s.]+)+")
@@ -95,6 +123,57 @@ class _Person:
     postal_code: str | None = None
     taggings: dict[str, _Tagging] = field(default_factory=dict)  # by tag uuid
     history: list[dict[str, Any]] = field(default_factory=list)
+    custom_fields: dict[str, str] = field(default_factory=dict)
+    phones: list[_Phone] = field(default_factory=list)
+    sms_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+@dataclass
+class _Phone:
+    number: str
+    number_type: str
+    status: str
+
+
+@dataclass
+class _CustomField:
+    name: str
+    numeric_id: int
+    notes: str | None
+    created: _Stamp
+
+
+@dataclass
+class _Event:
+    uuid: str
+    identifiers: list[str]
+    campaign_uuid: str | None
+    creator_uuid: str | None
+    organizer_uuid: str | None
+    created: _Stamp
+    modified: _Stamp
+    fields: dict[str, Any]  # title, description, start_date, location, ... as last written
+    status: str = "confirmed"
+
+
+@dataclass
+class _EventCampaign:
+    uuid: str
+    identifiers: list[str]
+    created: _Stamp
+    modified: _Stamp
+    fields: dict[str, Any]
+
+
+@dataclass
+class _Attendance:
+    uuid: str
+    event_uuid: str
+    person_uuid: str
+    identifiers: list[str]
+    created: _Stamp
+    modified: _Stamp
+    status: str = "accepted"
 
 
 @dataclass
@@ -141,10 +220,19 @@ class _Bucket:
 
 
 @dataclass(frozen=True)
+class _PhoneInput:
+    number: str
+    number_type: str
+    status: str | None
+
+
+@dataclass(frozen=True)
 class _PersonInput:
     email: str
     status: str | None
     fields: dict[str, str | None]  # only the fields the request carries
+    custom_fields: dict[str, str] = field(default_factory=dict)
+    phones: tuple[_PhoneInput, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -178,6 +266,8 @@ class ActionNetworkSim:
         burst: float | None = None,
         send_retry_after: bool = True,
         repost_tag: str = "existing",
+        custom_fields_locked: bool = False,
+        events_api: bool = False,
         seed: int = 0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
@@ -188,6 +278,7 @@ class ActionNetworkSim:
         self.burst = burst
         self.send_retry_after = send_retry_after
         self.repost_tag = repost_tag
+        self.custom_fields_locked = custom_fields_locked
         self.faults = Faults()
         self._clock = clock
         self._lock = threading.Lock()
@@ -201,6 +292,13 @@ class ActionNetworkSim:
         self._petitions: dict[str, _Petition] = {}
         self._petition_by_identifier: dict[str, str] = {}
         self._signatures: dict[tuple[str, str], _Signature] = {}
+        # Every identifier of every resource -> "<collection>/<uuid>": identifiers are global.
+        self._identifier_owner: dict[str, str] = {}
+        self._custom_fields: dict[str, _CustomField] = {}
+        self._phone_owner: dict[str, str] = {}  # phone key -> person uuid
+        self._events: dict[str, _Event] = {}
+        self._campaigns: dict[str, _EventCampaign] = {}
+        self._attendances: dict[tuple[str, str], _Attendance] = {}  # by (event, person) uuid
         self._reset_stats()
         self._routes = [
             Route(f"{PREFIX}/", self._entry_point, methods=["GET"]),
@@ -217,7 +315,50 @@ class ActionNetworkSim:
             Route(f"{PREFIX}/tags", self._list_tags, methods=["GET"]),
             Route(f"{PREFIX}/tags", self._post_tag, methods=["POST"]),
             Route(f"{PREFIX}/tags/{{uuid}}/taggings", self._post_tagging, methods=["POST"]),
+            Route(f"{PREFIX}/metadata/custom_fields", self._list_custom_fields, methods=["GET"]),
         ]
+        # Off by default: tests written before the events API treat /events as unknown.
+        self.events_api = events_api
+        event_routes = [
+            Route(f"{PREFIX}/events", self._list_events, methods=["GET"]),
+            Route(f"{PREFIX}/events", self._post_event, methods=["POST"]),
+            Route(f"{PREFIX}/events/{{uuid}}", self._get_event, methods=["GET"]),
+            Route(f"{PREFIX}/events/{{uuid}}", self._put_event, methods=["PUT"]),
+            Route(
+                f"{PREFIX}/events/{{uuid}}/attendances", self._list_attendances, methods=["GET"]
+            ),
+            Route(
+                f"{PREFIX}/events/{{uuid}}/attendances",
+                self._attendance_helper,
+                methods=["POST"],
+            ),
+            Route(
+                f"{PREFIX}/events/{{uuid}}/attendances/{{attendance}}",
+                self._get_attendance,
+                methods=["GET"],
+            ),
+            Route(
+                f"{PREFIX}/events/{{uuid}}/attendances/{{attendance}}",
+                self._put_attendance,
+                methods=["PUT"],
+            ),
+            Route(f"{PREFIX}/event_campaigns", self._list_campaigns, methods=["GET"]),
+            Route(f"{PREFIX}/event_campaigns", self._post_campaign, methods=["POST"]),
+            Route(f"{PREFIX}/event_campaigns/{{uuid}}", self._get_campaign, methods=["GET"]),
+            Route(f"{PREFIX}/event_campaigns/{{uuid}}", self._put_campaign, methods=["PUT"]),
+            Route(
+                f"{PREFIX}/event_campaigns/{{uuid}}/events",
+                self._list_campaign_events,
+                methods=["GET"],
+            ),
+            Route(
+                f"{PREFIX}/event_campaigns/{{uuid}}/events",
+                self._post_campaign_event,
+                methods=["POST"],
+            ),
+        ]
+        if events_api:
+            self._routes += event_routes
         self.app = Starlette(
             routes=self._routes,
             middleware=[Middleware(_Gate, admit=self._admit)],
@@ -234,18 +375,30 @@ class ActionNetworkSim:
         postal_code: str | None = None,
         status: str = "subscribed",
         tags: Iterable[str] = (),
+        custom_fields: dict[str, str] | None = None,
+        phone_numbers: dict[str, str] | None = None,
     ) -> str:
-        """Put a person in the list before the test starts (``created_by="setup"``); tags are created."""
+        """Put a person in the list before the test starts (``created_by="setup"``); tags and
+        custom fields are created (even when locked); ``phone_numbers`` maps number to SMS status."""
         if status not in STATUSES:
             raise ValueError(f"status must be one of {sorted(STATUSES)}")
+        if any(s not in PHONE_STATUSES for s in (phone_numbers or {}).values()):
+            raise ValueError(f"phone status must be one of {sorted(PHONE_STATUSES)}")
         with self._lock:
             if self._find_person(email) is not None:
                 raise ValueError(f"{email!r} is already in the list")
+            if any(_phone_key(n) in self._phone_owner for n in phone_numbers or {}):
+                raise ValueError("a phone number is already someone else's")
             person = self._create_person(email.strip(), status, "setup")
             person.given_name, person.family_name = given_name, family_name
             person.postal_code = postal_code
             for name in tags:
                 self._tag_person(person, self._tags[self._ensure_tag(name)])
+            for name in custom_fields or {}:
+                self._ensure_custom_field(name)
+            self._apply_custom_fields(person, dict(custom_fields or {}))
+            phones = tuple(_PhoneInput(n, "Mobile", s) for n, s in (phone_numbers or {}).items())
+            self._apply_phones(person, phones, "setup")
             self._record(person, "setup")
             return person.uuid
 
@@ -260,6 +413,11 @@ class ActionNetworkSim:
             del self._person_by_email[_email_key(person.email)]
             for key in [k for k in self._signatures if k[1] == person.uuid]:
                 del self._signatures[key]
+            for phone in person.phones:
+                self._phone_owner.pop(_phone_key(phone.number), None)
+            for key in [k for k in self._attendances if k[1] == person.uuid]:
+                for identifier in self._attendances.pop(key).identifiers:
+                    self._identifier_owner.pop(identifier, None)
 
     def add_tag(self, name: str) -> str:
         """Create a tag (or find it, case-insensitively); returns its uuid."""
@@ -309,6 +467,84 @@ class ActionNetworkSim:
                 for s in self._signatures.values()
             ]
 
+    def add_custom_field(self, name: str, notes: str | None = None) -> None:
+        """An AN admin creates a custom field (the only way to add one when locked)."""
+        with self._lock:
+            self._ensure_custom_field(name).notes = notes
+
+    def custom_fields(self) -> list[dict[str, Any]]:
+        """The custom field definitions, as ``GET /metadata/custom_fields`` lists them."""
+        with self._lock:
+            return [
+                {"name": f.name, "numeric_id": f.numeric_id, "notes": f.notes}
+                for f in self._custom_fields.values()
+            ]
+
+    def sms_history(self, email: str) -> list[dict[str, Any]]:
+        """Every SMS status a person's numbers took, oldest first: ``{"action", "at", "number",
+        "status", "previous"}`` (``previous`` is None when the number was added)."""
+        with self._lock:
+            person = self._find_person(email)
+            return [] if person is None else [dict(h) for h in person.sms_history]
+
+    def events(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [self._event_view(e) for e in self._events.values()]
+
+    def event_campaigns(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                {
+                    "uuid": c.uuid,
+                    "identifiers": list(c.identifiers),
+                    **json.loads(json.dumps(c.fields)),
+                    "total_events": self._campaign_totals(c)[0],
+                    "total_rsvps": self._campaign_totals(c)[1],
+                    "created": c.created.at,
+                    "modified": c.modified.at,
+                }
+                for c in self._campaigns.values()
+            ]
+
+    def attendances(self, event_uuid: str | None = None) -> list[dict[str, Any]]:
+        with self._lock:
+            return [
+                {
+                    "uuid": a.uuid,
+                    "event_uuid": a.event_uuid,
+                    "person_uuid": a.person_uuid,
+                    "identifiers": list(a.identifiers),
+                    "status": a.status,
+                    "created": a.created.at,
+                    "modified": a.modified.at,
+                }
+                for a in self._attendances.values()
+                if event_uuid is None or a.event_uuid == event_uuid
+            ]
+
+    def duplicates(self) -> dict[str, int]:
+        """Resources that share an identifier, and attendances beyond one per person per event
+        (all zero by construction; oracles report them alongside their own counts)."""
+        with self._lock:
+
+            def extra(identifier_lists: Iterable[list[str]]) -> int:
+                flat = [i for ids in identifier_lists for i in ids]
+                return len(flat) - len(set(flat))
+
+            pairs = [(a.event_uuid, a.person_uuid) for a in self._attendances.values()]
+            return {
+                "events": extra(e.identifiers for e in self._events.values()),
+                "event_campaigns": extra(c.identifiers for c in self._campaigns.values()),
+                "attendances": len(pairs) - len(set(pairs)),
+            }
+
+    def quirks(self) -> dict[str, int]:
+        """Writes the service accepted but (partly) ignored, since the last stats reset:
+        ``event_status_ignored``, ``attendance_status_ignored``, ``custom_fields_dropped``,
+        ``phone_numbers_dropped``, ``helper_failures`` (``200 {}`` answers not injected)."""
+        with self._lock:
+            return dict(self._quirks)
+
     def tag_names(self) -> set[str]:
         with self._lock:
             return {t.name for t in self._tags.values()}
@@ -340,6 +576,7 @@ class ActionNetworkSim:
         self._fault_counts: Counter[str] = Counter()
         self._duplicate_identifier_posts = 0
         self._request_times: list[float] = []
+        self._quirks: Counter[str] = Counter()
 
     def _route_key(self, scope: Scope) -> str:
         """``"POST /petitions/{uuid}/signatures"``-style key; the raw path for unknown routes."""
@@ -388,7 +625,7 @@ class ActionNetworkSim:
         delay = f.slow_seconds if slow and self._hit(f.slow_rate, "slow") else 0.0
         if self._hit(f.error_rate, "error"):
             return _Verdict(answer=self._fault_page(), delay=delay)
-        if key in (SIGNUP, SIGNATURE) and self._hit(f.empty_200_rate, "empty_200"):
+        if key in (SIGNUP, SIGNATURE, ATTENDANCE) and self._hit(f.empty_200_rate, "empty_200"):
             return _Verdict(answer=HalResponse({}), delay=delay)
         writes = method in ("POST", "PUT")
         commit_fails = writes and self._hit(f.fail_after_commit_rate, "fail_after_commit")
@@ -411,7 +648,10 @@ class ActionNetworkSim:
             "docs": {"href": "https://actionnetwork.org/docs", "title": "Documentation"},
         }
         if request.headers.get("osdi-api-token") == self.api_key:
-            for name in ("people", "petitions", "tags"):
+            names = ["people", "petitions", "tags"]
+            if self.events_api:
+                names += ["events", "event_campaigns"]
+            for name in names:
                 links[f"osdi:{name}"] = {"href": f"{base}/{name}"}
         return HalResponse(
             {
@@ -457,7 +697,9 @@ class ActionNetworkSim:
             raise ApiError(400, f"Invalid email status: {person_in.status!r}")
         add, remove = _names(body, "add_tags"), _names(body, "remove_tags")
         with self._lock:
-            person = self._upsert(person_in, person_in.status or "subscribed", person_in.status)
+            person = self._upsert(
+                person_in, person_in.status or "subscribed", person_in.status, SIGNUP
+            )
             self._apply_tags(person, add, remove)
             self._record(person, SIGNUP)
             return HalResponse(self._person_json(person, _base(request)))
@@ -465,6 +707,8 @@ class ActionNetworkSim:
     async def _put_person(self, request: Request) -> Response:
         body = await _json_body(request)
         fields = _person_fields(body)
+        custom_fields = _custom_fields(body)
+        phones = _phones(body)
         emails = body.get("email_addresses")
         address: str | None = None
         status: str | None = None
@@ -487,6 +731,8 @@ class ActionNetworkSim:
                 person.status = status
             for name, value in fields.items():
                 setattr(person, name, value)
+            self._apply_custom_fields(person, custom_fields)
+            self._apply_phones(person, phones, "PUT /people/{uuid}")
             self._record(person, "PUT /people/{uuid}")
             return HalResponse(self._person_json(person, _base(request)))
 
@@ -523,17 +769,10 @@ class ActionNetworkSim:
             raise ApiError(400, "Title is required")
         description = _optional_text(body, "description")
         origin_system = _optional_text(body, "origin_system")
-        identifiers = body.get("identifiers", [])
-        if not isinstance(identifiers, list) or not all(
-            isinstance(i, str) and ":" in i and not i.startswith("action_network:")
-            for i in identifiers
-        ):
-            raise ApiError(400, "identifiers must be a list of 'system:value' strings")
+        identifiers = _identifiers(body)
         creator_href = _link(body, "osdi:creator")
         with self._lock:
-            if any(i in self._petition_by_identifier for i in identifiers):
-                self._duplicate_identifier_posts += 1
-                raise ApiError(400, "identifier already in use")
+            self._check_identifiers(identifiers, None)
             creator = None
             if creator_href is not None:
                 creator = self._people.get(_uuid_from_href(creator_href, "people"))
@@ -550,6 +789,7 @@ class ActionNetworkSim:
                 created=self._stamp(),
             )
             self._petitions[petition_uuid] = petition
+            self._claim_identifiers(petition.identifiers, f"petitions/{petition_uuid}")
             for identifier in petition.identifiers:
                 self._petition_by_identifier[identifier] = petition_uuid
             return HalResponse(self._petition_json(petition, _base(request)))
@@ -577,7 +817,7 @@ class ActionNetworkSim:
                     raise ApiError(404, "Person not found")
                 person = found
             else:
-                person = self._upsert(signer, "subscribed", signer.status)
+                person = self._upsert(signer, "subscribed", signer.status, SIGNATURE)
             self._apply_tags(person, add, [])
             signature = self._sign(petition, person, comments)
             self._record(person, SIGNATURE, petition_uuid=petition.uuid)
@@ -621,6 +861,288 @@ class ActionNetworkSim:
             self._record(person, "POST /tags/{uuid}/taggings")
             return HalResponse(self._tagging_json(tag, person, tagging, _base(request)))
 
+    # ----------------------------------------------------------------- events
+
+    async def _list_events(self, request: Request) -> Response:
+        with self._lock:
+            return self._events_page(request, list(self._events.values()))
+
+    async def _list_campaign_events(self, request: Request) -> Response:
+        with self._lock:
+            campaign = self._known_campaign(request)
+            events = [e for e in self._events.values() if e.campaign_uuid == campaign.uuid]
+            path = f"event_campaigns/{campaign.uuid}/events"
+            return self._events_page(request, events, path)
+
+    def _events_page(
+        self, request: Request, events: list[_Event], path: str | None = None
+    ) -> Response:
+        page = _page(request)
+        wanted = request.query_params.get("filter")
+        if wanted is not None:
+            identifier = _filter_value(wanted, "identifier")
+            events = [e for e in events if identifier in e.identifiers]
+        base = _base(request)
+        return HalResponse(
+            _collection(
+                request,
+                "events",
+                events,
+                page,
+                lambda e: self._event_json(e, base),
+                totals=True,
+                path=path,
+            )
+        )
+
+    async def _get_event(self, request: Request) -> Response:
+        with self._lock:
+            return HalResponse(self._event_json(self._known_event(request), _base(request)))
+
+    async def _post_event(self, request: Request) -> Response:
+        return await self._create_event(request, None)
+
+    async def _post_campaign_event(self, request: Request) -> Response:
+        with self._lock:
+            campaign_uuid = self._known_campaign(request).uuid
+        return await self._create_event(request, campaign_uuid)
+
+    async def _create_event(self, request: Request, campaign_uuid: str | None) -> Response:
+        """Events are deduplicated on identifiers only; a status sent is ignored."""
+        body = await _json_body(request)
+        fields, status = _event_fields(body, creating=True)
+        identifiers = _identifiers(body)
+        creator_href = _link(body, "osdi:creator")
+        organizer_href = _link(body, "osdi:organizer")
+        with self._lock:
+            if campaign_uuid is not None and campaign_uuid not in self._campaigns:
+                raise ApiError(404, "Event campaign not found")
+            self._check_identifiers(identifiers, None)
+            creator = self._linked_person(creator_href, "osdi:creator")
+            organizer = self._linked_person(organizer_href, "osdi:organizer")
+            event_uuid = self._new_id()
+            stamp = self._stamp()
+            event = _Event(
+                uuid=event_uuid,
+                identifiers=[f"action_network:{event_uuid}", *identifiers],
+                campaign_uuid=campaign_uuid,
+                creator_uuid=creator,
+                organizer_uuid=organizer,
+                created=stamp,
+                modified=stamp,
+                fields={"visibility": "public", **fields},
+            )
+            if status is not None and status != event.status:
+                self._quirks["event_status_ignored"] += 1
+            self._events[event_uuid] = event
+            self._claim_identifiers(event.identifiers, f"events/{event_uuid}")
+            if campaign_uuid is not None:
+                self._campaigns[campaign_uuid].modified = stamp
+            return HalResponse(self._event_json(event, _base(request)))
+
+    async def _put_event(self, request: Request) -> Response:
+        """Update the event's own fields; identifiers, links, campaign and status are ignored."""
+        body = await _json_body(request)
+        fields, status = _event_fields(body, creating=False)
+        with self._lock:
+            event = self._known_event(request)
+            merged = {**event.fields, **fields}
+            _check_dates(merged.get("start_date"), merged.get("end_date"))
+            event.fields = merged
+            if status is not None and status != event.status:
+                self._quirks["event_status_ignored"] += 1
+            event.modified = self._stamp()
+            return HalResponse(self._event_json(event, _base(request)))
+
+    # ----------------------------------------------------------------- event campaigns
+
+    async def _list_campaigns(self, request: Request) -> Response:
+        page = _page(request)
+        wanted = request.query_params.get("filter")
+        with self._lock:
+            campaigns = list(self._campaigns.values())
+            if wanted is not None:
+                identifier = _filter_value(wanted, "identifier")
+                campaigns = [c for c in campaigns if identifier in c.identifiers]
+            base = _base(request)
+            return HalResponse(
+                _collection(
+                    request,
+                    "event_campaigns",
+                    campaigns,
+                    page,
+                    lambda c: self._campaign_json(c, base),
+                    totals=True,
+                )
+            )
+
+    async def _get_campaign(self, request: Request) -> Response:
+        with self._lock:
+            return HalResponse(self._campaign_json(self._known_campaign(request), _base(request)))
+
+    async def _post_campaign(self, request: Request) -> Response:
+        body = await _json_body(request)
+        fields = _campaign_fields(body, creating=True)
+        identifiers = _identifiers(body)
+        with self._lock:
+            self._check_identifiers(identifiers, None)
+            campaign_uuid = self._new_id()
+            stamp = self._stamp()
+            campaign = _EventCampaign(
+                campaign_uuid,
+                [f"action_network:{campaign_uuid}", *identifiers],
+                stamp,
+                stamp,
+                fields,
+            )
+            self._campaigns[campaign_uuid] = campaign
+            self._claim_identifiers(campaign.identifiers, f"event_campaigns/{campaign_uuid}")
+            return HalResponse(self._campaign_json(campaign, _base(request)))
+
+    async def _put_campaign(self, request: Request) -> Response:
+        body = await _json_body(request)
+        fields = _campaign_fields(body, creating=False)
+        with self._lock:
+            campaign = self._known_campaign(request)
+            campaign.fields = {**campaign.fields, **fields}
+            campaign.modified = self._stamp()
+            return HalResponse(self._campaign_json(campaign, _base(request)))
+
+    # ----------------------------------------------------------------- attendances
+
+    async def _list_attendances(self, request: Request) -> Response:
+        page = _page(request)
+        with self._lock:
+            event = self._known_event(request)
+            items = [a for a in self._attendances.values() if a.event_uuid == event.uuid]
+            base = _base(request)
+            return HalResponse(
+                _collection(
+                    request,
+                    "attendances",
+                    items,
+                    page,
+                    lambda a: self._attendance_json(a, base),
+                    totals=True,
+                    path=f"events/{event.uuid}/attendances",
+                )
+            )
+
+    async def _get_attendance(self, request: Request) -> Response:
+        with self._lock:
+            attendance = self._known_attendance(request)
+            return HalResponse(self._attendance_json(attendance, _base(request)))
+
+    async def _put_attendance(self, request: Request) -> Response:
+        """Only new identifiers stick; the status stays ``accepted``."""
+        body = await _json_body(request)
+        identifiers = _identifiers(body)
+        with self._lock:
+            attendance = self._known_attendance(request)
+            owner = f"attendances/{attendance.uuid}"
+            self._check_identifiers(identifiers, owner)
+            self._note_attendance_status(body.get("status"))
+            attendance.identifiers = list(dict.fromkeys([*attendance.identifiers, *identifiers]))
+            self._claim_identifiers(attendance.identifiers, owner)
+            attendance.modified = self._stamp()
+            return HalResponse(self._attendance_json(attendance, _base(request)))
+
+    async def _attendance_helper(self, request: Request) -> Response:
+        """Record Attendance Helper: like the signature helper (new people subscribed, only
+        "subscribed" accepted, unknown tags ignored), one attendance per person and event, and
+        any failure of the body answered ``200 {}`` with nothing written."""
+        body = await _json_body(request)
+        with self._lock:
+            event = self._known_event(request)
+        try:
+            add, remove = _names(body, "add_tags"), _names(body, "remove_tags")
+            identifiers = _identifiers(body)
+            attendee: _PersonInput | str  # the person's fields, or the uuid of a known person
+            if "person" in body:
+                attendee = _parse_person(body["person"])
+                if attendee.status is not None and attendee.status != "subscribed":
+                    raise ApiError(400, "Invalid email status for an attendance")
+            else:
+                href = _link(body, "osdi:person")
+                if href is None:
+                    raise ApiError(400, "A person or an osdi:person link is required")
+                attendee = _uuid_from_href(href, "people")
+        except ApiError:
+            with self._lock:
+                self._quirks["helper_failures"] += 1
+            return HalResponse({})
+        with self._lock:
+            if event.uuid not in self._events:  # gone while the body was parsed: cannot happen
+                raise ApiError(404, "Event not found")
+            person: _Person | None
+            if isinstance(attendee, str):
+                person = self._people.get(attendee)
+            else:
+                person = self._match(attendee)
+            existing = None if person is None else self._attendances.get((event.uuid, person.uuid))
+            owner = None if existing is None else f"attendances/{existing.uuid}"
+            try:
+                if person is None and isinstance(attendee, str):
+                    raise ApiError(404, "Person not found")
+                self._check_identifiers(identifiers, owner)
+            except ApiError:
+                self._quirks["helper_failures"] += 1
+                return HalResponse({})
+            if not isinstance(attendee, str):
+                person = self._upsert(attendee, "subscribed", attendee.status, ATTENDANCE)
+            assert person is not None
+            self._apply_tags(person, add, remove)
+            self._note_attendance_status(body.get("status"))
+            attendance = self._attend(event, person, identifiers)
+            self._record(person, ATTENDANCE, event_uuid=event.uuid)
+            return HalResponse(self._attendance_json(attendance, _base(request)))
+
+    def _note_attendance_status(self, status: Any) -> None:
+        if status is not None and status != "accepted":
+            self._quirks["attendance_status_ignored"] += 1
+
+    def _attend(self, event: _Event, person: _Person, identifiers: list[str]) -> _Attendance:
+        """One attendance per person and event: attending again only refreshes it."""
+        stamp = self._stamp()
+        attendance = self._attendances.get((event.uuid, person.uuid))
+        if attendance is None:
+            attendance_uuid = self._new_id()
+            attendance = _Attendance(
+                attendance_uuid,
+                event.uuid,
+                person.uuid,
+                [f"action_network:{attendance_uuid}", *identifiers],
+                stamp,
+                stamp,
+            )
+            self._attendances[(event.uuid, person.uuid)] = attendance
+        else:
+            attendance.identifiers = list(dict.fromkeys([*attendance.identifiers, *identifiers]))
+            attendance.modified = stamp
+        self._claim_identifiers(attendance.identifiers, f"attendances/{attendance.uuid}")
+        return attendance
+
+    # ----------------------------------------------------------------- custom fields
+
+    async def _list_custom_fields(self, request: Request) -> Response:
+        with self._lock:
+            base = _base(request)
+            return HalResponse(
+                {
+                    "action_network:custom_fields": [
+                        {
+                            "name": f.name,
+                            "created_date": f.created.iso,
+                            "modified_date": f.created.iso,
+                            "notes": f.notes,
+                            "numeric_id": f.numeric_id,
+                        }
+                        for f in self._custom_fields.values()
+                    ],
+                    "_links": {"self": {"href": f"{base}/metadata/custom_fields"}},
+                }
+            )
+
     # ----------------------------------------------------------------- state (lock held)
 
     def _new_id(self) -> str:
@@ -639,6 +1161,42 @@ class ActionNetworkSim:
             raise ApiError(404, "Person not found")
         return person
 
+    def _known_event(self, request: Request) -> _Event:
+        event = self._events.get(request.path_params["uuid"])
+        if event is None:
+            raise ApiError(404, "Event not found")
+        return event
+
+    def _known_campaign(self, request: Request) -> _EventCampaign:
+        campaign = self._campaigns.get(request.path_params["uuid"])
+        if campaign is None:
+            raise ApiError(404, "Event campaign not found")
+        return campaign
+
+    def _known_attendance(self, request: Request) -> _Attendance:
+        event = self._known_event(request)
+        wanted = request.path_params["attendance"]
+        for attendance in self._attendances.values():
+            if attendance.uuid == wanted and attendance.event_uuid == event.uuid:
+                return attendance
+        raise ApiError(404, "Attendance not found")
+
+    def _linked_person(self, href: str | None, rel: str) -> str | None:
+        if href is None:
+            return None
+        person = self._people.get(_uuid_from_href(href, "people"))
+        if person is None:
+            raise ApiError(400, f"{rel} is not a known person")
+        return person.uuid
+
+    def _campaign_totals(self, campaign: _EventCampaign) -> tuple[int, int]:
+        events = {e.uuid for e in self._events.values() if e.campaign_uuid == campaign.uuid}
+        rsvps = sum(1 for a in self._attendances.values() if a.event_uuid in events)
+        return len(events), rsvps
+
+    def _total_accepted(self, event: _Event) -> int:
+        return sum(1 for a in self._attendances.values() if a.event_uuid == event.uuid)
+
     def _known_petition(self, request: Request) -> _Petition:
         petition = self._petitions.get(request.path_params["uuid"])
         if petition is None:
@@ -653,17 +1211,89 @@ class ActionNetworkSim:
         return person
 
     def _upsert(
-        self, person_in: _PersonInput, status_if_new: str, status_if_existing: str | None
+        self,
+        person_in: _PersonInput,
+        status_if_new: str,
+        status_if_existing: str | None,
+        action: str,
     ) -> _Person:
-        """Create or update by email; an existing person's status changes only if one is given."""
-        person = self._find_person(person_in.email)
+        """Create or update by email, else by phone; an existing person's status changes only
+        if one is given. A person matched by phone keeps their email address."""
+        person = self._match(person_in)
         if person is None:
             person = self._create_person(person_in.email, status_if_new, "api")
         elif status_if_existing is not None:
             person.status = status_if_existing
         for name, value in person_in.fields.items():
             setattr(person, name, value)
+        self._apply_custom_fields(person, person_in.custom_fields)
+        self._apply_phones(person, person_in.phones, action)
         return person
+
+    def _match(self, person_in: _PersonInput) -> _Person | None:
+        """The person a helper writes to: by email, else by one of the phone numbers."""
+        person = self._find_person(person_in.email)
+        if person is None:
+            owners = [self._phone_owner.get(_phone_key(p.number)) for p in person_in.phones]
+            person = next((self._people[o] for o in owners if o is not None), None)
+        return person
+
+    def _ensure_custom_field(self, name: str) -> _CustomField:
+        found = self._custom_fields.get(name)
+        if found is None:
+            number = len(self._custom_fields) + 1
+            found = self._custom_fields[name] = _CustomField(name, number, None, self._stamp())
+        return found
+
+    def _apply_custom_fields(self, person: _Person, values: dict[str, str]) -> None:
+        """One string per key, new data overwrites; a locked network drops unknown keys."""
+        for name, value in values.items():
+            if name not in self._custom_fields:
+                if self.custom_fields_locked:
+                    self._quirks["custom_fields_dropped"] += 1
+                    continue
+                self._ensure_custom_field(name)
+            person.custom_fields[name] = value
+
+    def _apply_phones(self, person: _Person, phones: Iterable[_PhoneInput], action: str) -> None:
+        """A new number is ``unsubscribed`` unless a status is sent; a known number's status
+        changes only when one is sent; someone else's number is dropped."""
+        for phone in phones:
+            key = _phone_key(phone.number)
+            owner = self._phone_owner.get(key)
+            if owner is not None and owner != person.uuid:
+                self._quirks["phone_numbers_dropped"] += 1
+                continue
+            known = next((p for p in person.phones if _phone_key(p.number) == key), None)
+            if known is None:
+                status = phone.status or "unsubscribed"
+                person.phones.append(_Phone(phone.number, phone.number_type, status))
+                self._phone_owner[key] = person.uuid
+                previous = None
+            elif phone.status is not None and phone.status != known.status:
+                previous, known.status = known.status, phone.status
+                status = phone.status
+            else:
+                continue
+            person.sms_history.append(
+                {
+                    "action": action,
+                    "at": self._clock(),
+                    "number": phone.number,
+                    "status": status,
+                    "previous": previous,
+                }
+            )
+
+    def _check_identifiers(self, identifiers: Iterable[str], owner: str | None) -> None:
+        """Refuse identifiers some other resource holds (they are unique across all of AN)."""
+        if any(self._identifier_owner.get(i, owner) != owner for i in identifiers):
+            self._duplicate_identifier_posts += 1
+            raise ApiError(400, "identifier already in use")
+
+    def _claim_identifiers(self, identifiers: Iterable[str], owner: str) -> None:
+        for identifier in identifiers:
+            self._identifier_owner[identifier] = owner
 
     def _ensure_tag(self, name: str) -> str:
         found = self._tag_by_name.get(name.lower())
@@ -714,7 +1344,8 @@ class ActionNetworkSim:
     # ----------------------------------------------------------------- rendering (lock held)
 
     def _person_view(self, person: _Person) -> dict[str, Any]:
-        return {
+        """``custom_fields`` and ``phone_numbers`` appear only once the person has some."""
+        view: dict[str, Any] = {
             "uuid": person.uuid,
             "email": person.email,
             "status": person.status,
@@ -724,6 +1355,11 @@ class ActionNetworkSim:
             "tags": {self._tags[t].name for t in person.taggings},
             "created_by": person.created_by,
         }
+        if person.custom_fields:
+            view["custom_fields"] = dict(person.custom_fields)
+        if person.phones:
+            view["phone_numbers"] = [_phone_json(p) for p in person.phones]
+        return view
 
     def _person_json(self, person: _Person, base: str) -> dict[str, Any]:
         href = f"{base}/people/{person.uuid}"
@@ -740,6 +1376,11 @@ class ActionNetworkSim:
         ]
         if person.postal_code is not None:
             doc["postal_addresses"] = [{"primary": True, "postal_code": person.postal_code}]
+        if person.phones:
+            doc["phone_numbers"] = [
+                {"primary": i == 0, **_phone_json(p)} for i, p in enumerate(person.phones)
+            ]
+        doc["custom_fields"] = dict(person.custom_fields)
         doc["_links"] = {
             "self": {"href": href},
             "osdi:signatures": {"href": f"{href}/signatures"},
@@ -785,6 +1426,85 @@ class ActionNetworkSim:
         if signature.comments is not None:
             doc["comments"] = signature.comments
         return doc
+
+    def _event_view(self, event: _Event) -> dict[str, Any]:
+        return {
+            "uuid": event.uuid,
+            "identifiers": list(event.identifiers),
+            "campaign_uuid": event.campaign_uuid,
+            "creator_uuid": event.creator_uuid,
+            "organizer_uuid": event.organizer_uuid,
+            "status": event.status,
+            **{name: None for name in _EVENT_TEXT},
+            "capacity": None,
+            "location": None,
+            **json.loads(json.dumps(event.fields)),
+            "total_accepted": self._total_accepted(event),
+            "created": event.created.at,
+            "modified": event.modified.at,
+        }
+
+    def _event_json(self, event: _Event, base: str) -> dict[str, Any]:
+        href = f"{base}/events/{event.uuid}"
+        links: dict[str, Any] = {
+            "self": {"href": href},
+            "osdi:attendances": {"href": f"{href}/attendances"},
+            "osdi:record_attendance_helper": {"href": f"{href}/attendances"},
+        }
+        if event.creator_uuid is not None:
+            links["osdi:creator"] = {"href": f"{base}/people/{event.creator_uuid}"}
+        if event.organizer_uuid is not None:
+            links["osdi:organizer"] = {"href": f"{base}/people/{event.organizer_uuid}"}
+        if event.campaign_uuid is not None:
+            links["action_network:event_campaign"] = {
+                "href": f"{base}/event_campaigns/{event.campaign_uuid}"
+            }
+        doc: dict[str, Any] = {
+            "identifiers": list(event.identifiers),
+            "created_date": event.created.iso,
+            "modified_date": event.modified.iso,
+        }
+        doc |= {k: v for k, v in json.loads(json.dumps(event.fields)).items() if v is not None}
+        doc |= {
+            "status": event.status,
+            "transparence": "opaque",
+            "total_accepted": self._total_accepted(event),
+            "action_network:hidden": False,
+            "_links": links,
+        }
+        return doc
+
+    def _campaign_json(self, campaign: _EventCampaign, base: str) -> dict[str, Any]:
+        href = f"{base}/event_campaigns/{campaign.uuid}"
+        total_events, total_rsvps = self._campaign_totals(campaign)
+        doc: dict[str, Any] = {
+            "identifiers": list(campaign.identifiers),
+            "created_date": campaign.created.iso,
+            "modified_date": campaign.modified.iso,
+        }
+        doc |= {k: v for k, v in campaign.fields.items() if v is not None}
+        doc |= {
+            "total_events": total_events,
+            "total_rsvps": total_rsvps,
+            "_links": {"self": {"href": href}, "osdi:events": {"href": f"{href}/events"}},
+        }
+        return doc
+
+    def _attendance_json(self, attendance: _Attendance, base: str) -> dict[str, Any]:
+        event_href = f"{base}/events/{attendance.event_uuid}"
+        return {
+            "identifiers": list(attendance.identifiers),
+            "created_date": attendance.created.iso,
+            "modified_date": attendance.modified.iso,
+            "status": attendance.status,
+            "action_network:person_id": attendance.person_uuid,
+            "action_network:event_id": attendance.event_uuid,
+            "_links": {
+                "self": {"href": f"{event_href}/attendances/{attendance.uuid}"},
+                "osdi:event": {"href": event_href},
+                "osdi:person": {"href": f"{base}/people/{attendance.person_uuid}"},
+            },
+        }
 
     def _tag_json(self, tag: _Tag, base: str) -> dict[str, Any]:
         href = f"{base}/tags/{tag.uuid}"
@@ -932,13 +1652,16 @@ def _collection(
     render: Callable[[Any], dict[str, Any]],
     *,
     totals: bool,
+    path: str | None = None,
 ) -> dict[str, Any]:
-    """One page of a list. People lists have no totals and always a ``next`` link (AN's quirk)."""
+    """One page of a list. People lists have no totals and always a ``next`` link (AN's quirk).
+
+    ``path`` is the collection's path when it is not ``name`` (``events/{uuid}/attendances``)."""
     base = _base(request)
     query = {k: v for k, v in request.query_params.items() if k != "page"}
 
     def href(number: int) -> str:
-        return f"{base}/{name}?{urlencode({**query, 'page': number}, quote_via=quote)}"
+        return f"{base}/{path or name}?{urlencode({**query, 'page': number}, quote_via=quote)}"
 
     total_pages = max(1, math.ceil(len(items) / PAGE_SIZE))
     links: dict[str, Any] = {"self": {"href": href(page)}}
@@ -1008,7 +1731,67 @@ def _parse_person(data: Any) -> _PersonInput:
     status = first.get("status")
     if status is not None and not isinstance(status, str):
         raise ApiError(400, "Email status must be a string")
-    return _PersonInput(_valid_email(first.get("address")), status, _person_fields(data))
+    return _PersonInput(
+        _valid_email(first.get("address")),
+        status,
+        _person_fields(data),
+        _custom_fields(data),
+        _phones(data),
+    )
+
+
+def _custom_fields(data: dict[str, Any]) -> dict[str, str]:
+    value = data.get("custom_fields")
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ApiError(400, "custom_fields must be an object")
+    for name, text in value.items():
+        if not name.strip():
+            raise ApiError(400, "A custom field needs a name")
+        if not isinstance(text, str):
+            raise ApiError(400, f"Custom field {name!r} must be a string")
+    return dict(value)
+
+
+def _phones(data: dict[str, Any]) -> tuple[_PhoneInput, ...]:
+    value = data.get("phone_numbers")
+    if value is None or value == []:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(p, dict) for p in value):
+        raise ApiError(400, "phone_numbers must be a list of objects")
+    phones = []
+    for phone in value:
+        number = phone.get("number")
+        if not isinstance(number, str) or not 7 <= len(_phone_key(number)) <= 15:
+            raise ApiError(400, "Phone number is invalid")
+        number_type = phone.get("number_type", "Mobile")
+        if not isinstance(number_type, str):
+            raise ApiError(400, "number_type must be a string")
+        status = phone.get("status")
+        if status is not None and status not in PHONE_STATUSES:
+            raise ApiError(400, f"Invalid phone status: {status!r}")
+        phones.append(_PhoneInput(number.strip(), number_type, status))
+    return tuple(phones)
+
+
+def _phone_key(number: str) -> str:
+    """Numbers match on their digits: "+1 (555) 010-0000" is "15550100000"."""
+    return re.sub(r"\D", "", number)
+
+
+def _phone_json(phone: _Phone) -> dict[str, Any]:
+    return {"number": phone.number, "number_type": phone.number_type, "status": phone.status}
+
+
+def _identifiers(body: dict[str, Any]) -> list[str]:
+    identifiers = body.get("identifiers", [])
+    if not isinstance(identifiers, list) or not all(
+        isinstance(i, str) and ":" in i and not i.startswith("action_network:")
+        for i in identifiers
+    ):
+        raise ApiError(400, "identifiers must be a list of 'system:value' strings")
+    return list(dict.fromkeys(identifiers))
 
 
 def _names(body: dict[str, Any], key: str) -> list[str]:
@@ -1039,3 +1822,106 @@ def _uuid_from_href(href: str, collection: str) -> str:
     if match is None:
         raise ApiError(400, f"Not a link to {collection}: {href!r}")
     return match.group(1)
+
+
+_EVENT_TEXT = (
+    "title",
+    "name",
+    "description",
+    "instructions",
+    "browser_url",
+    "start_date",
+    "end_date",
+    "visibility",
+    "origin_system",
+)
+_CAMPAIGN_TEXT = (
+    "title",
+    "description",
+    "host_pitch",
+    "host_instructions",
+    "browser_url",
+    "host_url",
+    "featured_image_url",
+    "origin_system",
+)
+
+
+def _title(body: dict[str, Any], creating: bool) -> dict[str, Any]:
+    if not creating and "title" not in body:
+        return {}
+    title = body.get("title")
+    if not isinstance(title, str) or not title.strip():
+        raise ApiError(400, "Title is required")
+    return {"title": title}
+
+
+def _texts(body: dict[str, Any], names: Iterable[str]) -> dict[str, Any]:
+    """The string fields the request carries; a present ``null`` blanks."""
+    return {name: _optional_text(body, name) for name in names if name in body}
+
+
+def _event_fields(body: dict[str, Any], *, creating: bool) -> tuple[dict[str, Any], str | None]:
+    """The event fields the request carries, and the status it asks for (which is ignored)."""
+    fields = _texts(body, _EVENT_TEXT[1:]) | _title(body, creating)
+    for name in ("start_date", "end_date"):
+        if fields.get(name) is not None:
+            _iso_date(fields[name], name)
+    if creating:
+        _check_dates(fields.get("start_date"), fields.get("end_date"))
+    if "capacity" in body:
+        capacity = body["capacity"]
+        if capacity is not None and (
+            not isinstance(capacity, int) or isinstance(capacity, bool) or capacity < 0
+        ):
+            raise ApiError(400, "capacity must be a non-negative integer")
+        fields["capacity"] = capacity
+    if "location" in body:
+        fields["location"] = _location(body["location"])
+    status = body.get("status")
+    if status is not None and status not in EVENT_STATUSES:
+        raise ApiError(400, f"Invalid event status: {status!r}")
+    return fields, status
+
+
+def _location(value: Any) -> dict[str, Any] | None:
+    """A whole location: what a PUT leaves out of it is gone."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        raise ApiError(400, "location must be an object")
+    location = _texts(value, ("venue", "locality", "region", "postal_code", "country"))
+    if "address_lines" in value:
+        lines = value["address_lines"]
+        if not isinstance(lines, list) or not all(isinstance(x, str) for x in lines):
+            raise ApiError(400, "address_lines must be a list of strings")
+        location["address_lines"] = list(lines)
+    point = value.get("location")
+    if point is not None:
+        if not isinstance(point, dict) or not all(
+            isinstance(point.get(k), int | float) and not isinstance(point.get(k), bool)
+            for k in ("latitude", "longitude")
+        ):
+            raise ApiError(400, "location.location needs numeric latitude and longitude")
+        location["location"] = {"latitude": point["latitude"], "longitude": point["longitude"]}
+    return location
+
+
+def _iso_date(value: Any, name: str) -> datetime:
+    if not isinstance(value, str):
+        raise ApiError(400, f"{name} must be a string")
+    try:
+        parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError as exc:
+        raise ApiError(400, f"{name} is not an ISO 8601 date: {value!r}") from exc
+    return parsed if parsed.tzinfo is not None else parsed.replace(tzinfo=UTC)
+
+
+def _check_dates(start: str | None, end: str | None) -> None:
+    if start is not None and end is not None:
+        if _iso_date(end, "end_date") < _iso_date(start, "start_date"):
+            raise ApiError(400, "end_date is before start_date")
+
+
+def _campaign_fields(body: dict[str, Any], *, creating: bool) -> dict[str, Any]:
+    return _texts(body, _CAMPAIGN_TEXT[1:]) | _title(body, creating)
