@@ -28,6 +28,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict
 
@@ -106,6 +107,42 @@ class SyncSettings(_Section):
     lease_seconds: Positive = 300.0
     shutdown_grace: Positive = 10.0
     auth_recheck_interval: Positive = 60.0
+    # additional_fields → AN custom fields: "all", "none", a list of ControlShift short names, or
+    # a table from ControlShift name to AN name (only those).
+    custom_fields: Literal["all", "none"] | list[str] | dict[str, str] = "all"
+    # phone_number → "custom_field" (AN custom field phone_number), "mobile" (AN's native mobile
+    # number, E.164; SMS subscribed only on an explicit SMS opt-in) or "off".
+    phone: Literal["custom_field", "mobile", "off"] = "custom_field"
+    phone_country: str | None = None  # ISO 3166 code for numbers written without +; for mobile
+
+    @field_validator("phone_country")
+    @classmethod
+    def _country(cls, value: str | None) -> str | None:
+        if value is None:
+            return value
+        import phonenumbers
+
+        code = value.strip().upper()
+        if code not in phonenumbers.SUPPORTED_REGIONS:
+            raise ValueError(f"{value!r} is not a country code phone numbers know (e.g. GB, US, AU)")
+        return code
+
+    @model_validator(mode="after")
+    def _mobile_needs_country(self) -> SyncSettings:
+        if self.phone == "mobile" and self.phone_country is None:
+            raise ValueError("phone = \"mobile\" needs phone_country: the country of numbers "
+                             "written without + (for example \"GB\")")
+        return self
+
+    def options(self) -> Any:
+        """The pure rules' view of these settings (:class:`csand.sync.rules.SyncOptions`)."""
+        from csand.sync.rules import SyncOptions
+
+        chosen: Any = self.custom_fields
+        if isinstance(chosen, list):
+            chosen = tuple(chosen)
+        return SyncOptions(custom_fields=chosen, phone=self.phone,
+                           phone_country=self.phone_country)
 
 
 POSTGRES_SCHEMES = ("postgresql://", "postgres://")

@@ -140,6 +140,7 @@ class Daemon:
                                        max_attempts=s.sync.max_attempts),
                     lease_seconds=s.sync.lease_seconds,
                     auth_recheck_interval=s.sync.auth_recheck_interval,
+                    options=s.sync.options(),
                 )
                 # A dry run must not acknowledge webhooks it would only keep in a scratch copy.
                 if s.controlshift.webhook_secret is not None and not self.dry_run:

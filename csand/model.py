@@ -158,6 +158,11 @@ class Activity:
     fields_at: datetime | None = None  # when the person's fields were given: precedence
     petition: PetitionRef | None = None
     tags: tuple[str, ...] = field(default_factory=tuple)
+    # The person's answers to the organisation's custom questions (additional_fields), as
+    # (ControlShift short name, value as text), sorted; empty answers are left out.
+    custom_fields: tuple[tuple[str, str], ...] = ()
+    phone: str | None = None  # phone_number as typed (free text)
+    sms_opt_in: bool = False  # opt_in_sms: true, an explicit SMS opt-in
 
     @property
     def opt_in_time(self) -> datetime | None:
@@ -181,11 +186,17 @@ class Activity:
         # Not occurred_at (a CS-side edit such as a single-petition unsubscribe bumps it without
         # changing anything AN holds) and not the petition's title (a retitled petition must not
         # resync every signer); the category tags are in, so a new category reaches every signer.
-        data = [
+        data: list[Any] = [
             str(self.kind), self.source_key, self.email, self.first_name, self.last_name,
             self.postcode, self.opted_in, self.fields_at.isoformat() if self.fields_at else None,
             self.petition.cs_id if self.petition else None, sorted(self.tags),
         ]
+        # Added later: only when present, so versions without them keep their fingerprint (and
+        # an upgrade does not re-sync every record).
+        if self.custom_fields:
+            data.append(["custom_fields", [list(pair) for pair in self.custom_fields]])
+        if self.phone is not None or self.sms_opt_in:
+            data.append(["phone", self.phone, self.sms_opt_in])
         blob = json.dumps(data, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -197,6 +208,7 @@ class Activity:
         data = asdict(self)
         data["kind"] = str(self.kind)
         data["tags"] = list(self.tags)
+        data["custom_fields"] = [list(pair) for pair in self.custom_fields]
         for key in ("occurred_at", "fields_at", "opted_in_at"):
             value = data[key]
             data[key] = value.isoformat() if value else None
@@ -219,6 +231,9 @@ class Activity:
             opted_in_at=parse_time(data.get("opted_in_at")),
             petition=PetitionRef(**petition) if petition else None,
             tags=tuple(data.get("tags") or ()),
+            custom_fields=tuple((str(k), str(v)) for k, v in data.get("custom_fields") or ()),
+            phone=data.get("phone"),
+            sms_opt_in=bool(data.get("sms_opt_in")),
         )
 
 
@@ -245,6 +260,9 @@ class Fields:
     given_name: str | None = None
     family_name: str | None = None
     postal_code: str | None = None
+    custom_fields: tuple[tuple[str, str], ...] = ()  # (AN custom field name, value)
+    # AN's native mobile number: (E.164 number, "subscribed" or None to leave its status alone)
+    mobile: tuple[str, str | None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -346,6 +364,7 @@ def _person_activity(
     """
     raw_email = text_field(person, "email", prefix=prefix)
     opted_in = _opt_in(person, prefix)
+    sms = person.get("opt_in_sms")
     return Activity(
         kind=kind,
         source_key=source_key,
@@ -360,7 +379,42 @@ def _person_activity(
         opted_in_at=opted_in_at if opted_in else None,
         petition=petition,
         tags=tags,
+        custom_fields=custom_answers(person.get("additional_fields"), prefix),
+        phone=_phone_text(person.get("phone_number")),
+        sms_opt_in=sms is True or (isinstance(sms, str) and sms.strip().lower() in ("t", "true")),
     )
+
+
+def _phone_text(value: Any) -> str | None:
+    """A phone number is free text on ControlShift; a number typed as a number is still one.
+    Anything else is dropped (never the whole activity for it)."""
+    if isinstance(value, bool) or not isinstance(value, str | int):
+        return None
+    return _clean(value)
+
+
+def custom_answers(value: Any, prefix: str = "") -> tuple[tuple[str, str], ...]:
+    """``additional_fields`` as sorted (name, text) pairs. Values go to AN as text: numbers and
+    booleans as written, lists joined with ", ", objects as JSON; empty answers are left out.
+    Anything but an object (or null) is malformed."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise MalformedRecord(f"{prefix}additional_fields is not an object ({_kind(value)})")
+    answers: dict[str, str] = {}
+    for name, answer in value.items():
+        if isinstance(answer, bool):
+            text = "true" if answer else "false"
+        elif isinstance(answer, list):
+            text = ", ".join(str(a).strip() for a in answer if a is not None and str(a).strip())
+        elif isinstance(answer, dict):
+            text = json.dumps(answer, sort_keys=True, ensure_ascii=False) if answer else ""
+        else:
+            text = "" if answer is None else str(answer).strip()
+        key = str(name).strip()
+        if key and text:
+            answers[key] = text
+    return tuple(sorted(answers.items()))
 
 
 @dataclass(frozen=True, slots=True)

@@ -489,3 +489,40 @@ def test_url_as_a_systemd_credential(tmp_path: Path, monkeypatch: pytest.MonkeyP
 ])
 def test_bad_pool_size_and_instance(tmp_path: Path, line: str, key: str) -> None:
     assert f"{key}:" in error_for(tmp_path, MINIMAL + f"\n[store]\n{line}\n")
+
+
+def _sync_config(tmp_path, sync: str):
+    path = tmp_path / "config.toml"
+    path.write_text('[controlshift]\nurl = "https://cs.example.org"\napi_key = "k"\n'
+                    '[action_network]\napi_key = "a"\n[sync]\n' + sync, encoding="utf-8")
+    return path
+
+
+def test_custom_fields_and_phone_settings_become_the_rules_options(tmp_path) -> None:
+    from csand import config as config_mod
+
+    s = config_mod.load(_sync_config(tmp_path, ""), env=False)
+    assert (s.sync.options().custom_fields, s.sync.options().phone) == ("all", "custom_field")
+    s = config_mod.load(_sync_config(tmp_path, 'custom_fields = ["ward"]\nphone = "off"\n'),
+                        env=False)
+    assert (s.sync.options().custom_fields, s.sync.options().phone) == (("ward",), "off")
+    s = config_mod.load(_sync_config(
+        tmp_path, 'custom_fields = { ward = "Ward" }\nphone = "mobile"\nphone_country = "gb"\n'),
+        env=False)
+    assert s.sync.options().custom_fields == {"ward": "Ward"}
+    assert s.sync.options().phone_country == "GB"
+
+
+def test_mobile_without_a_country_or_an_unknown_country_is_refused_in_one_line(tmp_path) -> None:
+    import pytest
+
+    from csand import config as config_mod
+
+    with pytest.raises(config_mod.ConfigError, match='needs phone_country') as refused:
+        config_mod.load(_sync_config(tmp_path, 'phone = "mobile"\n'), env=False)
+    assert "\n" not in str(refused.value)
+    with pytest.raises(config_mod.ConfigError, match="sync.phone_country: 'XX' is not a country"):
+        config_mod.load(_sync_config(tmp_path, 'phone = "mobile"\nphone_country = "XX"\n'),
+                        env=False)
+    with pytest.raises(config_mod.ConfigError, match="sync.phone"):
+        config_mod.load(_sync_config(tmp_path, 'phone = "sms"\n'), env=False)

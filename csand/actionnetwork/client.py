@@ -284,4 +284,12 @@ def _person_json(fields: Fields, status: str | None) -> dict[str, Any]:
         person["family_name"] = fields.family_name
     if fields.postal_code:
         person["postal_addresses"] = [{"postal_code": fields.postal_code}]
+    if fields.custom_fields:
+        person["custom_fields"] = dict(fields.custom_fields)
+    if fields.mobile is not None:
+        number, sms_status = fields.mobile
+        phone: dict[str, Any] = {"number": number, "number_type": "Mobile"}
+        if sms_status:  # only ever "subscribed", on an explicit SMS opt-in
+            phone["status"] = sms_status
+        person["phone_numbers"] = [phone]
     return person

@@ -13,9 +13,12 @@ with an explicit ``unsubscribed`` status before anything else is posted for them
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from datetime import datetime
 from types import MappingProxyType
+
+import phonenumbers
 
 from csand.model import Activity, ActivityKind, Fields, Person, PetitionRef, valid_email
 
@@ -124,6 +127,62 @@ def validate(activity: Activity) -> str | None:
 
 
 FIELD_NAMES = ("given_name", "family_name", "postal_code")
+PHONE_MODES = ("custom_field", "mobile", "off")
+PHONE_FIELD = "phone_number"  # the AN custom field ControlShift's own integration uses
+PHONE_KEY = "phone"  # its precedence key in Person.fields_at (custom fields: "custom:<name>")
+
+
+@dataclass(frozen=True, slots=True)
+class SyncOptions:
+    """What csand sends of a person besides name and postcode (``[sync]`` in the config).
+
+    ``custom_fields``: ``"all"`` (ControlShift's short names as AN custom field names),
+    ``"none"``, a tuple of the names to send, or a mapping from ControlShift name to AN name
+    (only those). ``phone``: ``"custom_field"`` (AN custom field ``phone_number``, as
+    ControlShift's own integration does), ``"mobile"`` (AN's native mobile number in E.164, for
+    numbers written without ``+`` read as numbers of ``phone_country``) or ``"off"``.
+    """
+
+    custom_fields: str | tuple[str, ...] | Mapping[str, str] = "all"
+    phone: str = "custom_field"
+    phone_country: str | None = None
+
+    def custom_name(self, name: str) -> str | None:
+        """The AN custom field a ControlShift answer goes to, or None (not synced)."""
+        chosen = self.custom_fields
+        if chosen == "all":
+            return name
+        if chosen == "none":
+            return None
+        if isinstance(chosen, Mapping):
+            return chosen.get(name)
+        return name if name in chosen else None
+
+
+DEFAULT_OPTIONS = SyncOptions()
+
+
+def mobile_number(raw: str | None, country: str | None) -> str | None:
+    """``raw`` in E.164, or None when it is not a valid phone number."""
+    if not raw:
+        return None
+    try:
+        number = phonenumbers.parse(raw, country)
+    except phonenumbers.NumberParseException:
+        return None
+    if not phonenumbers.is_valid_number(number):
+        return None
+    return phonenumbers.format_number(number, phonenumbers.PhoneNumberFormat.E164)
+
+
+def phone_problem(activity: Activity, options: SyncOptions) -> str | None:
+    """Why this activity's phone number is dropped (the rest of it still syncs), or None."""
+    if options.phone != "mobile" or not activity.phone:
+        return None
+    if mobile_number(activity.phone, options.phone_country) is None:
+        return "not a valid phone number" + (
+            "" if options.phone_country else " (no sync.phone_country for numbers without +)")
+    return None
 
 
 def _values(activity: Activity) -> dict[str, str | None]:
@@ -131,21 +190,41 @@ def _values(activity: Activity) -> dict[str, str | None]:
             "postal_code": activity.postcode}
 
 
-def fields_for(activity: Activity, person: Person) -> Fields:
+def fields_for(activity: Activity, person: Person, options: SyncOptions = DEFAULT_OPTIONS,
+               *, sms_subscribe: bool = False) -> Fields:
     """Each field follows the person's most recent activity that gave it a value.
 
     An older activity discovered later (common in a backfill) still fills a field no newer
     activity set, but never overwrites one a newer activity set; empty values are never sent.
+    The same holds for each custom field and for the phone number. A mobile number is sent
+    with SMS status ``subscribed`` only when ``sms_subscribe`` (the caller's decision: an
+    explicit SMS opt-in that is the person's newest consent); otherwise without a status,
+    which leaves an existing number's status alone.
     """
     assert activity.email is not None
-    chosen: dict[str, str | None] = {}
-    for name, value in _values(activity).items():
-        set_at = person.fields_at.get(name)
-        newer_known = set_at is not None and (
-            activity.fields_at is None or activity.fields_at < set_at
-        )
-        chosen[name] = None if newer_known else value
-    return Fields(email=activity.email, **chosen)
+
+    def newer_known(key: str) -> bool:
+        set_at = person.fields_at.get(key)
+        return set_at is not None and (activity.fields_at is None or activity.fields_at < set_at)
+
+    chosen: dict[str, str | None] = {
+        name: None if newer_known(name) else value for name, value in _values(activity).items()}
+    custom: dict[str, str] = {}
+    for name, value in activity.custom_fields:
+        an_name = options.custom_name(name)
+        if an_name and not newer_known(f"custom:{an_name}"):
+            custom[an_name] = value
+    mobile: tuple[str, str | None] | None = None
+    if activity.phone and not newer_known(PHONE_KEY):
+        if options.phone == "custom_field":
+            custom[PHONE_FIELD] = activity.phone
+        elif options.phone == "mobile":
+            number = mobile_number(activity.phone, options.phone_country)
+            if number is not None:
+                mobile = (number, "subscribed" if sms_subscribe and activity.sms_opt_in
+                          else None)
+    return Fields(email=activity.email, custom_fields=tuple(sorted(custom.items())),
+                  mobile=mobile, **chosen)
 
 
 def _spellings(activity: Activity) -> tuple[str, ...]:
@@ -154,13 +233,14 @@ def _spellings(activity: Activity) -> tuple[str, ...]:
     return () if as_given in ("", activity.email) else (as_given,)
 
 
-def next_step(activity: Activity, progress: Progress) -> Step:
+def next_step(activity: Activity, progress: Progress,
+              options: SyncOptions = DEFAULT_OPTIONS) -> Step:
     reason = validate(activity)
     if reason:
         return Dead(reason)
     if activity.kind is ActivityKind.GLOBAL_UNSUBSCRIBE:
         return _unsubscribe_step(activity, progress)
-    return _action_step(activity, progress)
+    return _action_step(activity, progress, options)
 
 
 def _unsubscribe_step(activity: Activity, p: Progress) -> Step:
@@ -206,14 +286,16 @@ def opts_in(activity: Activity, p: Progress) -> bool:
     return all(at > t for t in timeline)
 
 
-def _action_step(activity: Activity, p: Progress) -> Step:
+def _action_step(activity: Activity, p: Progress, options: SyncOptions) -> Step:
     """A petition creation or a signature: person upsert + tags + Action History entry."""
     assert activity.email is not None and activity.petition is not None
     if p.signed:
         return Done(_done_note(activity, p))
     if not p.tags_ready:
         return EnsureTags(activity.tags)
-    fields = fields_for(activity, p.person)
+    # SMS consent rides on the email decision: subscribed to SMS only with an explicit SMS
+    # opt-in on the activity whose email opt-in is the person's newest consent, sent once.
+    fields = fields_for(activity, p.person, options, sms_subscribe=opts_in(activity, p))
     is_creator = activity.kind is ActivityKind.PETITION_CREATED
 
     # The petition's creator link needs the creator's AN uuid, so a creator is written first.
@@ -274,6 +356,11 @@ def after_person_write(
         for name in FIELD_NAMES:
             if getattr(op.fields, name):
                 fields_at[name] = activity.fields_at
+        for name, _ in op.fields.custom_fields:
+            fields_at[PHONE_KEY if name == PHONE_FIELD and activity.phone else f"custom:{name}"] \
+                = activity.fields_at
+        if op.fields.mobile is not None:
+            fields_at[PHONE_KEY] = activity.fields_at
     opted_in_at = p.person.opted_in_at
     if op.status == "subscribed":
         opted_in_at = _latest(opted_in_at, activity.opt_in_time)

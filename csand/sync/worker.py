@@ -192,9 +192,11 @@ class Dispatcher:
         auth_recheck_interval: float = 60.0,
         clock: Callable[[], float] = time.time,
         rng: random.Random | None = None,
+        options: rules.SyncOptions = rules.DEFAULT_OPTIONS,
     ) -> None:
         self.store = store
         self.an = an
+        self.options = options  # custom fields and phone numbers: what to send, how
         self.workers = workers
         self.policy = policy
         self.lease_seconds = lease_seconds
@@ -353,7 +355,8 @@ class Dispatcher:
         outcome, in the same transaction."""
         if not progress.opt_in_sent:
             return
-        if isinstance(rules.next_step(item.activity, progress), rules.Done | rules.Dead):
+        if isinstance(rules.next_step(item.activity, progress, self.options),
+                      rules.Done | rules.Dead):
             return
         activity = item.activity
         with anyio.CancelScope(shield=True):
@@ -368,9 +371,13 @@ class Dispatcher:
         """Run the plan; ``attempt.progress`` holds what is known at every moment, also when a
         request fails and this raises."""
         activity = item.activity
+        problem = rules.phone_problem(activity, self.options)
+        if problem:
+            log.warning("sync.phone_dropped", item=item.id, source=activity.source_key,
+                        reason=problem, msg="the phone number is left out; the rest syncs")
         for _ in range(rules.MAX_STEPS):
             progress = attempt.progress
-            step = rules.next_step(activity, progress)
+            step = rules.next_step(activity, progress, self.options)
             try:
                 await self._perform(item, attempt, step)
             except Replan as replan:  # nothing was sent for this step: decide it again
