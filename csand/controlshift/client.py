@@ -272,6 +272,58 @@ class ControlShiftClient:
         body = await self.get_object(f"{path}?page={page}")
         return _items(body, "signatures", path, page), body.get("meta")
 
+    # Events, attendees and calendars (spec/events-api.md A1-A2). Events have no numeric id in
+    # any REST answer: the slug is the key everywhere. There is no REST list of calendars.
+
+    async def events(self) -> list[dict[str, Any]]:
+        """Every event, all pages (unlaunched ones included); each carries ``calendar`` or null."""
+        result: list[dict[str, Any]] = []
+        async for items, _ in self.pages("/events", "events"):
+            result.extend(items)
+        return result
+
+    async def event(self, slug: str) -> dict[str, Any] | None:
+        """One event by slug, or None when CS answers 404."""
+        return await self._one(f"/events/{quote(slug, safe='')}", "event", slug)
+
+    async def attendees_page(self, slug: str, page: int) -> tuple[list[dict[str, Any]], dict]:
+        """One page of an event's attendees and its raw ``meta`` (see :func:`pagination`);
+        raises :class:`CSBadPage` when the attendees are not a list."""
+        path = f"/events/{quote(slug, safe='')}/attendees"
+        body = await self.get_object(f"{path}?page={page}")
+        return _items(body, "attendees", path, page), body.get("meta")
+
+    async def attendees(self, slug: str) -> list[dict[str, Any]]:
+        """Every attendee of an event, all pages (deleted attendees are not listed)."""
+        result: list[dict[str, Any]] = []
+        async for items, _ in self.pages(f"/events/{quote(slug, safe='')}/attendees",
+                                         "attendees"):
+            result.extend(items)
+        return result
+
+    async def attendee_lookup(self, slug: str, email: str) -> dict[str, Any] | None:
+        """The event's attendee for ``email``, or None when CS answers 404."""
+        return await self._one(
+            f"/events/{quote(slug, safe='')}/attendees/lookup?email={quote(email, safe='')}",
+            "attendee", slug)
+
+    async def calendar(self, slug: str) -> dict[str, Any] | None:
+        """A calendar's ``{name, description, slug, url, partnership}``, or None on 404."""
+        return await self._one(f"/calendars/{quote(slug, safe='')}", "calendar", slug)
+
+    async def _one(self, path: str, key: str, slug: str) -> dict[str, Any] | None:
+        """The ``key`` object of ``path``'s answer; None on 404. A 200 without that object is a
+        :class:`CSError`, not None: None means CS said it has none."""
+        try:
+            body = await self.get_object(path)
+        except CSNotFound:
+            return None
+        value = body.get(key)
+        if not isinstance(value, dict):
+            raise CSError(f"ControlShift answered {path.split('?')[0]} without "
+                          f"{'an' if key[0] in 'aeiou' else 'a'} {key} object for {slug!r}")
+        return value
+
 
 def _seconds(value: str | None) -> float | None:
     """A ``RateLimit-Reset`` header in seconds (at least 1), or None when absent or unreadable."""
