@@ -219,6 +219,135 @@ class ActionNetworkClient:
             raise ANFailure(Outcome(Verdict.RETRY, "petition created without an id in the answer"))
         return uuid
 
+    # ---- events and event campaigns ----
+
+    async def find_event(self, identifier: str) -> str | None:
+        """Find a mirrored event by its identifier (AN deduplicates events only on these).
+
+        Like :meth:`find_petition`: the identifier filter, else (filter refused with 400)
+        paging through the group's events.
+        """
+        return await self._find_identified("events", identifier)
+
+    async def create_event(
+        self, *, title: str, description: str | None, start_date: str | None,
+        end_date: str | None, location: dict[str, Any] | None, browser_url: str | None,
+        identifier: str, origin_system: str, creator_uuid: str | None,
+        campaign_uuid: str | None,
+    ) -> str:
+        """POST a new event (into the event campaign when ``campaign_uuid`` is given: AN sets
+        campaign membership only at creation). Dates are ISO 8601 strings; None fields are left
+        out. The host, when known, is linked as both creator and organizer."""
+        payload: dict[str, Any] = {"title": title}
+        for name, value in (("description", description), ("start_date", start_date),
+                            ("end_date", end_date), ("location", location),
+                            ("browser_url", browser_url)):
+            if value is not None:
+                payload[name] = value
+        payload["origin_system"] = origin_system
+        payload["identifiers"] = [identifier]
+        if creator_uuid:
+            href = self.person_href(creator_uuid)
+            payload["_links"] = {"osdi:creator": {"href": href}, "osdi:organizer": {"href": href}}
+        if campaign_uuid:
+            body = await self._call("POST", f"/event_campaigns/{campaign_uuid}/events",
+                                    json=payload, helper=True, by_id=True)
+        else:
+            body = await self._call("POST", "/events", json=payload, helper=True)
+        return _created_uuid(body, "event")
+
+    async def update_event(
+        self, uuid: str, *, title: str | None = None, description: str | None = None,
+        start_date: str | None = None, end_date: str | None = None,
+        location: dict[str, Any] | None = None, browser_url: str | None = None,
+    ) -> None:
+        """PUT only the fields given (None: leave as it is). AN replaces a location whole.
+
+        An empty answer is a failure (retry): a PUT is safe to repeat, and an update that may
+        not have landed must not be recorded as done. Nothing to change: no request.
+        """
+        payload = {name: value for name, value in (
+            ("title", title), ("description", description), ("start_date", start_date),
+            ("end_date", end_date), ("location", location), ("browser_url", browser_url),
+        ) if value is not None}
+        if not payload:
+            return
+        await self._call("PUT", f"/events/{uuid}", json=payload, helper=True, by_id=True)
+
+    async def find_event_campaign(self, identifier: str) -> str | None:
+        """Find a mirrored event campaign by its identifier, as :meth:`find_event` does."""
+        return await self._find_identified("event_campaigns", identifier)
+
+    async def create_event_campaign(
+        self, *, title: str, description: str | None, browser_url: str | None,
+        identifier: str, origin_system: str,
+    ) -> str:
+        payload: dict[str, Any] = {"title": title}
+        if description is not None:
+            payload["description"] = description
+        if browser_url is not None:
+            payload["browser_url"] = browser_url
+        payload["origin_system"] = origin_system
+        payload["identifiers"] = [identifier]
+        body = await self._call("POST", "/event_campaigns", json=payload, helper=True)
+        return _created_uuid(body, "event campaign")
+
+    # ---- attendances ----
+
+    async def record_attendance(
+        self, event_uuid: str, fields: Fields, status: str | None, tags: tuple[str, ...]
+    ) -> tuple[str | None, bool | None]:
+        """Record Attendance Helper: upserts the person and records their RSVP in one call.
+
+        Like the signature helper it subscribes a person new to the list. Returns the person's
+        uuid when the answer names it, and their subscription state when the answer carries the
+        person (AN's attendance answer normally does not: then None, meaning unknown).
+        """
+        body = await self._call(
+            "POST", f"/events/{event_uuid}/attendances",
+            json={"person": _person_json(fields, status), "add_tags": list(tags)},
+            helper=True, by_id=True,
+        )
+        if not isinstance(body, dict):
+            raise ANFailure(Outcome(Verdict.RETRY, "Record Attendance Helper answered no object"))
+        uuid = body.get("action_network:person_id") or _href_uuid(body, "osdi:person")
+        subscribed = None
+        person = (body.get("_embedded") or {}).get("osdi:person")
+        if isinstance(person, dict):
+            record = _person_record(person)
+            if record is not None:
+                subscribed = record.subscribed
+                uuid = uuid or record.uuid
+        return (str(uuid) if uuid else None), subscribed
+
+    async def attend_as(self, event_uuid: str, person_uuid: str) -> None:
+        """A plain attendance for a person AN already has: creates or subscribes no one."""
+        await self._call(
+            "POST", f"/events/{event_uuid}/attendances",
+            json={"_links": {"osdi:person": {"href": self.person_href(person_uuid)}}},
+            helper=True, by_id=True,
+        )
+
+    async def _find_identified(self, collection: str, identifier: str) -> str | None:
+        rel = f"osdi:{collection}"
+        query = quote(f"identifier eq '{_odata_quote(identifier)}'", safe="")
+        try:
+            body = await self._call("GET", f"/{collection}?filter={query}")
+            return _identified_in(body, rel, identifier)
+        except ANFailure as failure:
+            if failure.outcome.verdict is not Verdict.DEAD:
+                raise
+            log.warning("an.identifier_filter_refused", collection=collection,
+                        reason=failure.outcome.reason)
+        for page in range(1, MAX_PAGES + 1):
+            body = await self._call("GET", f"/{collection}?page={page}")
+            if not _embedded(body, rel):
+                return None
+            found = _identified_in(body, rel, identifier)
+            if found:
+                return found
+        return None
+
     # ---- tags ----
 
     async def list_tags(self) -> dict[str, str]:
@@ -266,6 +395,25 @@ def _with_identifier(body: Any, identifier: str) -> str | None:
         if identifier in (resource.get("identifiers") or ()):
             return uuid_of(resource)
     return None
+
+
+def _identified_in(body: Any, rel: str, identifier: str) -> str | None:
+    """The uuid of the listed resource carrying ``identifier``; one without an id is a failure
+    (taking it for "not in AN" would create a duplicate)."""
+    for resource in _embedded(body, rel):
+        if identifier in (resource.get("identifiers") or ()):
+            uuid = uuid_of(resource)
+            if not uuid:
+                raise ANFailure(Outcome(Verdict.RETRY, f"{rel} {identifier} listed without an id"))
+            return uuid
+    return None
+
+
+def _created_uuid(body: Any, what: str) -> str:
+    uuid = uuid_of(body) if isinstance(body, dict) else None
+    if not uuid:
+        raise ANFailure(Outcome(Verdict.RETRY, f"{what} created without an id in the answer"))
+    return uuid
 
 
 def _href_uuid(body: dict[str, Any], rel: str) -> str | None:
