@@ -11,7 +11,7 @@ import hashlib
 import json
 import re
 from collections.abc import Mapping
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from datetime import UTC, datetime
 from enum import StrEnum
 from types import MappingProxyType
@@ -20,6 +20,9 @@ from typing import Any
 CREATOR_TAG = "controlshift-petition-creator"
 SIGNER_TAG = "controlshift-petition-signer"
 CATEGORY_TAG_PREFIX = "controlshift:"
+EVENT_HOST_TAG = "controlshift-event-host"
+ATTENDEE_TAG = "controlshift-event-attendee"
+ATTENDING = frozenset({"attending", "confirmed", "attended"})  # the others: declined, no-show
 
 # Deliberately simple: AN is the authority on deliverability; this only stops records that
 # cannot possibly be an address (missing, no "@", spaces) from costing a request.
@@ -30,6 +33,8 @@ class ActivityKind(StrEnum):
     PETITION_CREATED = "petition_created"
     SIGNATURE = "signature"
     GLOBAL_UNSUBSCRIBE = "global_unsubscribe"
+    EVENT_HOSTED = "event_hosted"  # the host of an event: the event's creator and organiser
+    ATTENDANCE = "attendance"  # an attendee's RSVP
 
 
 class MalformedRecord(ValueError):
@@ -142,6 +147,43 @@ class PetitionRef:
 
 
 @dataclass(frozen=True, slots=True)
+class CalendarRef:
+    """A CS calendar that holds synced events: one AN event campaign."""
+
+    slug: str
+    name: str
+    url: str | None
+    identifier: str  # controlshift-<org>:calendar-<slug>
+    description: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class EventRef:
+    """The part of a CS event needed to mirror it in AN. CS events have no numeric id: the slug
+    is the key."""
+
+    slug: str
+    title: str
+    url: str | None
+    identifier: str  # controlshift-<org>:event-<slug>
+    description: str | None = None
+    start_at: str | None = None  # ISO 8601, UTC
+    end_at: str | None = None
+    virtual: bool = False
+    # AN's location fields (venue, address_lines as "\n"-joined text, locality, region,
+    # postal_code, country), present ones only; none for a virtual event.
+    location: tuple[tuple[str, str], ...] = ()
+    calendar: CalendarRef | None = None
+    host_email: str | None = None
+
+    def content(self) -> str:
+        """Fingerprint of what AN shows of the event: a change is sent as an update."""
+        data = [self.title, self.description, self.start_at, self.end_at, self.virtual,
+                [list(pair) for pair in self.location], self.url]
+        return hashlib.sha256(json.dumps(data, separators=(",", ":")).encode()).hexdigest()[:20]
+
+
+@dataclass(frozen=True, slots=True)
 class Activity:
     kind: ActivityKind
     source_key: str  # which CS record this is a version of ("signature:42")
@@ -163,6 +205,7 @@ class Activity:
     custom_fields: tuple[tuple[str, str], ...] = ()
     phone: str | None = None  # phone_number as typed (free text)
     sms_opt_in: bool = False  # opt_in_sms: true, an explicit SMS opt-in
+    event: EventRef | None = None  # for hosts and attendees
 
     @property
     def opt_in_time(self) -> datetime | None:
@@ -197,6 +240,8 @@ class Activity:
             data.append(["custom_fields", [list(pair) for pair in self.custom_fields]])
         if self.phone is not None or self.sms_opt_in:
             data.append(["phone", self.phone, self.sms_opt_in])
+        if self.event is not None:  # which event; its content changes are updates, not RSVPs
+            data.append(["event", self.event.slug])
         blob = json.dumps(data, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -217,6 +262,7 @@ class Activity:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Activity:
         petition = data.get("petition")
+        event = data.get("event")
         return cls(
             kind=ActivityKind(data["kind"]),
             source_key=data["source_key"],
@@ -234,7 +280,16 @@ class Activity:
             custom_fields=tuple((str(k), str(v)) for k, v in data.get("custom_fields") or ()),
             phone=data.get("phone"),
             sms_opt_in=bool(data.get("sms_opt_in")),
+            event=_event_from_json(event) if event else None,
         )
+
+
+def _event_from_json(data: dict[str, Any]) -> EventRef:
+    calendar = data.get("calendar")
+    return EventRef(**{
+        **data, "location": tuple(tuple(pair) for pair in data.get("location") or ()),
+        "calendar": CalendarRef(**calendar) if calendar else None,
+    })
 
 
 @dataclass(frozen=True, slots=True)
@@ -354,7 +409,7 @@ def signature_activity(signature: dict[str, Any], petition: dict[str, Any], org_
 
 def _person_activity(
     kind: ActivityKind, source_key: str, person: dict[str, Any], *, occurred_at: datetime | None,
-    fields_at: datetime | None, opted_in_at: datetime | None, petition: PetitionRef,
+    fields_at: datetime | None, opted_in_at: datetime | None, petition: PetitionRef | None,
     tags: tuple[str, ...], prefix: str = "",
 ) -> Activity:
     """Creators and signers carry the same person fields; only ``true`` is an opt-in.
@@ -476,3 +531,119 @@ def global_unsubscribe_activity(
 
 def now_utc() -> datetime:
     return datetime.now(UTC)
+
+
+# ---- events, hosts and attendees (docs/rules.md §5) ----
+
+
+def event_identifier(org_slug: str, slug: str) -> str:
+    return f"controlshift-{org_slug}:event-{slug}"
+
+
+def calendar_identifier(org_slug: str, slug: str) -> str:
+    return f"controlshift-{org_slug}:calendar-{slug}"
+
+
+_LOCATION = (("venue", "location_venue"), ("locality", "locality"), ("region", "region"),
+             ("postal_code", "postal_code"), ("country", "country"))
+
+
+def event_location(event: dict[str, Any]) -> tuple[tuple[str, str], ...]:
+    """AN's location fields from a CS event; none for a virtual event."""
+    if event.get("virtual") is True:
+        return ()
+    raw = event.get("location")
+    location = raw if isinstance(raw, dict) else {}
+    found: dict[str, str] = {}
+    street = " ".join(str(v).strip() for v in (location.get("street_number"),
+                                               location.get("street")) if v)
+    if street:
+        found["address_lines"] = street
+    for an_name, cs_name in _LOCATION:
+        value = event.get(cs_name) if cs_name == "location_venue" else location.get(cs_name)
+        text = _clean(value) if isinstance(value, str | int) and not isinstance(value, bool) \
+            else None
+        if text:
+            found[an_name] = text
+    return tuple(sorted(found.items()))
+
+
+def is_syncable_event(event: dict[str, Any], *, inappropriate: bool = False) -> bool:
+    """Launched and not moderated as inappropriate. REST events say ``launched_at`` (null while
+    unlaunched) and carry no moderation status: ``inappropriate`` is what a webhook said."""
+    if inappropriate or event.get("admin_status") == "inappropriate":
+        return False
+    if "launched_at" in event:
+        return event["launched_at"] is not None
+    return event.get("launched", True) is not False
+
+
+def event_ref(event: dict[str, Any], org_slug: str, calendar: CalendarRef | None = None
+              ) -> EventRef:
+    """Raises :class:`MalformedRecord` for an event without a slug."""
+    slug = (text_field(event, "slug", required=True) or "").strip()
+    if not slug:
+        raise MalformedRecord("slug is empty")
+    host = event.get("host")
+    host_email = normalize_email(host.get("email")) if isinstance(host, dict) and isinstance(
+        host.get("email"), str) else None
+    return EventRef(
+        slug=slug,
+        title=_clean(text_field(event, "title")) or slug,
+        url=_clean(text_field(event, "url")),
+        identifier=event_identifier(org_slug, slug),
+        description=_clean(text_field(event, "description")),
+        start_at=_iso_or_none(time_field(event, "start_at")),
+        end_at=_iso_or_none(time_field(event, "end_at")),
+        virtual=event.get("virtual") is True,
+        location=event_location(event),
+        calendar=calendar,
+        host_email=host_email,
+    )
+
+
+def calendar_ref(calendar: dict[str, Any], org_slug: str) -> CalendarRef:
+    slug = (text_field(calendar, "slug", required=True) or "").strip()
+    if not slug:
+        raise MalformedRecord("calendar slug is empty")
+    return CalendarRef(slug=slug, name=_clean(text_field(calendar, "name")) or slug,
+                       url=_clean(text_field(calendar, "url")),
+                       identifier=calendar_identifier(org_slug, slug),
+                       description=_clean(text_field(calendar, "description")))
+
+
+def _iso_or_none(value: datetime | None) -> str | None:
+    return value.astimezone(UTC).isoformat() if value else None
+
+
+def is_attending(attendee: dict[str, Any]) -> bool:
+    """``attending``, ``confirmed`` or ``attended``; a decline or a no-show is not synced."""
+    return attendee.get("attending_status") in ATTENDING
+
+
+def attendee_activity(attendee: dict[str, Any], event: EventRef) -> Activity:
+    """An attendee's RSVP. Raises :class:`MalformedRecord` like a signature does."""
+    attendee_id = record_id(attendee)
+    created = time_field(attendee, "created_at")
+    return replace(_person_activity(
+        ActivityKind.ATTENDANCE, f"attendee:{attendee_id}", attendee,
+        occurred_at=time_field(attendee, "updated_at") or created, fields_at=created,
+        opted_in_at=time_field(attendee, "confirmed_at") or created, petition=None,
+        tags=(ATTENDEE_TAG,),
+    ), event=event)
+
+
+def host_activity(event: dict[str, Any], ref: EventRef) -> Activity:
+    """The hosting of an event, as an activity of its host. A REST host has only ``full_name``
+    and no opt-in: its name is not split (never guessed) and it does not opt in; a webhook's
+    host has first and last names and ``join_organisation``."""
+    raw = event.get("host")
+    if raw is not None and not isinstance(raw, dict):
+        raise MalformedRecord(f"host is not an object ({_kind(raw)})")
+    host = dict(raw or {})
+    created = time_field(event, "created_at") or time_field(event, "launched_at")
+    return replace(_person_activity(
+        ActivityKind.EVENT_HOSTED, f"event:{ref.slug}:host", host,
+        occurred_at=created, fields_at=created, opted_in_at=created, petition=None,
+        tags=(EVENT_HOST_TAG,),
+    ), event=ref)

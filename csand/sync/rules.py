@@ -20,7 +20,15 @@ from types import MappingProxyType
 
 import phonenumbers
 
-from csand.model import Activity, ActivityKind, Fields, Person, PetitionRef, valid_email
+from csand.model import (
+    Activity,
+    ActivityKind,
+    EventRef,
+    Fields,
+    Person,
+    PetitionRef,
+    valid_email,
+)
 
 MAX_STEPS = 12  # more than any plan needs; a loop beyond it is a bug, reported as dead
 
@@ -36,6 +44,8 @@ class Progress:
     signed: bool = False  # signature recorded on the mirrored petition
     opt_in_applied: bool = False  # this record's opt-in reached AN before (an earlier version)
     opt_in_sent: bool = False  # this attempt sent "subscribed" for it
+    event_uuid: str | None = None  # the mirrored AN event (hosts and attendees)
+    attended: bool = False  # attendance recorded on the mirrored event
 
 
 # ---- operations: each is one AN request (EnsureTags/EnsurePetition are cached sub-protocols) ----
@@ -93,6 +103,35 @@ class SignAs:
 
 
 @dataclass(frozen=True, slots=True)
+class EnsureEvent:
+    """The AN event mirroring ``event`` (inside its calendar's event campaign when it has one),
+    created once; ``creator_uuid`` links the host as creator and organiser."""
+
+    event: EventRef
+    creator_uuid: str | None
+
+
+@dataclass(frozen=True, slots=True)
+class RecordAttendance:
+    """Record Attendance Helper: upsert person + tags + attendance in one request. Like the
+    signature helper it subscribes anyone new to the list: ``status`` is ``"subscribed"`` for
+    an opt-in, otherwise None and used only for people known to be present."""
+
+    event_uuid: str
+    fields: Fields
+    status: str | None
+    tags: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class AttendAs:
+    """A plain attendance for a person AN already has (cannot create or subscribe anyone)."""
+
+    event_uuid: str
+    person_uuid: str
+
+
+@dataclass(frozen=True, slots=True)
 class SetStatus:
     person_uuid: str
     email: str
@@ -109,7 +148,8 @@ class Dead:
     reason: str
 
 
-Operation = EnsureTags | EnsurePetition | LookupPerson | RecordSignature | Signup | SignAs | SetStatus
+Operation = (EnsureTags | EnsurePetition | LookupPerson | RecordSignature | Signup | SignAs
+             | SetStatus | EnsureEvent | RecordAttendance | AttendAs)
 Step = Operation | Done | Dead
 
 NAME_LIMIT = 255  # AN rejects longer names; catching it here gives a clearer dead-letter reason
@@ -121,9 +161,15 @@ def validate(activity: Activity) -> str | None:
         return "no email address on the ControlShift record"
     if not valid_email(activity.email):
         return f"invalid email address {activity.raw_email!r}"
-    if activity.kind is not ActivityKind.GLOBAL_UNSUBSCRIBE and activity.petition is None:
+    if activity.kind in EVENT_KINDS:
+        if activity.event is None:
+            return "activity has no event"
+    elif activity.kind is not ActivityKind.GLOBAL_UNSUBSCRIBE and activity.petition is None:
         return "activity has no petition"
     return None
+
+
+EVENT_KINDS = frozenset({ActivityKind.EVENT_HOSTED, ActivityKind.ATTENDANCE})
 
 
 FIELD_NAMES = ("given_name", "family_name", "postal_code")
@@ -240,6 +286,8 @@ def next_step(activity: Activity, progress: Progress,
         return Dead(reason)
     if activity.kind is ActivityKind.GLOBAL_UNSUBSCRIBE:
         return _unsubscribe_step(activity, progress)
+    if activity.kind in EVENT_KINDS:
+        return _event_step(activity, progress, options)
     return _action_step(activity, progress, options)
 
 
@@ -322,8 +370,43 @@ def _action_step(activity: Activity, p: Progress, options: SyncOptions) -> Step:
     return SignAs(p.petition_uuid, p.person.uuid)
 
 
+def _event_step(activity: Activity, p: Progress, options: SyncOptions) -> Step:
+    """A host or an attendee: person upsert + tags + an attendance on the mirrored event, by
+    the same consent rules as a signature (the attendance helper subscribes anyone new)."""
+    assert activity.email is not None and activity.event is not None
+    if p.attended:
+        return Done(_done_note(activity, p))
+    if not p.tags_ready:
+        return EnsureTags(activity.tags)
+    fields = fields_for(activity, p.person, options, sms_subscribe=opts_in(activity, p))
+    is_host = activity.kind is ActivityKind.EVENT_HOSTED
+
+    # The event's creator and organiser links need the host's AN uuid: a host is written first.
+    if p.event_uuid is None and not (is_host and not p.person_written):
+        return EnsureEvent(activity.event, p.person.uuid if is_host else None)
+
+    if not p.person_written:
+        if opts_in(activity, p):
+            if is_host:
+                return Signup(fields, "subscribed", activity.tags)
+            assert p.event_uuid is not None
+            return RecordAttendance(p.event_uuid, fields, "subscribed", activity.tags)
+        if p.person.exists is None:
+            return LookupPerson(activity.email, _spellings(activity))
+        if p.person.exists is False:
+            return Signup(fields, "unsubscribed", activity.tags)
+        if is_host:
+            return Signup(fields, None, activity.tags)
+        assert p.event_uuid is not None
+        return RecordAttendance(p.event_uuid, fields, None, activity.tags)
+
+    assert p.event_uuid is not None and p.person.uuid is not None
+    return AttendAs(p.event_uuid, p.person.uuid)
+
+
 def _done_note(activity: Activity, p: Progress) -> str:
-    who = "creator" if activity.kind is ActivityKind.PETITION_CREATED else "signer"
+    who = {ActivityKind.PETITION_CREATED: "creator", ActivityKind.EVENT_HOSTED: "host",
+           ActivityKind.ATTENDANCE: "attendee"}.get(activity.kind, "signer")
     status = {True: "subscribed", False: "unsubscribed", None: "status unchanged"}[p.person.subscribed]
     return f"{who} synced ({status})"
 
@@ -340,7 +423,8 @@ def after_lookup(p: Progress, found_uuid: str | None, subscribed: bool | None) -
 
 
 def after_person_write(
-    p: Progress, activity: Activity, op: RecordSignature | Signup, uuid: str | None,
+    p: Progress, activity: Activity, op: RecordSignature | RecordAttendance | Signup,
+    uuid: str | None,
     subscribed: bool | None,
 ) -> Progress:
     """Record what a helper did. ``subscribed`` is AN's answer where it gave one."""
@@ -369,6 +453,7 @@ def after_person_write(
                     unsubscribed_at=p.person.unsubscribed_at, opted_in_at=opted_in_at)
     return replace(
         p, person=person, person_written=True, signed=p.signed or isinstance(op, RecordSignature),
+        attended=p.attended or isinstance(op, RecordAttendance),
         opt_in_sent=p.opt_in_sent or op.status == "subscribed",
     )
 
