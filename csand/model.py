@@ -331,6 +331,17 @@ class SignatureSeen:
     updated_at: str | None = None  # ISO, UTC: an older version seen later is ignored
 
 
+@dataclass(frozen=True, slots=True)
+class AttendeeSeen:
+    """The version of a CS attendee csand last recorded (from a poll or a webhook)."""
+
+    cs_id: int
+    event_slug: str
+    fingerprint: str
+    deleted_at: str | None
+    updated_at: str | None = None  # ISO, UTC: an older version seen later is ignored
+
+
 def is_launched(petition: dict[str, Any]) -> bool:
     """Only launched petitions are synced. A record without the field (not the documented shape)
     counts as launched: skipping every petition would lose everything, silently."""

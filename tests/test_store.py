@@ -3,6 +3,7 @@ its transactions. The behaviour every backend shares is in tests/storage/test_co
 
 from __future__ import annotations
 
+import json
 import sqlite3
 from pathlib import Path
 from typing import Any
@@ -87,21 +88,26 @@ async def test_reopening_is_a_no_op_and_keeps_data(db_path: Path, clock: ManualC
 
 
 @pytest.mark.anyio
-async def test_older_database_is_upgraded_in_place(
-    db_path: Path, clock: ManualClock, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(store_module, "MIGRATIONS", MIGRATIONS[:1])
-    s = await open_store(db_path, clock=clock)
-    await s.enqueue([sig(1, "ann@example.org")])
-    await s.close()
-    assert rows(db_path, "PRAGMA user_version")[0][0] == 1
-
-    monkeypatch.undo()
+async def test_older_database_is_upgraded_in_place(db_path: Path, clock: ManualClock) -> None:
+    """A database as version 1 wrote it (rows written by that version's SQL, not today's)."""
+    db_path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(db_path)
+    for statement in store_module._statements(MIGRATIONS[0]):
+        conn.execute(statement)
+    a = sig(1, "ann@example.org")
+    conn.execute(
+        "INSERT INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, payload, "
+        "occurred_at, enqueued_at) VALUES (?, ?, ?, 1, ?, ?, ?, 0)",
+        (a.dedupe_key, a.source_key, a.person_key, str(a.kind), json.dumps(a.to_json()),
+         a.occurred_at.isoformat()))
+    conn.execute("PRAGMA user_version = 1")
+    conn.commit()
+    conn.close()
     s = await open_store(db_path, clock=clock)
     try:
         assert await s.schema_version() == len(MIGRATIONS)
         (item,) = await s.lease(1, 60)
-        assert item.activity == sig(1, "ann@example.org")
+        assert item.activity == a
     finally:
         await s.close()
 

@@ -34,7 +34,7 @@ from os import PathLike
 from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
-from csand.model import Activity, DeadLetter, Person, SignatureSeen
+from csand.model import Activity, AttendeeSeen, DeadLetter, Person, SignatureSeen
 
 STATUSES = ("pending", "in_flight", "done", "dead", "cancelled")
 # A webhook event handed out by ``events_due`` is not handed out again for this long unless its
@@ -90,6 +90,23 @@ class PetitionState:
 
 
 @dataclass(frozen=True, slots=True)
+class EventState:
+    """What csand recorded of a CS event (keyed by slug: CS events carry no numeric id).
+
+    In :meth:`Outbox.commit_poll` a None member leaves what was recorded: ``content`` (the
+    fingerprint of what AN shows of it, last enqueued), ``calendar_slug``, ``host_extra`` (JSON:
+    host details only webhooks carry). ``inappropriate`` is remembered once a webhook said so.
+    """
+
+    slug: str
+    content: str | None = None
+    calendar_slug: str | None = None
+    inappropriate: bool = False
+    host_extra: str | None = None
+    an_uuid: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class WebhookEvent:
     id: int
     type: str
@@ -120,9 +137,13 @@ class Outbox(Protocol):
         creator_extra: tuple[int, str, str] | None = None,
         dead_letters: Iterable[DeadLetter] = (),
         fence: tuple[str, int] | None = None,
+        event: EventState | None = None,
+        attendees: Iterable[AttendeeSeen] = (),
     ) -> int:
         """Record what was seen and enqueue what it produced, atomically; the number of new
-        items (re-seen versions are not added again).
+        items (re-seen versions are not added again). ``event`` and ``attendees`` are the
+        events' counterparts of ``petition`` and ``signatures`` (an attendance waits, like a
+        signature, until its event is mirrored or no host item of it is still to run).
 
         ``fence`` is ``(instance, term)`` of a poller: the commit happens only while that
         instance still leads in that term (else :class:`NotLeader`, nothing written), so a
@@ -220,7 +241,21 @@ class SeenRecords(Protocol):
 
     async def clear_petition_uuid(self, cs_id: int, uuid: str | None) -> None: ...
 
-    def mirror_lock(self, cs_id: int) -> AbstractAsyncContextManager[None]:
+    async def event_state(self, slug: str) -> EventState | None: ...
+
+    async def attendees_seen(self, event_slug: str) -> dict[int, AttendeeSeen]: ...
+
+    async def event_uuid(self, slug: str) -> str | None: ...
+
+    async def set_event_uuid(self, slug: str, uuid: str) -> None: ...
+
+    async def clear_event_uuid(self, slug: str, uuid: str | None) -> None: ...
+
+    async def calendar_uuid(self, slug: str) -> str | None: ...
+
+    async def set_calendar_uuid(self, slug: str, uuid: str) -> None: ...
+
+    def mirror_lock(self, cs_id: int | str) -> AbstractAsyncContextManager[None]:
         """Held while a worker looks for and creates the AN petition mirroring ``cs_id``: two
         instances must not both find none and both create one. (One process: a no-op; the
         worker's own lock serialises its workers.)"""

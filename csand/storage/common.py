@@ -35,8 +35,27 @@ def float_or_none(value: str | None) -> float | None:
 
 
 def signature_id(source_key: str) -> int | None:
-    kind, _, rest = source_key.partition(":")
-    return int(rest) if kind == "signature" and rest.isdigit() else None
+    return record_number(source_key, "signature")
+
+
+def record_number(source_key: str, kind: str) -> int | None:
+    """The CS id in a source key such as ``signature:42`` or ``attendee:7``."""
+    prefix, _, rest = source_key.partition(":")
+    return int(rest) if prefix == kind and rest.isdigit() else None
+
+
+def stale_versions(recorded: Iterable[tuple[int, str | None, str | None]],
+                   seen: dict[int, Any]) -> set[int]:
+    """Ids among ``seen`` (versions with ``deleted_at`` and ``updated_at``) older than what is
+    ``recorded`` as (id, deleted_at, updated_at), or live copies of deleted records."""
+    stale: set[int] = set()
+    for cs_id, deleted_at, updated_at in recorded:
+        new = seen[cs_id]
+        if deleted_at and not new.deleted_at:
+            stale.add(cs_id)
+        elif updated_at and new.updated_at and newer(updated_at, new.updated_at):
+            stale.add(cs_id)
+    return stale
 
 
 def newer(recorded: str, seen: str) -> bool:
@@ -55,6 +74,7 @@ def outbox_row(a: Activity, now: float) -> tuple[Any, ...]:
         json.dumps(a.to_json(), separators=(",", ":")),
         occurred,
         now,
+        a.event.slug if a.event else None,
     )
 
 

@@ -43,7 +43,7 @@ TABLES: dict[str, tuple[str, ...]] = {
         "id", "dedupe_key", "source_key", "person_key", "petition_id", "kind", "payload",
         "occurred_at", "status", "attempts", "next_attempt_at", "lease_until", "lease_token",
         "lease_owner", "progress", "source_deleted_at", "last_error", "note", "enqueued_at",
-        "finished_at",
+        "finished_at", "event_slug",
     ),
     "cs_petitions": ("cs_id", "slug", "updated_at", "public_count", "content", "total_pages",
                      "walked_at", "an_uuid", "creator_extra"),
@@ -54,13 +54,18 @@ TABLES: dict[str, tuple[str, ...]] = {
     "opt_ins": ("source_key", "applied_at"),
     "webhook_events": ("id", "dedupe", "type", "body", "received_at", "processed_at", "attempts",
                        "next_attempt_at", "error"),
+    "cs_events": ("slug", "content", "calendar_slug", "inappropriate", "host_extra", "an_uuid",
+                  "walked_at"),
+    "cs_calendars": ("slug", "an_uuid"),
+    "cs_attendees": ("cs_id", "event_slug", "fingerprint", "deleted_at", "updated_at"),
 }
 # SQLite keeps these as 0/1/NULL, PostgreSQL as booleans.
-BOOLEANS: dict[str, tuple[str, ...]] = {"an_people": ("exists_", "subscribed")}
+BOOLEANS: dict[str, tuple[str, ...]] = {"an_people": ("exists_", "subscribed"),
+                                        "cs_events": ("inappropriate",)}
 # A database holding any of these rows already has csand data: never merge into it. (``meta``
 # may hold what ``csand check`` wrote; the SQLite values replace it.)
 DATA_TABLES = ("outbox", "cs_petitions", "cs_signatures", "an_people", "an_tags", "opt_ins",
-               "webhook_events")
+               "webhook_events", "cs_events", "cs_calendars", "cs_attendees")
 IDENTITY = ("outbox", "webhook_events")
 
 Progress = Callable[[str, int, int], None]

@@ -36,11 +36,20 @@ from psycopg.rows import dict_row
 from psycopg_pool import AsyncConnectionPool
 
 from csand.logs import get_logger
-from csand.model import Activity, ActivityKind, DeadLetter, Person, SignatureSeen, parse_time
+from csand.model import (
+    Activity,
+    ActivityKind,
+    AttendeeSeen,
+    DeadLetter,
+    Person,
+    SignatureSeen,
+    parse_time,
+)
 from csand.storage import (
     EVENT_CLAIM_SECONDS,
     FORGET_INSTANCE_SECONDS,
     STATUSES,
+    EventState,
     Item,
     NotLeader,
     PetitionState,
@@ -57,10 +66,11 @@ from csand.storage.common import (
     field_times,
     float_or_none,
     iso,
-    newer,
     outbox_row,
     reason_of,
+    record_number,
     signature_id,
+    stale_versions,
     steps_of,
 )
 
@@ -191,6 +201,33 @@ MIGRATIONS: list[str] = [
         next_at      double precision NOT NULL,    -- earliest start of the next slot
         paused_until double precision NOT NULL DEFAULT 0
     );
+    """,
+    # v2: events (SQLite's v7): what csand saw of each CS event and its attendees, the AN events
+    # and event campaigns mirroring them, and which event an outbox item belongs to.
+    """
+    CREATE TABLE cs_events (
+        slug          text PRIMARY KEY,
+        content       text,
+        calendar_slug text,
+        inappropriate boolean NOT NULL DEFAULT false,
+        host_extra    text,
+        an_uuid       text,
+        walked_at     double precision
+    );
+    CREATE TABLE cs_calendars (
+        slug    text PRIMARY KEY,
+        an_uuid text
+    );
+    CREATE TABLE cs_attendees (
+        cs_id       bigint PRIMARY KEY,
+        event_slug  text NOT NULL,
+        fingerprint text NOT NULL,
+        deleted_at  text,
+        updated_at  text
+    );
+    CREATE INDEX cs_attendees_event ON cs_attendees (event_slug);
+    ALTER TABLE outbox ADD COLUMN event_slug text;
+    CREATE INDEX outbox_event ON outbox (event_slug, kind, status);
     """,
 ]
 
@@ -342,6 +379,8 @@ class PostgresStore:
         creator_extra: tuple[int, str, str] | None = None,
         dead_letters: Iterable[DeadLetter] = (),
         fence: tuple[str, int] | None = None,
+        event: EventState | None = None,
+        attendees: Iterable[AttendeeSeen] = (),
     ) -> int:
         """Record what was seen and enqueue what it produced, atomically (see
         :meth:`csand.storage.Outbox.commit_poll`). Commits of every instance take
@@ -349,6 +388,7 @@ class PostgresStore:
         now = self._clock()
         activities = list(activities)
         signatures = list(signatures)
+        attendees = list(attendees)
         deleted = list(deleted_sources)
         dead = [dead_letter_row(d, now) for d in dead_letters]
 
@@ -356,12 +396,27 @@ class PostgresStore:
             await db.execute("SELECT pg_advisory_xact_lock(%s, %s)", COMMIT_LOCK)
             if fence is not None:
                 await _check_fence(db, fence, self._cluster_now())
-            stale = await _stale_signatures(db, signatures)
+            stale = await _stale(db, "cs_signatures", signatures)
+            stale_attendees = await _stale(db, "cs_attendees", attendees)
             sigs = [(s.cs_id, s.petition_id, s.fingerprint, s.deleted_at, s.updated_at)
                     for s in signatures if s.cs_id not in stale]
+            atts = [(s.cs_id, s.event_slug, s.fingerprint, s.deleted_at, s.updated_at)
+                    for s in attendees if s.cs_id not in stale_attendees]
             rows = [outbox_row(a, now) for a in activities
-                    if signature_id(a.source_key) not in stale]
+                    if signature_id(a.source_key) not in stale
+                    and record_number(a.source_key, "attendee") not in stale_attendees]
             async with db.cursor() as cur:
+                if event is not None:
+                    await cur.execute(_UPSERT_EVENT, (
+                        event.slug, event.content, event.calendar_slug, event.inappropriate,
+                        event.host_extra, now))
+                if atts:
+                    await cur.executemany(
+                        "INSERT INTO cs_attendees "
+                        "(cs_id, event_slug, fingerprint, deleted_at, updated_at) "
+                        "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (cs_id) DO UPDATE SET "
+                        "fingerprint = excluded.fingerprint, deleted_at = excluded.deleted_at, "
+                        "updated_at = excluded.updated_at", atts)
                 if petition is not None:
                     await cur.execute(
                         "INSERT INTO cs_petitions "
@@ -668,9 +723,9 @@ class PostgresStore:
                 f"AND person_key LIKE %(pruned)s) AS pruned {latest}", params)).fetchone()
             cur = await db.execute(
                 "INSERT INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, "
-                "payload, occurred_at, enqueued_at) "
+                "payload, occurred_at, enqueued_at, event_slug) "
                 "SELECT dedupe_key || '#resync@' || %(now)s::text, source_key, person_key, "
-                f"petition_id, kind, payload, occurred_at, %(now)s {latest} "
+                f"petition_id, kind, payload, occurred_at, %(now)s, event_slug {latest} "
                 "AND source_deleted_at IS NULL AND person_key NOT LIKE %(pruned)s "
                 "ORDER BY id", params)
             return Requeued(cur.rowcount, counts["deleted"], counts["pruned"])
@@ -739,13 +794,54 @@ class PostgresStore:
             "UPDATE cs_petitions SET an_uuid = NULL WHERE cs_id = %s "
             "AND an_uuid IS NOT DISTINCT FROM %s", (cs_id, uuid))
 
+    async def event_state(self, slug: str) -> EventState | None:
+        rows = await self._rows(
+            "SELECT slug, content, calendar_slug, inappropriate, host_extra, an_uuid "
+            "FROM cs_events WHERE slug = %s", (slug,))
+        return EventState(**rows[0]) if rows else None
+
+    async def attendees_seen(self, event_slug: str) -> dict[int, AttendeeSeen]:
+        rows = await self._rows(
+            "SELECT cs_id, event_slug, fingerprint, deleted_at, updated_at FROM cs_attendees "
+            "WHERE event_slug = %s", (event_slug,))
+        return {r["cs_id"]: AttendeeSeen(**r) for r in rows}
+
+    async def event_uuid(self, slug: str) -> str | None:
+        rows = await self._rows("SELECT an_uuid FROM cs_events WHERE slug = %s", (slug,))
+        return rows[0]["an_uuid"] if rows else None
+
+    async def set_event_uuid(self, slug: str, uuid: str) -> None:
+        await self._rows_none(
+            "INSERT INTO cs_events (slug, an_uuid) VALUES (%s, %s) "
+            "ON CONFLICT (slug) DO UPDATE SET an_uuid = excluded.an_uuid", (slug, uuid))
+        self._notify()  # attendances waiting for this event are ready now
+
+    async def clear_event_uuid(self, slug: str, uuid: str | None) -> None:
+        await self._rows_none(
+            "UPDATE cs_events SET an_uuid = NULL WHERE slug = %s "
+            "AND an_uuid IS NOT DISTINCT FROM %s", (slug, uuid))
+
+    async def calendar_uuid(self, slug: str) -> str | None:
+        rows = await self._rows("SELECT an_uuid FROM cs_calendars WHERE slug = %s", (slug,))
+        return rows[0]["an_uuid"] if rows else None
+
+    async def set_calendar_uuid(self, slug: str, uuid: str) -> None:
+        await self._rows_none(
+            "INSERT INTO cs_calendars (slug, an_uuid) VALUES (%s, %s) "
+            "ON CONFLICT (slug) DO UPDATE SET an_uuid = excluded.an_uuid", (slug, uuid))
+
     @asynccontextmanager
-    async def mirror_lock(self, cs_id: int) -> AsyncIterator[None]:
+    async def mirror_lock(self, cs_id: int | str) -> AsyncIterator[None]:
         """A transaction-level advisory lock on a connection of its own, held while the worker
-        looks for and creates the petition in AN (a few requests)."""
+        looks for and creates the petition (a number) or event or calendar (a key such as
+        ``event:<slug>``) in AN: a few requests."""
+        key = cs_id % 2_147_483_647 if isinstance(cs_id, int) else None
         async with self._pool.connection() as conn, conn.transaction():
-            await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)",
-                               (MIRROR_LOCK, cs_id % 2_147_483_647))
+            if key is not None:
+                await conn.execute("SELECT pg_advisory_xact_lock(%s, %s)", (MIRROR_LOCK, key))
+            else:
+                await conn.execute("SELECT pg_advisory_xact_lock(%s, hashtext(%s))",
+                                   (MIRROR_LOCK + 1, cs_id))
             yield
 
     async def tags(self) -> dict[str, tuple[str, str | None]]:
@@ -964,23 +1060,17 @@ async def _check_fence(db: AsyncConnection[Any], fence: tuple[str, int], now: fl
         raise NotLeader(f"instance {fence[0]} no longer leads (term {fence[1]})")
 
 
-async def _stale_signatures(db: AsyncConnection[Any], signatures: Sequence[SignatureSeen]
-                            ) -> set[int]:
-    """Ids among ``signatures`` older than what is recorded (or live copies of deleted ones)."""
-    if not signatures:
+async def _stale(db: AsyncConnection[Any], table: str,
+                 versions: Sequence[SignatureSeen | AttendeeSeen]) -> set[int]:
+    """Ids among ``versions`` older than what ``table`` records (or live copies of deleted
+    records): a webhook processed meanwhile won."""
+    if not versions:
         return set()
-    by_id = {s.cs_id: s for s in signatures}
+    by_id = {v.cs_id: v for v in versions}
     rows = await (await db.execute(
-        "SELECT cs_id, deleted_at, updated_at FROM cs_signatures WHERE cs_id = ANY(%s)",
+        f"SELECT cs_id, deleted_at, updated_at FROM {table} WHERE cs_id = ANY(%s)",
         (list(by_id),))).fetchall()
-    stale: set[int] = set()
-    for r in rows:
-        new = by_id[r["cs_id"]]
-        if r["deleted_at"] and not new.deleted_at:
-            stale.add(r["cs_id"])
-        elif r["updated_at"] and new.updated_at and newer(r["updated_at"], new.updated_at):
-            stale.add(r["cs_id"])
-    return stale
+    return stale_versions(((r["cs_id"], r["deleted_at"], r["updated_at"]) for r in rows), by_id)
 
 
 async def _save_knowledge(db: AsyncConnection[Any], person: tuple[str, Person] | None,
@@ -1022,8 +1112,19 @@ _RELEASE = (
 
 _INSERT_OUTBOX = (
     "INSERT INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, payload, "
-    "occurred_at, enqueued_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+    "occurred_at, enqueued_at, event_slug) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
     "ON CONFLICT (dedupe_key) DO NOTHING"
+)
+
+# What was seen of an event: a None member keeps what was recorded; inappropriate sticks.
+_UPSERT_EVENT = (
+    "INSERT INTO cs_events (slug, content, calendar_slug, inappropriate, host_extra, walked_at) "
+    "VALUES (%s, %s, %s, %s, %s, %s) ON CONFLICT (slug) DO UPDATE SET "
+    "content = COALESCE(excluded.content, cs_events.content), "
+    "calendar_slug = COALESCE(excluded.calendar_slug, cs_events.calendar_slug), "
+    "inappropriate = cs_events.inappropriate OR excluded.inappropriate, "
+    "host_extra = COALESCE(excluded.host_extra, cs_events.host_extra), "
+    "walked_at = excluded.walked_at"
 )
 
 _INSERT_DEAD_LETTER = (
@@ -1055,6 +1156,12 @@ WHERE o.status = 'pending'
        OR NOT EXISTS (SELECT 1 FROM outbox AS c
                       WHERE c.petition_id = o.petition_id AND c.kind = 'petition_created'
                         AND c.status IN ('pending', 'in_flight')))
+  AND (o.kind != 'attendance'
+       OR EXISTS (SELECT 1 FROM cs_events AS e
+                  WHERE e.slug = o.event_slug AND e.an_uuid IS NOT NULL)
+       OR NOT EXISTS (SELECT 1 FROM outbox AS h
+                      WHERE h.event_slug = o.event_slug AND h.kind = 'event_hosted'
+                        AND h.status IN ('pending', 'in_flight')))
 ORDER BY o.id
 LIMIT %(limit)s
 FOR UPDATE OF o SKIP LOCKED

@@ -33,11 +33,20 @@ import aiosqlite
 import anyio
 
 from csand.logs import get_logger
-from csand.model import Activity, ActivityKind, DeadLetter, Person, SignatureSeen, parse_time
+from csand.model import (
+    Activity,
+    ActivityKind,
+    AttendeeSeen,
+    DeadLetter,
+    Person,
+    SignatureSeen,
+    parse_time,
+)
 from csand.storage import (
     EVENT_CLAIM_SECONDS,
     FORGET_INSTANCE_SECONDS,
     STATUSES,
+    EventState,
     Item,
     NotLeader,
     PetitionState,
@@ -53,9 +62,10 @@ from csand.storage.common import (
     field_times,
     float_or_none,
     iso,
-    newer,
     outbox_row,
+    record_number,
     signature_id,
+    stale_versions,
     steps_of,
 )
 
@@ -220,6 +230,35 @@ MIGRATIONS: list[str] = [
     );
     ALTER TABLE outbox ADD COLUMN lease_owner TEXT;
     """,
+    # v7: events. What csand saw of each CS event (keyed by slug: CS events have no numeric id)
+    # and its attendees, the AN events and event campaigns mirroring them, and which event an
+    # outbox item belongs to (an attendance waits for its event like a signature for its
+    # petition).
+    """
+    CREATE TABLE cs_events (
+        slug          TEXT PRIMARY KEY,
+        content       TEXT,                     -- fingerprint of what AN shows of it
+        calendar_slug TEXT,
+        inappropriate INTEGER NOT NULL DEFAULT 0, -- a webhook said so: never synced
+        host_extra    TEXT,                     -- JSON: host details only webhooks carry
+        an_uuid       TEXT,                     -- the mirrored AN event, once created
+        walked_at     REAL
+    );
+    CREATE TABLE cs_calendars (
+        slug    TEXT PRIMARY KEY,
+        an_uuid TEXT                            -- the mirrored AN event campaign
+    );
+    CREATE TABLE cs_attendees (
+        cs_id       INTEGER PRIMARY KEY,
+        event_slug  TEXT NOT NULL,
+        fingerprint TEXT NOT NULL,
+        deleted_at  TEXT,
+        updated_at  TEXT
+    );
+    CREATE INDEX cs_attendees_event ON cs_attendees (event_slug);
+    ALTER TABLE outbox ADD COLUMN event_slug TEXT;
+    CREATE INDEX outbox_event ON outbox (event_slug, kind, status);
+    """,
 ]
 
 log = get_logger("store")
@@ -376,6 +415,8 @@ class SQLiteStore:
         creator_extra: tuple[int, str, str] | None = None,
         dead_letters: Iterable[DeadLetter] = (),
         fence: tuple[str, int] | None = None,
+        event: EventState | None = None,
+        attendees: Iterable[AttendeeSeen] = (),
     ) -> int:
         """Record what was seen and enqueue what it produced, atomically.
 
@@ -390,6 +431,7 @@ class SQLiteStore:
         now = self._clock()
         activities = list(activities)
         signatures = list(signatures)
+        attendees = list(attendees)
         deleted = [(s,) for s in deleted_sources]
         dead = [dead_letter_row(d, now) for d in dead_letters]
 
@@ -399,11 +441,26 @@ class SQLiteStore:
             # What was read before this transaction may be stale: a webhook processed meanwhile
             # may have recorded a deletion or a newer version. Those win; the stale copy and the
             # activity built from it are dropped here, under the write lock.
-            stale = await _stale_signatures(db, signatures)
+            stale = await _stale(db, "cs_signatures", signatures)
+            stale_attendees = await _stale(db, "cs_attendees", attendees)
             sigs = [(s.cs_id, s.petition_id, s.fingerprint, s.deleted_at, s.updated_at)
                     for s in signatures if s.cs_id not in stale]
+            atts = [(s.cs_id, s.event_slug, s.fingerprint, s.deleted_at, s.updated_at)
+                    for s in attendees if s.cs_id not in stale_attendees]
             rows = [outbox_row(a, now) for a in activities
-                    if signature_id(a.source_key) not in stale]
+                    if signature_id(a.source_key) not in stale
+                    and record_number(a.source_key, "attendee") not in stale_attendees]
+            if event is not None:
+                await db.execute(_UPSERT_EVENT, (
+                    event.slug, event.content, event.calendar_slug, int(event.inappropriate),
+                    event.host_extra, now))
+            if atts:
+                await db.executemany(
+                    "INSERT INTO cs_attendees "
+                    "(cs_id, event_slug, fingerprint, deleted_at, updated_at) "
+                    "VALUES (?, ?, ?, ?, ?) ON CONFLICT (cs_id) DO UPDATE SET "
+                    "fingerprint = excluded.fingerprint, deleted_at = excluded.deleted_at, "
+                    "updated_at = excluded.updated_at", atts)
             if petition is not None:
                 await db.execute(
                     "INSERT INTO cs_petitions "
@@ -776,9 +833,10 @@ class SQLiteStore:
                 "AND person_key LIKE :pruned", params)).fetchone())[0]
             cur = await db.execute(
                 "INSERT INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, "
-                "payload, occurred_at, enqueued_at) "
+                "payload, occurred_at, enqueued_at, event_slug) "
                 "SELECT dedupe_key || '#resync@' || :now, source_key, person_key, petition_id, "
-                f"kind, payload, occurred_at, :now {latest} AND source_deleted_at IS NULL "
+                f"kind, payload, occurred_at, :now, event_slug {latest} "
+                "AND source_deleted_at IS NULL "
                 "AND person_key NOT LIKE :pruned",
                 {"now": now, **params},
             )
@@ -866,8 +924,53 @@ class SQLiteStore:
 
         await self._write(tx)
 
+    async def event_state(self, slug: str) -> EventState | None:
+        rows = await self._read(
+            "SELECT slug, content, calendar_slug, inappropriate, host_extra, an_uuid "
+            "FROM cs_events WHERE slug = ?", (slug,))
+        return EventState(**dict(rows[0]) | {"inappropriate": bool(rows[0]["inappropriate"])}
+                          ) if rows else None
+
+    async def attendees_seen(self, event_slug: str) -> dict[int, AttendeeSeen]:
+        rows = await self._read(
+            "SELECT cs_id, event_slug, fingerprint, deleted_at, updated_at FROM cs_attendees "
+            "WHERE event_slug = ?", (event_slug,))
+        return {r["cs_id"]: AttendeeSeen(**dict(r)) for r in rows}
+
+    async def event_uuid(self, slug: str) -> str | None:
+        rows = await self._read("SELECT an_uuid FROM cs_events WHERE slug = ?", (slug,))
+        return rows[0]["an_uuid"] if rows else None
+
+    async def set_event_uuid(self, slug: str, uuid: str) -> None:
+        async def tx(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "INSERT INTO cs_events (slug, an_uuid) VALUES (?, ?) "
+                "ON CONFLICT (slug) DO UPDATE SET an_uuid = excluded.an_uuid", (slug, uuid))
+
+        await self._write(tx)
+        self._notify()  # attendances waiting for this event are ready now
+
+    async def clear_event_uuid(self, slug: str, uuid: str | None) -> None:
+        async def tx(db: aiosqlite.Connection) -> None:
+            await db.execute("UPDATE cs_events SET an_uuid = NULL WHERE slug = ? "
+                             "AND an_uuid IS ?", (slug, uuid))
+
+        await self._write(tx)
+
+    async def calendar_uuid(self, slug: str) -> str | None:
+        rows = await self._read("SELECT an_uuid FROM cs_calendars WHERE slug = ?", (slug,))
+        return rows[0]["an_uuid"] if rows else None
+
+    async def set_calendar_uuid(self, slug: str, uuid: str) -> None:
+        async def tx(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "INSERT INTO cs_calendars (slug, an_uuid) VALUES (?, ?) "
+                "ON CONFLICT (slug) DO UPDATE SET an_uuid = excluded.an_uuid", (slug, uuid))
+
+        await self._write(tx)
+
     @asynccontextmanager
-    async def mirror_lock(self, cs_id: int) -> AsyncIterator[None]:
+    async def mirror_lock(self, cs_id: int | str) -> AsyncIterator[None]:
         yield  # one process per database: the worker's in-process lock is enough
 
     async def tags(self) -> dict[str, tuple[str, str | None]]:
@@ -1166,7 +1269,17 @@ _RELEASE = (
 
 _INSERT_OUTBOX = (
     "INSERT OR IGNORE INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, "
-    "payload, occurred_at, enqueued_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "payload, occurred_at, enqueued_at, event_slug) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+# What was seen of an event: a None member keeps what was recorded; inappropriate sticks.
+_UPSERT_EVENT = (
+    "INSERT INTO cs_events (slug, content, calendar_slug, inappropriate, host_extra, walked_at) "
+    "VALUES (?, ?, ?, ?, ?, ?) ON CONFLICT (slug) DO UPDATE SET "
+    "content = COALESCE(excluded.content, content), "
+    "calendar_slug = COALESCE(excluded.calendar_slug, calendar_slug), "
+    "inappropriate = MAX(inappropriate, excluded.inappropriate), "
+    "host_extra = COALESCE(excluded.host_extra, host_extra), walked_at = excluded.walked_at"
 )
 
 # Oldest first (a petition's creator item is enqueued before its signatures). The partial index
@@ -1192,32 +1305,32 @@ WHERE o.status = 'pending'
        OR NOT EXISTS (SELECT 1 FROM outbox AS c
                       WHERE c.petition_id = o.petition_id AND c.kind = 'petition_created'
                         AND c.status IN ('pending', 'in_flight')))
+  AND (o.kind != 'attendance'
+       OR EXISTS (SELECT 1 FROM cs_events AS e
+                  WHERE e.slug = o.event_slug AND e.an_uuid IS NOT NULL)
+       OR NOT EXISTS (SELECT 1 FROM outbox AS h
+                      WHERE h.event_slug = o.event_slug AND h.kind = 'event_hosted'
+                        AND h.status IN ('pending', 'in_flight')))
 ORDER BY o.id
 LIMIT :limit
 """
 
 
-async def _stale_signatures(
-    db: aiosqlite.Connection, signatures: Sequence[SignatureSeen]
-) -> set[int]:
-    """Ids among ``signatures`` older than what is recorded (or live copies of deleted ones)."""
-    if not signatures:
+async def _stale(db: aiosqlite.Connection, table: str,
+                 versions: Sequence[SignatureSeen | AttendeeSeen]) -> set[int]:
+    """Ids among ``versions`` older than what ``table`` records (or live copies of deleted
+    records): a webhook processed meanwhile won."""
+    if not versions:
         return set()
-    stale: set[int] = set()
-    by_id = {s.cs_id: s for s in signatures}
+    by_id = {v.cs_id: v for v in versions}
     ids = list(by_id)
+    stale: set[int] = set()
     for start in range(0, len(ids), 500):
         chunk = ids[start:start + 500]
         cursor = await db.execute(
-            f"SELECT cs_id, deleted_at, updated_at FROM cs_signatures "
-            f"WHERE cs_id IN ({','.join('?' * len(chunk))})", chunk,
-        )
-        for cs_id, deleted_at, updated_at in await cursor.fetchall():
-            new = by_id[cs_id]
-            if deleted_at and not new.deleted_at:
-                stale.add(cs_id)
-            elif updated_at and new.updated_at and newer(updated_at, new.updated_at):
-                stale.add(cs_id)
+            f"SELECT cs_id, deleted_at, updated_at FROM {table} "
+            f"WHERE cs_id IN ({','.join('?' * len(chunk))})", chunk)
+        stale |= stale_versions(await cursor.fetchall(), by_id)
     return stale
 
 

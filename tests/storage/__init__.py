@@ -57,3 +57,28 @@ def petition_state(pid: int = 1) -> PetitionState:
 
 def seen_row(sid: int, pid: int = 1) -> SignatureSeen:
     return SignatureSeen(sid, pid, f"fp{sid}", None)
+
+
+def event_record(slug: str = "picnic", host_email: str = "hana@example.org") -> dict[str, Any]:
+    return {"slug": slug, "title": f"Event {slug}", "url": f"https://cs.example.org/events/{slug}",
+            "start_at": "2024-06-01T10:00:00Z", "end_at": "2024-06-01T12:00:00Z",
+            "launched_at": "2024-05-01T00:00:00Z", "created_at": "2024-05-01T00:00:00Z",
+            "host": {"email": host_email, "first_name": "Hana", "last_name": "Host",
+                     "join_organisation": True}}
+
+
+def host(slug: str = "picnic", email: str = "hana@example.org") -> Activity:
+    from csand.model import event_ref, host_activity
+
+    record = event_record(slug, email)
+    return host_activity(record, event_ref(record, ORG))
+
+
+def attendance(aid: int, email: str, slug: str = "picnic", updated: str = "2024-05-02T00:00:00Z",
+               **extra: Any) -> Activity:
+    from csand.model import attendee_activity, event_ref
+
+    record = {"id": aid, "email": email, "first_name": "Ann", "attending_status": "attending",
+              "join_organisation": True, "created_at": "2024-05-02T00:00:00Z",
+              "updated_at": updated, **extra}
+    return attendee_activity(record, event_ref(event_record(slug), ORG))

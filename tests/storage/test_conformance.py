@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from csand.model import (
+    AttendeeSeen,
     DeadLetter,
     Person,
     SignatureSeen,
@@ -31,6 +32,7 @@ from csand.storage import (
     FORGET_INSTANCE_SECONDS,
     ANKnowledge,
     Cluster,
+    EventState,
     Meta,
     NotLeader,
     Outbox,
@@ -40,7 +42,7 @@ from csand.storage import (
     open_store,
 )
 from tests.fakes import ManualClock
-from tests.storage import ORG, T0, petition, petition_state, seen_row, sig
+from tests.storage import ORG, T0, attendance, host, petition, petition_state, seen_row, sig
 
 Factory = Callable[[Any, ManualClock], Awaitable[Storage]]
 
@@ -872,3 +874,72 @@ async def test_request_slots_are_spaced_and_wait_out_a_pause(storage: Storage, c
     assert await storage.reserve("an", 0.25, pause=5.0) == pytest.approx(5.0)
     assert await storage.reserve("an", 0.25) == pytest.approx(5.25)
     assert await storage.reserve("other", 0.25) == pytest.approx(0.0)  # buckets are separate
+
+
+# ---------------------------------------------------------------- events
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("outcome", ["done", "dead"])
+async def test_an_attendance_waits_for_its_event_host_like_a_signature_for_its_creator(
+    storage: Storage, outcome: str
+) -> None:
+    await storage.enqueue([host("picnic"), attendance(1, "ann@example.org"),
+                           attendance(2, "bob@example.org", slug="other")])
+    leased = await storage.lease(10, 60)
+    # The host goes first; the other event has no host item: its attendance need not wait.
+    assert sorted(i.activity.source_key for i in leased) == ["attendee:2", "event:picnic:host"]
+    (first,) = [i for i in leased if i.activity.source_key == "event:picnic:host"]
+    await storage.finish(first.id, outcome)
+    assert [i.activity.source_key for i in await storage.lease(10, 60)] == ["attendee:1"]
+
+
+@pytest.mark.anyio
+async def test_an_attendance_is_leasable_once_its_event_is_mirrored(storage: Storage) -> None:
+    await storage.enqueue([host("picnic"), attendance(1, "ann@example.org")])
+    (held,) = await storage.lease(10, 60)
+    assert held.activity.source_key == "event:picnic:host"
+    await storage.set_event_uuid("picnic", "an-event-1")
+    assert await storage.event_uuid("picnic") == "an-event-1"
+    assert [i.activity.source_key for i in await storage.lease(10, 60)] == ["attendee:1"]
+    await storage.clear_event_uuid("picnic", "another")  # a newer twin is not forgotten
+    assert await storage.event_uuid("picnic") == "an-event-1"
+    await storage.clear_event_uuid("picnic", "an-event-1")
+    assert await storage.event_uuid("picnic") is None
+
+
+@pytest.mark.anyio
+async def test_what_was_seen_of_an_event_keeps_what_a_later_commit_does_not_say(
+    storage: Storage
+) -> None:
+    assert await storage.event_state("picnic") is None
+    await storage.commit_poll(None, event=EventState("picnic", content="c1",
+                                                     calendar_slug="summer"))
+    await storage.commit_poll(None, event=EventState("picnic", inappropriate=True,
+                                                     host_extra='{"first_name":"Hana"}'))
+    await storage.commit_poll(None, event=EventState("picnic", content="c2"))
+    state = await storage.event_state("picnic")
+    assert state == EventState("picnic", content="c2", calendar_slug="summer", inappropriate=True,
+                               host_extra='{"first_name":"Hana"}', an_uuid=None)
+    assert await storage.calendar_uuid("summer") is None
+    await storage.set_calendar_uuid("summer", "an-campaign-1")
+    assert await storage.calendar_uuid("summer") == "an-campaign-1"
+
+
+@pytest.mark.anyio
+async def test_an_older_attendee_version_never_overwrites_a_newer_one_or_a_deletion(
+    storage: Storage
+) -> None:
+    new = attendance(1, "ann@example.org", updated="2024-05-03T00:00:00Z", join_organisation=False)
+    old = attendance(1, "ann@example.org", updated="2024-05-02T00:00:00Z")
+    seen_new = AttendeeSeen(1, "picnic", new.fingerprint(), None, "2024-05-03T00:00:00+00:00")
+    seen_old = AttendeeSeen(1, "picnic", old.fingerprint(), None, "2024-05-02T00:00:00+00:00")
+    assert await storage.commit_poll(None, activities=[new], attendees=[seen_new]) == 1
+    assert await storage.commit_poll(None, activities=[old], attendees=[seen_old]) == 0
+    assert (await storage.attendees_seen("picnic"))[1] == seen_new
+    gone = AttendeeSeen(1, "picnic", new.fingerprint(), "2024-05-04T00:00:00+00:00",
+                        "2024-05-04T00:00:00+00:00")
+    await storage.commit_poll(None, attendees=[gone], deleted_sources=["attendee:1"])
+    assert (await storage.counts())["cancelled"] == 1
+    await storage.commit_poll(None, activities=[new], attendees=[seen_new])  # a stale live copy
+    assert (await storage.attendees_seen("picnic"))[1].deleted_at is not None
