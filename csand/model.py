@@ -35,6 +35,7 @@ class ActivityKind(StrEnum):
     GLOBAL_UNSUBSCRIBE = "global_unsubscribe"
     EVENT_HOSTED = "event_hosted"  # the host of an event: the event's creator and organiser
     ATTENDANCE = "attendance"  # an attendee's RSVP
+    EVENT_CHANGED = "event_changed"  # title, description, times or place of a mirrored event
 
 
 class MalformedRecord(ValueError):
@@ -221,7 +222,10 @@ class Activity:
 
     @property
     def person_key(self) -> str:
-        """Serialisation key: items with the same key are applied one at a time, in order."""
+        """Serialisation key: items with the same key are applied one at a time, in order. An
+        event's changes are nobody's: they queue behind each other, per event."""
+        if self.kind is ActivityKind.EVENT_CHANGED and self.event is not None:
+            return f"event:{self.event.slug}"
         return self.email if self.email else f"invalid:{self.source_key}"
 
     def fingerprint(self) -> str:
@@ -242,6 +246,8 @@ class Activity:
             data.append(["phone", self.phone, self.sms_opt_in])
         if self.event is not None:  # which event; its content changes are updates, not RSVPs
             data.append(["event", self.event.slug])
+            if self.kind is ActivityKind.EVENT_CHANGED:
+                data.append(["content", self.event.content()])
         blob = json.dumps(data, separators=(",", ":"))
         return hashlib.sha256(blob.encode()).hexdigest()[:20]
 
@@ -658,3 +664,10 @@ def host_activity(event: dict[str, Any], ref: EventRef) -> Activity:
         occurred_at=created, fields_at=created, opted_in_at=created, petition=None,
         tags=(EVENT_HOST_TAG,),
     ), event=ref)
+
+
+def event_change_activity(ref: EventRef, at: datetime | None) -> Activity:
+    """A change to a mirrored event's title, description, times or place, sent as an update.
+    It waits, like an attendance, for the event's host item (which creates the mirror)."""
+    return Activity(kind=ActivityKind.EVENT_CHANGED, source_key=f"event:{ref.slug}", email=None,
+                    occurred_at=at, fields_at=at, event=ref)

@@ -229,3 +229,17 @@ def test_no_plan_step_can_subscribe_a_host_or_attendee_who_did_not_opt_in(
         assert opts_in(a, p)
     if isinstance(step, RecordAttendance) and status is None:
         assert p.person.exists is True  # the helper subscribes people new to the list
+
+
+def test_a_change_to_a_mirrored_event_is_one_update_and_nothing_without_a_mirror() -> None:
+    from csand.model import event_change_activity
+    from csand.sync.rules import UpdateEvent
+
+    ref = event_ref({**REST_EVENT, "title": "Park picnic (moved)"}, ORG)
+    change = event_change_activity(ref, datetime(2024, 5, 10, tzinfo=UTC))
+    assert change.person_key == "event:picnic"  # an event's changes queue per event
+    assert next_step(change, Progress(event_uuid="ev-1")) == UpdateEvent("ev-1", ref)
+    assert isinstance(next_step(change, Progress(event_uuid="ev-1", attended=True)), Done)
+    assert isinstance(next_step(change, Progress()), Done)
+    again = event_change_activity(event_ref(REST_EVENT, ORG), change.occurred_at)
+    assert again.dedupe_key != change.dedupe_key  # each content is its own version

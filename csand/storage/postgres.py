@@ -1156,7 +1156,7 @@ WHERE o.status = 'pending'
        OR NOT EXISTS (SELECT 1 FROM outbox AS c
                       WHERE c.petition_id = o.petition_id AND c.kind = 'petition_created'
                         AND c.status IN ('pending', 'in_flight')))
-  AND (o.kind != 'attendance'
+  AND (o.kind NOT IN ('attendance', 'event_changed')
        OR EXISTS (SELECT 1 FROM cs_events AS e
                   WHERE e.slug = o.event_slug AND e.an_uuid IS NOT NULL)
        OR NOT EXISTS (SELECT 1 FROM outbox AS h

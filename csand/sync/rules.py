@@ -132,6 +132,15 @@ class AttendAs:
 
 
 @dataclass(frozen=True, slots=True)
+class UpdateEvent:
+    """``PUT /events/{id}`` with the event's current title, description, times and place (AN
+    does not change an event re-posted with a known identifier)."""
+
+    event_uuid: str
+    event: EventRef
+
+
+@dataclass(frozen=True, slots=True)
 class SetStatus:
     person_uuid: str
     email: str
@@ -149,7 +158,7 @@ class Dead:
 
 
 Operation = (EnsureTags | EnsurePetition | LookupPerson | RecordSignature | Signup | SignAs
-             | SetStatus | EnsureEvent | RecordAttendance | AttendAs)
+             | SetStatus | EnsureEvent | RecordAttendance | AttendAs | UpdateEvent)
 Step = Operation | Done | Dead
 
 NAME_LIMIT = 255  # AN rejects longer names; catching it here gives a clearer dead-letter reason
@@ -157,6 +166,8 @@ NAME_LIMIT = 255  # AN rejects longer names; catching it here gives a clearer de
 
 def validate(activity: Activity) -> str | None:
     """A reason this activity can never sync, or None."""
+    if activity.kind is ActivityKind.EVENT_CHANGED:
+        return None if activity.event is not None else "activity has no event"
     if activity.email is None:
         return "no email address on the ControlShift record"
     if not valid_email(activity.email):
@@ -286,6 +297,8 @@ def next_step(activity: Activity, progress: Progress,
         return Dead(reason)
     if activity.kind is ActivityKind.GLOBAL_UNSUBSCRIBE:
         return _unsubscribe_step(activity, progress)
+    if activity.kind is ActivityKind.EVENT_CHANGED:
+        return _event_change_step(activity, progress)
     if activity.kind in EVENT_KINDS:
         return _event_step(activity, progress, options)
     return _action_step(activity, progress, options)
@@ -402,6 +415,18 @@ def _event_step(activity: Activity, p: Progress, options: SyncOptions) -> Step:
 
     assert p.event_uuid is not None and p.person.uuid is not None
     return AttendAs(p.event_uuid, p.person.uuid)
+
+
+def _event_change_step(activity: Activity, p: Progress) -> Step:
+    """``p.event_uuid`` is the stored mirror (the worker reads it; it never creates one here):
+    without one the change waits for nothing, since the mirror is created with the content its
+    host item carries, or the event is not synced."""
+    assert activity.event is not None
+    if p.attended:  # the update went through
+        return Done("event updated in Action Network")
+    if p.event_uuid is None:
+        return Done("event not mirrored in Action Network: nothing to update")
+    return UpdateEvent(p.event_uuid, activity.event)
 
 
 def _done_note(activity: Activity, p: Progress) -> str:
