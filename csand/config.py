@@ -101,6 +101,7 @@ class HttpSettings(_Section):
 class SyncSettings(_Section):
     workers: Annotated[int, Field(ge=1, le=64)] = 4
     origin_system: str = "Controlshift Petition"
+    event_origin_system: str = "Controlshift Event"
     max_attempts: Annotated[int, Field(ge=1)] = 100
     retry_base: Positive = 2.0
     retry_cap: Positive = 900.0

@@ -136,6 +136,7 @@ class Daemon:
                 )
                 self.dispatcher = Dispatcher(
                     store, an, workers=s.sync.workers, origin_system=s.sync.origin_system,
+                    event_origin_system=s.sync.event_origin_system,
                     policy=RetryPolicy(base=s.sync.retry_base, cap=s.sync.retry_cap,
                                        max_attempts=s.sync.max_attempts),
                     lease_seconds=s.sync.lease_seconds,

@@ -29,7 +29,7 @@ from csand import metrics
 from csand.actionnetwork.client import ActionNetworkClient, ANFailure, before_request
 from csand.actionnetwork.errors import Outcome, Verdict
 from csand.logs import get_logger
-from csand.model import Activity, ActivityKind, PetitionRef
+from csand.model import Activity, ActivityKind, CalendarRef, EventRef, PetitionRef
 from csand.retry import OUTBOX, RetryPolicy
 from csand.storage import Item, Storage
 from csand.sync import rules
@@ -162,6 +162,7 @@ class Replan(Exception):
 
 PERSON_WRITTEN = "person_written"
 SIGNED = "signed"
+ATTENDED = "attended"
 
 
 @dataclass
@@ -174,7 +175,86 @@ def _steps(progress: rules.Progress) -> set[str]:
     steps = {PERSON_WRITTEN} if progress.person_written else set()
     if progress.person_written and progress.signed:
         steps.add(SIGNED)
+    if progress.person_written and progress.attended:
+        steps.add(ATTENDED)
     return steps
+
+
+def event_location_json(event: EventRef) -> dict[str, Any] | None:
+    """AN's location object for an event (None for a virtual one, or when CS gave no place)."""
+    if not event.location:
+        return None
+    location: dict[str, Any] = {}
+    for name, value in event.location:
+        if name == "address_lines":
+            location[name] = value.split("\n")
+        else:
+            location[name] = value
+    return location
+
+
+class EventMirror:
+    """Creates each CS event's AN twin once (inside its calendar's event campaign, itself created
+    once), also across crashes and across instances: the same discipline as
+    :class:`PetitionMirror`, keyed by slug."""
+
+    def __init__(self, an: ActionNetworkClient, store: Storage, origin_system: str) -> None:
+        self._an = an
+        self._store = store
+        self._origin = origin_system
+        self._locks: dict[str, anyio.Lock] = {}
+        self._known: dict[str, str] = {}
+
+    async def forget(self, slug: str, gone: str | None) -> None:
+        lock = self._locks.setdefault(f"event:{slug}", anyio.Lock())
+        async with lock:
+            if self._known.get(f"event:{slug}") == gone:
+                self._known.pop(f"event:{slug}", None)
+            await self._store.clear_event_uuid(slug, gone)
+
+    async def ensure(self, event: EventRef, creator_uuid: str | None) -> str:
+        key = f"event:{event.slug}"
+        known = self._known.get(key)
+        if known:
+            return known
+        campaign = await self._campaign(event.calendar) if event.calendar else None
+        lock = self._locks.setdefault(key, anyio.Lock())
+        async with lock, self._store.mirror_lock(key):
+            uuid = await self._store.event_uuid(event.slug)
+            if not uuid:
+                uuid = await self._an.find_event(event.identifier)
+            if not uuid:
+                uuid = await self._an.create_event(
+                    title=event.title, description=event.description,
+                    start_date=event.start_at, end_date=event.end_at,
+                    location=event_location_json(event), browser_url=event.url,
+                    identifier=event.identifier, origin_system=self._origin,
+                    creator_uuid=creator_uuid, campaign_uuid=campaign)
+                log.info("an.event_created", cs_event=event.slug, an_event=uuid,
+                         campaign=campaign, creator_linked=creator_uuid is not None)
+            await self._store.set_event_uuid(event.slug, uuid)
+            self._known[key] = uuid
+            return uuid
+
+    async def _campaign(self, calendar: CalendarRef) -> str:
+        key = f"calendar:{calendar.slug}"
+        known = self._known.get(key)
+        if known:
+            return known
+        lock = self._locks.setdefault(key, anyio.Lock())
+        async with lock, self._store.mirror_lock(key):
+            uuid = await self._store.calendar_uuid(calendar.slug)
+            if not uuid:
+                uuid = await self._an.find_event_campaign(calendar.identifier)
+            if not uuid:
+                uuid = await self._an.create_event_campaign(
+                    title=calendar.name, description=calendar.description,
+                    browser_url=calendar.url, identifier=calendar.identifier,
+                    origin_system=self._origin)
+                log.info("an.event_campaign_created", calendar=calendar.slug, an_campaign=uuid)
+            await self._store.set_calendar_uuid(calendar.slug, uuid)
+            self._known[key] = uuid
+            return uuid
 
 
 class Dispatcher:
@@ -187,6 +267,7 @@ class Dispatcher:
         *,
         workers: int = 4,
         origin_system: str = "Controlshift Petition",
+        event_origin_system: str = "Controlshift Event",
         policy: RetryPolicy = OUTBOX,
         lease_seconds: float = 300.0,
         auth_recheck_interval: float = 60.0,
@@ -205,6 +286,7 @@ class Dispatcher:
         self.rng = rng or random.Random()
         self.tags = TagCache(an, store)
         self.petitions = PetitionMirror(an, store, origin_system)
+        self.events = EventMirror(an, store, event_origin_system)
         self.stats = WorkerStats()
         # By lease token: after a clock jump the same item may be leased twice, briefly.
         self.in_flight: dict[str, Item] = {}
@@ -305,7 +387,12 @@ class Dispatcher:
                 written = PERSON_WRITTEN in item.done_steps and person.uuid is not None
                 attempt.progress = rules.Progress(
                     person=person, opt_in_applied=applied, person_written=written,
-                    signed=written and SIGNED in item.done_steps)
+                    signed=written and SIGNED in item.done_steps,
+                    attended=written and ATTENDED in item.done_steps)
+            elif activity.kind is ActivityKind.EVENT_CHANGED and activity.event is not None:
+                # Only a mirrored event is updated; the update never creates one.
+                attempt.progress = rules.Progress(
+                    event_uuid=await self.store.event_uuid(activity.event.slug))
             token = before_request.set(lambda: self._before_request(item, attempt))
             try:
                 step = await self._apply(item, attempt)
@@ -435,6 +522,42 @@ class Dispatcher:
                         await self._petition_gone(activity, progress))
                     return
                 attempt.progress = replace(progress, signed=True)
+            case rules.EnsureEvent(event=event, creator_uuid=creator):
+                uuid = await self.events.ensure(event, creator)
+                attempt.progress = replace(progress, event_uuid=uuid)
+            case rules.RecordAttendance(event_uuid=ev, fields=fields, status=status, tags=tags):
+                try:
+                    uuid, _ = await self.an.record_attendance(ev, fields, status, tags)
+                except ANFailure as failure:
+                    if failure.outcome.verdict is not Verdict.GONE:
+                        raise
+                    attempt.progress = await self._event_gone(activity, progress)
+                    return
+                attempt.progress = rules.after_person_write(progress, activity, step, uuid, None)
+                await self._acknowledged(item, attempt.progress)
+            case rules.AttendAs(event_uuid=ev, person_uuid=person):
+                try:
+                    await self.an.attend_as(ev, person)
+                except ANFailure as failure:
+                    if failure.outcome.verdict is not Verdict.GONE:
+                        raise
+                    attempt.progress = rules.forget_person(
+                        await self._event_gone(activity, progress))
+                    return
+                attempt.progress = replace(progress, attended=True)
+            case rules.UpdateEvent(event_uuid=ev, event=event):
+                try:
+                    await self.an.update_event(
+                        ev, title=event.title, description=event.description,
+                        start_date=event.start_at, end_date=event.end_at,
+                        location=event_location_json(event), browser_url=event.url)
+                except ANFailure as failure:
+                    if failure.outcome.verdict is not Verdict.GONE:
+                        raise
+                    await self.events.forget(event.slug, ev)  # mirrored again by its host item
+                    attempt.progress = replace(progress, event_uuid=None)
+                    return
+                attempt.progress = replace(progress, attended=True)
             case rules.SetStatus(person_uuid=person, email=email, status=status):
                 try:
                     await self.an.set_status(person, email, status)
@@ -444,6 +567,14 @@ class Dispatcher:
                     attempt.progress = rules.forget_person(progress)
                     return
                 attempt.progress = rules.after_status(progress, status)
+
+    async def _event_gone(self, activity: Activity, progress: rules.Progress) -> rules.Progress:
+        """AN answered 404 for the mirrored event (deleted by an admin): mirror it again."""
+        assert activity.event is not None
+        log.warning("an.event_gone", cs_event=activity.event.slug,
+                    msg="the mirrored event is gone from Action Network; mirroring it again")
+        await self.events.forget(activity.event.slug, progress.event_uuid)
+        return replace(progress, event_uuid=None)
 
     async def _petition_gone(self, activity: Activity, progress: rules.Progress) -> rules.Progress:
         """AN answered 404 for the mirrored petition (deleted by an admin): mirror it again."""
