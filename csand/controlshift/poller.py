@@ -18,6 +18,22 @@ Every signature seen is compared by fingerprint with the version recorded before
 changed versions are enqueued. A full reconciliation sweep (every page of every petition) runs
 every ``reconcile_interval`` to catch edits that move no signal, such as a late opt-in. The very
 first cycle walks everything: that is the backfill.
+
+Events (:class:`EventSync`, when ``sync_events`` is on, after the petitions, through the same client and so the same request
+budget): every cycle lists the events (few pages). A REST event carries no ``updated_at``, no
+count and no moderation status, so there is no cheap change signal for its attendees: each
+listed event that is launched and not recorded as inappropriate (a webhook said so) gets its
+host activity (with the split names and opt-in a webhook gave, for the same host email) and, when
+its content (title, description, times, place, URL) differs from what was recorded, one
+``event_changed`` item. Its attendees (every page) are compared like signatures, by fingerprint;
+declines and no-shows are not synced and cancel what is pending, attendees gone from a complete
+listing are deleted (confirmed by a second listing first).
+
+Walking every event's attendees every cycle costs one request per attendee page per event, for
+ever. So an incremental cycle walks the attendees only of events never walked before and of
+events whose ``end_at`` (else ``start_at``; neither: always) is in the future or less than
+:data:`RECENT_EVENT_DAYS` days ago; the attendees of older events change only through webhooks
+until the next reconciliation sweep, which walks every event's attendees.
 """
 
 from __future__ import annotations
@@ -27,6 +43,7 @@ import json
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import anyio
@@ -37,30 +54,41 @@ from csand.controlshift.client import (
     CSAuthError,
     CSBadPage,
     CSError,
+    CSNotFound,
     PetitionDirectory,
     pagination,
 )
-from csand.controlshift.versions import see_signature
+from csand.controlshift.versions import see_attendee, see_signature
 from csand.logs import get_logger
 from csand.model import (
     Activity,
+    AttendeeSeen,
     DeadLetter,
+    EventRef,
     MalformedRecord,
     SignatureSeen,
+    calendar_ref,
     creator_activity,
     creator_record,
     dead_letter,
+    event_change_activity,
+    event_ref,
+    host_activity,
     is_launched,
+    is_syncable_event,
+    normalize_email,
     now_utc,
+    parse_time,
     petition_ref,
     record_id,
     text_field,
 )
-from csand.storage import PetitionState, Storage
+from csand.storage import EventState, PetitionState, Storage, StoreError
 
 log = get_logger("poller")
 
 COMMIT_EVERY_PAGES = 20  # bounds memory and lost work on a very large petition
+RECENT_EVENT_DAYS = 7  # incremental cycles walk the attendees of events ended since then
 
 
 def edge_order(total_pages: int) -> list[int]:
@@ -96,6 +124,8 @@ class CycleReport:
     pages: int = 0
     enqueued: int = 0
     malformed: int = 0
+    events: int = 0
+    events_walked: int = 0
 
 
 class Poller:
@@ -108,6 +138,7 @@ class Poller:
         reconcile_interval: float = 3600.0,
         org_slug: str | None = None,
         clock: Callable[[], float] = time.time,
+        sync_events: bool = False,
     ) -> None:
         self.cs = cs
         self.store = store
@@ -122,6 +153,10 @@ class Poller:
         # (instance, term) while this process leads a cluster: every commit of what was polled
         # is refused once another instance leads (csand.storage.NotLeader stops the cycle).
         self.fence: tuple[str, int] | None = None
+        # Events are polled only when asked (off until the worker syncs them); the webhook
+        # processor shares ``events`` so both sources are serialised per event.
+        self.sync_events = sync_events
+        self.events = EventSync(cs, store, clock=clock)
 
     # ---- loops ----
 
@@ -226,9 +261,13 @@ class Poller:
                     report.malformed += 1
                     log.error("cs.malformed_petition", petition=slug,
                               reason=f"{type(exc).__name__}: {exc}", record=str(petition)[:200])
+        if self.sync_events:
+            await self.events.cycle(org, full=full or first_run, report=report,
+                                    fence=self.fence)
         meta: dict[str, float | str] = {
             "last_poll_at": started,
             "last_poll_result": f"ok: {report.petitions} petitions, {report.walked} walked, "
+                                f"{report.events} events, {report.events_walked} walked, "
                                 f"{report.enqueued} new activities"
                                 + (f", {report.malformed} malformed records" if report.malformed
                                    else ""),
@@ -242,7 +281,8 @@ class Poller:
         metrics.poll_cycles.labels("full" if full or first_run else "incremental").observe(
             time.monotonic() - t0)
         log.info("poll.cycle", full=full, backfill=first_run, petitions=report.petitions,
-                 walked=report.walked, pages=report.pages, enqueued=report.enqueued,
+                 walked=report.walked, events=report.events, events_walked=report.events_walked,
+                 pages=report.pages, enqueued=report.enqueued,
                  malformed=report.malformed, ms=round((time.monotonic() - t0) * 1000))
         return report
 
@@ -425,7 +465,7 @@ class Poller:
 
 
 class _Batch:
-    __slots__ = ("activities", "signatures", "deleted", "dead", "pages")
+    __slots__ = ("activities", "signatures", "deleted", "dead", "pages", "attendees")
 
     def __init__(self) -> None:
         self.activities: list[Activity] = []
@@ -433,3 +473,231 @@ class _Batch:
         self.deleted: list[str] = []
         self.dead: list[DeadLetter] = []
         self.pages: list[int] = []
+        self.attendees: list[AttendeeSeen] = []
+
+
+def _event_slug(event: Any) -> str:
+    """The slug of an event record; :class:`MalformedRecord` when it has none."""
+    if not isinstance(event, dict):
+        raise MalformedRecord(f"event is not an object ({type(event).__name__})")
+    slug = (text_field(event, "slug", required=True) or "").strip()
+    if not slug:
+        raise MalformedRecord("slug is empty")
+    return slug
+
+
+def with_host_extra(event: dict[str, Any], extra: dict[str, Any] | None) -> dict[str, Any]:
+    """The event with what a webhook told csand of its host (split names, opt-in) merged into
+    the REST host, when it was given for the same email (a new host does not inherit it)."""
+    host = event.get("host")
+    if not extra or not isinstance(host, dict):
+        return event
+    email = host.get("email")
+    if extra.get("for_email") != (normalize_email(email) if isinstance(email, str) else None):
+        return event
+    merged = {**host, **{k: v for k, v in extra.items() if k != "for_email"}}
+    return {**event, "host": merged}
+
+
+def host_record(event: dict[str, Any]) -> dict[str, Any]:
+    """What a malformed host's dead letter holds (not the whole event: a new title is not a new
+    dead letter)."""
+    return {key: event.get(key) for key in ("slug", "launched_at", "created_at", "host")}
+
+
+class EventSync:
+    """Events, hosts and attendees: one event at a time, from a poll or a webhook.
+
+    The poller runs :meth:`cycle`; the webhook processor runs :meth:`sync` on the REST copy of
+    one event, so both sources build the same activities (the same dedupe keys). Commits of one
+    event are serialised here.
+    """
+
+    def __init__(self, cs: ControlShiftClient, store: Storage, *,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.cs = cs
+        self.store = store
+        self.clock = clock
+        self._locks: dict[str, anyio.Lock] = {}
+
+    def now(self) -> datetime:
+        return datetime.fromtimestamp(self.clock(), UTC)
+
+    def lock(self, slug: str) -> anyio.Lock:
+        return self._locks.setdefault(slug, anyio.Lock())
+
+    async def cycle(self, org: str, *, full: bool, report: CycleReport,
+                    fence: tuple[str, int] | None) -> None:
+        """Every listed event; ``full`` walks the attendees of every one of them."""
+        for event in await self.cs.events():
+            try:
+                slug = _event_slug(event)
+            except MalformedRecord as exc:
+                report.malformed += 1
+                log.error("cs.malformed_event", reason=f"event without a slug: {exc}",
+                          record=str(event)[:200])
+                continue
+            try:
+                async with self.lock(slug):
+                    await self.sync(event, org, full=full, fence=fence, report=report)
+            except CSNotFound as exc:  # deleted while being read: the others go on
+                log.warning("cs.event_gone", event_slug=slug, error=str(exc))
+            except CSBadPage as exc:
+                report.malformed += 1
+                log.error("cs.bad_pagination", event_slug=slug, error=str(exc),
+                          msg="what its pages showed so far is kept; the event's attendees are "
+                              "walked again next cycle")
+            except CSError:
+                raise  # ControlShift itself failed: the cycle is retried as a whole
+            except MalformedRecord as exc:
+                report.malformed += 1
+                log.error("cs.malformed_event", event_slug=slug, reason=str(exc),
+                          record=str(event)[:200])
+            except StoreError:
+                raise  # NotLeader and the like: not about this event
+            except Exception as exc:
+                report.malformed += 1
+                log.error("cs.malformed_event", event_slug=slug,
+                          reason=f"{type(exc).__name__}: {exc}", record=str(event)[:200])
+
+    def recent(self, start_at: str | None, end_at: str | None) -> bool:
+        """Whether an event ended (else started) less than RECENT_EVENT_DAYS ago, or is to come;
+        an event with neither time counts as recent."""
+        when = parse_time(end_at) or parse_time(start_at)
+        return when is None or when >= self.now() - timedelta(days=RECENT_EVENT_DAYS)
+
+    async def sync(
+        self, event: dict[str, Any], org: str, *, full: bool = False, walk: bool | None = None,
+        fence: tuple[str, int] | None = None, event_id: int | None = None,
+        inappropriate: bool = False, host_extra: dict[str, Any] | None = None,
+        report: CycleReport | None = None,
+    ) -> str:
+        """Record and enqueue what one REST ``event`` shows: its host, a change of its content,
+        and (when ``walk``; by default when ``full``, never walked or recent) its attendees.
+
+        ``inappropriate`` and ``host_extra`` are what a webhook said now (recorded with it);
+        ``event_id`` marks that webhook processed in the last commit. Returns a note.
+        """
+        report = report if report is not None else CycleReport()
+        slug = _event_slug(event)
+        state = await self.store.event_state(slug)
+        extra_json = json.dumps(host_extra, sort_keys=True) if host_extra is not None else None
+        extra = host_extra if host_extra is not None else (
+            json.loads(state.host_extra) if state and state.host_extra else None)
+        flagged = inappropriate or (state is not None and state.inappropriate)
+        if not is_syncable_event(event, inappropriate=flagged):
+            if event_id is not None or inappropriate or extra_json is not None:
+                await self.store.commit_poll(
+                    None, event=EventState(slug, inappropriate=inappropriate,
+                                           host_extra=extra_json),
+                    event_id=event_id, fence=fence)
+            return "event not launched or moderated as inappropriate: not synced"
+        report.events += 1
+        batch = _Batch()
+        try:
+            raw = event.get("calendar")
+            if raw is not None and not isinstance(raw, dict):
+                raise MalformedRecord(f"calendar is not an object ({type(raw).__name__})")
+            calendar = calendar_ref(raw, org) if raw else None
+            ref = event_ref(event, org, calendar)
+        except Exception as exc:  # nothing of it syncs until corrected
+            self._malformed(dead_letter("event", event, exc, source_key=f"event:{slug}"),
+                            slug, batch, report)
+            await self.store.commit_poll(
+                None, dead_letters=batch.dead, event_id=event_id, fence=fence,
+                event=EventState(slug, host_extra=extra_json) if extra_json else None)
+            return "malformed event: kept as a dead letter"
+        try:
+            batch.activities.append(host_activity(with_host_extra(event, extra), ref))
+        except Exception as exc:  # the host's dead letter; the attendees still sync
+            self._malformed(dead_letter("event", host_record(event), exc,
+                                        source_key=f"event:{slug}:host"), slug, batch, report)
+        walked_before = state is not None and state.content is not None
+        if walk is None:
+            walk = full or not walked_before or self.recent(ref.start_at, ref.end_at)
+        if walk:
+            report.events_walked += 1
+            batch = await self._walk(slug, ref, batch, report, fence)
+        content = ref.content()
+        if walked_before and state is not None and state.content != content:
+            batch.activities.append(event_change_activity(ref, self.now()))
+        new_state = EventState(slug, content=content,
+                               calendar_slug=calendar.slug if calendar else None,
+                               inappropriate=inappropriate, host_extra=extra_json)
+        added = await self._commit(batch, fence, state=new_state, event_id=event_id)
+        report.enqueued += added
+        return f"{added} new activities" + (", attendees walked" if walk else "")
+
+    async def _walk(self, slug: str, ref: EventRef, batch: _Batch, report: CycleReport,
+                    fence: tuple[str, int] | None) -> _Batch:
+        """Every attendee page; attendees seen before and gone from the listing are deleted."""
+        seen = await self.store.attendees_seen(slug)
+        listed: set[int] = set()
+        page: int | None = 1
+        read: set[int] = set()
+        while page is not None and page not in read:
+            items, meta = await self.cs.attendees_page(slug, page)
+            read.add(page)
+            report.pages += 1
+            for record in items:
+                self._see(record, ref, seen, batch, report)
+                if isinstance(record, dict) and type(record.get("id")) is int:
+                    listed.add(record["id"])
+            try:
+                _, page = pagination(meta, page, f"/events/{slug}/attendees")
+            except CSBadPage:
+                await self._commit(batch, fence)  # what was seen is kept, the event is not
+                raise
+            batch.pages.append(len(read))
+            if len(batch.pages) >= COMMIT_EVERY_PAGES:
+                report.enqueued += await self._commit(batch, fence)
+                batch = _Batch()
+        vanished = {aid for aid, row in seen.items() if not row.deleted_at and aid not in listed}
+        if vanished:
+            # Deleted attendees are not listed; one merely skipped by a page shift during the
+            # walk is: a second listing confirms the deletion first.
+            again = {a.get("id") for a in await self.cs.attendees(slug) if isinstance(a, dict)}
+            at = self.now().isoformat()
+            for aid in sorted(vanished - again):
+                row = AttendeeSeen(aid, slug, "deleted", at, seen[aid].updated_at)
+                batch.attendees.append(row)
+                batch.deleted.append(f"attendee:{aid}")
+                log.info("cs.attendee_vanished", event_slug=slug, source=f"attendee:{aid}",
+                         msg="no longer on ControlShift: treated as deleted, not synced")
+        return batch
+
+    def _see(self, record: Any, ref: EventRef, seen: dict[int, AttendeeSeen], batch: _Batch,
+             report: CycleReport) -> None:
+        aid = record.get("id") if isinstance(record, dict) else None
+        known = type(aid) is int and aid in seen
+        try:
+            if not isinstance(record, dict):
+                raise MalformedRecord(f"attendee is not an object ({type(record).__name__})")
+            now = see_attendee(record, ref, seen.get(aid) if known else None)
+        except Exception as exc:  # one bad record must not stop the others
+            self._malformed(dead_letter("attendee", record, exc), ref.slug, batch, report)
+            return
+        if now.row is not None:
+            seen[now.row.cs_id] = now.row
+            batch.attendees.append(now.row)
+        if now.activity is not None:
+            batch.activities.append(now.activity)
+        if now.cancel is not None:
+            batch.deleted.append(now.cancel)
+            log.info("cs.attendee_not_attending", source=now.cancel,
+                     msg="declined, no-show or deleted on ControlShift: not synced further")
+
+    @staticmethod
+    def _malformed(letter: DeadLetter, slug: str, batch: _Batch, report: CycleReport) -> None:
+        report.malformed += 1
+        batch.dead.append(letter)
+        log.error(f"cs.malformed_{letter.kind}", event_slug=slug, source=letter.source_key,
+                  reason=letter.reason,
+                  msg="kept as a dead letter; syncs by itself once corrected on ControlShift")
+
+    async def _commit(self, batch: _Batch, fence: tuple[str, int] | None, *,
+                      state: EventState | None = None, event_id: int | None = None) -> int:
+        return await self.store.commit_poll(
+            None, activities=batch.activities, deleted_sources=batch.deleted,
+            dead_letters=batch.dead, fence=fence, event=state, attendees=batch.attendees,
+            event_id=event_id)
