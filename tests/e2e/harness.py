@@ -215,7 +215,7 @@ class World:
 def make_world(tmp_path: Path, **cs_kwargs: Any) -> Iterator[World]:
     an_rate = cs_kwargs.pop("an_requests_per_second", None)  # the AN simulator's limit
     cs = ControlShiftSim(api_key=CS_KEY, page_size=cs_kwargs.pop("page_size", 7), **cs_kwargs)
-    an = ActionNetworkSim(api_key=AN_KEY, requests_per_second=an_rate)
+    an = ActionNetworkSim(api_key=AN_KEY, requests_per_second=an_rate, events_api=True)
     with ServedApp(cs.app) as cs_served, ServedApp(an.app) as an_served:
         world = World(tmp_path, cs, an, cs_served.url, an_served.url)
         try:
