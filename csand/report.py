@@ -25,6 +25,10 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
                   f"{data.get('petitions_mirrored', 0)} mirrored in Action Network")
     table.add_row("signatures", f"{data.get('signatures_seen', 0)} seen, "
                   f"{data.get('signatures_deleted', 0)} deleted on ControlShift")
+    table.add_row("events", f"{data.get('events_seen', 0)} seen, "
+                  f"{data.get('events_mirrored', 0)} mirrored in Action Network")
+    table.add_row("attendees", f"{data.get('attendees_seen', 0)} seen, "
+                  f"{data.get('attendees_deleted', 0)} gone or not attending")
     rate = data.get("an_rate")
     table.add_row("AN rate", (f"{rate:g} req/s, {data.get('an_429s_since_start', 0)} 429s "
                               "since start") if rate else "-")

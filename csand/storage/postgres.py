@@ -999,6 +999,10 @@ class PostgresStore:
             "(SELECT COUNT(an_uuid) FROM cs_petitions) AS mirrored, "
             "(SELECT COUNT(*) FROM cs_signatures) AS signatures, "
             "(SELECT COUNT(deleted_at) FROM cs_signatures) AS deleted, "
+            "(SELECT COUNT(*) FROM cs_events) AS events, "
+            "(SELECT COUNT(an_uuid) FROM cs_events) AS events_mirrored, "
+            "(SELECT COUNT(*) FROM cs_attendees) AS attendees, "
+            "(SELECT COUNT(deleted_at) FROM cs_attendees) AS attendees_deleted, "
             "(SELECT COUNT(*) FROM webhook_events) AS events, "
             "(SELECT COUNT(processed_at) FROM webhook_events) AS processed, "
             "(SELECT COUNT(*) FROM webhook_events WHERE processed_at IS NOT NULL "
@@ -1019,6 +1023,10 @@ class PostgresStore:
             "petitions_mirrored": row["mirrored"],
             "signatures_seen": row["signatures"],
             "signatures_deleted": row["deleted"],
+            "events_seen": row["events"],
+            "events_mirrored": row["events_mirrored"],
+            "attendees_seen": row["attendees"],
+            "attendees_deleted": row["attendees_deleted"],
             "an_paused": meta.get("an_paused") or None,
             "an_rate": float_or_none(meta.get("an_rate")),
             "an_429s_since_start": int(meta.get("an_rate_limited") or 0),

@@ -943,3 +943,18 @@ async def test_an_older_attendee_version_never_overwrites_a_newer_one_or_a_delet
     assert (await storage.counts())["cancelled"] == 1
     await storage.commit_poll(None, activities=[new], attendees=[seen_new])  # a stale live copy
     assert (await storage.attendees_seen("picnic"))[1].deleted_at is not None
+
+
+@pytest.mark.anyio
+async def test_status_counts_events_and_attendees(storage: Storage) -> None:
+    status = await storage.status()
+    assert [status[k] for k in ("events_seen", "events_mirrored", "attendees_seen",
+                                "attendees_deleted")] == [0, 0, 0, 0]
+    a = attendance(1, "ann@example.org")
+    await storage.commit_poll(None, activities=[a], event=EventState("picnic", content="c"),
+                              attendees=[AttendeeSeen(1, "picnic", a.fingerprint(), None),
+                                         AttendeeSeen(2, "picnic", "x", "2024-05-03T00:00:00Z")])
+    await storage.set_event_uuid("picnic", "ev-1")
+    status = await storage.status()
+    assert [status[k] for k in ("events_seen", "events_mirrored", "attendees_seen",
+                                "attendees_deleted")] == [1, 1, 2, 1]
