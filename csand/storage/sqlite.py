@@ -1155,7 +1155,7 @@ class SQLiteStore:
         signatures = await self._read(
             "SELECT COUNT(*) AS n, COUNT(deleted_at) AS deleted FROM cs_signatures"
         )
-        events = await self._read(
+        cs_events = await self._read(
             "SELECT COUNT(*) AS n, COUNT(an_uuid) AS mirrored, "
             "(SELECT COUNT(*) FROM cs_attendees) AS attendees, "
             "(SELECT COUNT(deleted_at) FROM cs_attendees) AS gone FROM cs_events")
@@ -1175,10 +1175,10 @@ class SQLiteStore:
             "petitions_mirrored": petitions[0]["mirrored"],
             "signatures_seen": signatures[0]["n"],
             "signatures_deleted": signatures[0]["deleted"],
-            "events_seen": events[0]["n"],
-            "events_mirrored": events[0]["mirrored"],
-            "attendees_seen": events[0]["attendees"],
-            "attendees_deleted": events[0]["gone"],
+            "events_seen": cs_events[0]["n"],
+            "events_mirrored": cs_events[0]["mirrored"],
+            "attendees_seen": cs_events[0]["attendees"],
+            "attendees_deleted": cs_events[0]["gone"],
             "an_paused": meta.get("an_paused") or None,
             "an_rate": float_or_none(meta.get("an_rate")),
             "an_429s_since_start": int(meta.get("an_rate_limited") or 0),
