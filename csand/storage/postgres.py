@@ -999,7 +999,7 @@ class PostgresStore:
             "(SELECT COUNT(an_uuid) FROM cs_petitions) AS mirrored, "
             "(SELECT COUNT(*) FROM cs_signatures) AS signatures, "
             "(SELECT COUNT(deleted_at) FROM cs_signatures) AS deleted, "
-            "(SELECT COUNT(*) FROM cs_events) AS events, "
+            "(SELECT COUNT(*) FROM cs_events) AS cs_events, "
             "(SELECT COUNT(an_uuid) FROM cs_events) AS events_mirrored, "
             "(SELECT COUNT(*) FROM cs_attendees) AS attendees, "
             "(SELECT COUNT(deleted_at) FROM cs_attendees) AS attendees_deleted, "
@@ -1023,7 +1023,7 @@ class PostgresStore:
             "petitions_mirrored": row["mirrored"],
             "signatures_seen": row["signatures"],
             "signatures_deleted": row["deleted"],
-            "events_seen": row["events"],
+            "events_seen": row["cs_events"],
             "events_mirrored": row["events_mirrored"],
             "attendees_seen": row["attendees"],
             "attendees_deleted": row["attendees_deleted"],
