@@ -102,6 +102,8 @@ class SyncSettings(_Section):
     workers: Annotated[int, Field(ge=1, le=64)] = 4
     origin_system: str = "Controlshift Petition"
     event_origin_system: str = "Controlshift Event"
+    # Events, their hosts and attendees (and calendars as event campaigns), besides petitions.
+    events: bool = True
     max_attempts: Annotated[int, Field(ge=1)] = 100
     retry_base: Positive = 2.0
     retry_cap: Positive = 900.0

@@ -132,7 +132,7 @@ class Daemon:
                 self.poller = Poller(
                     cs, store, poll_interval=s.controlshift.poll_interval,
                     reconcile_interval=s.controlshift.reconcile_interval,
-                    org_slug=s.controlshift.org_slug,
+                    org_slug=s.controlshift.org_slug, sync_events=s.sync.events,
                 )
                 self.dispatcher = Dispatcher(
                     store, an, workers=s.sync.workers, origin_system=s.sync.origin_system,
