@@ -7,6 +7,11 @@ tags, stray spaces), repeat signers and optional broken records; it can also see
 with some of those people beforehand. Everything is deterministic for a given ``seed`` and anchor
 day.
 
+With ``events`` (and ``calendars``, ``attendees``) it also creates ControlShift calendars, events
+(launched ones in and out of calendars, virtual ones, an unlaunched and an inappropriate one),
+their hosts and attendees (every attending status, every consent, some also signers, some
+already in AN, some with custom answers and phone numbers).
+
 ``expected_state`` (and :meth:`Scenario.expected_an_state`) is the end-to-end oracle: a direct
 reading of docs/rules.md, computed from the simulator's *current* data, so it stays right when a
 test adds, updates or deletes records after ``populate``. It assumes every CS change happened
@@ -32,13 +37,18 @@ if TYPE_CHECKING:
 
 __all__ = [
     "CATEGORIES",
+    "ATTENDEE_TAG",
+    "ATTENDING",
     "CREATOR_TAG",
+    "EVENT_HOST_TAG",
     "MAX_FIELD_LENGTH",
     "SIGNER_TAG",
     "DeadRecord",
     "ExistingPerson",
+    "ExpectedEvent",
     "ExpectedPerson",
     "Scenario",
+    "expected_events",
     "expected_state",
     "normalize_email",
     "populate",
@@ -48,6 +58,10 @@ __all__ = [
 SIGNER_TAG = "controlshift-petition-signer"
 CREATOR_TAG = "controlshift-petition-creator"
 CATEGORY_TAG_PREFIX = "controlshift:"
+EVENT_HOST_TAG = "controlshift-event-host"
+ATTENDEE_TAG = "controlshift-event-attendee"
+ATTENDING = frozenset({"attending", "confirmed", "attended"})
+ATTENDING_STATUSES = ("attending", "confirmed", "attended", "not_attending", "no_show")
 # Longest name / postcode the oracle treats as syncable; longer records are dead letters.
 MAX_FIELD_LENGTH = 255
 _EMAIL_RE = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
@@ -146,6 +160,20 @@ class ExpectedPerson:
     given_name: str | None
     family_name: str | None
     postal_code: str | None
+    events: frozenset[str] = frozenset()  # slugs of the synced events they host or attend
+
+
+@dataclass(frozen=True)
+class ExpectedEvent:
+    """What AN must hold for one synced CS event (launched, not moderated as inappropriate)."""
+
+    slug: str
+    identifier: str  # controlshift-<org>:event-<slug>
+    title: str
+    calendar: str | None  # calendar slug: the event lives in that calendar's event campaign
+    calendar_identifier: str | None  # controlshift-<org>:calendar-<slug>
+    host: str | None  # the host's normalized email, None when the host cannot sync
+    attendances: frozenset[str]  # normalized emails with one attendance each (host included)
 
 
 @dataclass(frozen=True)
@@ -162,18 +190,19 @@ class DeadRecord:
 @dataclass(frozen=True)
 class _Activity:
     at: datetime
-    order: tuple[int, int]  # tie-breakers: (creator before signer, record id)
-    petition: str
+    order: tuple[int, int]  # tie-breakers: (creator, signer, host, attendee; record id)
+    petition: str | None
     role_tag: str
     category_tags: frozenset[str]
     opted_in: bool
     first_name: str | None
     last_name: str | None
     postcode: str | None
+    event: str | None = None
 
 
-def _parse(ts: str) -> datetime:
-    return datetime.fromisoformat(ts)
+def _parse(ts: str | datetime) -> datetime:
+    return ts if isinstance(ts, datetime) else datetime.fromisoformat(ts)
 
 
 def _filled(value: str | None) -> bool:
@@ -189,12 +218,25 @@ def expected_state(
     petitions: Sequence[Mapping[str, Any]],
     signatures: Sequence[Mapping[str, Any]],
     existing: Mapping[str, ExistingPerson],
+    *,
+    events: Sequence[Mapping[str, Any]] = (),
+    attendees: Sequence[Mapping[str, Any]] = (),
+    host_consent_known: bool = False,
+    moderation_known: bool = True,
 ) -> tuple[dict[str, ExpectedPerson], list[DeadRecord]]:
     """docs/rules.md applied to CS data as the REST API renders it.
 
     Only launched petitions count (their creators and signatures). Deleted signatures and
     records that cannot sync are returned as dead records instead. People already in AN with no
     syncable activity are included unchanged.
+
+    ``events`` are :meth:`ControlShiftSim.events` records and ``attendees`` the live
+    :meth:`ControlShiftSim.attendees` bodies: the host of a synced event (see
+    :func:`expected_events`) and each of its attending attendees are activities like a
+    signature (tagged, §2 consent from ``join_organisation``). A REST host carries only a full
+    name (never split) and no opt-in, so a host opts in only when ``host_consent_known`` (csand
+    heard the event's webhook). Declines, no-shows and the attendees of events that are not
+    synced produce nothing (not even a person).
     """
     launched = {p["slug"]: p for p in petitions if p["launched"]}
     by_email: dict[str, list[_Activity]] = defaultdict(list)
@@ -247,6 +289,46 @@ def expected_state(
             )
         )
 
+    synced = {e["slug"]: e for e in events if _syncable_event(e, moderation_known)}
+    for e in synced.values():
+        h = e["host"] or {}
+        if unsyncable_reason(h.get("email")):
+            continue  # the event still syncs, without a host
+        by_email[normalize_email(h["email"])].append(
+            _Activity(
+                at=_parse(e["created_at"]),
+                order=(2, 0),
+                petition=None,
+                role_tag=EVENT_HOST_TAG,
+                category_tags=frozenset(),
+                opted_in=host_consent_known and h.get("join_organisation") is True,
+                first_name=h.get("first_name") if host_consent_known else None,
+                last_name=h.get("last_name") if host_consent_known else None,
+                postcode=h.get("postcode"),
+                event=e["slug"],
+            )
+        )
+    for a in attendees:
+        slug = (a.get("event") or {}).get("slug")
+        if slug not in synced or a.get("attending_status") not in ATTENDING:
+            continue
+        if unsyncable_reason(a["email"], a["first_name"], a["last_name"], a["postcode"]):
+            continue
+        by_email[normalize_email(a["email"])].append(
+            _Activity(
+                at=_parse(a["created_at"]),
+                order=(3, a["id"]),
+                petition=None,
+                role_tag=ATTENDEE_TAG,
+                category_tags=frozenset(),
+                opted_in=a["join_organisation"] is True,
+                first_name=a["first_name"],
+                last_name=a["last_name"],
+                postcode=a["postcode"],
+                event=slug,
+            )
+        )
+
     state: dict[str, ExpectedPerson] = {}
     for email in sorted(set(by_email) | set(existing)):
         acts = sorted(by_email.get(email, []), key=lambda a: (a.at, a.order), reverse=True)
@@ -260,12 +342,59 @@ def expected_state(
             email=email,
             status=status,
             tags=frozenset({a.role_tag for a in acts}).union(*(a.category_tags for a in acts)),
-            petitions=frozenset(a.petition for a in acts),
+            petitions=frozenset(a.petition for a in acts if a.petition is not None),
             given_name=_latest((a.first_name for a in acts), before and before.given_name),
             family_name=_latest((a.last_name for a in acts), before and before.family_name),
             postal_code=_latest((a.postcode for a in acts), None),
+            events=frozenset(a.event for a in acts if a.event is not None),
         )
     return state, dead
+
+
+def _syncable_event(event: Mapping[str, Any], moderation_known: bool) -> bool:
+    """Launched and not moderated as inappropriate. REST shows no moderation status: unless
+    ``moderation_known`` (csand heard the event's webhooks), an inappropriate event looks like
+    any launched one."""
+    if event.get("launched_at") is None:
+        return False
+    return not (moderation_known and event.get("admin_status") == "inappropriate")
+
+
+def expected_events(
+    events: Sequence[Mapping[str, Any]],
+    attendees: Sequence[Mapping[str, Any]],
+    org_slug: str,
+    *,
+    moderation_known: bool = True,
+) -> dict[str, ExpectedEvent]:
+    """Per CS event slug, the AN event csand must mirror (docs/rules.md §5): one per launched
+    event not moderated as inappropriate, in its calendar's event campaign (so one campaign per
+    calendar holding such an event), with one attendance for the host and for each attending
+    attendee whose record can sync."""
+    out: dict[str, ExpectedEvent] = {}
+    for e in events:
+        if not _syncable_event(e, moderation_known):
+            continue
+        host_email = (e["host"] or {}).get("email")
+        host = None if unsyncable_reason(host_email) else normalize_email(host_email)
+        going = {
+            normalize_email(a["email"])
+            for a in attendees
+            if (a.get("event") or {}).get("slug") == e["slug"]
+            and a.get("attending_status") in ATTENDING
+            and not unsyncable_reason(a["email"], a["first_name"], a["last_name"], a["postcode"])
+        }
+        calendar = e.get("calendar_slug")
+        out[e["slug"]] = ExpectedEvent(
+            slug=e["slug"],
+            identifier=f"controlshift-{org_slug}:event-{e['slug']}",
+            title=e["title"],
+            calendar=calendar,
+            calendar_identifier=f"controlshift-{org_slug}:calendar-{calendar}" if calendar else None,
+            host=host,
+            attendances=frozenset(going | ({host} if host else set())),
+        )
+    return out
 
 
 @dataclass
@@ -279,20 +408,57 @@ class Scenario:
     bad_records: dict[int, str]  # signature id -> one of BAD_RECORD_KINDS
     existing_people: dict[str, ExistingPerson]  # normalized email -> AN before the sync
     people: list[str] = field(default_factory=list)  # every generated normalized email
+    calendars: list[dict[str, Any]] = field(default_factory=list)  # as created
+    events: list[dict[str, Any]] = field(default_factory=list)  # as created (REST rendering)
+    attendees: list[dict[str, Any]] = field(default_factory=list)  # as created, by id
+    # What csand can know (REST carries neither a host's opt-in nor an event's moderation):
+    # set these to match how the csand under test hears ControlShift.
+    host_consent_known: bool = False  # hosts' join_organisation (webhooks only)
+    moderation_known: bool = True  # admin_status "inappropriate" (webhooks only)
+
+    def _state(self) -> tuple[dict[str, ExpectedPerson], list[DeadRecord]]:
+        return expected_state(
+            self.cs.petitions(),
+            self.cs.signatures(),
+            self.existing_people,
+            events=self.cs.events(),
+            attendees=self.cs.attendees(),
+            host_consent_known=self.host_consent_known,
+            moderation_known=self.moderation_known,
+        )
 
     def expected_an_state(self) -> dict[str, ExpectedPerson]:
         """Per normalized email, what AN must end with."""
-        return expected_state(self.cs.petitions(), self.cs.signatures(), self.existing_people)[0]
+        return self._state()[0]
 
     def expected_dead(self) -> list[DeadRecord]:
         """Records that must not reach AN, each with its reason."""
-        return expected_state(self.cs.petitions(), self.cs.signatures(), self.existing_people)[1]
+        return self._state()[1]
+
+    def has_events(self) -> bool:
+        return bool(self.cs.events())
+
+    def expected_events(self) -> dict[str, ExpectedEvent]:
+        """Per CS event slug, the AN event csand must mirror and its attendances."""
+        return expected_events(
+            self.cs.events(),
+            self.cs.attendees(),
+            self.cs.org_slug,
+            moderation_known=self.moderation_known,
+        )
+
+    def expected_campaigns(self) -> dict[str, str]:
+        """Calendar slug -> AN event campaign identifier, for each calendar holding a synced
+        event."""
+        return {
+            e.calendar: e.calendar_identifier
+            for e in self.expected_events().values()
+            if e.calendar and e.calendar_identifier
+        }
 
     def summary(self) -> dict[str, int]:
-        state, dead = expected_state(
-            self.cs.petitions(), self.cs.signatures(), self.existing_people
-        )
-        return {
+        state, dead = self._state()
+        out = {
             "petitions": len(self.petitions),
             "launched": sum(1 for p in self.petitions if p["launched"]),
             "signatures": len(self.signatures),
@@ -303,6 +469,17 @@ class Scenario:
             "expected_subscribed": sum(1 for p in state.values() if p.status == "subscribed"),
             "expected_dead": len(dead),
         }
+        if self.events:
+            synced = self.expected_events()
+            out |= {
+                "calendars": len(self.calendars),
+                "events": len(self.events),
+                "attendees": len(self.attendees),
+                "expected_events": len(synced),
+                "expected_campaigns": len(self.expected_campaigns()),
+                "expected_attendances": sum(len(e.attendances) for e in synced.values()),
+            }
+        return out
 
 
 # ---------------------------------------------------------------------- generation
@@ -412,6 +589,137 @@ def _bad_signature(kind: str, index: int, person: _Person) -> dict[str, Any]:
     return fields
 
 
+_CALENDAR_NAMES = ("Summer of Action", "Climate Week", "Save Our Services", "Housing Days",
+                   "Town Hall Tour", "Week of Welcome")  # fmt: skip
+_EVENT_TITLES = ("Door-knocking in {place}", "Banner-making night", "Public meeting: {title}",
+                 "Stall at {place} market", "Phone bank for {place}", "Picnic protest in {place}",
+                 "Letter-writing evening", "Online briefing: {title}")  # fmt: skip
+_ANSWERS: dict[str, tuple[Any, ...]] = {
+    "dietary": ("vegan", "vegetarian", "none", "gluten free"),
+    "first_event": (True, False),
+    "transport": ("bike", "bus", "car share"),
+    "volunteer_roles": (["stewarding"], ["stewarding", "set-up"], []),
+}
+
+
+def _slug(text: str, n: int) -> str:
+    words = re.sub(r"[^a-z0-9]+", "-", _ascii_words(text)).strip("-")
+    return f"{words[:40].rstrip('-')}-{n}"
+
+
+def _ascii_words(text: str) -> str:
+    folded = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
+    return folded.lower()
+
+
+def _populate_events(
+    cs: ControlShiftSim,
+    gen: _Generator,
+    rng: random.Random,
+    anchor: datetime,
+    events: int,
+    calendars: int,
+    attendees: int,
+    not_opted_in: float,
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
+    """Calendars, events (with hosts) and attendees, from their own random stream ``rng``."""
+    if events <= 0:
+        return [], [], []
+    main_rng, gen.rng = gen.rng, rng  # people come from the shared pool, choices from rng
+    try:
+        made_calendars = [
+            cs.add_calendar(
+                _slug(name, i + 1),
+                f"{name} {anchor.year}",
+                description=f"Events for {name.lower()} across the country.",
+            )
+            for i, name in enumerate(rng.choice(_CALENDAR_NAMES) for _ in range(calendars))
+        ]
+
+        def consent() -> bool | None:
+            return rng.choice((False, None)) if rng.random() < not_opted_in else True
+
+        start = anchor - timedelta(days=120)
+        created = sorted(gen.moment(start, anchor - timedelta(days=3)) for _ in range(events))
+        made_events: list[dict[str, Any]] = []
+        for i, created_at in enumerate(created):
+            title = rng.choice(_EVENT_TITLES).format(place=rng.choice(_PLACES), title=gen.title())
+            slug = _slug(title, i + 1)
+            host, repeat = gen.pick_person(0.3, avoid="")
+            host.petitions.add(f"event:{slug}")  # never also an attendee of their own event
+            virtual = rng.random() < 0.25
+            country = host.country
+            location = None if virtual else {
+                "street_number": str(rng.randint(1, 200)),
+                "street": rng.choice(("High Street", "Station Road", "Church Lane", "Rue Haute")),
+                "locality": rng.choice(_PLACES),
+                "region": None,
+                "postal_code": rng.choice(_POSTCODES[country]),
+                "country": country,
+            }
+            starts = created_at + timedelta(days=rng.randint(5, 60), hours=rng.randint(0, 10))
+            starts = starts.replace(minute=0, second=0, microsecond=0)
+            in_calendar = made_calendars and rng.random() < 0.6
+            made_events.append(cs.add_event(
+                slug,
+                title=title,
+                description=f"Join us: {title.lower()}." if rng.random() < 0.9 else None,
+                start_at=starts,
+                end_at=starts + timedelta(hours=rng.choice((1, 2, 3))),
+                virtual=virtual,
+                host={
+                    "email": gen.typed_email(host, repeat),
+                    "first_name": host.first_name,
+                    "last_name": host.last_name,
+                    "postcode": host.postcode,
+                    "phone_number": host.phone_number,
+                    "country": host.country,
+                    "join_organisation": consent(),
+                },
+                location=location,
+                calendar_slug=rng.choice(made_calendars)["slug"] if in_calendar else None,
+                launched=not (events >= 4 and i == events - 1),
+                admin_status="inappropriate" if events >= 4 and i == events - 2 else "good",
+                created_at=created_at,
+                location_venue=None if virtual else rng.choice(("Town Hall", "The Crown", None)),
+            ))
+
+        specs: list[tuple[datetime, str, dict[str, Any]]] = []
+        weights = [1 / (k + 1) for k in range(events)]
+        rng.shuffle(weights)
+        weights = [w if e["launched_at"] else 0.0 for w, e in zip(weights, made_events, strict=True)]
+        for _ in range(attendees):
+            event = rng.choices(made_events, weights)[0]
+            person, repeat = gen.pick_person(0.3, avoid=f"event:{event['slug']}")
+            person.petitions.add(f"event:{event['slug']}")
+            status = rng.choices(ATTENDING_STATUSES, (50, 15, 15, 12, 8))[0]
+            at = gen.moment(_parse(created[made_events.index(event)]) + timedelta(minutes=1),
+                            anchor)
+            answers = {
+                key: rng.choice(values)
+                for key, values in _ANSWERS.items()
+                if rng.random() < 0.4
+            }
+            specs.append((at, event["slug"], {
+                "email": gen.typed_email(person, repeat),
+                "first_name": person.first_name,
+                "last_name": person.last_name,
+                "postcode": person.postcode,
+                "phone_number": person.phone_number,
+                "attending_status": status,
+                "join_organisation": consent(),
+                "additional_fields": answers or None,
+                "confirmed_at": at + timedelta(minutes=5) if status != "attending" else None,
+            }))
+        specs.sort(key=lambda spec: spec[0])
+        made_attendees = [
+            cs.add_attendee(slug, created_at=at, **fields) for at, slug, fields in specs
+        ]
+        return made_calendars, made_events, made_attendees
+    finally:
+        gen.rng = main_rng
+
+
 def populate(
     cs: ControlShiftSim,
     an: ActionNetworkSim | None,
@@ -426,6 +734,9 @@ def populate(
     bad_records: int = 0,
     seed: int = 0,
     now: datetime | None = None,
+    events: int = 0,
+    calendars: int = 0,
+    attendees: int = 0,
 ) -> Scenario:
     """Fill ``cs`` (and, if given, seed ``an`` with pre-existing people); return the Scenario.
 
@@ -433,7 +744,16 @@ def populate(
     ``unlaunched`` petitions are the newest and have no signatures. Timestamps fall in the ~6
     months before midnight UTC of ``now`` (default: the simulator's ``now``), so a run is
     reproducible from ``seed`` on any one day, or always with a fixed ``now``.
+
+    ``events`` CS events (with ``events >= 4``: the newest is unlaunched and the one before it
+    launched but moderated inappropriate), spread over ``calendars`` calendars (about 60% of them
+    in one) or none, a quarter virtual; hosts and the ``attendees`` RSVPs are returning people
+    (signers among them) or new ones, with every attending status and ``join_organisation``
+    true / false / null. Events come from their own random stream: with ``events=0`` nothing
+    else changes.
     """
+    if attendees and not events:
+        raise ValueError("attendees need events")
     if not 0 <= unlaunched <= petitions:
         raise ValueError("unlaunched must be between 0 and petitions")
     if signatures + bad_records > 0 and unlaunched == petitions:
@@ -505,6 +825,11 @@ def populate(
         if kind is not None:
             bad[sig["id"]] = kind
 
+    made_calendars, made_events, made_attendees = _populate_events(
+        cs, gen, random.Random(f"events:{seed}"), anchor, events, calendars, attendees,
+        not_opted_in,
+    )
+
     # People already in AN before the sync.
     existing: dict[str, ExistingPerson] = {}
     for person in gen.people:
@@ -531,4 +856,7 @@ def populate(
         bad_records=bad,
         existing_people=existing,
         people=[normalize_email(p.email) for p in gen.people],
+        calendars=made_calendars,
+        events=made_events,
+        attendees=made_attendees,
     )

@@ -14,9 +14,14 @@ from csand.sim.scenario import Scenario
 
 
 def compare(
-    scenario: Scenario, an: ActionNetworkSim, origin_system: str = "Controlshift Petition"
+    scenario: Scenario,
+    an: ActionNetworkSim,
+    origin_system: str = "Controlshift Petition",
+    event_origin_system: str = "Controlshift Event",
 ) -> dict[str, Any]:
-    """Check AN's end state against the oracle; returns counts and the first few differences."""
+    """Check AN's end state against the oracle; returns counts and the first few differences.
+
+    When the scenario has events, also their AN mirrors (see :func:`_compare_events`)."""
     expected = scenario.expected_an_state()
     petitions_by_uuid = {p["uuid"]: p for p in an.petitions()}
     slug_of = {p["uuid"]: p["identifiers"] for p in an.petitions()}
@@ -63,6 +68,10 @@ def compare(
         key = person["email"].strip().lower()
         if person["created_by"] == "api" and key not in expected:
             problems.append(f"{mask_email(key)}: created in AN but should not exist")
+            if person["status"] == "subscribed" or any(
+                h["status"] == "subscribed" for h in an.history(key)
+            ):
+                wrongly_subscribed += 1
     creators = {p["slug"]: (p["creator"] or {}).get("email") for p in scenario.cs.petitions()}
     for petition in petitions_by_uuid.values():
         if petition["origin_system"] != origin_system:
@@ -87,10 +96,110 @@ def compare(
     launched = sum(1 for p in scenario.cs.petitions() if p["launched"])
     if len(petitions_by_uuid) != launched:
         problems.append(f"{len(petitions_by_uuid)} mirrored petitions for {launched} launched")
-    return {
+    result = {
         "expected_people": len(expected),
         "problems": problems,
         "wrongly_subscribed": wrongly_subscribed,
         "duplicate_petitions": duplicates,
         "duplicate_signatures": len(pairs) - len(set(pairs)),
+    }
+    if scenario.has_events():
+        result |= _compare_events(scenario, an, people_by_uuid, event_origin_system, problems)
+    return result
+
+
+def _compare_events(
+    scenario: Scenario,
+    an: ActionNetworkSim,
+    people_by_uuid: dict[str, dict[str, Any]],
+    origin_system: str,
+    problems: list[str],
+) -> dict[str, Any]:
+    """Events, event campaigns and attendances (docs/rules.md §5): exactly one AN event per
+    synced CS event and nothing else, in its calendar's campaign (exactly one campaign per
+    calendar holding a synced event), with its title, origin system and host as creator, and
+    exactly the expected people attending. People's tags and statuses are checked with the
+    other people. Appends to ``problems``; returns the duplicate counts."""
+    want = scenario.expected_events()
+    want_campaigns = scenario.expected_campaigns()  # calendar slug -> identifier
+    email_of = {uuid: p["email"].strip().lower() for uuid, p in people_by_uuid.items()}
+    uuid_of = {email: uuid for uuid, email in email_of.items()}
+
+    campaigns: dict[str, list[dict[str, Any]]] = {}
+    for campaign in an.event_campaigns():
+        matched = [i for i in campaign["identifiers"] if ":calendar-" in i]
+        if not matched:
+            problems.append(f"event campaign {campaign['identifiers']}: not a ControlShift calendar")
+        for ident in matched:
+            campaigns.setdefault(ident, []).append(campaign)
+    wanted_ids = set(want_campaigns.values())
+    for calendar, ident in sorted(want_campaigns.items()):
+        if ident not in campaigns:
+            problems.append(f"calendar {calendar}: no event campaign in AN")
+    for ident, found in sorted(campaigns.items()):
+        if ident not in wanted_ids:
+            problems.append(f"event campaign {ident}: should not exist")
+        if len(found) > 1:
+            problems.append(f"event campaign {ident}: {len(found)} copies")
+
+    events: dict[str, list[dict[str, Any]]] = {}
+    for event in an.events():
+        matched = [i for i in event["identifiers"] if ":event-" in i]
+        if not matched:
+            problems.append(f"event {event['identifiers']}: not a ControlShift event")
+        for ident in matched:
+            events.setdefault(ident, []).append(event)
+    by_identifier = {e.identifier: e for e in want.values()}
+    for ident, found in sorted(events.items()):
+        if ident not in by_identifier:
+            problems.append(f"event {ident}: should not exist (not launched, inappropriate or "
+                            "unknown)")
+        if len(found) > 1:
+            problems.append(f"event {ident}: {len(found)} copies")
+
+    attendance_count = 0
+    for slug, exp in sorted(want.items()):
+        found = events.get(exp.identifier)
+        if not found:
+            problems.append(f"event {slug}: missing in AN")
+            continue
+        event = found[0]
+        if event.get("title") != exp.title:
+            problems.append(f"event {slug}: title {event.get('title')!r}")
+        if event.get("origin_system") != origin_system:
+            problems.append(f"event {slug}: origin_system {event.get('origin_system')!r}")
+        want_campaign = campaigns.get(exp.calendar_identifier or "", [])
+        if exp.calendar is None and event["campaign_uuid"] is not None:
+            problems.append(f"event {slug}: in an event campaign but has no calendar")
+        elif exp.calendar is not None and event["campaign_uuid"] not in {
+            c["uuid"] for c in want_campaign
+        }:
+            problems.append(f"event {slug}: not in calendar {exp.calendar}'s event campaign")
+        if exp.host and uuid_of.get(exp.host) is not None and (
+            event["creator_uuid"] != uuid_of[exp.host]
+        ):
+            problems.append(f"event {slug}: creator link missing or wrong")
+        got: list[str] = [
+            email_of.get(a["person_uuid"], f"<unknown person {a['person_uuid']}>")
+            for a in an.attendances(event["uuid"])
+        ]
+        attendance_count += len(got)
+        missing, extra = exp.attendances - set(got), set(got) - exp.attendances
+        if missing:
+            problems.append(f"event {slug}: attendances missing for "
+                            f"{sorted(mask_email(e) for e in missing)}")
+        if extra:
+            problems.append(f"event {slug}: unexpected attendances for "
+                            f"{sorted(mask_email(e) for e in extra)}")
+    duplicate_attendances = an.duplicates()["attendances"]
+    if duplicate_attendances:
+        problems.append(f"{duplicate_attendances} duplicate attendances in AN")
+    return {
+        "expected_events": len(want),
+        "expected_campaigns": len(want_campaigns),
+        "expected_attendances": sum(len(e.attendances) for e in want.values()),
+        "attendances": attendance_count,
+        "duplicate_events": sum(len(f) - 1 for f in events.values()),
+        "duplicate_event_campaigns": sum(len(f) - 1 for f in campaigns.values()),
+        "duplicate_attendances": duplicate_attendances,
     }

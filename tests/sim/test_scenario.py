@@ -270,3 +270,233 @@ def test_populate_seeds_the_action_network_simulator() -> None:
         person = an.person(email)
         assert person is not None and person["status"] == before.status
         assert person["given_name"] == before.given_name
+
+
+# ------------------------------------------------------------------ events
+
+
+def test_events_are_generated_deterministically_and_leave_petitions_alone() -> None:
+    cs0, an0, s0 = make(seed=5, signatures=150)
+    cs1, an1, s1 = make(seed=5, signatures=150, events=10, calendars=3, attendees=200)
+    cs2, _, s2 = make(seed=5, signatures=150, events=10, calendars=3, attendees=200)
+    assert cs0.petitions() == cs1.petitions() and cs0.signatures() == cs1.signatures()
+    assert an0.people == an1.people[: len(an0.people)]  # the petitions' people unchanged
+    assert s0.events == s0.calendars == s0.attendees == [] and not s0.has_events()
+    assert "events" not in s0.summary()
+    assert cs1.events() == cs2.events() and cs1.attendees() == cs2.attendees()
+    assert s1.expected_an_state() == s2.expected_an_state()
+    assert s1.expected_events() == s2.expected_events()
+    _, _, s3 = make(seed=6, signatures=150, events=10, calendars=3, attendees=200)
+    assert s3.attendees != s1.attendees
+
+
+def test_event_scenario_shape() -> None:
+    cs, an, sc = make(seed=2, signatures=300, events=12, calendars=3, attendees=400)
+    events = cs.events()
+    assert len(events) == 12 and len(cs.calendars()) == 3 and len(cs.attendees()) == 400
+    assert [e["launched_at"] is None for e in events].count(True) == 1
+    assert events[-1]["launched_at"] is None  # the newest is unlaunched...
+    assert [e["admin_status"] for e in events].count("inappropriate") == 1  # ...one flagged
+    assert any(e["virtual"] and e["location"] is None for e in events)
+    assert any(not e["virtual"] and e["location"] for e in events)
+    assert any(e["calendar_slug"] for e in events) and any(not e["calendar_slug"] for e in events)
+    attendees = cs.attendees()
+    assert not cs.attendees(events[-1]["slug"])  # nobody RSVPs to a draft
+    statuses = Counter(a["attending_status"] for a in attendees)
+    assert set(statuses) == {"attending", "confirmed", "attended", "not_attending", "no_show"}
+    assert set(Counter(a["join_organisation"] for a in attendees)) == {True, False, None}
+    assert any(a["additional_fields"] for a in attendees)
+    assert any(a["phone_number"] for a in attendees)
+    signers = {normalize_email(s["email"]) for s in cs.signatures()}
+    rsvps = {normalize_email(a["email"]) for a in attendees}
+    hosts = {normalize_email(e["host"]["email"]) for e in events}
+    assert rsvps & signers and hosts & signers  # the same people sign and turn up
+    assert rsvps & set(sc.existing_people) and hosts & set(sc.existing_people)
+    in_an = {sc.existing_people[e].status for e in rsvps & set(sc.existing_people)}
+    assert in_an == {"subscribed", "unsubscribed"}
+    summary = sc.summary()
+    assert summary["events"] == 12 and summary["expected_events"] == 10
+    assert 1 <= summary["expected_campaigns"] <= 3
+
+
+def _event(cs: ControlShiftSim, slug: str, host: str, **kwargs: Any) -> None:
+    cs.add_event(slug, title=slug.title(), description=None, start_at=NOW + timedelta(days=9),
+                 end_at=None, host={"email": host, "first_name": "Hal", "last_name": "Host",
+                                    "postcode": "2000", "join_organisation": True},
+                 created_at=NOW - timedelta(days=30), **kwargs)
+
+
+def _oracle_world() -> Any:
+    """A hand-made world: a calendar, a synced event in it, one outside it, a draft and a flagged
+    event; hosts and attendees of every kind."""
+    from csand.sim.scenario import Scenario
+
+    cs = ControlShiftSim(now=lambda: NOW)
+    cs.add_calendar("summer", "Summer")
+    cs.add_calendar("empty", "Empty")
+    _event(cs, "picnic", "host@example.org", calendar_slug="summer")
+    _event(cs, "online", "Signer@example.org ", virtual=True)
+    _event(cs, "draft", "drafty@example.org", launched=False, calendar_slug="empty")
+    _event(cs, "rude", "rude@example.org", admin_status="inappropriate", calendar_slug="empty")
+    cs.add_petition(title="P", launched=True, categories=[], created_at=NOW - timedelta(days=60),
+                    creator={"first_name": "C", "last_name": "C", "email": "c@example.org"})
+    slug = cs.petitions()[0]["slug"]
+    cs.add_signature(slug, email="signer@example.org", first_name="Sig", last_name="Ner",
+                     join_organisation=False, created_at=NOW - timedelta(days=50))
+    cs.add_signature(slug, email="decliner@example.org", first_name="D", last_name="D",
+                     join_organisation=None, created_at=NOW - timedelta(days=50))
+    day = NOW - timedelta(days=10)
+    for email, status, join, event in [
+        ("yes@example.org", "attending", True, "picnic"),
+        ("no@example.org", "confirmed", False, "picnic"),
+        ("null@example.org", "attended", None, "online"),
+        ("decliner@example.org", "not_attending", True, "picnic"),  # signed: a person, unopted
+        ("noshow@example.org", "no_show", True, "picnic"),  # nothing at all
+        ("flagged@example.org", "attending", True, "rude"),  # an unsynced event
+        ("unsub@example.org", "attending", True, "online"),  # in AN unsubscribed, opts in
+        ("sub@example.org", "attending", False, "online"),  # in AN subscribed: stays
+        ("Yes@Example.org", "attending", None, "online"),  # a second event for yes@
+        ("host@example.org", "attending", None, "online"),  # a host attends elsewhere
+    ]:
+        cs.add_attendee(event, email=email, first_name="At", last_name="Tendee",
+                        attending_status=status, join_organisation=join, created_at=day)
+    existing = {e: ExistingPerson(e, "In", "An", s)  # type: ignore[arg-type]
+                for e, s in [("unsub@example.org", "unsubscribed"),
+                             ("sub@example.org", "subscribed")]}
+    return Scenario(cs=cs, seed=0, petitions=cs.petitions(), signatures=cs.signatures(),
+                    bad_records={}, existing_people=existing)
+
+
+def test_oracle_for_events_hosts_and_attendees() -> None:
+    from csand.sim.scenario import ATTENDEE_TAG, EVENT_HOST_TAG
+
+    sc = _oracle_world()
+    events = sc.expected_events()
+    assert set(events) == {"picnic", "online"}  # not the draft, not the flagged one
+    assert sc.expected_campaigns() == {"summer": "controlshift-demo-org:calendar-summer"}
+    assert events["picnic"].identifier == "controlshift-demo-org:event-picnic"
+    assert events["online"].calendar is None and events["online"].host == "signer@example.org"
+    assert events["picnic"].attendances == {"host@example.org", "yes@example.org",
+                                            "no@example.org"}
+    assert events["online"].attendances == {
+        "signer@example.org", "null@example.org", "unsub@example.org", "sub@example.org",
+        "yes@example.org", "host@example.org"}
+
+    state = sc.expected_an_state()
+    assert {e: p.status for e, p in state.items()} == {
+        "c@example.org": "unsubscribed",
+        "signer@example.org": "unsubscribed",  # signed without, hosts (REST: no opt-in)
+        "decliner@example.org": "unsubscribed",  # the decline's opt-in counts for nothing
+        "host@example.org": "unsubscribed",  # a REST host never opts in
+        "yes@example.org": "subscribed",
+        "no@example.org": "unsubscribed",
+        "null@example.org": "unsubscribed",
+        "unsub@example.org": "subscribed",
+        "sub@example.org": "subscribed",
+    }
+    assert "noshow@example.org" not in state and "flagged@example.org" not in state
+    assert "drafty@example.org" not in state and "rude@example.org" not in state
+    assert state["host@example.org"].tags == {EVENT_HOST_TAG, ATTENDEE_TAG}
+    assert state["host@example.org"].events == {"picnic", "online"}
+    # The REST host's full name is never split: the name is the attendance's, the postcode
+    # the host's.
+    assert (state["host@example.org"].given_name, state["host@example.org"].postal_code) == (
+        "At", "2000")
+    assert state["signer@example.org"].tags == {SIGNER_TAG, EVENT_HOST_TAG}
+    assert state["decliner@example.org"].events == frozenset()
+    assert state["yes@example.org"].events == {"picnic", "online"}
+
+    # Heard through webhooks, the host's own consent and name count, and the flag is known.
+    sc.host_consent_known = True
+    state = sc.expected_an_state()
+    assert state["host@example.org"].status == "subscribed"
+    assert state["signer@example.org"].given_name == "Hal"  # hosting is newer than signing
+    sc.moderation_known = False  # polling alone: a flagged event looks like any other
+    assert set(sc.expected_events()) == {"picnic", "online", "rude"}
+    assert sc.expected_an_state()["flagged@example.org"].status == "subscribed"
+
+
+def _sync_perfectly(sc: Any, an_sim: Any) -> None:
+    """Write the oracle's state into AN through its API, as a flawless csand would."""
+    with ServedApp(an_sim.app) as served, httpx.Client(
+        base_url=f"{served.url}/api/v2", headers={"OSDI-API-Token": an_sim.api_key}, timeout=5
+    ) as an:
+        state = sc.expected_an_state()
+        for email, want in state.items():
+            address: dict[str, Any] = {"address": email}
+            if want.status == "subscribed" or an_sim.person(email) is None:
+                address["status"] = want.status
+            person = {"email_addresses": [address], "given_name": want.given_name,
+                      "family_name": want.family_name}
+            if want.postal_code:
+                person["postal_addresses"] = [{"postal_code": want.postal_code}]
+            for tag in want.tags:
+                an_sim.add_tag(tag)
+            response = an.post("/people", json={"person": person, "add_tags": sorted(want.tags)})
+            assert response.status_code == 200, response.text
+        for p in sc.cs.petitions():
+            creator = an_sim.person(p["creator"]["email"])
+            doc = an.post("/petitions", json={
+                "title": p["title"], "description": p["url"], "origin_system":
+                "Controlshift Petition", "identifiers": [f"controlshift-demo-org:petition-{p['id']}"],
+                "_links": {"osdi:creator": {"href": f"{an.base_url}people/{creator['uuid']}"}}})
+            uuid = doc.json()["_links"]["self"]["href"].rsplit("/", 1)[-1]
+            for email, want in state.items():
+                if p["slug"] in want.petitions:
+                    an.post(f"/petitions/{uuid}/signatures",
+                            json={"person": {"email_addresses": [{"address": email}]}})
+        campaigns = {}
+        for calendar, ident in sc.expected_campaigns().items():
+            doc = an.post("/event_campaigns", json={"title": calendar, "identifiers": [ident],
+                                                    "origin_system": "Controlshift Event"})
+            campaigns[calendar] = doc.json()["_links"]["self"]["href"].rsplit("/", 1)[-1]
+        for exp in sc.expected_events().values():
+            host = an_sim.person(exp.host)
+            body = {"title": exp.title, "identifiers": [exp.identifier],
+                    "origin_system": "Controlshift Event",
+                    "_links": {"osdi:creator": {"href": f"{an.base_url}people/{host['uuid']}"}}}
+            path = f"/event_campaigns/{campaigns[exp.calendar]}/events" if exp.calendar \
+                else "/events"
+            doc = an.post(path, json=body).json()
+            uuid = doc["_links"]["self"]["href"].rsplit("/", 1)[-1]
+            for email in sorted(exp.attendances):
+                response = an.post(f"/events/{uuid}/attendances",
+                                   json={"person": {"email_addresses": [{"address": email}]}})
+                assert response.status_code == 200, response.text
+
+
+def test_compare_checks_events_campaigns_and_attendances() -> None:
+    from csand.sim.actionnetwork import ActionNetworkSim
+    from csand.sim.verify import compare
+
+    sc = _oracle_world()
+    an_sim = ActionNetworkSim(requests_per_second=None, events_api=True)
+    for email, before in sc.existing_people.items():
+        an_sim.add_person(email, before.given_name, before.family_name, status=before.status)
+    empty = compare(sc, an_sim)
+    assert "event picnic: missing in AN" in empty["problems"]
+    assert "calendar summer: no event campaign in AN" in empty["problems"]
+    assert empty["expected_events"] == 2 and empty["expected_attendances"] == 9
+
+    _sync_perfectly(sc, an_sim)
+    result = compare(sc, an_sim)
+    assert result["problems"] == [] and result["wrongly_subscribed"] == 0
+    assert result["attendances"] == 9 and result["duplicate_events"] == 0
+
+    # A decliner's RSVP recorded anyway, and a no-show created (and subscribed) by the helper.
+    [picnic] = [e for e in an_sim.events() if "controlshift-demo-org:event-picnic"
+                in e["identifiers"]]
+    with ServedApp(an_sim.app) as served, httpx.Client(
+        base_url=f"{served.url}/api/v2", headers={"OSDI-API-Token": an_sim.api_key}, timeout=5
+    ) as an:
+        for email in ("decliner@example.org", "noshow@example.org"):
+            an.post(f"/events/{picnic['uuid']}/attendances",
+                    json={"person": {"email_addresses": [{"address": email}]}})
+        an.post("/events", json={"title": "Rude", "origin_system": "Controlshift Event",
+                                 "identifiers": ["controlshift-demo-org:event-rude"]})
+    result = compare(sc, an_sim)
+    problems = "\n".join(result["problems"])
+    assert "event picnic: unexpected attendances" in problems
+    assert "created in AN but should not exist" in problems
+    assert "event controlshift-demo-org:event-rude: should not exist" in problems
+    assert result["wrongly_subscribed"] == 1  # the no-show, subscribed by the helper
