@@ -476,7 +476,7 @@ class _Batch:
         self.attendees: list[AttendeeSeen] = []
 
 
-def _event_slug(event: Any) -> str:
+def event_slug(event: Any) -> str:
     """The slug of an event record; :class:`MalformedRecord` when it has none."""
     if not isinstance(event, dict):
         raise MalformedRecord(f"event is not an object ({type(event).__name__})")
@@ -531,7 +531,7 @@ class EventSync:
         """Every listed event; ``full`` walks the attendees of every one of them."""
         for event in await self.cs.events():
             try:
-                slug = _event_slug(event)
+                slug = event_slug(event)
             except MalformedRecord as exc:
                 report.malformed += 1
                 log.error("cs.malformed_event", reason=f"event without a slug: {exc}",
@@ -560,6 +560,15 @@ class EventSync:
                 log.error("cs.malformed_event", event_slug=slug,
                           reason=f"{type(exc).__name__}: {exc}", record=str(event)[:200])
 
+    @staticmethod
+    def ref(event: dict[str, Any], org: str) -> EventRef:
+        """The event's reference, in its calendar when the payload names one; raises
+        :class:`MalformedRecord`."""
+        raw = event.get("calendar")
+        if raw is not None and not isinstance(raw, dict):
+            raise MalformedRecord(f"calendar is not an object ({type(raw).__name__})")
+        return event_ref(event, org, calendar_ref(raw, org) if raw else None)
+
     def recent(self, start_at: str | None, end_at: str | None) -> bool:
         """Whether an event ended (else started) less than RECENT_EVENT_DAYS ago, or is to come;
         an event with neither time counts as recent."""
@@ -579,7 +588,7 @@ class EventSync:
         ``event_id`` marks that webhook processed in the last commit. Returns a note.
         """
         report = report if report is not None else CycleReport()
-        slug = _event_slug(event)
+        slug = event_slug(event)
         state = await self.store.event_state(slug)
         extra_json = json.dumps(host_extra, sort_keys=True) if host_extra is not None else None
         extra = host_extra if host_extra is not None else (
@@ -595,11 +604,7 @@ class EventSync:
         report.events += 1
         batch = _Batch()
         try:
-            raw = event.get("calendar")
-            if raw is not None and not isinstance(raw, dict):
-                raise MalformedRecord(f"calendar is not an object ({type(raw).__name__})")
-            calendar = calendar_ref(raw, org) if raw else None
-            ref = event_ref(event, org, calendar)
+            ref = self.ref(event, org)
         except Exception as exc:  # nothing of it syncs until corrected
             self._malformed(dead_letter("event", event, exc, source_key=f"event:{slug}"),
                             slug, batch, report)
@@ -622,7 +627,7 @@ class EventSync:
         if walked_before and state is not None and state.content != content:
             batch.activities.append(event_change_activity(ref, self.now()))
         new_state = EventState(slug, content=content,
-                               calendar_slug=calendar.slug if calendar else None,
+                               calendar_slug=ref.calendar.slug if ref.calendar else None,
                                inappropriate=inappropriate, host_extra=extra_json)
         added = await self._commit(batch, fence, state=new_state, event_id=event_id)
         report.enqueued += added

@@ -90,14 +90,14 @@ class SeenAttendee:
 
 def see_attendee(
     record: dict[str, Any], event: EventRef | None, previous: AttendeeSeen | None, *,
-    deleted_at: str | None = None,
+    deleted_at: str | None = None, event_slug: str | None = None,
 ) -> SeenAttendee:
     """One attendee compared with its recorded version, like :func:`see_signature`.
 
     ``deleted_at`` marks a deletion (``attendee.deleted``, or gone from a complete listing):
     recorded as deleted for good, pending items cancelled. A record not attending is recorded
     with :data:`NOT_ATTENDING` and cancels what is pending (its fields are not checked). ``event``
-    may be None only for a deletion. Raises :class:`~csand.model.MalformedRecord` for a record
+    may be None only for a deletion (which then needs ``event_slug``). Raises :class:`~csand.model.MalformedRecord` for a record
     that is not a well-formed attendee."""
     attendee_id = record_id(record)
     source = f"attendee:{attendee_id}"
@@ -110,7 +110,8 @@ def see_attendee(
     if previous is not None and previous.deleted_at:
         return SeenAttendee()  # deleted stays deleted
     if deleted_at:
-        slug = previous.event_slug if previous is not None else event.slug if event else None
+        slug = previous.event_slug if previous is not None else (
+            event.slug if event is not None else event_slug)
         if slug is None:
             raise ValueError("a deletion of an attendee never seen needs its event")
         row = AttendeeSeen(attendee_id, slug, "deleted", deleted_at, updated_iso)

@@ -5,7 +5,14 @@ parses the JSON and writes the raw event to the ``webhook_events`` inbox (one SQ
 the 2xx that stops ControlShift from retrying goes out fast and only once the event is durable.
 The :class:`WebhookProcessor` then maps each event through the same rules as polled records
 (fetching the petition by slug where the payload lacks it) and commits the outbox rows and
-"event processed" together. A redelivered event (same ``jid``) is recognised in the inbox, and
+"event processed" together.
+
+ControlShift events (``event.*``, ``attendee.*``) go through the poller's
+:class:`~csand.controlshift.poller.EventSync` (``events``; without one they are ignored): an
+``event.*`` webhook records what only webhooks say (``admin_status`` "inappropriate", the host's
+split names and ``join_organisation``) and then processes the REST copy of the event exactly as
+a poll of that one event would (its payload lacks description and calendar), so both sources
+build the same items. ``event.created.requires_moderation`` is recorded, not synced. A redelivered event (same ``jid``) is recognised in the inbox, and
 the same signature from a webhook and a poll is one version with one fingerprint.
 """
 
@@ -23,7 +30,8 @@ import anyio
 
 from csand import metrics
 from csand.controlshift.client import CSAuthError, CSError, PetitionDirectory
-from csand.controlshift.versions import see_signature
+from csand.controlshift.poller import EventSync, event_slug
+from csand.controlshift.versions import see_attendee, see_signature
 from csand.logs import get_logger
 from csand.model import (
     Activity,
@@ -34,6 +42,7 @@ from csand.model import (
     dead_letter,
     global_unsubscribe_activity,
     is_launched,
+    is_syncable_event,
     normalize_email,
     now_utc,
     parse_time,
@@ -41,7 +50,7 @@ from csand.model import (
     text_field,
 )
 from csand.retry import WEBHOOK_EVENTS, RetryPolicy
-from csand.storage import Storage, WebhookEvent
+from csand.storage import EventState, Storage, WebhookEvent
 
 log = get_logger("webhooks")
 
@@ -52,7 +61,12 @@ SIGNATURE_EVENTS = {"signature.created", "signature.updated", "signature.confirm
                     "signature.deleted"}
 PETITION_EVENTS = {"petition.launched", "petition.updated"}
 CATEGORY_EVENTS = {"category.created", "category.updated", "category.deleted"}
-HANDLED = SIGNATURE_EVENTS | PETITION_EVENTS | CATEGORY_EVENTS | {"unsubscribe.created"}
+EVENT_EVENTS = {"event.created", "event.updated"}
+MODERATION_EVENT = "event.created.requires_moderation"
+ATTENDEE_EVENTS = {"attendee.created", "attendee.confirmed", "attendee.updated",
+                   "attendee.deleted"}
+HANDLED = (SIGNATURE_EVENTS | PETITION_EVENTS | CATEGORY_EVENTS | {"unsubscribe.created"}
+           | EVENT_EVENTS | {MODERATION_EVENT} | ATTENDEE_EVENTS)
 
 
 def sign(body: bytes, secret: str) -> str:
@@ -101,8 +115,10 @@ class WebhookProcessor:
         global_unsubscribes: bool = True,
         policy: RetryPolicy = WEBHOOK_EVENTS,
         clock: Callable[[], float] = time.time,
+        events: EventSync | None = None,
     ) -> None:
         self.store = store
+        self.events = events  # the poller's: event and attendee webhooks are ignored without it
         self.directory = directory
         self._org_slug = org_slug
         self._poke = poke_poller
@@ -154,6 +170,10 @@ class WebhookProcessor:
             return await self._petition(event, data)
         if event.type == "unsubscribe.created":
             return await self._unsubscribe(event, data)
+        if self.events is not None and event.type in EVENT_EVENTS | {MODERATION_EVENT}:
+            return await self._event(event, data, self.events)
+        if self.events is not None and event.type in ATTENDEE_EVENTS:
+            return await self._attendee(event, data, self.events)
         if event.type in CATEGORY_EVENTS:
             self.directory.forget_all()
             await self.store.commit_poll(None, event_id=event.id)
@@ -275,3 +295,110 @@ class WebhookProcessor:
             return await self._dead_letters(event, [dead_letter("unsubscribe", data, exc)])
         await self.store.commit_poll(None, (), [activity], event_id=event.id)
         return "global unsubscribe enqueued"
+
+    # ---- events and attendees ----
+
+    async def _event(self, event: WebhookEvent, data: dict[str, Any], events: EventSync) -> str:
+        try:
+            slug = event_slug(data)
+            extra = host_extra(data.get("host"))
+        except MalformedRecord as exc:  # the poll still syncs the event from its REST copy
+            slug_value = data.get("slug")
+            return await self._dead_letters(event, [dead_letter(
+                "event", data, exc,
+                source_key=f"event:{slug_value}" if isinstance(slug_value, str) else None)])
+        extra_json = json.dumps(extra, sort_keys=True) if extra is not None else None
+        inappropriate = data.get("admin_status") == "inappropriate"
+        if event.type == MODERATION_EVENT:
+            await self.store.commit_poll(None, event=EventState(slug, host_extra=extra_json),
+                                         event_id=event.id)
+            return "event awaiting moderation: recorded, not synced"
+        rest = await events.cs.event(slug)
+        org = await self._org_slug()
+        async with events.lock(slug):
+            if rest is None:  # gone, or not shown: what the webhook said is kept
+                await self.store.commit_poll(None, event=EventState(
+                    slug, inappropriate=inappropriate, host_extra=extra_json), event_id=event.id)
+                return "event not found on ControlShift: recorded, not synced"
+            state = await self.store.event_state(slug)
+            walked = state is not None and state.content is not None
+            # Attendees of an event walked before arrive by their own webhooks and polls.
+            return await events.sync(rest, org, walk=not walked, event_id=event.id,
+                                     inappropriate=inappropriate, host_extra=extra)
+
+    async def _attendee(self, event: WebhookEvent, data: dict[str, Any], events: EventSync
+                        ) -> str:
+        about = data.get("event")
+        try:
+            if not isinstance(about, dict):
+                raise MalformedRecord("event is missing" if about is None
+                                      else f"event is not an object ({type(about).__name__})")
+            slug = event_slug(about)
+            attendee_id = record_id(data)
+        except MalformedRecord as exc:
+            return await self._dead_letters(event, [dead_letter("attendee", data, exc)])
+        org = await self._org_slug()
+        deleting = event.type == "attendee.deleted"
+        rest = None if deleting else await events.cs.event(slug)
+        if not deleting and rest is None:  # not readable yet: tried again later
+            raise CSError(f"ControlShift event {slug!r} of attendee {attendee_id} not found")
+        async with events.lock(slug):
+            state = await self.store.event_state(slug)
+            if state is not None and state.inappropriate:
+                await self.store.commit_poll(None, event_id=event.id)
+                return "event moderated as inappropriate: not synced"
+            ref = None
+            if rest is not None:
+                if not is_syncable_event(rest):
+                    await self.store.commit_poll(None, event_id=event.id)
+                    return "event not launched: its attendees are walked once it is"
+                if state is None or state.content is None:
+                    # First sight of the event: its host goes first, as in a poll.
+                    await events.sync(rest, org, walk=True)
+                    self._poke()
+                try:
+                    ref = events.ref(rest, org)
+                except MalformedRecord:  # the event's own dead letter says why
+                    await self.store.commit_poll(None, event_id=event.id)
+                    return "event malformed: not synced"
+            previous = (await self.store.attendees_seen(slug)).get(attendee_id)
+            try:
+                seen = see_attendee(
+                    data, ref, previous, event_slug=slug,
+                    deleted_at=(text_field(data, "deleted_at") or now_utc().isoformat())
+                    if deleting else None)
+            except Exception as exc:  # as in a poll: one malformed record is one dead letter
+                return await self._dead_letters(event, [dead_letter("attendee", data, exc)])
+            await self.store.commit_poll(
+                None, activities=[seen.activity] if seen.activity else (),
+                deleted_sources=[seen.cancel] if seen.cancel else (),
+                attendees=[seen.row] if seen.row else (), event_id=event.id)
+        if deleting or seen.cancel:
+            return "attendee deleted or not attending: not synced"
+        return "enqueued" if seen.activity else "already known"
+
+
+_HOST_EXTRA = ("first_name", "last_name", "confirmed_at")
+
+
+def host_extra(host: Any) -> dict[str, Any] | None:
+    """What an ``event.*`` webhook says of the host that the REST event does not: split names,
+    ``join_organisation`` and ``confirmed_at``, for the host's email (see
+    :func:`csand.controlshift.poller.with_host_extra`). None without a host."""
+    if host is None:
+        return None
+    if not isinstance(host, dict):
+        raise MalformedRecord(f"host is not an object ({type(host).__name__})")
+    extra: dict[str, Any] = {
+        "for_email": normalize_email(text_field(host, "email", prefix="host."))}
+    for key in _HOST_EXTRA:
+        value = text_field(host, key, prefix="host.")
+        if value is not None:
+            extra[key] = value
+    join = host.get("join_organisation")
+    if join is not None and not isinstance(join, bool):
+        raise MalformedRecord(
+            f"host.join_organisation is not true, false or null ({type(join).__name__})")
+    if join is not None:
+        extra["join_organisation"] = join
+    return extra
