@@ -15,7 +15,7 @@ from typing import Any
 import httpx
 import pytest
 
-from csand.controlshift.client import ControlShiftClient
+from csand.controlshift.client import ControlShiftClient, CSError
 from csand.controlshift.poller import Poller
 from csand.controlshift.versions import NOT_ATTENDING
 from csand.ratelimit import TokenBucket
@@ -268,3 +268,22 @@ async def test_events_are_polled_only_when_asked(tmp_path: Path) -> None:
         add_event(env.sim)
         await env.poller.cycle()
         assert env.outbox() == [] and EVENTS_ROUTE not in env.routes()
+
+
+async def test_failed_event_listing_keeps_the_petitions_cycle(
+        env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    env.sim.add_petition(title="P", creator={"email": "c@example.org"})
+    add_event(env.sim)
+
+    async def failing() -> list[dict[str, Any]]:
+        raise CSError("ControlShift answered 502")
+
+    monkeypatch.setattr(env.poller.events.cs, "events", failing)
+    await env.poller.cycle()
+    assert [i["kind"] for i in env.outbox()] == ["petition_created"]
+    status = await env.store.get_meta("last_poll_result")
+    assert status is not None and "events failed: ControlShift answered 502" in status
+    assert await env.store.get_meta("backfill_done") == "1"
+    monkeypatch.undo()
+    await env.poller.cycle()  # never walked: walked now
+    assert [i["kind"] for i in env.outbox()] == ["petition_created", "event_hosted"]

@@ -261,16 +261,27 @@ class Poller:
                     report.malformed += 1
                     log.error("cs.malformed_petition", petition=slug,
                               reason=f"{type(exc).__name__}: {exc}", record=str(petition)[:200])
+        events_failed = None
         if self.sync_events:
-            await self.events.cycle(org, full=full or first_run, report=report,
-                                    fence=self.fence)
+            try:
+                await self.events.cycle(org, full=full or first_run, report=report,
+                                        fence=self.fence)
+            except CSAuthError:
+                raise
+            except CSError as exc:
+                # What the petitions gave is kept and the cycle counts: events never walked are
+                # walked next cycle anyway, old ones at the next sweep.
+                metrics.poll_failures.inc()
+                events_failed = str(exc)
+                log.warning("poll.events_failed", error=str(exc), full=full)
         meta: dict[str, float | str] = {
             "last_poll_at": started,
             "last_poll_result": f"ok: {report.petitions} petitions, {report.walked} walked, "
                                 f"{report.events} events, {report.events_walked} walked, "
                                 f"{report.enqueued} new activities"
                                 + (f", {report.malformed} malformed records" if report.malformed
-                                   else ""),
+                                   else "")
+                                + (f"; events failed: {events_failed}" if events_failed else ""),
         }
         if full or first_run:
             meta["last_reconcile_at"] = started
