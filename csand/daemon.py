@@ -148,6 +148,7 @@ class Daemon:
                     self.webhooks = WebhookProcessor(
                         store, self.poller.directory, self.poller.org_slug, self.poller.poke,
                         global_unsubscribes=s.controlshift.global_unsubscribes,
+                        events=self.poller.events if s.sync.events else None,
                     )
                 if s.http.listen and not self.dry_run:
                     self.listener = Listener(self._http_app(), s.http.listen)
