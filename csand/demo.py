@@ -39,11 +39,17 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
-def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed: int) -> int:
+def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed: int,
+             events: int = 6, attendees: int = 60) -> int:
     console = Console()
     cs = ControlShiftSim(page_size=25, seed=seed)
-    an = ActionNetworkSim(requests_per_second=rate, seed=seed)
-    scenario = populate(cs, an, petitions=petitions, signatures=signatures, bad_records=4, seed=seed)
+    an = ActionNetworkSim(requests_per_second=rate, seed=seed, events_api=True)
+    scenario = populate(cs, an, petitions=petitions, signatures=signatures, bad_records=4,
+                        events=events, calendars=min(2, events), attendees=attendees, seed=seed)
+    # The backfill polls: ControlShift's REST events show no moderation status and hosts without
+    # their opt-in (webhooks carry both, and bring what happens from now on).
+    scenario.moderation_known = False
+    scenario.host_consent_known = False
     if faults:
         an.faults.error_rate = 0.02
         an.faults.empty_200_rate = 0.02
@@ -79,7 +85,9 @@ def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed
             console.print(
                 f"Generated {summary['launched']} launched petitions, {summary['signatures']} "
                 f"signatures from {summary['people']} people ({summary['existing_in_an']} already "
-                f"in Action Network, {summary['bad_records']} broken records)."
+                f"in Action Network, {summary['bad_records']} broken records)"
+                + (f"; {summary['events']} events in {summary['calendars']} calendars with "
+                   f"{summary['attendees']} RSVPs." if summary.get("events") else ".")
             )
             started = time.monotonic()
             cs.add_webhook_endpoint(webhook_url, WEBHOOK_SECRET)  # what happens from now on
@@ -154,6 +162,10 @@ def _summarise(console: Console, scenario: Scenario, an: ActionNetworkSim, daemo
     table.add_row("  unsubscribed", str(sum(1 for p in people if p["status"] != "subscribed")))
     table.add_row("mirrored petitions", str(len(an.petitions())))
     table.add_row("signatures (Action History)", str(len(an.signatures())))
+    if scenario.events:
+        table.add_row("mirrored events (in event campaigns)",
+                      f"{len(an.events())} ({len(an.event_campaigns())} campaigns)")
+        table.add_row("attendances (Action History)", str(len(an.attendances())))
     tags = sorted(t for t in an.tag_names() if t.startswith("controlshift"))
     categories = [t for t in tags if t.startswith("controlshift:")]
     table.add_row("tags", f"{len(tags)}: role tags + {len(categories)} categories")
@@ -173,7 +185,9 @@ def _summarise(console: Console, scenario: Scenario, an: ActionNetworkSim, daemo
         for row in dead:
             dl.add_row(row["source_key"], row["last_error"] or "")
         console.print(dl)
-    ok = not result["problems"] and not result["duplicate_petitions"] and not result["duplicate_signatures"]
+    ok = not result["problems"] and not result["duplicate_petitions"] \
+        and not result["duplicate_signatures"] and not result.get("duplicate_events") \
+        and not result.get("duplicate_attendances")
     verdict = "[green]matches[/green]" if ok else "[red]DOES NOT match[/red]"
     console.print(
         f"Action Network {verdict} the sync rules for {result['expected_people']} people: "
