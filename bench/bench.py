@@ -306,6 +306,42 @@ def bench_requests_per_action(tmp: Path, quick: bool) -> None:
     }
 
 
+def bench_requests_per_attendee(tmp: Path, quick: bool) -> None:
+    """1b: the same figure for events: AN requests per host and attendee synced."""
+    attendees = 300 if quick else 1500
+    say(f"\n[1b] AN requests per synced RSVP (events=20 in 5 calendars, attendees={attendees}, "
+        "30% not opted in, 20% already in AN; no AN rate limit)")
+    cs = ControlShiftSim(seed=1)
+    an = ActionNetworkSim(requests_per_second=None, seed=1, events_api=True)
+    scenario = populate(cs, an, petitions=2, signatures=1, unlaunched=0, events=20, calendars=5,
+                        attendees=attendees, not_opted_in=0.3, existing_in_an=0.2, seed=1)
+    scenario.moderation_known = False  # by polling: REST events show no moderation status
+    scenario.host_consent_known = False
+    an.reset_stats()
+    with ServedApp(cs.app) as cs_s, ServedApp(an.app) as an_s:
+        settings = make_settings(cs_s.url, cs, an_s.url, an, tmp / "m1b.db", an_rate=1000.0)
+        started = time.monotonic()
+        daemon, counts = anyio.run(run_daemon, settings, wait_drained, backend="asyncio")
+        elapsed = time.monotonic() - started
+    ok = check(scenario, an, "[1b]")
+    stats = an.stats()
+    assert daemon.dispatcher is not None
+    done = daemon.dispatcher.stats.done
+    rsvps = sum(1 for r in stats["by_route"] if "attendances" in r) and done
+    per_rsvp = stats["requests"] / max(1, done)
+    row("synced actions (hosts, attendees, 2 signature items)", f"{done}",
+        f"in {elapsed:.1f} s")
+    row("csand: AN requests per action", f"{per_rsvp:.3f}", "target for an opted-in attendee: 1")
+    say("  csand requests by route:")
+    for route, n in sorted(stats["by_route"].items(), key=lambda kv: -kv[1]):
+        say(f"    {route:<42} {n:>6}  ({n / max(1, done):.3f}/action)")
+    FIGURES["requests_per_rsvp"] = {
+        "attendees": attendees, "actions_done": done, "counts": counts, "rsvp_items": rsvps,
+        "an_requests": stats["requests"], "per_action": round(per_rsvp, 4),
+        "by_route": stats["by_route"], "seconds": round(elapsed, 2), "end_state_ok": ok,
+    }
+
+
 # --------------------------------------------------------------------------- 2. rate vs limit
 
 
@@ -1118,6 +1154,7 @@ def main() -> int:
             logs.configure("warning", "json", stream=log_file)
             if "1" in only:
                 bench_requests_per_action(tmp, quick)
+                bench_requests_per_attendee(tmp, quick)
             if "2" in only:
                 bench_rate(tmp, burst=None, name="a", signatures=60 if quick else 400, target=True)
                 bench_rate(tmp, burst=1.0, name="b", signatures=30 if quick else 80, target=False)
