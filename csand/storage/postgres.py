@@ -454,7 +454,9 @@ class PostgresStore:
                         "ORDER BY id FOR UPDATE)", (iso(now), deleted))
                     await cur.execute(
                         "UPDATE outbox SET status = 'cancelled', finished_at = %s, "
-                        "note = 'signature deleted on ControlShift before it was synced' "
+                        "note = CASE WHEN source_key LIKE 'attendee:%%' "
+                        "THEN 'RSVP withdrawn or deleted on ControlShift before it was synced' "
+                        "ELSE 'signature deleted on ControlShift before it was synced' END "
                         "WHERE source_key = ANY(%s) AND status = 'pending'", (now, deleted))
                 unsubscribes = [(a.email, a.occurred_at.isoformat(), now) for a in activities
                                 if a.kind is ActivityKind.GLOBAL_UNSUBSCRIBE and a.email

@@ -497,7 +497,9 @@ class SQLiteStore:
                 )
                 await db.executemany(
                     "UPDATE outbox SET status = 'cancelled', finished_at = ?, "
-                    "note = 'signature deleted on ControlShift before it was synced' "
+                    "note = CASE WHEN source_key LIKE 'attendee:%' "
+                    "THEN 'RSVP withdrawn or deleted on ControlShift before it was synced' "
+                    "ELSE 'signature deleted on ControlShift before it was synced' END "
                     "WHERE source_key = ? AND status = 'pending'",
                     [(now, s) for (s,) in deleted],
                 )

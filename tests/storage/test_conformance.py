@@ -941,6 +941,8 @@ async def test_an_older_attendee_version_never_overwrites_a_newer_one_or_a_delet
                         "2024-05-04T00:00:00+00:00")
     await storage.commit_poll(None, attendees=[gone], deleted_sources=["attendee:1"])
     assert (await storage.counts())["cancelled"] == 1
+    (cancelled,) = [r for r in await storage.items() if r["status"] == "cancelled"]
+    assert cancelled["note"] == "RSVP withdrawn or deleted on ControlShift before it was synced"
     await storage.commit_poll(None, activities=[new], attendees=[seen_new])  # a stale live copy
     assert (await storage.attendees_seen("picnic"))[1].deleted_at is not None
 
