@@ -197,7 +197,13 @@ async def test_decline_after_sync_cancels_the_pending_item_and_reattending_syncs
     seen = (await env.store.attendees_seen("picnic"))[att["id"]]
     assert seen.fingerprint == NOT_ATTENDING and seen.deleted_at is None
 
-    # A decline can be undone: attending again with new details is a new version.
+    # A decline can be undone: attending again unchanged brings the cancelled item back...
+    env.sim.update_attendee(att["id"], attending_status="attending")
+    await env.poller.cycle()
+    assert [i["status"] for i in attendances(env)] == ["pending"]
+    # ...and with new details (after another decline) it is a new version.
+    env.sim.update_attendee(att["id"], attending_status="not_attending")
+    await env.poller.cycle()
     env.sim.update_attendee(att["id"], attending_status="attending", first_name="Deanna")
     await env.poller.cycle()
     assert [i["status"] for i in attendances(env)] == ["cancelled", "pending"]

@@ -442,6 +442,11 @@ class PostgresStore:
                 if rows:
                     await cur.executemany(_INSERT_OUTBOX, rows)
                     added = max(cur.rowcount, 0)
+                    # An RSVP given again after it was withdrawn while queued (see SQLite).
+                    rsvps = [r[0] for r in rows if r[4] == str(ActivityKind.ATTENDANCE)]
+                    if rsvps:
+                        await cur.execute(_REVIVE_RSVP, (rsvps,))
+                        added += max(cur.rowcount, 0)
                 if dead:
                     await cur.executemany(_INSERT_DEAD_LETTER, dead)
                 if deleted:
@@ -1124,6 +1129,12 @@ _INSERT_OUTBOX = (
     "INSERT INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, payload, "
     "occurred_at, enqueued_at, event_slug) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
     "ON CONFLICT (dedupe_key) DO NOTHING"
+)
+
+_REVIVE_RSVP = (
+    "UPDATE outbox SET status = 'pending', source_deleted_at = NULL, finished_at = NULL, "
+    "note = NULL, next_attempt_at = 0 WHERE dedupe_key = ANY(%s) AND status = 'cancelled' "
+    "AND kind = 'attendance'"
 )
 
 # What was seen of an event: a None member keeps what was recorded; inappropriate sticks.

@@ -484,6 +484,10 @@ class SQLiteStore:
             before = db.total_changes
             if rows:
                 await db.executemany(_INSERT_OUTBOX, rows)
+                # An RSVP given again, unchanged, after it was withdrawn while still queued: its
+                # cancelled item comes back instead of being taken for a re-seen version.
+                await db.executemany(_REVIVE_RSVP, [(r[0],) for r in rows
+                                                    if r[4] == str(ActivityKind.ATTENDANCE)])
             added = db.total_changes - before
             if dead:
                 await db.executemany(_INSERT_DEAD_LETTER, dead)
@@ -1280,6 +1284,14 @@ _RELEASE = (
 _INSERT_OUTBOX = (
     "INSERT OR IGNORE INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, "
     "payload, occurred_at, enqueued_at, event_slug) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+# The poller offers an attendance only when it is new to csand (or attending again after a
+# decline), so a cancelled item with its dedupe key was withdrawn while queued: it goes back.
+_REVIVE_RSVP = (
+    "UPDATE outbox SET status = 'pending', source_deleted_at = NULL, finished_at = NULL, "
+    "note = NULL, next_attempt_at = 0 WHERE dedupe_key = ? AND status = 'cancelled' "
+    "AND kind = 'attendance'"
 )
 
 # What was seen of an event: a None member keeps what was recorded; inappropriate sticks.

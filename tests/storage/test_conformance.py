@@ -960,3 +960,17 @@ async def test_status_counts_events_and_attendees(storage: Storage) -> None:
     status = await storage.status()
     assert [status[k] for k in ("events_seen", "events_mirrored", "attendees_seen",
                                 "attendees_deleted")] == [1, 1, 2, 1]
+
+
+@pytest.mark.anyio
+async def test_an_rsvp_given_again_unchanged_after_it_was_withdrawn_while_queued_comes_back(
+    storage: Storage
+) -> None:
+    """Else the second RSVP would be taken for the first, whose item the decline cancelled."""
+    rsvp = attendance(1, "ann@example.org")
+    assert await storage.enqueue([rsvp, sig(2, "bob@example.org")]) == 2
+    await storage.commit_poll(None, deleted_sources=["attendee:1", "signature:2"])
+    assert (await storage.counts())["cancelled"] == 2
+    assert await storage.enqueue([rsvp]) == 1
+    assert [i.activity.source_key for i in await storage.lease(10, 60)] == ["attendee:1"]
+    assert await storage.enqueue([sig(2, "bob@example.org")]) == 0  # a deletion is for good
