@@ -293,3 +293,16 @@ async def test_failed_event_listing_keeps_the_petitions_cycle(
     monkeypatch.undo()
     await env.poller.cycle()  # never walked: walked now
     assert [i["kind"] for i in env.outbox()] == ["petition_created", "event_hosted"]
+
+
+async def test_a_calendars_name_and_description_come_from_its_own_endpoint_once(env: Env) -> None:
+    env.sim.add_calendar("autumn", "Autumn of action", description="Every Saturday in May")
+    add_event(env.sim, "rally", calendar_slug="autumn")
+    add_event(env.sim, "march", calendar_slug="autumn")
+    await env.poller.cycle()
+    await env.poller.cycle()
+    calendars = [i["payload"]["event"]["calendar"] for i in env.outbox()
+                 if i["kind"] == "event_hosted"]
+    assert {(c["name"], c["description"]) for c in calendars} == {
+        ("Autumn of action", "Every Saturday in May")}
+    assert env.routes().get("GET /api/v1/calendars/{slug}") == 1

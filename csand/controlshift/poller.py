@@ -530,6 +530,7 @@ class EventSync:
         self.store = store
         self.clock = clock
         self._locks: dict[str, anyio.Lock] = {}
+        self._calendars: dict[str, dict[str, Any]] = {}  # slug → GET /calendars/{slug}
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
@@ -571,14 +572,28 @@ class EventSync:
                 log.error("cs.malformed_event", event_slug=slug,
                           reason=f"{type(exc).__name__}: {exc}", record=str(event)[:200])
 
-    @staticmethod
-    def ref(event: dict[str, Any], org: str) -> EventRef:
+    async def ref(self, event: dict[str, Any], org: str) -> EventRef:
         """The event's reference, in its calendar when the payload names one; raises
-        :class:`MalformedRecord`."""
+        :class:`MalformedRecord`. A calendar's name and description come from
+        ``GET /calendars/{slug}`` (once per calendar and process) when the payload lacks them:
+        they become the AN event campaign's."""
         raw = event.get("calendar")
         if raw is not None and not isinstance(raw, dict):
             raise MalformedRecord(f"calendar is not an object ({type(raw).__name__})")
+        if raw and isinstance(raw.get("slug"), str) and not (raw.get("name")
+                                                               and raw.get("description")):
+            raw = {**(await self._calendar(raw["slug"])), **{k: v for k, v in raw.items() if v}}
         return event_ref(event, org, calendar_ref(raw, org) if raw else None)
+
+    async def _calendar(self, slug: str) -> dict[str, Any]:
+        if slug not in self._calendars:
+            try:
+                found = await self.cs.calendar(slug)
+            except CSError as exc:  # the event still syncs, its campaign named by the slug
+                log.warning("cs.calendar_unreadable", calendar=slug, error=str(exc))
+                return {}
+            self._calendars[slug] = found or {}
+        return self._calendars[slug]
 
     def recent(self, start_at: str | None, end_at: str | None) -> bool:
         """Whether an event ended (else started) less than RECENT_EVENT_DAYS ago, or is to come;
@@ -615,7 +630,7 @@ class EventSync:
         report.events += 1
         batch = _Batch()
         try:
-            ref = self.ref(event, org)
+            ref = await self.ref(event, org)
         except Exception as exc:  # nothing of it syncs until corrected
             self._malformed(dead_letter("event", event, exc, source_key=f"event:{slug}"),
                             slug, batch, report)

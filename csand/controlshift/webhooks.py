@@ -357,7 +357,7 @@ class WebhookProcessor:
                     await events.sync(rest, org, walk=True)
                     self._poke()
                 try:
-                    ref = events.ref(rest, org)
+                    ref = await events.ref(rest, org)
                 except MalformedRecord:  # the event's own dead letter says why
                     await self.store.commit_poll(None, event_id=event.id)
                     return "event malformed: not synced"
