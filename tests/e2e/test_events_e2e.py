@@ -9,6 +9,7 @@ their world from the same pieces with ``ActionNetworkSim(events_api=True)``.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -78,11 +79,58 @@ def test_events_hosts_and_attendees_reach_action_network(world: World) -> None:
     world.cs.add_attendee(slug, email="declines@example.org", first_name="De",
                           last_name="Cline", attending_status="not_attending",
                           join_organisation=True)
+    world.cs.add_attendee(slug, email="answers@example.org", first_name="Ana",
+                          last_name="Swers", attending_status="confirmed", join_organisation=None,
+                          additional_fields={"diet": "vegan", "seats": 2},
+                          phone_number="0412 555 666")
     daemon.wait_drained()
     check_events(world)
     assert world.an.person("late.comer@example.org")["status"] == "subscribed"
     assert world.an.person("declines@example.org") is None
+    answers = world.an.person("answers@example.org")
+    assert answers["status"] == "unsubscribed"  # no opt-in: created explicitly unsubscribed
+    assert answers["custom_fields"] == {"diet": "vegan", "seats": "2",
+                                        "phone_number": "0412 555 666"}
     assert daemon.terminate()[0] == 0
+
+
+def test_a_withdrawn_rsvp_and_a_deleted_attendee_while_queued_reach_nothing(world: World) -> None:
+    """Both happen while their RSVPs wait for an unreachable AN: nothing of them reaches AN once
+    it is back (across a kill -9), and an RSVP given again, unchanged, afterwards does."""
+    scenario = populate(world, petitions=2, signatures=10, events=4, calendars=1, attendees=20,
+                        seed=5)
+    slug = sorted(scenario.expected_events())[0]  # the sweeps below walk every event
+    daemon = world.csand(sync={"phone": "mobile", "phone_country": "AU"}).start()
+    daemon.wait_drained()
+    daemon.terminate()
+    gone = world.cs.add_attendee(slug, email="gone@example.org", first_name="Gon",
+                                 attending_status="attending", join_organisation=True)
+    back = world.cs.add_attendee(slug, email="back@example.org", first_name="Bac",
+                                 attending_status="attending", join_organisation=True,
+                                 phone_number="0413 777 888", opt_in_sms=True)
+    first = world.csand(sync={"phone": "mobile", "phone_country": "AU"},
+                        controlshift={"reconcile_interval": 1.0},
+                        action_network={"url": "http://127.0.0.1:9/api/v2"})  # AN unreachable
+    first.start()
+    first.wait_for(lambda: first.counts()["pending"] >= 2, "the RSVPs queued")
+    # While they wait for AN: one attendee deletes their account, the other declines.
+    world.cs.delete_attendee(gone["id"])
+    world.cs.update_attendee(back["id"], attending_status="not_attending")
+    first.wait_for(lambda: first.counts()["cancelled"] >= 2, "both RSVPs cancelled")
+    first.kill9()
+    again = world.csand(sync={"phone": "mobile", "phone_country": "AU"},
+                        controlshift={"reconcile_interval": 1.0})
+    again.start()
+    again.wait_reconciled(after=time.time())
+    assert world.an.person("gone@example.org") is None
+    assert world.an.person("back@example.org") is None
+    world.cs.update_attendee(back["id"], attending_status="attending")  # given again, unchanged
+    again.wait_reconciled(after=time.time())
+    back_in_an = world.an.person("back@example.org")
+    assert back_in_an["status"] == "subscribed"
+    assert [(p["number"], p["status"]) for p in back_in_an["phone_numbers"]] == [
+        ("+61413777888", "subscribed")]
+    assert again.terminate()[0] == 0
 
 
 def test_kill9_mid_drain_loses_and_duplicates_no_event_or_attendance(world: World) -> None:
