@@ -974,3 +974,17 @@ async def test_an_rsvp_given_again_unchanged_after_it_was_withdrawn_while_queued
     assert await storage.enqueue([rsvp]) == 1
     assert [i.activity.source_key for i in await storage.lease(10, 60)] == ["attendee:1"]
     assert await storage.enqueue([sig(2, "bob@example.org")]) == 0  # a deletion is for good
+
+
+@pytest.mark.anyio
+async def test_one_persons_signature_and_rsvp_are_applied_in_the_order_they_happened(
+    storage: Storage
+) -> None:
+    rsvp = attendance(1, "ann@example.org", updated="2024-01-01T12:00:00Z")
+    signature = sig(2, "ann@example.org", "2024-01-02T00:00:00Z")
+    await storage.enqueue([signature, rsvp])  # the later one first
+    (first,) = await storage.lease(10, 60)
+    assert first.activity.source_key == "attendee:1"
+    assert await storage.lease(10, 60) == []  # one in flight per person, events or petitions
+    await storage.finish(first.id, "done")
+    assert [i.activity.source_key for i in await storage.lease(10, 60)] == ["signature:2"]
