@@ -204,3 +204,35 @@ async def test_event_webhooks_are_ignored_without_event_sync(tmp_path: Path) -> 
         await rig.deliver("attendee.created", rig.cs.add_attendee("picnic", email="a@x.org"))
         assert await rig.items() == []
         assert all(r["processed_at"] for r in await rig.webhook_rows())
+
+
+async def test_an_inappropriate_flag_is_recorded_even_when_the_host_is_malformed(tmp_path) -> None:
+    """REST never shows moderation: losing the flag with the dead letter would let the next poll
+    sync the event."""
+    from csand.controlshift.webhooks import WebhookProcessor
+    from csand.storage import open_store
+
+    store = await open_store(tmp_path / "csand.db")
+    try:
+        body = json.dumps({"type": "event.updated", "data": {
+            "slug": "rally", "admin_status": "inappropriate", "host": "not an object"}})
+        assert await store.receive_event("jid-1", "event.updated", body)
+        processor = WebhookProcessor(store, None, _org, lambda: None, events=_NoCalls())
+        (event,) = await store.events_due()
+        await processor.process(event)
+        state = await store.event_state("rally")
+        assert state is not None and state.inappropriate
+        assert (await store.counts())["dead"] == 1
+    finally:
+        await store.close()
+
+
+async def _org() -> str:
+    return "org"
+
+
+class _NoCalls:
+    """An event sync that must not be reached for a malformed event webhook."""
+
+    def __getattr__(self, name: str):
+        raise AssertionError(f"EventSync.{name} used")

@@ -304,6 +304,11 @@ class WebhookProcessor:
             extra = host_extra(data.get("host"))
         except MalformedRecord as exc:  # the poll still syncs the event from its REST copy
             slug_value = data.get("slug")
+            if isinstance(slug_value, str) and slug_value.strip() \
+                    and data.get("admin_status") == "inappropriate":
+                # The moderation is recorded whatever else is wrong: REST never shows it.
+                await self.store.commit_poll(None, event=EventState(slug_value.strip(),
+                                                                    inappropriate=True))
             return await self._dead_letters(event, [dead_letter(
                 "event", data, exc,
                 source_key=f"event:{slug_value}" if isinstance(slug_value, str) else None)])

@@ -410,6 +410,11 @@ class PostgresStore:
                     await cur.execute(_UPSERT_EVENT, (
                         event.slug, event.content, event.calendar_slug, event.inappropriate,
                         event.host_extra, now))
+                    if event.inappropriate:  # what is still queued of it never reaches AN
+                        await cur.execute(
+                            "UPDATE outbox SET status = 'cancelled', finished_at = %s, "
+                            "note = 'event moderated as inappropriate on ControlShift' "
+                            "WHERE event_slug = %s AND status = 'pending'", (now, event.slug))
                 if atts:
                     await cur.executemany(
                         "INSERT INTO cs_attendees "
@@ -1170,7 +1175,11 @@ WHERE o.status = 'pending'
         SELECT 1 FROM outbox AS earlier
         WHERE earlier.person_key = o.person_key AND earlier.status = 'pending'
           AND (earlier.occurred_at < o.occurred_at
-               OR (earlier.occurred_at = o.occurred_at AND earlier.id < o.id)))
+               OR (earlier.occurred_at = o.occurred_at AND earlier.id < o.id))
+          -- A host who RSVPed to their own event before it launched: the hosting goes first
+          -- (the RSVP waits for the event it creates), else each would wait for the other.
+          AND NOT (o.kind = 'event_hosted' AND earlier.kind = 'attendance'
+                   AND earlier.event_slug = o.event_slug))
   AND (o.kind != 'signature'
        OR EXISTS (SELECT 1 FROM cs_petitions AS p
                   WHERE p.cs_id = o.petition_id AND p.an_uuid IS NOT NULL)
@@ -1183,6 +1192,15 @@ WHERE o.status = 'pending'
        OR NOT EXISTS (SELECT 1 FROM outbox AS h
                       WHERE h.event_slug = o.event_slug AND h.kind = 'event_hosted'
                         AND h.status IN ('pending', 'in_flight')))
+  -- A change to an event not mirrored yet waits for every item that may mirror it (with the
+  -- content it carries): it then updates that mirror, or finds none and is done.
+  AND (o.kind != 'event_changed'
+       OR EXISTS (SELECT 1 FROM cs_events AS e
+                  WHERE e.slug = o.event_slug AND e.an_uuid IS NOT NULL)
+       OR NOT EXISTS (SELECT 1 FROM outbox AS m
+                      WHERE m.event_slug = o.event_slug
+                        AND m.kind IN ('event_hosted', 'attendance')
+                        AND m.status IN ('pending', 'in_flight')))
 ORDER BY o.id
 LIMIT %(limit)s
 FOR UPDATE OF o SKIP LOCKED

@@ -988,3 +988,47 @@ async def test_one_persons_signature_and_rsvp_are_applied_in_the_order_they_happ
     assert await storage.lease(10, 60) == []  # one in flight per person, events or petitions
     await storage.finish(first.id, "done")
     assert [i.activity.source_key for i in await storage.lease(10, 60)] == ["signature:2"]
+
+
+@pytest.mark.anyio
+async def test_a_host_who_rsvped_before_launch_is_not_stuck_behind_their_own_rsvp(
+    storage: Storage
+) -> None:
+    """The RSVP is older than the hosting (dated at launch): it waits for the event, and the
+    hosting, which creates it, must not wait for the RSVP."""
+    own = attendance(1, "hana@example.org", updated="2024-04-01T00:00:00Z")
+    await storage.enqueue([own, host("picnic", "hana@example.org")])
+    (first,) = await storage.lease(10, 60)
+    assert first.activity.source_key == "event:picnic:host"
+    await storage.finish(first.id, "done")
+    assert [i.activity.source_key for i in await storage.lease(10, 60)] == ["attendee:1"]
+
+
+@pytest.mark.anyio
+async def test_a_change_to_an_unmirrored_event_waits_for_every_item_that_may_mirror_it(
+    storage: Storage
+) -> None:
+    from csand.model import event_change_activity, event_ref
+    from tests.storage import event_record
+
+    await storage.enqueue([host("picnic"), attendance(1, "ann@example.org")])
+    (hosting,) = await storage.lease(10, 60)
+    await storage.finish(hosting.id, "dead", error="host email invalid")  # no mirror made
+    change = event_change_activity(event_ref(event_record("picnic"), ORG), None)
+    await storage.enqueue([change])
+    (rsvp,) = await storage.lease(10, 60)  # the RSVP mirrors the event; the change waits
+    assert rsvp.activity.source_key == "attendee:1"
+    await storage.set_event_uuid("picnic", "ev-1")
+    assert [i.activity.kind for i in await storage.lease(10, 60)] == ["event_changed"]
+
+
+@pytest.mark.anyio
+async def test_an_event_flagged_inappropriate_cancels_what_is_queued_of_it(storage: Storage
+                                                                        ) -> None:
+    await storage.enqueue([host("picnic"), attendance(1, "ann@example.org"),
+                           attendance(2, "bob@example.org", slug="other")])
+    await storage.commit_poll(None, event=EventState("picnic", inappropriate=True))
+    rows = {r["source_key"]: r for r in await storage.items()}
+    assert rows["event:picnic:host"]["status"] == rows["attendee:1"]["status"] == "cancelled"
+    assert rows["attendee:1"]["note"] == "event moderated as inappropriate on ControlShift"
+    assert rows["attendee:2"]["status"] == "pending"
