@@ -11,6 +11,45 @@ from typing import Any
 
 from csand.model import Activity, DeadLetter, parse_time
 
+# Which pending item is ready to lease: the rules of csand.storage.Outbox, in SQL both backends
+# run as written (no parameters). At most one item per person in flight, each person's items in
+# the order they happened; a signature waits for its petition's mirror (or for no creator item
+# left to make it), an attendance and an event change for their event's.
+LEASE_RULES = """  AND NOT EXISTS (
+        SELECT 1 FROM outbox AS busy
+        WHERE busy.person_key = o.person_key AND busy.status = 'in_flight')
+  AND NOT EXISTS (
+        SELECT 1 FROM outbox AS earlier
+        WHERE earlier.person_key = o.person_key AND earlier.status = 'pending'
+          AND (earlier.occurred_at < o.occurred_at
+               OR (earlier.occurred_at = o.occurred_at AND earlier.id < o.id))
+          -- A host who RSVPed to their own event before it launched: the hosting goes first
+          -- (the RSVP waits for the event it creates), else each would wait for the other.
+          AND NOT (o.kind = 'event_hosted' AND earlier.kind = 'attendance'
+                   AND earlier.event_slug = o.event_slug))
+  AND (o.kind != 'signature'
+       OR EXISTS (SELECT 1 FROM cs_petitions AS p
+                  WHERE p.cs_id = o.petition_id AND p.an_uuid IS NOT NULL)
+       OR NOT EXISTS (SELECT 1 FROM outbox AS c
+                      WHERE c.petition_id = o.petition_id AND c.kind = 'petition_created'
+                        AND c.status IN ('pending', 'in_flight')))
+  AND (o.kind != 'attendance'
+       OR EXISTS (SELECT 1 FROM cs_events AS e
+                  WHERE e.slug = o.event_slug AND e.an_uuid IS NOT NULL)
+       OR NOT EXISTS (SELECT 1 FROM outbox AS h
+                      WHERE h.event_slug = o.event_slug AND h.kind = 'event_hosted'
+                        AND h.status IN ('pending', 'in_flight')))
+  -- A change to an event not mirrored yet waits for every item that may mirror it (with the
+  -- content it carries): it then updates that mirror, or finds none and is done.
+  AND (o.kind != 'event_changed'
+       OR EXISTS (SELECT 1 FROM cs_events AS e
+                  WHERE e.slug = o.event_slug AND e.an_uuid IS NOT NULL)
+       OR NOT EXISTS (SELECT 1 FROM outbox AS m
+                      WHERE m.event_slug = o.event_slug
+                        AND m.kind IN ('event_hosted', 'attendance')
+                        AND m.status IN ('pending', 'in_flight')))
+"""
+
 PRUNED = "pruned:"  # person key prefix of items whose personal data was pruned (see prune)
 
 

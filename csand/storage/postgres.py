@@ -60,6 +60,7 @@ from csand.storage import (
     redact_url,
 )
 from csand.storage.common import (
+    LEASE_RULES,
     PRUNED,
     cluster_view,
     dead_letter_row,
@@ -1162,46 +1163,13 @@ _INSERT_DEAD_LETTER = (
 
 # The rules of SQLite's lease query; FOR UPDATE SKIP LOCKED passes over rows another instance
 # is leasing right now instead of waiting for it.
-_LEASE_QUERY = """
+_LEASE_QUERY = f"""
 SELECT o.id, o.payload, o.attempts, o.enqueued_at, o.progress
 FROM outbox AS o
 WHERE o.status = 'pending'
   AND o.next_attempt_at <= %(now)s
   AND o.source_deleted_at IS NULL
-  AND NOT EXISTS (
-        SELECT 1 FROM outbox AS busy
-        WHERE busy.person_key = o.person_key AND busy.status = 'in_flight')
-  AND NOT EXISTS (
-        SELECT 1 FROM outbox AS earlier
-        WHERE earlier.person_key = o.person_key AND earlier.status = 'pending'
-          AND (earlier.occurred_at < o.occurred_at
-               OR (earlier.occurred_at = o.occurred_at AND earlier.id < o.id))
-          -- A host who RSVPed to their own event before it launched: the hosting goes first
-          -- (the RSVP waits for the event it creates), else each would wait for the other.
-          AND NOT (o.kind = 'event_hosted' AND earlier.kind = 'attendance'
-                   AND earlier.event_slug = o.event_slug))
-  AND (o.kind != 'signature'
-       OR EXISTS (SELECT 1 FROM cs_petitions AS p
-                  WHERE p.cs_id = o.petition_id AND p.an_uuid IS NOT NULL)
-       OR NOT EXISTS (SELECT 1 FROM outbox AS c
-                      WHERE c.petition_id = o.petition_id AND c.kind = 'petition_created'
-                        AND c.status IN ('pending', 'in_flight')))
-  AND (o.kind NOT IN ('attendance', 'event_changed')
-       OR EXISTS (SELECT 1 FROM cs_events AS e
-                  WHERE e.slug = o.event_slug AND e.an_uuid IS NOT NULL)
-       OR NOT EXISTS (SELECT 1 FROM outbox AS h
-                      WHERE h.event_slug = o.event_slug AND h.kind = 'event_hosted'
-                        AND h.status IN ('pending', 'in_flight')))
-  -- A change to an event not mirrored yet waits for every item that may mirror it (with the
-  -- content it carries): it then updates that mirror, or finds none and is done.
-  AND (o.kind != 'event_changed'
-       OR EXISTS (SELECT 1 FROM cs_events AS e
-                  WHERE e.slug = o.event_slug AND e.an_uuid IS NOT NULL)
-       OR NOT EXISTS (SELECT 1 FROM outbox AS m
-                      WHERE m.event_slug = o.event_slug
-                        AND m.kind IN ('event_hosted', 'attendance')
-                        AND m.status IN ('pending', 'in_flight')))
-ORDER BY o.id
+{LEASE_RULES}ORDER BY o.id
 LIMIT %(limit)s
 FOR UPDATE OF o SKIP LOCKED
 """
