@@ -299,8 +299,6 @@ def next_step(activity: Activity, progress: Progress,
         return _unsubscribe_step(activity, progress)
     if activity.kind is ActivityKind.EVENT_CHANGED:
         return _event_change_step(activity, progress)
-    if activity.kind in EVENT_KINDS:
-        return _event_step(activity, progress, options)
     return _action_step(activity, progress, options)
 
 
@@ -348,79 +346,56 @@ def opts_in(activity: Activity, p: Progress) -> bool:
 
 
 def _action_step(activity: Activity, p: Progress, options: SyncOptions) -> Step:
-    """A petition creation or a signature: person upsert + tags + Action History entry."""
-    assert activity.email is not None and activity.petition is not None
-    if p.signed:
+    """A petition creation or a signature (recorded as a signature on the mirrored petition), or
+    the hosting of an event or an RSVP (an attendance on the mirrored event): person upsert +
+    tags + Action History entry, by one set of consent rules. The helpers that record the
+    entry subscribe anyone new to the list, like the signup helper without a status."""
+    assert activity.email is not None
+    on_event = activity.kind in EVENT_KINDS
+    recorded, target = (p.attended, p.event_uuid) if on_event else (p.signed, p.petition_uuid)
+    if recorded:
         return Done(_done_note(activity, p))
     if not p.tags_ready:
         return EnsureTags(activity.tags)
+    subscribe = opts_in(activity, p)
     # SMS consent rides on the email decision: subscribed to SMS only with an explicit SMS
     # opt-in on the activity whose email opt-in is the person's newest consent, sent once.
-    fields = fields_for(activity, p.person, options, sms_subscribe=opts_in(activity, p))
-    is_creator = activity.kind is ActivityKind.PETITION_CREATED
+    fields = fields_for(activity, p.person, options, sms_subscribe=subscribe)
+    owner = activity.kind in (ActivityKind.PETITION_CREATED, ActivityKind.EVENT_HOSTED)
 
-    # The petition's creator link needs the creator's AN uuid, so a creator is written first.
-    if p.petition_uuid is None and not (is_creator and not p.person_written):
-        return EnsurePetition(activity.petition, p.person.uuid if is_creator else None)
+    # The petition's or event's creator link needs its owner's AN uuid: an owner goes first.
+    if target is None and not (owner and not p.person_written):
+        creator = p.person.uuid if owner else None
+        if on_event:
+            assert activity.event is not None
+            return EnsureEvent(activity.event, creator)
+        assert activity.petition is not None
+        return EnsurePetition(activity.petition, creator)
+
+    def record(status: str | None) -> Step:
+        assert target is not None
+        if on_event:
+            return RecordAttendance(target, fields, status, activity.tags)
+        return RecordSignature(target, fields, status, activity.tags)
 
     if not p.person_written:
-        if opts_in(activity, p):
-            if is_creator:
-                return Signup(fields, "subscribed", activity.tags)
-            assert p.petition_uuid is not None
-            return RecordSignature(p.petition_uuid, fields, "subscribed", activity.tags)
+        if subscribe:
+            return Signup(fields, "subscribed", activity.tags) if owner else record("subscribed")
         # Not opted in: never post anything that could create a subscribed person.
         if p.person.exists is None:
             return LookupPerson(activity.email, _spellings(activity))
         if p.person.exists is False:
             return Signup(fields, "unsubscribed", activity.tags)
-        if is_creator:
-            return Signup(fields, None, activity.tags)
-        assert p.petition_uuid is not None
-        return RecordSignature(p.petition_uuid, fields, None, activity.tags)
+        return Signup(fields, None, activity.tags) if owner else record(None)
 
-    assert p.petition_uuid is not None and p.person.uuid is not None
-    return SignAs(p.petition_uuid, p.person.uuid)
-
-
-def _event_step(activity: Activity, p: Progress, options: SyncOptions) -> Step:
-    """A host or an attendee: person upsert + tags + an attendance on the mirrored event, by
-    the same consent rules as a signature (the attendance helper subscribes anyone new)."""
-    assert activity.email is not None and activity.event is not None
-    if p.attended:
-        return Done(_done_note(activity, p))
-    if not p.tags_ready:
-        return EnsureTags(activity.tags)
-    fields = fields_for(activity, p.person, options, sms_subscribe=opts_in(activity, p))
-    is_host = activity.kind is ActivityKind.EVENT_HOSTED
-
-    # The event's creator and organiser links need the host's AN uuid: a host is written first.
-    if p.event_uuid is None and not (is_host and not p.person_written):
-        return EnsureEvent(activity.event, p.person.uuid if is_host else None)
-
-    if not p.person_written:
-        if opts_in(activity, p):
-            if is_host:
-                return Signup(fields, "subscribed", activity.tags)
-            assert p.event_uuid is not None
-            return RecordAttendance(p.event_uuid, fields, "subscribed", activity.tags)
-        if p.person.exists is None:
-            return LookupPerson(activity.email, _spellings(activity))
-        if p.person.exists is False:
-            return Signup(fields, "unsubscribed", activity.tags)
-        if is_host:
-            return Signup(fields, None, activity.tags)
-        assert p.event_uuid is not None
-        return RecordAttendance(p.event_uuid, fields, None, activity.tags)
-
-    assert p.event_uuid is not None and p.person.uuid is not None
-    return AttendAs(p.event_uuid, p.person.uuid)
+    assert target is not None and p.person.uuid is not None
+    return AttendAs(target, p.person.uuid) if on_event else SignAs(target, p.person.uuid)
 
 
 def _event_change_step(activity: Activity, p: Progress) -> Step:
-    """``p.event_uuid`` is the stored mirror (the worker reads it; it never creates one here):
-    without one the change waits for nothing, since the mirror is created with the content its
-    host item carries, or the event is not synced."""
+    """``p.event_uuid`` is the stored mirror (the worker reads it; a change never creates one).
+    The change is leased only once no item that may mirror the event is still to run: without
+    a mirror then, the event is not synced (its host and RSVPs died or were cancelled)."""
     assert activity.event is not None
     if p.attended:  # the update went through
         return Done("event updated in Action Network")
