@@ -219,5 +219,7 @@ def test_never_subscribed_to_sms_without_an_explicit_sms_opt_in_that_is_the_newe
     p = Progress(person=person, opt_in_applied=applied, tags_ready=True, petition_uuid="pet-1")
     step = next_step(a, p, MOBILE)
     fields = getattr(step, "fields", None)
-    if fields is not None and fields.mobile is not None and fields.mobile[1] == "subscribed":
-        assert a.sms_opt_in and opts_in(a, p)
+    if fields is not None and fields.mobile is not None:
+        assert fields.mobile[1] in (None, "subscribed")  # csand never lowers an SMS status
+        if fields.mobile[1] == "subscribed":
+            assert a.sms_opt_in and opts_in(a, p)

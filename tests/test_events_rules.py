@@ -243,3 +243,10 @@ def test_a_change_to_a_mirrored_event_is_one_update_and_nothing_without_a_mirror
     assert isinstance(next_step(change, Progress()), Done)
     again = event_change_activity(event_ref(REST_EVENT, ORG), change.occurred_at)
     assert again.dedupe_key != change.dedupe_key  # each content is its own version
+
+
+def test_a_single_event_unsubscribe_changes_nothing_in_action_network() -> None:
+    """``unsubscribe_at`` on an attendee (docs/rules.md §5): the same version, nothing to send."""
+    ref = event_ref(REST_EVENT, ORG)
+    assert (attendee_activity(attendee(unsubscribe_at="2024-05-05T00:00:00Z"), ref).dedupe_key
+            == attendee_activity(attendee(), ref).dedupe_key)

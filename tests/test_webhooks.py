@@ -356,3 +356,17 @@ async def test_a_new_creator_does_not_inherit_the_old_creators_opt_in(tmp_path: 
         assert creators["cy@example.org"]["opted_in"] is True
         assert creators["new.owner@example.org"]["opted_in"] is False
         assert creators["new.owner@example.org"]["postcode"] is None
+
+
+@pytest.mark.parametrize(("kind", "organisation", "expected"), [
+    ("Attendee", True, 1), ("Attendee", False, 0)])
+@pytest.mark.anyio
+async def test_an_attendees_unsubscribe_follows_the_same_rules(
+        tmp_path: Path, kind: str, organisation: bool, expected: int) -> None:
+    """An org-wide unsubscribe of type Attendee is like any other; a single-event one changes
+    nothing in AN (docs/rules.md §5)."""
+    async with Rig(tmp_path) as rig:
+        await rig.deliver("unsubscribe.created", {
+            "id": 11, "email": "att@example.org", "unsubscribe_organisation": organisation,
+            "unsubscribable_type": kind, "created_at": "2026-11-01T10:00:00Z"}, "u")
+        assert [k for k, _, _ in await rig.items()] == [ActivityKind.GLOBAL_UNSUBSCRIBE] * expected

@@ -945,6 +945,7 @@ async def test_an_older_attendee_version_never_overwrites_a_newer_one_or_a_delet
     assert cancelled["note"] == "RSVP withdrawn or deleted on ControlShift before it was synced"
     await storage.commit_poll(None, activities=[new], attendees=[seen_new])  # a stale live copy
     assert (await storage.attendees_seen("picnic"))[1].deleted_at is not None
+    assert (await storage.counts())["cancelled"] == 1  # and its item is not brought back
 
 
 @pytest.mark.anyio
