@@ -18,10 +18,10 @@ from __future__ import annotations
 
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 import anyio
 
@@ -178,6 +178,20 @@ def _steps(progress: rules.Progress) -> set[str]:
     if progress.person_written and progress.attended:
         steps.add(ATTENDED)
     return steps
+
+
+T = TypeVar("T")
+
+
+async def _unless_gone(call: Awaitable[T]) -> tuple[bool, T | None]:
+    """``(True, None)`` when AN answers that what the request names is gone (404): the plan
+    then finds it again; any other failure propagates."""
+    try:
+        return False, await call
+    except ANFailure as failure:
+        if failure.outcome.verdict is not Verdict.GONE:
+            raise
+        return True, None
 
 
 def event_location_json(event: EventRef) -> dict[str, Any] | None:
@@ -502,22 +516,15 @@ class Dispatcher:
                 )
                 await self._acknowledged(item, attempt.progress)
             case rules.RecordSignature(petition_uuid=pet, fields=fields, status=status, tags=tags):
-                try:
-                    uuid = await self.an.record_signature(pet, fields, status, tags)
-                except ANFailure as failure:
-                    if failure.outcome.verdict is not Verdict.GONE:
-                        raise
+                gone, uuid = await _unless_gone(self.an.record_signature(pet, fields, status, tags))
+                if gone:
                     attempt.progress = await self._petition_gone(activity, progress)
                     return
                 attempt.progress = rules.after_person_write(progress, activity, step, uuid, None)
                 await self._acknowledged(item, attempt.progress)
             case rules.SignAs(petition_uuid=pet, person_uuid=person):
-                try:
-                    await self.an.sign_as(pet, person)
-                except ANFailure as failure:
-                    if failure.outcome.verdict is not Verdict.GONE:
-                        raise
-                    # Either the person or the petition is gone: find both again.
+                gone, _ = await _unless_gone(self.an.sign_as(pet, person))
+                if gone:  # either the person or the petition is gone: find both again
                     attempt.progress = rules.forget_person(
                         await self._petition_gone(activity, progress))
                     return
@@ -526,44 +533,34 @@ class Dispatcher:
                 uuid = await self.events.ensure(event, creator)
                 attempt.progress = replace(progress, event_uuid=uuid)
             case rules.RecordAttendance(event_uuid=ev, fields=fields, status=status, tags=tags):
-                try:
-                    uuid, _ = await self.an.record_attendance(ev, fields, status, tags)
-                except ANFailure as failure:
-                    if failure.outcome.verdict is not Verdict.GONE:
-                        raise
+                gone, answer = await _unless_gone(
+                    self.an.record_attendance(ev, fields, status, tags))
+                if gone:
                     attempt.progress = await self._event_gone(activity, progress)
                     return
+                uuid = answer[0] if answer else None
                 attempt.progress = rules.after_person_write(progress, activity, step, uuid, None)
                 await self._acknowledged(item, attempt.progress)
             case rules.AttendAs(event_uuid=ev, person_uuid=person):
-                try:
-                    await self.an.attend_as(ev, person)
-                except ANFailure as failure:
-                    if failure.outcome.verdict is not Verdict.GONE:
-                        raise
+                gone, _ = await _unless_gone(self.an.attend_as(ev, person))
+                if gone:  # either the person or the event is gone: find both again
                     attempt.progress = rules.forget_person(
                         await self._event_gone(activity, progress))
                     return
                 attempt.progress = replace(progress, attended=True)
             case rules.UpdateEvent(event_uuid=ev, event=event):
-                try:
-                    await self.an.update_event(
-                        ev, title=event.title, description=event.description,
-                        start_date=event.start_at, end_date=event.end_at,
-                        location=event_location_json(event), browser_url=event.url)
-                except ANFailure as failure:
-                    if failure.outcome.verdict is not Verdict.GONE:
-                        raise
-                    await self.events.forget(event.slug, ev)  # mirrored again by its host item
+                gone, _ = await _unless_gone(self.an.update_event(
+                    ev, title=event.title, description=event.description,
+                    start_date=event.start_at, end_date=event.end_at,
+                    location=event_location_json(event), browser_url=event.url))
+                if gone:  # deleted in AN: the next host or RSVP item of the event mirrors it
+                    await self.events.forget(event.slug, ev)
                     attempt.progress = replace(progress, event_uuid=None)
                     return
                 attempt.progress = replace(progress, attended=True)
             case rules.SetStatus(person_uuid=person, email=email, status=status):
-                try:
-                    await self.an.set_status(person, email, status)
-                except ANFailure as failure:
-                    if failure.outcome.verdict is not Verdict.GONE:
-                        raise
+                gone, _ = await _unless_gone(self.an.set_status(person, email, status))
+                if gone:
                     attempt.progress = rules.forget_person(progress)
                     return
                 attempt.progress = rules.after_status(progress, status)
