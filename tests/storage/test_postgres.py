@@ -555,34 +555,36 @@ async def test_the_guard_sees_what_another_instance_committed_a_moment_ago(
 # ---------------------------------------------------------------- mirrored petitions
 
 
-async def test_only_one_instance_at_a_time_holds_a_petitions_mirror_lock(
-    pair: tuple[Storage, Storage]
+@pytest.mark.parametrize("key, other", [(7, 8), ("event:picnic", "calendar:picnic")])
+async def test_only_one_instance_at_a_time_holds_a_mirror_lock(
+    pair: tuple[Storage, Storage], key: int | str, other: int | str
 ) -> None:
-    """Two instances must not both find no AN twin of a petition and both create one."""
+    """Two instances must not both find no AN twin of a petition, an event or a calendar and
+    both create one."""
     a, b = pair
     order: list[str] = []
     a_holds, b_waiting = anyio.Event(), anyio.Event()
 
     async def first() -> None:
-        async with a.mirror_lock(7):
+        async with a.mirror_lock(key):
             order.append("a in")
             a_holds.set()
             await b_waiting.wait()
-            async with b.mirror_lock(8):  # another petition is not held up
-                order.append("b in 8")
+            async with b.mirror_lock(other):  # another petition or event is not held up
+                order.append("b in other")
             await anyio.sleep(0.2)  # b is blocked on 7 meanwhile
             order.append("a out")
 
     async def second() -> None:
         await a_holds.wait()
         b_waiting.set()
-        async with b.mirror_lock(7):
-            order.append("b in 7")
+        async with b.mirror_lock(key):
+            order.append("b in same")
 
     async with anyio.create_task_group() as tg:
         tg.start_soon(first)
         tg.start_soon(second)
-    assert order == ["a in", "b in 8", "a out", "b in 7"]
+    assert order == ["a in", "b in other", "a out", "b in same"]
 
 
 async def test_leases_of_an_instance_whose_heartbeat_stopped_come_back_before_they_expire(
