@@ -50,6 +50,32 @@ LEASE_RULES = """  AND NOT EXISTS (
                         AND m.status IN ('pending', 'in_flight')))
 """
 
+# The figures of ``csand status`` besides the outbox counts, in one round trip ({hour}: the
+# backend's placeholder for "an hour ago").
+STATUS_FIGURES = (
+    "SELECT "
+    "(SELECT MIN(enqueued_at) FROM outbox WHERE status IN ('pending', 'in_flight')) AS oldest, "
+    "(SELECT COUNT(*) FROM outbox WHERE status = 'dead' AND finished_at > {hour}) "
+    "  AS dead_recent, "
+    "(SELECT COUNT(*) FROM outbox WHERE status = 'pending' AND attempts > 0) AS waiting, "
+    "(SELECT COUNT(*) FROM cs_petitions) AS petitions, "
+    "(SELECT COUNT(an_uuid) FROM cs_petitions) AS petitions_mirrored, "
+    "(SELECT COUNT(*) FROM cs_signatures) AS signatures, "
+    "(SELECT COUNT(deleted_at) FROM cs_signatures) AS signatures_deleted, "
+    "(SELECT COUNT(*) FROM cs_events) AS events, "
+    "(SELECT COUNT(an_uuid) FROM cs_events) AS events_mirrored, "
+    "(SELECT COUNT(*) FROM cs_attendees) AS attendees, "
+    "(SELECT COUNT(deleted_at) FROM cs_attendees) AS attendees_deleted, "
+    "(SELECT COUNT(*) FROM webhook_events) AS webhooks, "
+    "(SELECT COUNT(processed_at) FROM webhook_events) AS webhooks_processed, "
+    "(SELECT COUNT(*) FROM webhook_events WHERE processed_at IS NOT NULL "
+    "  AND error IS NOT NULL) AS webhooks_failed"
+)
+DEAD_REASONS = (
+    "SELECT last_error AS reason, COUNT(*) AS n FROM outbox WHERE status = 'dead' "
+    "GROUP BY last_error ORDER BY n DESC, last_error LIMIT 5"
+)
+
 PRUNED = "pruned:"  # person key prefix of items whose personal data was pruned (see prune)
 
 
@@ -150,3 +176,39 @@ def reason_of(exc: BaseException) -> str:
     """The first line of an exception's message (libpq's are several lines long)."""
     text = str(exc).strip().splitlines()
     return text[0] if text else type(exc).__name__
+
+
+def status_view(counts: dict[str, int], meta: dict[str, str], row: Any, reasons: Iterable[Any],
+                now: float, statuses: Iterable[str]) -> dict[str, Any]:
+    """What ``csand status`` prints, from the outbox counts, the meta table, a row of
+    :data:`STATUS_FIGURES` and the rows of :data:`DEAD_REASONS` (either backend's)."""
+    oldest = row["oldest"]
+    return {
+        **{k: counts[k] for k in statuses},
+        "retrying": row["waiting"],
+        "oldest_pending_age_s": round(now - oldest, 1) if oldest else None,
+        "last_poll_at": iso(float_or_none(meta.get("last_poll_at"))),
+        "last_reconcile_at": iso(float_or_none(meta.get("last_reconcile_at"))),
+        "backfill_done": meta.get("backfill_done") == "1",
+        "petitions_seen": row["petitions"],
+        "petitions_mirrored": row["petitions_mirrored"],
+        "signatures_seen": row["signatures"],
+        "signatures_deleted": row["signatures_deleted"],
+        "events_seen": row["events"],
+        "events_mirrored": row["events_mirrored"],
+        "attendees_seen": row["attendees"],
+        "attendees_deleted": row["attendees_deleted"],
+        "an_paused": meta.get("an_paused") or None,
+        "an_rate": float_or_none(meta.get("an_rate")),
+        "an_429s_since_start": int(meta.get("an_rate_limited") or 0),
+        "last_poll_result": meta.get("last_poll_result"),
+        "daemon_heartbeat_at": iso(float_or_none(meta.get("heartbeat_at"))),
+        "daemon_started_at": iso(float_or_none(meta.get("started_at"))),
+        "dead_last_hour": row["dead_recent"],
+        "webhooks_received": row["webhooks"],
+        "webhooks_waiting": row["webhooks"] - row["webhooks_processed"],
+        "webhooks_failed": row["webhooks_failed"] or 0,
+        "webhook_endpoint": json.loads(meta["webhook_endpoint"])
+        if meta.get("webhook_endpoint") else None,
+        "dead_reasons": [{"reason": r["reason"], "count": r["n"]} for r in reasons],
+    }

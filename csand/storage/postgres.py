@@ -60,18 +60,20 @@ from csand.storage import (
     redact_url,
 )
 from csand.storage.common import (
+    DEAD_REASONS,
     LEASE_RULES,
     PRUNED,
+    STATUS_FIGURES,
     cluster_view,
     dead_letter_row,
     field_times,
-    float_or_none,
     iso,
     outbox_row,
     reason_of,
     record_number,
     signature_id,
     stale_versions,
+    status_view,
     steps_of,
 )
 
@@ -996,64 +998,12 @@ class PostgresStore:
         return [r | {"payload": json.loads(r["payload"])} for r in rows]
 
     async def status(self) -> dict[str, Any]:
-        """The figures ``csand status`` prints (the same keys as SQLite's), in one round trip
-        for the outbox and one for the rest."""
+        """The figures ``csand status`` prints; cheap enough to call every second."""
         now = self._clock()
         counts = await self.counts()
         meta = {r["key"]: r["value"] for r in await self._rows("SELECT key, value FROM meta")}
-        row = await self._one(
-            "SELECT "
-            "(SELECT MIN(enqueued_at) FROM outbox WHERE status IN ('pending', 'in_flight')) "
-            "  AS oldest, "
-            "(SELECT COUNT(*) FROM outbox WHERE status = 'dead' AND finished_at > %(hour)s) "
-            "  AS dead_recent, "
-            "(SELECT COUNT(*) FROM outbox WHERE status = 'pending' AND attempts > 0) AS waiting, "
-            "(SELECT COUNT(*) FROM cs_petitions) AS petitions, "
-            "(SELECT COUNT(an_uuid) FROM cs_petitions) AS mirrored, "
-            "(SELECT COUNT(*) FROM cs_signatures) AS signatures, "
-            "(SELECT COUNT(deleted_at) FROM cs_signatures) AS deleted, "
-            "(SELECT COUNT(*) FROM cs_events) AS cs_events, "
-            "(SELECT COUNT(an_uuid) FROM cs_events) AS events_mirrored, "
-            "(SELECT COUNT(*) FROM cs_attendees) AS attendees, "
-            "(SELECT COUNT(deleted_at) FROM cs_attendees) AS attendees_deleted, "
-            "(SELECT COUNT(*) FROM webhook_events) AS events, "
-            "(SELECT COUNT(processed_at) FROM webhook_events) AS processed, "
-            "(SELECT COUNT(*) FROM webhook_events WHERE processed_at IS NOT NULL "
-            "  AND error IS NOT NULL) AS failed",
-            {"hour": now - 3600})
-        reasons = await self._rows(
-            "SELECT last_error AS reason, COUNT(*) AS n FROM outbox WHERE status = 'dead' "
-            "GROUP BY last_error ORDER BY n DESC, last_error LIMIT 5")
-        oldest = row["oldest"]
-        return {
-            **{k: counts[k] for k in STATUSES},
-            "retrying": row["waiting"],
-            "oldest_pending_age_s": round(now - oldest, 1) if oldest else None,
-            "last_poll_at": iso(float_or_none(meta.get("last_poll_at"))),
-            "last_reconcile_at": iso(float_or_none(meta.get("last_reconcile_at"))),
-            "backfill_done": meta.get("backfill_done") == "1",
-            "petitions_seen": row["petitions"],
-            "petitions_mirrored": row["mirrored"],
-            "signatures_seen": row["signatures"],
-            "signatures_deleted": row["deleted"],
-            "events_seen": row["cs_events"],
-            "events_mirrored": row["events_mirrored"],
-            "attendees_seen": row["attendees"],
-            "attendees_deleted": row["attendees_deleted"],
-            "an_paused": meta.get("an_paused") or None,
-            "an_rate": float_or_none(meta.get("an_rate")),
-            "an_429s_since_start": int(meta.get("an_rate_limited") or 0),
-            "last_poll_result": meta.get("last_poll_result"),
-            "daemon_heartbeat_at": iso(float_or_none(meta.get("heartbeat_at"))),
-            "daemon_started_at": iso(float_or_none(meta.get("started_at"))),
-            "dead_last_hour": row["dead_recent"],
-            "webhooks_received": row["events"],
-            "webhooks_waiting": row["events"] - row["processed"],
-            "webhooks_failed": row["failed"],
-            "webhook_endpoint": json.loads(meta["webhook_endpoint"])
-            if meta.get("webhook_endpoint") else None,
-            "dead_reasons": [{"reason": r["reason"], "count": r["n"]} for r in reasons],
-        }
+        (row,) = await self._rows(STATUS_FIGURES.format(hour="%(hour)s"), {"hour": now - 3600})
+        return status_view(counts, meta, row, await self._rows(DEAD_REASONS), now, STATUSES)
 
     async def dead_items(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = await self._rows(

@@ -56,17 +56,19 @@ from csand.storage import (
     WebhookEvent,
 )
 from csand.storage.common import (
+    DEAD_REASONS,
     LEASE_RULES,
     PRUNED,
+    STATUS_FIGURES,
     cluster_view,
     dead_letter_row,
     field_times,
-    float_or_none,
     iso,
     outbox_row,
     record_number,
     signature_id,
     stale_versions,
+    status_view,
     steps_of,
 )
 
@@ -1141,67 +1143,11 @@ class SQLiteStore:
 
     async def status(self) -> dict[str, Any]:
         """The figures ``csand status`` prints; cheap enough to call every second."""
+        now = self._clock()
         counts = await self.counts()
         meta = {r["key"]: r["value"] for r in await self._read("SELECT key, value FROM meta")}
-        now = self._clock()
-        oldest = await self._read(
-            "SELECT MIN(enqueued_at) AS t FROM outbox WHERE status IN ('pending', 'in_flight')"
-        )
-        dead_recent = await self._read(
-            "SELECT COUNT(*) AS n FROM outbox WHERE status = 'dead' AND finished_at > ?",
-            (now - 3600,),
-        )
-        waiting = await self._read(
-            "SELECT COUNT(*) AS n FROM outbox WHERE status = 'pending' AND attempts > 0"
-        )
-        reasons = await self._read(
-            "SELECT last_error AS reason, COUNT(*) AS n FROM outbox WHERE status = 'dead' "
-            "GROUP BY last_error ORDER BY n DESC LIMIT 5"
-        )
-        petitions = await self._read(
-            "SELECT COUNT(*) AS n, COUNT(an_uuid) AS mirrored FROM cs_petitions"
-        )
-        signatures = await self._read(
-            "SELECT COUNT(*) AS n, COUNT(deleted_at) AS deleted FROM cs_signatures"
-        )
-        cs_events = await self._read(
-            "SELECT COUNT(*) AS n, COUNT(an_uuid) AS mirrored, "
-            "(SELECT COUNT(*) FROM cs_attendees) AS attendees, "
-            "(SELECT COUNT(deleted_at) FROM cs_attendees) AS gone FROM cs_events")
-        events = await self._read(
-            "SELECT COUNT(*) AS n, COUNT(processed_at) AS processed, "
-            "SUM(processed_at IS NOT NULL AND error IS NOT NULL) AS failed FROM webhook_events"
-        )
-        oldest_t = oldest[0]["t"]
-        return {
-            **{k: counts[k] for k in STATUSES},
-            "retrying": waiting[0]["n"],
-            "oldest_pending_age_s": round(now - oldest_t, 1) if oldest_t else None,
-            "last_poll_at": iso(float_or_none(meta.get("last_poll_at"))),
-            "last_reconcile_at": iso(float_or_none(meta.get("last_reconcile_at"))),
-            "backfill_done": meta.get("backfill_done") == "1",
-            "petitions_seen": petitions[0]["n"],
-            "petitions_mirrored": petitions[0]["mirrored"],
-            "signatures_seen": signatures[0]["n"],
-            "signatures_deleted": signatures[0]["deleted"],
-            "events_seen": cs_events[0]["n"],
-            "events_mirrored": cs_events[0]["mirrored"],
-            "attendees_seen": cs_events[0]["attendees"],
-            "attendees_deleted": cs_events[0]["gone"],
-            "an_paused": meta.get("an_paused") or None,
-            "an_rate": float_or_none(meta.get("an_rate")),
-            "an_429s_since_start": int(meta.get("an_rate_limited") or 0),
-            "last_poll_result": meta.get("last_poll_result"),
-            "daemon_heartbeat_at": iso(float_or_none(meta.get("heartbeat_at"))),
-            "daemon_started_at": iso(float_or_none(meta.get("started_at"))),
-            "dead_last_hour": dead_recent[0]["n"],
-            "webhooks_received": events[0]["n"],
-            "webhooks_waiting": events[0]["n"] - events[0]["processed"],
-            "webhooks_failed": events[0]["failed"] or 0,
-            "webhook_endpoint": json.loads(meta["webhook_endpoint"])
-            if meta.get("webhook_endpoint") else None,
-            "dead_reasons": [{"reason": r["reason"], "count": r["n"]} for r in reasons],
-        }
+        (row,) = await self._read(STATUS_FIGURES.format(hour=":hour"), {"hour": now - 3600})
+        return status_view(counts, meta, row, await self._read(DEAD_REASONS), now, STATUSES)
 
     async def dead_items(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = await self._read(
