@@ -117,6 +117,20 @@ class SyncSettings(_Section):
     # number, E.164; SMS subscribed only on an explicit SMS opt-in) or "off".
     phone: Literal["custom_field", "mobile", "off"] = "custom_field"
     phone_country: str | None = None  # ISO 3166 code for numbers written without +; for mobile
+    # Activities older than this are recorded as seen and not synced (switching from another
+    # integration that already synced them): an ISO date (midnight UTC) or time, or "now" (the
+    # first start with it, remembered). Org-wide unsubscribes are applied whatever their age.
+    history_start: str | None = None
+
+    @field_validator("history_start")
+    @classmethod
+    def _history_start(cls, value: str | None) -> str | None:
+        from datetime import UTC, datetime
+
+        from csand.model import history_start
+
+        history_start(value, datetime.now(UTC))  # raises ValueError with the reason
+        return value.strip() if value is not None else None
 
     @field_validator("phone_country")
     @classmethod

@@ -15,6 +15,7 @@ import socket
 import tempfile
 import time
 from contextlib import AsyncExitStack, nullcontext
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from csand.controlshift.poller import Poller
 from csand.controlshift.webhooks import WebhookProcessor
 from csand.dryrun import DryRunActionNetworkClient, ReadOnlyTransport, copy_database
 from csand.logs import get_logger
+from csand.model import history_start, parse_time
 from csand.ratelimit import SharedTokenBucket, TokenBucket
 from csand.retry import RetryPolicy
 from csand.storage import STATUSES, NotLeader, Storage, StoreError, open_store, redact_url
@@ -113,6 +115,7 @@ class Daemon:
                 self.store = store
                 if store.shared:
                     await self._check_instance_name(store)
+                store.history_start = await resolve_history_start(store, s.sync.history_start)
                 released = await store.release_all_in_flight()
                 an_http = await stack.enter_async_context(self._an_http())
                 cs_http = await stack.enter_async_context(httpx.AsyncClient(
@@ -160,6 +163,8 @@ class Daemon:
                          poll_interval=s.controlshift.poll_interval,
                          reconcile_interval=s.controlshift.reconcile_interval,
                          http=s.http.listen, webhooks=self.webhooks is not None,
+                         history_start=store.history_start.isoformat()
+                         if store.history_start else None,
                          released_in_flight=released)
                 if self.webhooks is None and not self.dry_run:
                     log.warning("webhooks.off", msg="no controlshift.webhook_secret: new activity "
@@ -515,3 +520,22 @@ def _status_line(snapshot: dict[str, Any], paused: str | None) -> str:
             f"done {snapshot['done']}, dead {snapshot['dead']}; "
             f"last poll {snapshot['last_poll_at'] or 'never'}")
     return f"PAUSED ({paused}); {text}" if paused else text
+
+
+async def resolve_history_start(store: Storage, configured: str | None) -> datetime | None:
+    """``sync.history_start`` as a time, remembered in the store's meta (``csand status``).
+
+    ``"now"`` means the first start that had it: a restart must not move it forward, or what
+    happened while csand was down would never be synced. Any other setting is used as it is.
+    """
+    setting = configured.strip() if configured is not None else None
+    if setting is not None and setting.lower() == "now":
+        setting = "now"
+        if await store.get_meta("history_start_setting") == "now":
+            remembered = parse_time(await store.get_meta("history_start"))
+            if remembered is not None:
+                return remembered
+    start = history_start(setting, datetime.now(UTC))
+    await store.set_meta(history_start=start.isoformat() if start else None,
+                         history_start_setting=setting)
+    return start

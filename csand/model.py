@@ -128,6 +128,31 @@ def parse_time(value: Any) -> datetime | None:
     return dt.astimezone(UTC) if dt.tzinfo else dt.replace(tzinfo=UTC)
 
 
+def before_history(activity: Activity, start: datetime | None) -> bool:
+    """Whether ``activity`` predates ``sync.history_start`` and so is recorded, not synced.
+
+    An org-wide unsubscribe never is, whatever its age: csand must not leave subscribed someone
+    who asked to hear nothing more. An activity without a time is synced (it cannot be placed).
+    """
+    return (start is not None and activity.kind is not ActivityKind.GLOBAL_UNSUBSCRIBE
+            and activity.occurred_at is not None and activity.occurred_at < start)
+
+
+def history_start(value: str | None, now: datetime) -> datetime | None:
+    """``sync.history_start`` as a time: None (all history), ``"now"`` (``now``), an ISO date
+    (midnight UTC) or an ISO time (naive: UTC). Raises ValueError for anything else."""
+    if value is None:
+        return None
+    text = value.strip()
+    if text.lower() == "now":
+        return now
+    parsed = parse_time(text)
+    if parsed is None:
+        raise ValueError(f"{value!r} is neither \"now\" nor an ISO date or time "
+                         "(for example 2026-11-01 or 2026-11-01T09:30:00Z)")
+    return parsed
+
+
 def _clean(value: Any) -> str | None:
     if value is None:
         return None

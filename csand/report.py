@@ -21,6 +21,10 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
                   + (f" ({data['last_poll_result']})" if data.get("last_poll_result") else ""))
     table.add_row("last reconciliation", data.get("last_reconcile_at") or "never")
     table.add_row("backfill", "done" if data.get("backfill_done") else "not finished")
+    if data.get("history_start"):
+        table.add_row("history start", f"{data['history_start']}: "
+                      f"{data.get('history_skipped', 0)} older activities recorded, not synced "
+                      "(csand backfill --since DATE syncs them)")
     table.add_row("petitions", f"{data.get('petitions_seen', 0)} seen, "
                   f"{data.get('petitions_mirrored', 0)} mirrored in Action Network")
     table.add_row("signatures", f"{data.get('signatures_seen', 0)} seen, "

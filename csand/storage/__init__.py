@@ -125,6 +125,9 @@ class Outbox(Protocol):
     """
 
     listeners: list[Callable[[], None]]  # called when work becomes ready
+    # sync.history_start: activities older than it are stored ``cancelled`` with the note
+    # HISTORY_NOTE (seen, never synced; ``requeue_since`` can still replay them). None: all.
+    history_start: datetime | None
 
     async def commit_poll(
         self,

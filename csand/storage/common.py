@@ -9,7 +9,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
 
-from csand.model import Activity, DeadLetter, parse_time
+from csand.model import Activity, DeadLetter, before_history, parse_time
 
 # Which pending item is ready to lease: the rules of csand.storage.Outbox, in SQL both backends
 # run as written (no parameters). At most one item per person in flight, each person's items in
@@ -75,6 +75,9 @@ DEAD_REASONS = (
     "SELECT last_error AS reason, COUNT(*) AS n FROM outbox WHERE status = 'dead' "
     "GROUP BY last_error ORDER BY n DESC, last_error LIMIT 5"
 )
+
+# The note of an item older than sync.history_start: recorded as seen, never sent to AN.
+HISTORY_NOTE = "before sync.history_start: recorded, not synced"
 
 PRUNED = "pruned:"  # person key prefix of items whose personal data was pruned (see prune)
 
@@ -143,6 +146,16 @@ def outbox_row(a: Activity, now: float) -> tuple[Any, ...]:
     )
 
 
+def split_history(rows_of: Iterable[tuple[Activity, tuple[Any, ...]]],
+                  start: datetime | None) -> tuple[list[tuple[Any, ...]], list[tuple[Any, ...]]]:
+    """Outbox rows ``(to sync, before sync.history_start)`` of ``(activity, row)`` pairs."""
+    live: list[tuple[Any, ...]] = []
+    history: list[tuple[Any, ...]] = []
+    for activity, row in rows_of:
+        (history if before_history(activity, start) else live).append(row)
+    return live, history
+
+
 def dead_letter_row(d: DeadLetter, now: float) -> tuple[Any, ...]:
     return (
         d.dedupe_key, d.source_key, f"invalid:{d.source_key}", d.petition_id,
@@ -190,6 +203,8 @@ def status_view(counts: dict[str, int], meta: dict[str, str], row: Any, reasons:
         "last_poll_at": iso(float_or_none(meta.get("last_poll_at"))),
         "last_reconcile_at": iso(float_or_none(meta.get("last_reconcile_at"))),
         "backfill_done": meta.get("backfill_done") == "1",
+        "history_start": meta.get("history_start") or None,
+        "history_skipped": int(meta.get("history_skipped") or 0),
         "petitions_seen": row["petitions"],
         "petitions_mirrored": row["petitions_mirrored"],
         "signatures_seen": row["signatures"],

@@ -61,6 +61,7 @@ from csand.storage import (
 )
 from csand.storage.common import (
     DEAD_REASONS,
+    HISTORY_NOTE,
     LEASE_RULES,
     PRUNED,
     STATUS_FIGURES,
@@ -72,6 +73,7 @@ from csand.storage.common import (
     reason_of,
     record_number,
     signature_id,
+    split_history,
     stale_versions,
     status_view,
     steps_of,
@@ -257,6 +259,7 @@ class PostgresStore:
         self._clock = clock or time.time
         self.instance = instance
         self.listeners: list[Callable[[], None]] = []  # called when work becomes ready
+        self.history_start: datetime | None = None  # see Outbox.history_start
 
     def _notify(self) -> None:
         for listener in self.listeners:
@@ -405,9 +408,11 @@ class PostgresStore:
                     for s in signatures if s.cs_id not in stale]
             atts = [(s.cs_id, s.event_slug, s.fingerprint, s.deleted_at, s.updated_at)
                     for s in attendees if s.cs_id not in stale_attendees]
-            rows = [outbox_row(a, now) for a in activities
-                    if signature_id(a.source_key) not in stale
-                    and record_number(a.source_key, "attendee") not in stale_attendees]
+            rows, history = split_history(
+                ((a, outbox_row(a, now)) for a in activities
+                 if signature_id(a.source_key) not in stale
+                 and record_number(a.source_key, "attendee") not in stale_attendees),
+                self.history_start)
             async with db.cursor() as cur:
                 if event is not None:
                     await cur.execute(_UPSERT_EVENT, (
@@ -455,6 +460,10 @@ class PostgresStore:
                     if rsvps:
                         await cur.execute(_REVIVE_RSVP, (rsvps,))
                         added += max(cur.rowcount, 0)
+                if history:
+                    await cur.executemany(_INSERT_HISTORY, [(*r, now) for r in history])
+                    if cur.rowcount > 0:
+                        await cur.execute(_COUNT_HISTORY, {"n": cur.rowcount})
                 if dead:
                     await cur.executemany(_INSERT_DEAD_LETTER, dead)
                 if deleted:
@@ -726,8 +735,9 @@ class PostgresStore:
 
     async def requeue_since(self, since: str) -> Requeued:
         now = self._clock()
-        latest = ("FROM outbox WHERE status IN ('done', 'dead') AND kind != 'malformed' "
-                  "AND occurred_at >= %(since)s "
+        latest = ("FROM outbox WHERE (status IN ('done', 'dead') "
+                  f"OR (status = 'cancelled' AND note = '{HISTORY_NOTE}')) "
+                  "AND kind != 'malformed' AND occurred_at >= %(since)s "
                   "AND id IN (SELECT MAX(id) FROM outbox GROUP BY source_key)")
         params = {"since": since, "pruned": f"{PRUNED}%", "now": now}
 
@@ -1085,6 +1095,18 @@ _INSERT_OUTBOX = (
     "INSERT INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, payload, "
     "occurred_at, enqueued_at, event_slug) VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s) "
     "ON CONFLICT (dedupe_key) DO NOTHING"
+)
+
+# An activity older than sync.history_start (see SQLite).
+_INSERT_HISTORY = (
+    "INSERT INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, payload, "
+    "occurred_at, enqueued_at, event_slug, status, finished_at, note) "
+    "VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 'cancelled', %s, "
+    f"'{HISTORY_NOTE}') ON CONFLICT (dedupe_key) DO NOTHING"
+)
+_COUNT_HISTORY = (
+    "INSERT INTO meta (key, value) VALUES ('history_skipped', %(n)s::text) "
+    "ON CONFLICT (key) DO UPDATE SET value = (meta.value::bigint + %(n)s)::text"
 )
 
 _REVIVE_RSVP = (

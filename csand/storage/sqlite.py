@@ -57,6 +57,7 @@ from csand.storage import (
 )
 from csand.storage.common import (
     DEAD_REASONS,
+    HISTORY_NOTE,
     LEASE_RULES,
     PRUNED,
     STATUS_FIGURES,
@@ -67,6 +68,7 @@ from csand.storage.common import (
     outbox_row,
     record_number,
     signature_id,
+    split_history,
     stale_versions,
     status_view,
     steps_of,
@@ -282,6 +284,7 @@ class SQLiteStore:
         self._reader: aiosqlite.Connection | None = None
         self._read_lock = anyio.Lock()
         self.listeners: list[Callable[[], None]] = []  # called when work becomes ready
+        self.history_start: datetime | None = None  # see Outbox.history_start
         # Bumped by every commit that can take an item from its worker (a deletion, a reclaimed
         # lease); a lease checked since the last bump needs no read (see guard).
         self._epoch = 0
@@ -450,9 +453,11 @@ class SQLiteStore:
                     for s in signatures if s.cs_id not in stale]
             atts = [(s.cs_id, s.event_slug, s.fingerprint, s.deleted_at, s.updated_at)
                     for s in attendees if s.cs_id not in stale_attendees]
-            rows = [outbox_row(a, now) for a in activities
-                    if signature_id(a.source_key) not in stale
-                    and record_number(a.source_key, "attendee") not in stale_attendees]
+            rows, history = split_history(
+                ((a, outbox_row(a, now)) for a in activities
+                 if signature_id(a.source_key) not in stale
+                 and record_number(a.source_key, "attendee") not in stale_attendees),
+                self.history_start)
             if event is not None:
                 await db.execute(_UPSERT_EVENT, (
                     event.slug, event.content, event.calendar_slug, int(event.inappropriate),
@@ -494,6 +499,11 @@ class SQLiteStore:
                 await db.executemany(_REVIVE_RSVP, [(r[0],) for r in rows
                                                     if r[4] == str(ActivityKind.ATTENDANCE)])
             added = db.total_changes - before
+            if history:
+                before = db.total_changes
+                await db.executemany(_INSERT_HISTORY, [(*r, now) for r in history])
+                if db.total_changes > before:
+                    await db.execute(_COUNT_HISTORY, (db.total_changes - before,))
             if dead:
                 await db.executemany(_INSERT_DEAD_LETTER, dead)
             if deleted:
@@ -830,7 +840,9 @@ class SQLiteStore:
         pruned (see :meth:`prune`) cannot be replayed. Both are only counted.
         """
         now = self._clock()
-        latest = ("FROM outbox WHERE status IN ('done', 'dead') AND kind != 'malformed' "
+        latest = ("FROM outbox WHERE (status IN ('done', 'dead') "
+                  f"OR (status = 'cancelled' AND note = '{HISTORY_NOTE}')) "
+                  "AND kind != 'malformed' "
                   "AND occurred_at >= :since "
                   "AND id IN (SELECT MAX(id) FROM outbox GROUP BY source_key)")
         params = {"since": since, "pruned": f"{PRUNED}%"}
@@ -1233,6 +1245,18 @@ _RELEASE = (
 _INSERT_OUTBOX = (
     "INSERT OR IGNORE INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, "
     "payload, occurred_at, enqueued_at, event_slug) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+# An activity older than sync.history_start: recorded (its dedupe key keeps it from coming
+# back), finished at once, never leased; ``requeue_since`` can replay it.
+_INSERT_HISTORY = (
+    "INSERT OR IGNORE INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, "
+    "payload, occurred_at, enqueued_at, event_slug, status, finished_at, note) "
+    f"VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, 'cancelled', ?, '{HISTORY_NOTE}')"
+)
+_COUNT_HISTORY = (
+    "INSERT INTO meta (key, value) VALUES ('history_skipped', ?1) ON CONFLICT (key) DO UPDATE "
+    "SET value = CAST(CAST(value AS INTEGER) + ?1 AS TEXT)"
 )
 
 # The poller offers an attendance only when it is new to csand (or attending again after a

@@ -1033,3 +1033,48 @@ async def test_an_event_flagged_inappropriate_cancels_what_is_queued_of_it(stora
     assert rows["event:picnic:host"]["status"] == rows["attendee:1"]["status"] == "cancelled"
     assert rows["attendee:1"]["note"] == "event moderated as inappropriate on ControlShift"
     assert rows["attendee:2"]["status"] == "pending"
+
+
+# ---------------------------------------------------------------- sync.history_start
+
+
+@pytest.mark.anyio
+async def test_activities_before_history_start_are_recorded_not_queued(
+    storage: Storage, clock: ManualClock
+) -> None:
+    storage.history_start = datetime(2024, 3, 1, tzinfo=UTC)
+    old = sig(1, "ann@example.org", "2024-01-02T00:00:00Z")
+    new = sig(2, "bob@example.org", "2024-03-02T00:00:00Z")
+    unsub = global_unsubscribe_activity(7, "cy@example.org", datetime(2020, 1, 1, tzinfo=UTC))
+    assert await storage.commit_poll(None, activities=[old, new, unsub]) == 2
+    rows = {r["source_key"]: r for r in await storage.items()}
+    assert rows["signature:1"]["status"] == "cancelled"
+    assert rows["signature:1"]["note"].startswith("before sync.history_start")
+    # An org-wide unsubscribe is applied whatever its age.
+    assert {rows["signature:2"]["status"], rows["unsubscribe:7"]["status"]} == {"pending"}
+    leased = await storage.lease(10, 60)
+    assert sorted(i.activity.source_key for i in leased) == ["signature:2", "unsubscribe:7"]
+    status = await storage.status()
+    assert status["history_skipped"] == 1
+
+    # Seen again (the next sweep): still recorded once, not counted twice, not queued.
+    assert await storage.commit_poll(None, activities=[old]) == 0
+    assert (await storage.status())["history_skipped"] == 1
+    # A newer version of the old signature (a late edit) is history made now: it syncs.
+    edited = sig(1, "ann@example.org", "2024-01-02T00:00:00Z", first_name="Ann-Marie",
+                 updated_at="2024-04-01T00:00:00Z")
+    assert await storage.commit_poll(None, activities=[edited]) == 1
+
+
+@pytest.mark.anyio
+async def test_backfill_since_replays_what_history_start_held_back(
+    storage: Storage, clock: ManualClock
+) -> None:
+    storage.history_start = datetime(2024, 3, 1, tzinfo=UTC)
+    await storage.commit_poll(None, activities=[sig(1, "ann@example.org"),
+                                                sig(2, "bob@example.org", "2023-06-01T00:00:00Z")])
+    assert await storage.lease(10, 60) == []
+    result = await storage.requeue_since("2024-01-01T00:00:00+00:00")
+    assert result.queued == 1
+    (item,) = await storage.lease(10, 60)
+    assert item.activity.source_key == "signature:1"
