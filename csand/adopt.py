@@ -26,6 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+import anyio
 import httpx
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -129,12 +130,20 @@ async def run_adopt(
                 with Progress(TextColumn("[bold]{task.description:<28}"), BarColumn(),
                               MofNCompleteColumn(), TimeElapsedColumn(), console=console,
                               transient=True, disable=not console.is_terminal) as bar:
-                    refs = await _cs_petitions(settings, cs, store, bar, dry_run)
-                    result.cs_petitions = len(refs)
+                    # Both lists at once: each service has its own rate limit.
                     listing = bar.add_task("Action Network petitions", total=None)
-                    an_list = await an.list_petitions(
-                        "origin_system", settings.sync.origin_system,
-                        on_page=lambda items: bar.advance(listing, len(items)))
+                    lists: dict[str, Any] = {}
+
+                    async def an_petitions() -> None:
+                        lists["an"] = await an.list_petitions(
+                            "origin_system", settings.sync.origin_system,
+                            on_page=lambda items: bar.advance(listing, len(items)))
+
+                    async with anyio.create_task_group() as tg:
+                        tg.start_soon(an_petitions)
+                        refs = await _cs_petitions(settings, cs, store, bar, dry_run)
+                    an_list = lists["an"]
+                    result.cs_petitions = len(refs)
                     result.an_petitions = len(an_list)
                     await _decide(settings, store, refs, an_list, result, bar, dry_run)
                 result.an_requests = an.requests

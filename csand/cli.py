@@ -414,11 +414,21 @@ def adopt(
     logs.configure("warning", "auto", stream=sys.stderr, secrets=settings.secrets())
     from rich.console import Console
 
+    from csand.actionnetwork.client import ANFailure
+    from csand.controlshift.client import CSError
+
     try:
-        result = anyio.run(lambda: run_adopt(settings, dry_run=dry_run), backend="asyncio")
+        try:
+            result = anyio.run(lambda: run_adopt(settings, dry_run=dry_run), backend="asyncio")
+        except BaseExceptionGroup as group:  # the two listings run side by side
+            raise _only(group) from None
     except (AlreadyRunning, StoreError) as exc:
         typer.echo(f"csand: {exc}" + (" (stop csand while csand adopt records twins)"
                                       if isinstance(exc, AlreadyRunning) else ""), err=True)
+        raise typer.Exit(1) from None
+    except (ANFailure, CSError) as exc:
+        typer.echo(f"csand: {type(exc).__name__}: {exc} (nothing was recorded; run csand adopt "
+                   "again)", err=True)
         raise typer.Exit(1) from None
     if as_json:
         typer.echo(json.dumps(result.as_json()))

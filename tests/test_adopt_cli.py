@@ -158,3 +158,12 @@ def test_adopt_refuses_to_record_beside_a_running_daemon_on_sqlite(
 def test_adopt_on_postgresql(world: World, tmp_path: Path, pg_url: str) -> None:
     config = world.config(tmp_path, f'url = "{pg_url}"')
     check_adopt(world, config, pg_url)
+
+
+def test_adopt_with_a_rejected_an_key_says_so_in_one_line(world: World, tmp_path: Path) -> None:
+    config = world.config(tmp_path, f'path = "{tmp_path / "csand.db"}"')
+    world.an.api_key = "rotated"
+    result = CliRunner().invoke(app, ["adopt", "--config", str(config)])
+    assert result.exit_code == 1
+    assert "ANFailure" in result.stderr and "nothing was recorded" in result.stderr
+    assert all(u is None for u in stored(str(tmp_path / "csand.db"))[0].values())

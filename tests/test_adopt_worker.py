@@ -171,3 +171,17 @@ async def test_ambiguity_resolved_in_an_clears_the_status_on_retry(env: Env) -> 
 
     assert await env.store.petition_uuid(1) == a
     assert (await env.store.status())["adoption_ambiguous"] == []
+
+
+@pytest.mark.anyio
+async def test_a_picked_petition_that_does_not_exist_goes_dead_saying_so(env: Env) -> None:
+    hosted(env, url=None)
+    hosted(env, url=None)
+    await decide(env.store, [("petition-1", "no-such-uuid")], [])
+    await env.store.enqueue([sig(1, "ann@example.org")])
+
+    await drain(env.dispatcher(), 1)
+
+    (dead,) = await env.store.dead_items()
+    assert "no-such-uuid" in dead["last_error"] and "pick again" in dead["last_error"]
+    assert posts(env) == 0 and await env.store.petition_uuid(1) is None
