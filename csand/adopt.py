@@ -62,6 +62,9 @@ class Verdict:
     an_uuid: str | None = None
     candidates: list[str] = field(default_factory=list)
     reason: str = ""
+    # Other unmirrored CS petitions of the same title ({cs_id, slug}): kept with an ambiguity so
+    # the worker, which sees one petition at a time, judges it with them in view too.
+    rivals: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -244,10 +247,12 @@ async def _decide(settings: Settings, store: Storage, refs: list[PetitionRef],
                                           reason="create" if decision == CREATE else "pick"))
             continue
         key = title_key(ref.title)
+        rivals = [r for r in refs_by_title[key] if r.cs_id not in recorded]
         found = match(ref, by_title.get(key, ()), origin_system=origin, claimed=claimed,
-                      rivals=[r for r in refs_by_title[key] if r.cs_id not in recorded])
+                      rivals=rivals)
         verdict = Verdict(ref.slug, ref.cs_id, ref.title, found.uuid, list(found.candidates),
-                          found.reason)
+                          found.reason, [{"cs_id": r.cs_id, "slug": r.slug} for r in rivals
+                                         if r.cs_id != ref.cs_id])
         if found.kind == ADOPT:
             assert found.uuid is not None
             if claimed.get(found.uuid, ref.cs_id) != ref.cs_id:  # taken by an earlier match
@@ -275,7 +280,8 @@ async def _record(store: Storage, to_record: list[tuple[PetitionRef, str, bool]]
     marks: dict[str, str | None] = {identify_key(uuid): str(ref.cs_id)
                                     for ref, uuid, identified in to_record if not identified}
     marks |= {ambiguous_key(v.slug): json.dumps({"cs_id": v.cs_id, "title": v.title,
-                                                 "candidates": v.candidates})
+                                                 "candidates": v.candidates,
+                                                 "rivals": v.rivals})
               for v in result.ambiguous}
     marks |= {ambiguous_key(v.slug): None for v in [*result.adopted, *result.create]}
     keys = list(marks)

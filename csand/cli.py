@@ -399,7 +399,7 @@ def adopt(
     from csand.storage import StoreError
     from csand.storage.sqlite import AlreadyRunning
 
-    settings = _load(config)
+    settings = _load(config, secrets=not (pick or create))  # deciding needs only the store
     if pick or create:
         try:
             picks = [parse_pick(p) for p in pick or ()]

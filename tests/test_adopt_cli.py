@@ -167,3 +167,29 @@ def test_adopt_with_a_rejected_an_key_says_so_in_one_line(world: World, tmp_path
     assert result.exit_code == 1
     assert "ANFailure" in result.stderr and "nothing was recorded" in result.stderr
     assert all(u is None for u in stored(str(tmp_path / "csand.db"))[0].values())
+
+
+def test_status_names_the_ambiguous_petitions(tmp_path: Path) -> None:
+    db = tmp_path / "csand.db"
+
+    async def seed() -> None:
+        store = await open_store(db)
+        try:
+            await store.set_meta(**{"adopt.ambiguous.save-the-pool": json.dumps(
+                {"cs_id": 3, "title": "Save the pool", "candidates": ["u1", "u2"]})})
+        finally:
+            await store.close()
+
+    anyio.run(seed, backend="asyncio")
+    config = tmp_path / "config.toml"
+    config.write_text(f'[controlshift]\nurl = "https://cs.example.org"\n\n'
+                      f'[store]\npath = "{db}"\n', encoding="utf-8")
+    code, out = run("status", "--config", str(config))
+    assert code == 3 and "ambiguous" in out and "save-the-pool" in out
+    data = json.loads(run("status", "--json", "--config", str(config))[1])
+    assert data["adoption_ambiguous"] == [
+        {"slug": "save-the-pool", "title": "Save the pool", "candidates": ["u1", "u2"]}]
+    assert any("1 petition(s) wait" in p for p in data["problems"])
+    run("adopt", "--create", "save-the-pool", "--config", str(config))
+    assert json.loads(run("status", "--json", "--config", str(config))[1])[
+        "adoption_ambiguous"] == []

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import AsyncIterator
 
 import pytest
@@ -185,3 +186,25 @@ async def test_a_picked_petition_that_does_not_exist_goes_dead_saying_so(env: En
     (dead,) = await env.store.dead_items()
     assert "no-such-uuid" in dead["last_error"] and "pick again" in dead["last_error"]
     assert posts(env) == 0 and await env.store.petition_uuid(1) is None
+
+
+@pytest.mark.anyio
+async def test_worker_keeps_an_ambiguity_csand_adopt_found_with_a_same_title_rival(
+        env: Env) -> None:
+    only = hosted(env, url=None)
+    # csand adopt saw CS petition 2 with the same title: the one AN petition could be either's.
+    await env.store.set_meta(**{ambiguous_key("petition-1"): json.dumps({
+        "cs_id": 1, "title": "Petition 1", "candidates": [only],
+        "rivals": [{"cs_id": 2, "slug": "petition-2"}]})})
+    await env.store.enqueue([sig(1, "ann@example.org")])
+
+    await drain(env.dispatcher(), 1)
+
+    (dead,) = await env.store.dead_items()
+    assert "petition-2" in dead["last_error"] and only in dead["last_error"]
+    assert posts(env) == 0 and env.sim.signatures() == []
+
+    await env.mirrored(2)  # the rival got its own twin meanwhile: the candidate is this one's
+    await env.store.requeue_dead()
+    await drain(env.dispatcher(), 1)
+    assert await env.store.petition_uuid(1) == only

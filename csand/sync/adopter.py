@@ -11,6 +11,7 @@ store second; a crash in between is found again by the identifier lookup that pr
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from csand.actionnetwork.client import ActionNetworkClient, ANFailure
 from csand.actionnetwork.errors import Outcome, Verdict
@@ -58,12 +59,14 @@ class Adopter:
                      how="picked")
             return decision
         candidates = await self._candidates(petition)
+        recorded = await self._recorded_rivals(petition)
         found = match(petition, candidates, origin_system=self._origin,
-                      claimed=await self._claimed(candidates))
+                      claimed=await self._claimed(candidates),
+                      rivals=[r for r, _ in recorded if not await self._store.petition_uuid(r.cs_id)])
         if found.kind == AMBIGUOUS:
             await self._store.set_meta(**{ambiguous_key(petition.slug): json.dumps({
                 "cs_id": petition.cs_id, "title": petition.title,
-                "candidates": list(found.candidates)})})
+                "candidates": list(found.candidates), "rivals": [raw for _, raw in recorded]})})
             log.warning("an.petition_ambiguous", petition=petition.slug,
                         candidates=list(found.candidates))
             raise ANFailure(Outcome(Verdict.DEAD, ambiguous_reason(petition, found)))
@@ -124,6 +127,22 @@ class Adopter:
             if owner and owner.isdigit():
                 claimed[candidate.uuid] = int(owner)
         return claimed
+
+    async def _recorded_rivals(self, petition: PetitionRef
+                               ) -> list[tuple[PetitionRef, dict[str, Any]]]:
+        """The CS petitions of the same title ``csand adopt`` saw when it found ``petition``
+        ambiguous: the worker sees one petition at a time, and must not take a candidate that
+        could be theirs."""
+        raw = await self._store.get_meta(ambiguous_key(petition.slug))
+        try:
+            rivals = (json.loads(raw) or {}).get("rivals") or [] if raw else []
+        except ValueError:
+            return []
+        org = petition.identifier.rsplit(":petition-", 1)[0]
+        return [(PetitionRef(int(r["cs_id"]), str(r["slug"]), petition.title, None,
+                             f"{org}:petition-{int(r['cs_id'])}"), r)
+                for r in rivals if isinstance(r, dict) and str(r.get("cs_id", "")).isdigit()
+                and r.get("slug")]
 
     async def _settled(self, petition: PetitionRef) -> None:
         if await self._store.get_meta(ambiguous_key(petition.slug)):
