@@ -377,6 +377,67 @@ def _backfill_log(settings: config_mod.Settings) -> Path:
     return Path.cwd() / "csand.backfill.log"
 
 
+@app.command()
+def adopt(
+    config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH,
+    dry_run: Annotated[bool, typer.Option(
+        "--dry-run", help="Match and report; record nothing.")] = False,
+    pick: Annotated[list[str] | None, typer.Option(
+        "--pick", help="SLUG=AN_UUID: adopt that AN petition for an ambiguous CS petition "
+        "(repeatable).", show_default=False)] = None,
+    create: Annotated[list[str] | None, typer.Option(
+        "--create", help="SLUG: give an ambiguous CS petition a fresh AN twin (repeatable).",
+        show_default=False)] = None,
+    as_json: JsonOption = False,
+) -> None:
+    """Adopt the AN petitions ControlShift's hosted integration made, before csand creates any.
+
+    Exit 1 when some petitions are ambiguous (choose with --pick or --create, then
+    `csand dead retry --all` for items that died waiting). See docs/switching.md.
+    """
+    from csand.adopt import decide, parse_pick, print_result, run_adopt
+    from csand.storage import StoreError
+    from csand.storage.sqlite import AlreadyRunning
+
+    settings = _load(config, secrets=not (pick or create))  # deciding needs only the store
+    if pick or create:
+        try:
+            picks = [parse_pick(p) for p in pick or ()]
+        except ValueError as exc:
+            typer.echo(f"csand: {exc}", err=True)
+            raise typer.Exit(2) from None
+        count = _with_store(settings, lambda store: decide(store, picks, create or []),
+                            must_exist=False)
+        typer.echo(f"{count} decision(s) recorded; csand follows them the next time it mirrors "
+                   "those petitions (`csand dead retry --all` puts items that died waiting back)")
+        return
+    logs.configure("warning", "auto", stream=sys.stderr, secrets=settings.secrets())
+    from rich.console import Console
+
+    from csand.actionnetwork.client import ANFailure
+    from csand.controlshift.client import CSError
+
+    try:
+        try:
+            result = anyio.run(lambda: run_adopt(settings, dry_run=dry_run), backend="asyncio")
+        except BaseExceptionGroup as group:  # the two listings run side by side
+            raise _only(group) from None
+    except (AlreadyRunning, StoreError) as exc:
+        typer.echo(f"csand: {exc}" + (" (stop csand while csand adopt records twins)"
+                                      if isinstance(exc, AlreadyRunning) else ""), err=True)
+        raise typer.Exit(1) from None
+    except (ANFailure, CSError) as exc:
+        typer.echo(f"csand: {type(exc).__name__}: {exc} (nothing was recorded; run csand adopt "
+                   "again)", err=True)
+        raise typer.Exit(1) from None
+    if as_json:
+        typer.echo(json.dumps(result.as_json()))
+    else:
+        print_result(result, Console())
+    if result.ambiguous:
+        raise typer.Exit(1)
+
+
 @app.command("store-copy")
 def store_copy(
     config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH,

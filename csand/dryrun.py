@@ -110,6 +110,9 @@ class DryRunActionNetworkClient(ActionNetworkClient):
                     origin_system=origin_system, creator_id=creator_uuid)
         return _fake_id("petition", identifier)
 
+    async def add_petition_identifier(self, uuid: str, identifier: str) -> None:
+        self._would("PUT /petitions/{id} (adopt)", petition=uuid, identifier=identifier)
+
     async def create_tag(self, name: str) -> str:
         self._would("POST /tags", tag=name)
         return _fake_id("tag", name)

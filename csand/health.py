@@ -35,6 +35,12 @@ def reasons(status: dict[str, Any], *, poll_interval: float, now: float,
         found.append(f"workers paused: {status['an_paused']}")
     if dead_growth and status.get("dead_last_hour"):
         found.append(f"{status['dead_last_hour']} items went to the dead letters in the last hour")
+    ambiguous = status.get("adoption_ambiguous") or []
+    if ambiguous:
+        found.append(f"{len(ambiguous)} petition(s) wait for a person to choose their Action "
+                     "Network twin (csand adopt --pick / --create): "
+                     + ", ".join(a["slug"] for a in ambiguous[:5])
+                     + (" ..." if len(ambiguous) > 5 else ""))
     endpoint = status.get("webhook_endpoint") or {}
     if endpoint.get("disabled_at"):
         found.append(f"ControlShift disabled csand's webhook endpoint at {endpoint['disabled_at']}")

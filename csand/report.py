@@ -56,6 +56,11 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
     if data.get("retention_days"):
         table.add_row("personal data", f"kept {data['retention_days']:g} days after an item is "
                       "synced or dropped (dead letters: until retried or dropped)")
+    ambiguous = data.get("adoption_ambiguous") or []
+    if ambiguous:
+        table.add_row("[yellow]ambiguous[/yellow]", f"[yellow]{len(ambiguous)} petition(s) "
+                      "without a chosen Action Network twin: "
+                      + ", ".join(a["slug"] for a in ambiguous) + "[/yellow]")
     if data.get("an_paused"):
         table.add_row("[red]PAUSED[/red]", f"[red]{data['an_paused']}[/red]")
     console.print(table)

@@ -219,6 +219,54 @@ class ActionNetworkClient:
             raise ANFailure(Outcome(Verdict.RETRY, "petition created without an id in the answer"))
         return uuid
 
+    async def list_petitions(
+        self, field: str, value: str,
+        on_page: Callable[[list[dict[str, Any]]], None] | None = None,
+    ) -> list[tuple[str, dict[str, Any]]]:
+        """``(uuid, petition)`` for every petition whose ``field`` (``title``,
+        ``origin_system``, ...) equals ``value``, 25 a page; ``on_page`` sees each page.
+
+        Should AN refuse the filter (400), pages through all the group's petitions and keeps
+        the matching ones. A listed petition without an id is a failure (retry): skipping it
+        could create a duplicate.
+        """
+        query = quote(f"{field} eq '{_odata_quote(value)}'", safe="")
+        try:
+            return await self._petition_pages(f"/petitions?filter={query}&page=", None, on_page)
+        except ANFailure as failure:
+            if failure.outcome.verdict is not Verdict.DEAD:
+                raise
+            log.warning("an.petition_filter_refused", field=field, reason=failure.outcome.reason)
+        return await self._petition_pages("/petitions?page=", (field, value), on_page)
+
+    async def _petition_pages(
+        self, path: str, keep: tuple[str, str] | None,
+        on_page: Callable[[list[dict[str, Any]]], None] | None,
+    ) -> list[tuple[str, dict[str, Any]]]:
+        found: list[tuple[str, dict[str, Any]]] = []
+        for page in range(1, MAX_PAGES + 1):
+            body = await self._call("GET", f"{path}{page}")
+            items = _embedded(body, "osdi:petitions")
+            if on_page is not None:
+                on_page(items)
+            for item in items:
+                if keep is not None and item.get(keep[0]) != keep[1]:
+                    continue
+                uuid = uuid_of(item)
+                if not uuid:
+                    raise ANFailure(Outcome(Verdict.RETRY, "petition listed without an id"))
+                found.append((uuid, item))
+            if not items or not ((body or {}).get("_links") or {}).get("next"):
+                break
+        return found
+
+    async def add_petition_identifier(self, uuid: str, identifier: str) -> None:
+        """``PUT /petitions/{uuid}`` with ``{"identifiers": [identifier]}``: AN appends it to
+        the petition's identifiers (they are never removed, and unique across AN: a 400 if
+        another resource holds it). Safe to repeat; 404 is *gone*."""
+        await self._call("PUT", f"/petitions/{uuid}", json={"identifiers": [identifier]},
+                         helper=True, by_id=True)
+
     # ---- events and event campaigns ----
 
     async def find_event(self, identifier: str) -> str | None:

@@ -193,6 +193,7 @@ class _Petition:
     creator_uuid: str | None
     created: _Stamp
     signature_count: int = 0
+    browser_url: str | None = None
 
 
 @dataclass
@@ -309,6 +310,7 @@ class ActionNetworkSim:
             Route(f"{PREFIX}/petitions", self._list_petitions, methods=["GET"]),
             Route(f"{PREFIX}/petitions", self._post_petition, methods=["POST"]),
             Route(f"{PREFIX}/petitions/{{uuid}}", self._get_petition, methods=["GET"]),
+            Route(f"{PREFIX}/petitions/{{uuid}}", self._put_petition, methods=["PUT"]),
             Route(
                 f"{PREFIX}/petitions/{{uuid}}/signatures", self._signature_helper, methods=["POST"]
             ),
@@ -447,11 +449,56 @@ class ActionNetworkSim:
                     "title": p.title,
                     "description": p.description,
                     "origin_system": p.origin_system,
+                    "browser_url": p.browser_url,
                     "identifiers": list(p.identifiers),
                     "creator_uuid": p.creator_uuid,
                 }
                 for p in self._petitions.values()
             ]
+
+    def add_petition(
+        self,
+        title: str,
+        *,
+        description: str | None = None,
+        browser_url: str | None = None,
+        origin_system: str | None = "Controlshift Petition",
+        identifiers: Iterable[str] = (),
+        signers: Iterable[str] = (),
+    ) -> str:
+        """A petition made before the test starts, as ControlShift's hosted integration makes
+        them (its origin system, the CS title, the CS URL in ``description``, no csand
+        identifier); ``signers`` (emails of people already added) have signed it. Its uuid."""
+        with self._lock:
+            ids = list(dict.fromkeys(identifiers))
+            self._check_identifiers(ids, None)
+            petition_uuid = self._new_id()
+            petition = _Petition(
+                uuid=petition_uuid, title=title, description=description,
+                origin_system=origin_system,
+                identifiers=[f"action_network:{petition_uuid}", *ids], creator_uuid=None,
+                created=self._stamp(), browser_url=browser_url,
+            )
+            self._petitions[petition_uuid] = petition
+            self._claim_identifiers(petition.identifiers, f"petitions/{petition_uuid}")
+            for identifier in petition.identifiers:
+                self._petition_by_identifier[identifier] = petition_uuid
+            for email in signers:
+                person = self._find_person(email)
+                if person is None:
+                    raise KeyError(email)
+                self._sign(petition, person, None)
+            return petition_uuid
+
+    def delete_petition(self, uuid: str) -> None:
+        """An AN admin deletes the petition, with its signatures (then 404 by uuid)."""
+        with self._lock:
+            petition = self._petitions.pop(uuid)
+            for identifier in petition.identifiers:
+                self._petition_by_identifier.pop(identifier, None)
+                self._identifier_owner.pop(identifier, None)
+            for key in [k for k in self._signatures if k[0] == uuid]:
+                del self._signatures[key]
 
     def signatures(self) -> list[dict[str, Any]]:
         with self._lock:
@@ -743,8 +790,7 @@ class ActionNetworkSim:
             if wanted is None:
                 petitions = list(self._petitions.values())
             else:
-                found = self._petition_by_identifier.get(_filter_value(wanted, "identifier"))
-                petitions = [] if found is None else [self._petitions[found]]
+                petitions = self._filter_petitions(wanted)
             base = _base(request)
             return HalResponse(
                 _collection(
@@ -756,6 +802,37 @@ class ActionNetworkSim:
                     totals=True,
                 )
             )
+
+    def _filter_petitions(self, wanted: str) -> list[_Petition]:
+        """AN's OData filter on petitions: ``identifier``, ``title`` or ``origin_system``
+        ``eq '<value>'`` (exact, case-sensitive); anything else is refused (400)."""
+        field_name = wanted.strip().split(" ", 1)[0]
+        if field_name not in ("identifier", "title", "origin_system"):
+            raise ApiError(400, f"Unsupported filter: {wanted!r}")
+        value = _filter_value(wanted, field_name)
+        if field_name == "identifier":
+            found = self._petition_by_identifier.get(value)
+            return [] if found is None else [self._petitions[found]]
+        return [p for p in self._petitions.values() if getattr(p, field_name) == value]
+
+    async def _put_petition(self, request: Request) -> Response:
+        """Update a petition: title, description, browser_url; identifiers sent are appended
+        (never removed; refused with 400 when another resource holds one)."""
+        body = await _json_body(request)
+        identifiers = _identifiers(body)
+        with self._lock:
+            petition = self._known_petition(request)
+            owner = f"petitions/{petition.uuid}"
+            self._check_identifiers(identifiers, owner)
+            for name in ("title", "description", "browser_url"):
+                value = _optional_text(body, name)
+                if value is not None:
+                    setattr(petition, name, value)
+            petition.identifiers = list(dict.fromkeys([*petition.identifiers, *identifiers]))
+            self._claim_identifiers(petition.identifiers, owner)
+            for identifier in petition.identifiers:
+                self._petition_by_identifier[identifier] = petition.uuid
+            return HalResponse(self._petition_json(petition, _base(request)))
 
     async def _get_petition(self, request: Request) -> Response:
         with self._lock:
@@ -1404,6 +1481,7 @@ class ActionNetworkSim:
             "title": petition.title,
             "description": petition.description,
             "origin_system": petition.origin_system,
+            **({"browser_url": petition.browser_url} if petition.browser_url else {}),
             "total_signatures": petition.signature_count,
             "action_network:hidden": False,
             "_links": links,

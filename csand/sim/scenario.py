@@ -413,6 +413,9 @@ class Scenario:
     attendees: list[dict[str, Any]] = field(default_factory=list)  # as created, by id
     # What csand can know (REST carries neither a host's opt-in nor an event's moderation):
     # set these to match how the csand under test hears ControlShift.
+    # CS petition slug -> the AN petitions ControlShift's hosted integration made for it before
+    # csand (two: a duplicate, ambiguous); see ``populate(hosted=...)``.
+    hosted: dict[str, list[str]] = field(default_factory=dict)
     host_consent_known: bool = False  # hosts' join_organisation (webhooks only)
     moderation_known: bool = True  # admin_status "inappropriate" (webhooks only)
 
@@ -612,6 +615,38 @@ def _ascii_words(text: str) -> str:
     return folded.lower()
 
 
+def _populate_hosted(
+    cs: ControlShiftSim,
+    an: ActionNetworkSim,
+    made: list[dict[str, Any]],
+    signed: list[dict[str, Any]],
+    bad: dict[int, str],
+    existing: Mapping[str, ExistingPerson],
+    count: int,
+    duplicates: int,
+) -> dict[str, list[str]]:
+    """What the hosted integration left in AN: see ``populate(hosted=...)``."""
+    urls = {p["slug"]: p["url"] for p in cs.petitions()}
+    by_slug: dict[str, set[str]] = defaultdict(set)
+    for sig in signed:
+        email = normalize_email(sig.get("email"))
+        if sig["id"] not in bad and email in existing:
+            by_slug[sig["petition"]["slug"]].add(email)
+    out: dict[str, list[str]] = {}
+    for i, petition in enumerate([p for p in made if p["launched"]][:count]):
+        slug = petition["slug"]
+        signers = sorted(by_slug.get(slug, ()))
+        if i < duplicates:  # made twice, neither naming the URL
+            out[slug] = [an.add_petition(petition["title"], description=f"{petition['title']}.",
+                                         signers=signers) for _ in range(2)]
+        else:
+            out[slug] = [an.add_petition(
+                petition["title"], signers=signers,
+                description=f"<p>{petition['title']}</p><p><a href=\"{urls[slug]}\">"
+                            f"{urls[slug]}</a></p>")]
+    return out
+
+
 def _populate_events(
     cs: ControlShiftSim,
     gen: _Generator,
@@ -737,6 +772,8 @@ def populate(
     events: int = 0,
     calendars: int = 0,
     attendees: int = 0,
+    hosted: int = 0,
+    hosted_duplicates: int = 0,
 ) -> Scenario:
     """Fill ``cs`` (and, if given, seed ``an`` with pre-existing people); return the Scenario.
 
@@ -751,9 +788,20 @@ def populate(
     (signers among them) or new ones, with every attending status and ``join_organisation``
     true / false / null. Events come from their own random stream: with ``events=0`` nothing
     else changes.
+
+    ``hosted``: ControlShift's hosted Action Network integration already mirrored the oldest
+    ``hosted`` launched petitions into ``an`` (origin system ``Controlshift Petition``, the CS
+    title, the CS URL in the description, no csand identifier, signed by the people already in
+    AN who signed them on CS); the first ``hosted_duplicates`` of them got two AN petitions
+    each, neither naming the URL (ambiguous: a person must choose). See
+    :attr:`Scenario.hosted`.
     """
     if attendees and not events:
         raise ValueError("attendees need events")
+    if hosted and an is None:
+        raise ValueError("hosted petitions need the Action Network simulator")
+    if not 0 <= hosted_duplicates <= hosted:
+        raise ValueError("hosted_duplicates must be between 0 and hosted")
     if not 0 <= unlaunched <= petitions:
         raise ValueError("unlaunched must be between 0 and petitions")
     if signatures + bad_records > 0 and unlaunched == petitions:
@@ -848,7 +896,11 @@ def populate(
                 status=person.status,
             )
 
+    made_hosted = _populate_hosted(cs, an, made, signed, bad, existing, hosted,
+                                   hosted_duplicates) if an is not None else {}
+
     return Scenario(
+        hosted=made_hosted,
         cs=cs,
         seed=seed,
         petitions=made,

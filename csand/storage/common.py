@@ -226,4 +226,21 @@ def status_view(counts: dict[str, int], meta: dict[str, str], row: Any, reasons:
         "webhook_endpoint": json.loads(meta["webhook_endpoint"])
         if meta.get("webhook_endpoint") else None,
         "dead_reasons": [{"reason": r["reason"], "count": r["n"]} for r in reasons],
+        "adoption_ambiguous": ambiguous_adoptions(meta),
     }
+
+
+def ambiguous_adoptions(meta: dict[str, str]) -> list[dict[str, Any]]:
+    """Petitions waiting for a person to choose their AN twin (``csand adopt --pick`` or
+    ``--create``): meta ``adopt.ambiguous.<slug>`` → JSON ``{cs_id, title, candidates}``."""
+    found = []
+    for key, value in sorted(meta.items()):
+        if key.startswith("adopt.ambiguous.") and value:
+            try:
+                detail = json.loads(value)
+            except ValueError:
+                detail = {}
+            found.append({"slug": key.removeprefix("adopt.ambiguous."),
+                          "title": detail.get("title"),
+                          "candidates": detail.get("candidates") or []})
+    return found

@@ -33,6 +33,7 @@ from csand.model import Activity, ActivityKind, CalendarRef, EventRef, PetitionR
 from csand.retry import OUTBOX, RetryPolicy
 from csand.storage import Item, Storage
 from csand.sync import rules
+from csand.sync.adopter import Adopter
 
 log = get_logger("worker")
 
@@ -73,7 +74,8 @@ class PetitionMirror:
 
     A per-petition lock serialises creation in this process, the store's mirror lock across the
     instances sharing a database; across a crash the identifier lookup before creating finds a
-    petition whose creation csand did not get to record.
+    petition whose creation (or adoption) csand did not get to record. Before creating, the
+    twin ControlShift's hosted integration made is adopted (:mod:`csand.sync.adopter`).
     """
 
     def __init__(self, an: ActionNetworkClient, store: Storage, origin_system: str) -> None:
@@ -82,6 +84,7 @@ class PetitionMirror:
         self._origin = origin_system
         self._locks: dict[int, anyio.Lock] = {}
         self._known: dict[int, str] = {}  # cs id → AN uuid, once mirrored (never changes)
+        self._adopter = Adopter(an, store, origin_system)
 
     async def forget(self, cs_id: int, gone: str | None) -> None:
         """AN no longer has petition ``gone``: forget it, but not a twin mirrored since by
@@ -101,10 +104,14 @@ class PetitionMirror:
         # found no twin and created one otherwise (AN refuses the second identifier).
         async with lock, self._store.mirror_lock(petition.cs_id):
             uuid = await self._store.petition_uuid(petition.cs_id)
+            if uuid and not await self._adopter.identified(petition, uuid):
+                uuid = None  # adopted by `csand adopt`, and gone from AN since
             if uuid:
                 self._known[petition.cs_id] = uuid
                 return uuid
             uuid = await self._an.find_petition(petition.identifier)
+            if uuid is None:  # the hosted integration's twin, if it made one
+                uuid = await self._adopter.adopt(petition)
             if uuid is None:
                 if creator_uuid is None and petition.creator_email:
                     creator_uuid = (await self._store.person(petition.creator_email)).uuid

@@ -431,6 +431,7 @@ def test_petition_creation_and_lookup_by_identifier(
         "title": "Save the park",
         "description": "https://cs.example.org/petitions/save-the-park",
         "origin_system": "Controlshift Petition",
+        "browser_url": None,
         "identifiers": [f"action_network:{stored['uuid']}", "controlshift-org:petition-7"],
         "creator_uuid": creator,
     }
@@ -467,7 +468,8 @@ def test_petition_validation(sim: ActionNetworkSim, an: httpx.Client) -> None:
     )
     unknown_creator = {"osdi:creator": {"href": f"{an.base_url}people/missing"}}
     assert an.post("/petitions", json={"title": "x", "_links": unknown_creator}).status_code == 400
-    assert an.get("/petitions", params={"filter": "title eq 'x'"}).status_code == 400
+    assert an.get("/petitions", params={"filter": "description eq 'x'"}).status_code == 400
+    assert an.get("/petitions", params={"filter": "title eq 'x'"}).status_code == 200
     assert sim.petitions() == []
 
 
