@@ -3,6 +3,7 @@ simulators behind ASGI transports, the scenario, and helpers to sync, audit and 
 
 from __future__ import annotations
 
+import io
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any
 import anyio
 import httpx
 
+from csand import logs
 from csand.audit import Report, run_audit
 from csand.config import Settings
 from csand.daemon import Daemon
@@ -69,6 +71,7 @@ def make_org(tmp_path: Path, *, petitions: int = 6, signatures: int = 80, seed: 
 async def sync(org: Org, *, unsubscribe: Sequence[str] = ()) -> None:
     """Run the daemon until a poll cycle is done and the queue is empty. ``unsubscribe``: org-wide
     unsubscribes (as a webhook brings them) of these emails, queued once the daemon runs."""
+    logs.configure("warning", "json", stream=io.StringIO())  # quiet, and never a closed stream
     daemon = Daemon(org.settings(), **org.transports())  # type: ignore[arg-type]
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: daemon.run(handle_signals=False))

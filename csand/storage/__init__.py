@@ -208,9 +208,10 @@ class Outbox(Protocol):
     async def audit_sample(self, limit: int | None, *, petition_id: int | None = None,
                            kinds: Sequence[str] = ...) -> list[dict[str, Any]]:
         """For ``csand audit``: synced activities in random order, at most ``limit`` (None: all;
-        only ``petition_id``'s when given): the latest version of each record of ``kinds``
-        (default: creators, signers, org-wide unsubscribes) that is ``done``, not deleted on
-        ControlShift since and not pruned. Each: ``id``, ``source_key``, ``person_key``,
+        only ``petition_id``'s when given): the latest ``done`` version of each record of
+        ``kinds`` (default: creators, signers, org-wide unsubscribes), not deleted on
+        ControlShift since and not pruned (also while a newer version waits: what AN got
+        from the synced one stays). Each: ``id``, ``source_key``, ``person_key``,
         ``petition_id``, ``kind``, ``payload`` (the activity as a dict), ``note``,
         ``finished_at``."""
         ...

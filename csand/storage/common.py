@@ -222,8 +222,9 @@ AUDIT_KINDS = ("petition_created", "signature", "global_unsubscribe")
 
 def audit_sample_where(petition_id: int | None, kinds: Sequence[str], mark: str
                        ) -> tuple[str, dict[str, Any]]:
-    """The outbox rows an audit may sample: the latest version of each record of ``kinds``,
-    synced (``done``), not deleted on ControlShift since, its personal data not pruned; only
+    """The outbox rows an audit may sample: the latest synced (``done``) version of each record
+    of ``kinds`` (AN keeps what it gave also while a newer version or a repair waits), not
+    deleted on ControlShift since, its personal data not pruned; only
     ``petition_id``'s when given. ``mark`` formats a named parameter (``":{}"``,
     ``"%({})s"``)."""
     names = [f"kind{i}" for i in range(len(kinds))]
@@ -231,7 +232,8 @@ def audit_sample_where(petition_id: int | None, kinds: Sequence[str], mark: str
     where = (f"status = 'done' AND kind IN ({', '.join(mark.format(n) for n in names)}) "
              "AND source_deleted_at IS NULL "
              f"AND person_key NOT LIKE {mark.format('pruned')} "
-             "AND id IN (SELECT MAX(id) FROM outbox GROUP BY source_key)")
+             "AND id IN (SELECT MAX(id) FROM outbox WHERE status = 'done' "
+             "GROUP BY source_key)")
     if petition_id is not None:
         where += f" AND petition_id = {mark.format('petition')}"
         params["petition"] = petition_id

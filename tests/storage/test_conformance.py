@@ -1055,13 +1055,17 @@ async def test_audit_sample_gives_the_latest_synced_version_of_each_record(
     await storage.enqueue([sig(2, "bob@example.org", first_name="Bea")])  # pending: not synced
     await storage.commit_poll(None, [SignatureSeen(1, 1, "deleted", "2024-02-01T00:00:00Z")],
                               deleted_sources=["signature:1"])
-    sample = await storage.audit_sample(None)
-    assert [r["source_key"] for r in sample] == ["signature:3"]
-    assert sample[0]["payload"]["email"] == "cy@example.org"
-    assert sample[0]["note"] == "signer synced (unsubscribed)"
-    assert await storage.audit_sample(None, petition_id=1) == []
+    sample = {r["source_key"]: r for r in await storage.audit_sample(None)}
+    assert sorted(sample) == ["signature:2", "signature:3"]
+    assert sample["signature:2"]["payload"]["first_name"] == "Ann"  # the synced version
+    assert sample["signature:3"]["payload"]["email"] == "cy@example.org"
+    assert sample["signature:3"]["note"] == "signer synced (unsubscribed)"
+    assert [r["source_key"] for r in await storage.audit_sample(None, petition_id=2)] == [
+        "signature:3"]
     assert len(await storage.audit_sample(0)) == 0
     await _finish_all(storage)
+    assert [r["payload"]["first_name"] for r in await storage.audit_sample(None, petition_id=1)
+            ] == ["Bea"]
     assert {r["source_key"] for r in await storage.audit_sample(5)} == {"signature:2",
                                                                          "signature:3"}
     assert [r["status"] for r in await storage.person_items("bob@example.org")] == ["done",
