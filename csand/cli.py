@@ -1,7 +1,8 @@
 """The command line. Exit codes a monitoring check can use:
 
 0 all good · 1 the thing asked for failed (a check, a missing database, an unknown item) ·
-2 bad configuration or usage · 3 ``status``: csand is unhealthy.
+2 bad configuration or usage · 3 ``status``: csand is unhealthy. ``audit``: 1 drift found,
+2 could not audit (also a service unreachable or a key refused).
 """
 
 from __future__ import annotations
