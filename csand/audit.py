@@ -143,7 +143,7 @@ class Auditor:
         self._tag_names: dict[str, str] = {}  # tag uuid -> lower-cased name
         self._petition_uuid: dict[int, str | None] = {}
         self._petition_checked: dict[int, list[Finding]] = {}
-        self._people: dict[tuple[str, bool], ANPerson | None] = {}
+        self._people: dict[tuple[str, bool, bool], ANPerson | None] = {}
 
     # ---- the two ways to look ----
 
@@ -220,8 +220,9 @@ class Auditor:
             return
         person_activity = activity.kind is not ActivityKind.GLOBAL_UNSUBSCRIBE
         assert activity.email is not None
-        person = await self._an_person(activity, tags=person_activity,
-                                       petitions=person_activity and signer_ids is None)
+        person = await self._an_person(
+            activity, tags=person_activity,
+            petitions=person_activity and signer_ids is None and not petition_missing)
         if person is not None and signer_ids is not None and pet_uuid:
             person = ANPerson(person.uuid, person.subscribed, person.tags,
                               frozenset({pet_uuid}) if person.uuid in signer_ids else frozenset())
@@ -254,7 +255,7 @@ class Auditor:
     async def _an_person(self, activity: Activity, *, tags: bool, petitions: bool
                          ) -> ANPerson | None:
         assert activity.email is not None
-        key = (activity.email, petitions)
+        key = (activity.email, tags, petitions)
         if key in self._people:
             return self._people[key]
         spelled = (activity.raw_email or "").strip()

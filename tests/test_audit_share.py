@@ -64,3 +64,28 @@ async def test_the_daemon_leaves_a_fresh_reservation_and_says_so(tmp_path: Path)
         assert limiter.current_rate() == pytest.approx(4 * 0.97)
     finally:
         await store.close()
+
+
+class Slots:
+    """A store's request slots, counted (what the daemons of a PostgreSQL cluster share)."""
+
+    def __init__(self) -> None:
+        self.reserved: list[float] = []
+
+    async def reserve(self, bucket: str, interval: float, pause: float = 0.0) -> float:
+        self.reserved.append(interval)
+        return 0.0
+
+
+@pytest.mark.anyio
+async def test_an_audit_request_takes_its_own_share_and_a_shared_slot() -> None:
+    from csand.audit import AuditLimiter
+    from csand.ratelimit import SharedTokenBucket
+
+    slots = Slots()
+    limiter = AuditLimiter(1000.0, SharedTokenBucket(slots, 4.0, headroom=0.97))
+    for _ in range(3):
+        await limiter.acquire()
+    assert slots.reserved == [pytest.approx(1 / (4 * 0.97))] * 3  # a daemon's slot each
+    assert limiter.on_rate_limited(2.0) == 2.0
+    assert limiter.shared is not None and limiter.shared.rate_limited_count == 1
