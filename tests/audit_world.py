@@ -36,6 +36,7 @@ class Org:
     an: ActionNetworkSim
     scenario: Scenario
     db: Path
+    store_url: str | None = None  # PostgreSQL instead of the SQLite file ``db``
 
     def settings(self, **audit: Any) -> Settings:
         return Settings.model_validate({
@@ -44,7 +45,7 @@ class Org:
             "action_network": {"url": AN_URL, "api_key": AN_KEY,
                                "requests_per_second": 1000.0},
             "sync": {"workers": 4, "retry_base": 0.1, "retry_cap": 0.5},
-            "store": {"path": str(self.db)},
+            "store": {"url": self.store_url} if self.store_url else {"path": str(self.db)},
             "audit": audit,
         })
 
@@ -93,7 +94,7 @@ async def sync(org: Org, *, unsubscribe: Sequence[str] = ()) -> None:
 
 
 async def audit(org: Org, **options: Any) -> Report:
-    store = await open_store(org.db)
+    store = await open_store(org.store_url or org.db)
     try:
         return await run_audit(org.settings(), store, sample=options.pop("sample", 10_000),
                                petition=options.pop("petition", None),

@@ -143,3 +143,20 @@ async def test_one_petition_fully(org: Org) -> None:
         ("signature_missing", signer)]
     with pytest.raises(LookupError):
         await audit(org, petition="no-such-petition")
+
+
+@pytest.mark.anyio
+async def test_on_postgresql_through_the_shared_bucket(org: Org, pg_url: str) -> None:
+    org.store_url = pg_url
+    await sync(org)
+    clean = await audit(org, sample=30)
+    assert clean.checked == 30 and clean.summary.findings == []
+    email = next(p["email"] for p in org.an.people() if "controlshift-petition-signer" in p["tags"])
+    org.an.remove_tagging(email, "controlshift-petition-signer")
+    first = await audit(org, repair=True)
+    assert kinds(first) == {"tag_missing": 1}
+    assert first.repair is not None and first.repair["queued"] == 1
+    second = await audit(org, repair=True)
+    assert second.repair is not None and second.repair["queued"] == 0
+    await sync(org)
+    assert (await audit(org)).summary.findings == []
