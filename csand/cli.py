@@ -1,7 +1,8 @@
 """The command line. Exit codes a monitoring check can use:
 
 0 all good · 1 the thing asked for failed (a check, a missing database, an unknown item) ·
-2 bad configuration or usage · 3 ``status``: csand is unhealthy.
+2 bad configuration or usage · 3 ``status``: csand is unhealthy. ``audit``: 1 drift found,
+2 could not audit (also a service unreachable or a key refused).
 """
 
 from __future__ import annotations
@@ -514,6 +515,84 @@ def store_copy(
         "credential store_url), then start csand on one machine, check csand status, and start "
         f"the other instances. Keep {source} until then, in case you go back.",
         soft_wrap=True, markup=False, highlight=False)
+
+
+@app.command()
+def audit(
+    config: ConfigOption = config_mod.DEFAULT_CONFIG_PATH,
+    sample: Annotated[int | None, typer.Option(
+        "--sample", min=1, help="Check this many synced activities, picked at random "
+        "(default audit.sample, 300).", show_default=False)] = None,
+    petition: Annotated[str | None, typer.Option(
+        "--petition", help="Check one petition fully: its ControlShift slug.",
+        show_default=False)] = None,
+    repair: Annotated[bool, typer.Option(
+        "--repair", help="Queue the drifted activities again: the running daemon syncs them "
+        "by the usual rules.")] = False,
+    duplicates: Annotated[bool, typer.Option(
+        "--duplicates", help="Also look for copies of mirrored petitions (reads every AN "
+        "petition, 25 a page).")] = False,
+    an_rate: Annotated[float | None, typer.Option(
+        "--an-rate", min=0.01, help="AN requests/second for the audit (default audit.an_share "
+        "of the limit). More only while the daemon is stopped.", show_default=False)] = None,
+    as_json: JsonOption = False,
+    reveal: RevealOption = False,
+) -> None:
+    """Compare what csand synced with what Action Network holds now, and report the drift.
+
+    Exit 0: no drift; 1: drift found; 2: could not audit (configuration, credentials, a
+    service unreachable). Safe to run while ``csand run`` is running: it takes only its share of
+    each service's budget.
+    """
+    from csand.audit import AuditFailed, emails_masked, run_audit
+    from csand.checks import open_configured_store
+    from csand.storage import StoreError
+
+    settings = _load(config)
+    if sample is not None and petition is not None:
+        typer.echo("csand: give --sample or --petition, not both", err=True)
+        raise typer.Exit(2)
+    if settings.store.url is None and not Path(settings.store.path).exists():
+        typer.echo(f"csand: no database at {settings.store.path}: nothing synced to audit",
+                   err=True)
+        raise typer.Exit(2)
+    from rich.console import Console
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn
+
+    err = Console(stderr=True)
+    with Progress(TextColumn("audit"), BarColumn(), MofNCompleteColumn(), console=err,
+                  transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("audit", total=None)
+
+        async def go() -> Any:
+            store = await open_configured_store(settings)
+            try:
+                return await run_audit(
+                    settings, store, sample=sample, petition=petition, repair=repair,
+                    duplicates=duplicates, an_rate=an_rate,
+                    progress=lambda done, total: bar.update(task, completed=done, total=total))
+            finally:
+                await store.close()
+
+        try:
+            report = anyio.run(go, backend="asyncio")
+        except (AuditFailed, StoreError, LookupError) as exc:
+            failed: Exception | None = exc
+        else:
+            failed = None
+    if failed is not None:
+        typer.echo(f"csand: could not audit: {failed}", err=True)
+        raise typer.Exit(2)
+    data = report.to_json()
+    if not reveal:
+        data = emails_masked(data)
+    if as_json:
+        typer.echo(json.dumps(data))
+    else:
+        from csand.report import print_audit
+
+        print_audit(data, Console())
+    raise typer.Exit(1 if report.drift else 0)
 
 
 @app.command()

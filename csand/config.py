@@ -201,6 +201,14 @@ class StoreSettings(_Section):
         return self.url.get_secret_value() if self.url is not None else None
 
 
+class AuditSettings(_Section):
+    """``csand audit``: the shares of each service's budget it may take beside the daemon."""
+
+    an_share: Annotated[float, Field(gt=0, le=1)] = 0.25  # of requests_per_second (1 of 4)
+    cs_share: Annotated[float, Field(gt=0, le=1)] = 0.25  # of requests_per_minute
+    sample: Annotated[int, Field(ge=1)] = 300  # activities checked by default
+
+
 class LogSettings(_Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["auto", "json", "console"] = "auto"
@@ -217,6 +225,7 @@ class Settings(BaseSettings):
     store: StoreSettings = StoreSettings()
     log: LogSettings = LogSettings()
     http: HttpSettings = HttpSettings()
+    audit: AuditSettings = AuditSettings()
 
     @classmethod
     def settings_customise_sources(

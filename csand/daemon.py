@@ -33,7 +33,13 @@ from csand.controlshift.webhooks import WebhookProcessor
 from csand.dryrun import DryRunActionNetworkClient, ReadOnlyTransport, copy_database
 from csand.logs import get_logger
 from csand.model import history_start, parse_time
-from csand.ratelimit import SharedTokenBucket, TokenBucket
+from csand.ratelimit import (
+    HONOURED_KEY,
+    RESERVATION_KEY,
+    Reservation,
+    SharedTokenBucket,
+    TokenBucket,
+)
 from csand.retry import RetryPolicy
 from csand.storage import STATUSES, NotLeader, Storage, StoreError, open_store, redact_url
 from csand.storage.sqlite import single_instance
@@ -364,6 +370,7 @@ class Daemon:
         assert self.store and self.dispatcher
         started = time.time()
         while True:
+            await self._leave_audit_share()
             rate = self.dispatcher.an.limiter.current_rate()
             await self.store.set_meta(
                 heartbeat_at=time.time(), an_rate=round(rate, 3),
@@ -386,6 +393,20 @@ class Daemon:
             self.last_status = snapshot
             self.notifier.status(_status_line(snapshot, self.dispatcher.auth_paused))
             await anyio.sleep(HEARTBEAT_SECONDS)
+
+    async def _leave_audit_share(self) -> None:
+        """``csand audit`` beside this daemon on a SQLite store announces the share of AN's
+        rate it takes (:class:`Reservation`): the daemon leaves it while the announcement is
+        fresh, and says so. (PostgreSQL: the audit takes slots of the shared bucket instead.)"""
+        assert self.store and self.dispatcher
+        if self.store.shared:
+            return
+        reservation = Reservation.from_meta(await self.store.get_meta(RESERVATION_KEY))
+        if reservation is not None and reservation.fresh(time.time()):
+            self.dispatcher.an.limiter.leave(reservation.rate)
+            await self.store.set_meta(**{HONOURED_KEY: reservation.until})
+        else:
+            self.dispatcher.an.limiter.leave(0.0)
 
     async def _prune(self) -> None:
         """At start-up and every hour: personal data kept past ``store.retention_days`` goes."""

@@ -11,8 +11,10 @@ Time comes from an injectable clock and sleep, so tests drive it with a fake clo
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Protocol
 
 import anyio
@@ -42,6 +44,8 @@ class TokenBucket:
         self.target_rate = rate * headroom
         self.burst = max(1.0, burst)
         self.min_rate = self.target_rate * min_rate_fraction
+        self._full_rate = self.target_rate  # before any share is left to another process
+        self._min_fraction = min_rate_fraction
         self.recovery_seconds = recovery_seconds
         self.pause_policy = pause_policy
         self._clock = clock
@@ -61,6 +65,13 @@ class TokenBucket:
         elapsed = max(0.0, now - self._limited_at)
         climbed = self._floor + (self.target_rate - self._floor) * elapsed / self.recovery_seconds
         return min(self.target_rate, climbed)
+
+    def leave(self, rate: float) -> None:
+        """Leave ``rate`` requests/second of the configured rate to another process (``csand
+        audit`` beside a daemon on a SQLite store, see :class:`Reservation`); 0 takes it all
+        back. At least a quarter of the configured rate always stays."""
+        self.target_rate = max(self._full_rate - max(0.0, rate), self._full_rate * 0.25)
+        self.min_rate = self.target_rate * self._min_fraction
 
     @property
     def paused_until(self) -> float:
@@ -130,3 +141,31 @@ class SharedTokenBucket(TokenBucket):
         pause = super().on_rate_limited(retry_after)
         self._pause_to_share = max(self._pause_to_share, pause)
         return pause
+
+
+RESERVATION_KEY = "an_audit_reservation"  # meta: a share of AN's rate another process takes
+HONOURED_KEY = "an_audit_honoured"  # meta: the daemon left that share (the reservation's expiry)
+
+
+@dataclass(frozen=True, slots=True)
+class Reservation:
+    """A share of the AN rate announced in the store's meta by a process beside the daemon
+    (``csand audit``), until ``until`` (Unix time): the daemon's in-process bucket (SQLite)
+    leaves it while the announcement is fresh. The announcer renews it while it runs."""
+
+    rate: float
+    until: float
+
+    def to_meta(self) -> str:
+        return json.dumps({"rate": self.rate, "until": self.until})
+
+    @classmethod
+    def from_meta(cls, raw: str | None) -> Reservation | None:
+        try:
+            data = json.loads(raw or "")
+            return cls(float(data["rate"]), float(data["until"]))
+        except (ValueError, TypeError, KeyError):
+            return None
+
+    def fresh(self, now: float) -> bool:
+        return now < self.until

@@ -73,3 +73,40 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
         for row in data["dead_reasons"]:
             dead.add_row(str(row["count"]), row["reason"] or "")
         console.print(dead)
+
+
+def print_audit(data: dict[str, Any], console: Console | None = None, limit: int = 50) -> None:
+    """``csand audit``: drift by kind, the findings (the first ``limit``), and its cost."""
+    console = console or Console()
+    what = f"petition {data['petition']}" if data.get("petition") else "a sample"
+    table = Table(title=f"audit of {what}: {data['checked']} activities checked")
+    table.add_column("drift")
+    table.add_column("found", justify="right")
+    for kind, count in data["by_kind"].items():
+        table.add_row(kind.replace("_", " "), f"[red]{count}[/red]" if count else "0")
+    console.print(table)
+    for reason, count in sorted(data["skipped"].items()):
+        console.print(f"not judged: {count} {reason}")
+    findings = data["findings"]
+    if findings:
+        shown = Table(title=f"findings ({min(limit, len(findings))} of {len(findings)})")
+        for column in ("kind", "record", "person", "detail", "repair"):
+            shown.add_column(column)
+        for f in findings[:limit]:
+            shown.add_row(f["kind"], f["source_key"] or f"petition {f['petition_id']}",
+                          f["email"] or "", f["detail"], "yes" if f["repairable"] else "no")
+        console.print(shown)
+    console.print(f"{data['an_requests']} Action Network requests "
+                  f"({data['an_requests_per_activity']} per activity, at most "
+                  f"{data['an_rate']} /s), {data['cs_requests']} ControlShift requests, "
+                  f"{data['seconds']} s")
+    repair = data.get("repair")
+    if repair is not None:
+        console.print(f"repair: {repair['queued']} activities queued again"
+                      + (f", {repair['already_queued']} already queued" if
+                         repair["already_queued"] else "")
+                      + "; the running daemon syncs them (csand status shows the queue)")
+    elif any(f["repairable"] for f in findings):
+        console.print("csand audit --repair queues the repairable ones again")
+    if not findings:
+        console.print("[green]no drift[/green]")

@@ -27,6 +27,7 @@ log = get_logger("actionnetwork")
 
 MAX_429_RETRIES = 4
 MAX_PAGES = 2000  # a guard against a list that never ends
+PAGE_SIZE = 25  # AN's most items per page
 
 # Awaited right before each request leaves (after the rate limiter let it through): the worker
 # sets it for its task to check that it may still write for its item; raising stops the request.
@@ -414,6 +415,59 @@ class ActionNetworkClient:
     async def create_tag(self, name: str) -> str:
         body = await self._call("POST", "/tags", json={"name": name}, helper=True)
         return uuid_of(body or {}) or ""
+
+    # ---- reads for csand audit ----
+
+    async def _pages(self, path: str, rel: str) -> list[dict[str, Any]]:
+        """Every item of a list addressed by id (a 404 raises GONE), page by page. A page of
+        fewer than 25 items is the last: no request for an empty page after it."""
+        items: list[dict[str, Any]] = []
+        sep = "&" if "?" in path else "?"
+        for page in range(1, MAX_PAGES + 1):
+            body = await self._call("GET", f"{path}{sep}page={page}", by_id=True)
+            found = _embedded(body, rel)
+            items.extend(found)
+            links = (body or {}).get("_links") or {}
+            total = (body or {}).get("total_pages")
+            if len(found) < PAGE_SIZE or not links.get("next") or (
+                    isinstance(total, int) and page >= total):
+                break
+        return items
+
+    async def person_tag_ids(self, person_uuid: str) -> set[str]:
+        """The uuids of the person's tags (``GET /people/{id}/taggings``); GONE if no such
+        person."""
+        taggings = await self._pages(f"/people/{person_uuid}/taggings", "osdi:taggings")
+        return {uuid for t in taggings if (uuid := _href_uuid(t, "osdi:tag"))}
+
+    async def person_petition_ids(self, person_uuid: str) -> set[str]:
+        """The uuids of the petitions the person signed (``GET /people/{id}/signatures``);
+        GONE if no such person."""
+        signatures = await self._pages(f"/people/{person_uuid}/signatures", "osdi:signatures")
+        return {uuid for s in signatures
+                if (uuid := s.get("action_network:petition_id") or _href_uuid(s, "osdi:petition"))}
+
+    async def petition_signer_ids(self, petition_uuid: str) -> set[str]:
+        """The uuids of everyone who signed the petition (``GET /petitions/{id}/signatures``,
+        25 a page); GONE if no such petition."""
+        signatures = await self._pages(f"/petitions/{petition_uuid}/signatures",
+                                       "osdi:signatures")
+        return {uuid for s in signatures
+                if (uuid := s.get("action_network:person_id") or _href_uuid(s, "osdi:person"))}
+
+    async def get_petition(self, petition_uuid: str) -> dict[str, Any] | None:
+        """The petition, or None when AN has no such petition (404)."""
+        try:
+            body = await self._call("GET", f"/petitions/{petition_uuid}", by_id=True)
+        except ANFailure as failure:
+            if failure.outcome.verdict is Verdict.GONE:
+                return None
+            raise
+        return body if isinstance(body, dict) else None
+
+    async def all_petitions(self) -> list[dict[str, Any]]:
+        """Every petition of the group (25 a page)."""
+        return await self._pages("/petitions", "osdi:petitions")
 
     async def check_key(self) -> bool:
         """The entry point answers 200 even for a bad key, only without the ``osdi:tags`` link."""

@@ -314,6 +314,13 @@ class ActionNetworkSim:
             Route(
                 f"{PREFIX}/petitions/{{uuid}}/signatures", self._signature_helper, methods=["POST"]
             ),
+            Route(f"{PREFIX}/petitions/{{uuid}}/signatures", self._list_petition_signatures,
+                  methods=["GET"]),
+            Route(f"{PREFIX}/people/{{uuid}}/signatures", self._list_person_signatures,
+                  methods=["GET"]),
+            Route(f"{PREFIX}/people/{{uuid}}/taggings", self._list_person_taggings,
+                  methods=["GET"]),
+            Route(f"{PREFIX}/tags/{{uuid}}/taggings", self._list_tag_taggings, methods=["GET"]),
             Route(f"{PREFIX}/tags", self._list_tags, methods=["GET"]),
             Route(f"{PREFIX}/tags", self._post_tag, methods=["POST"]),
             Route(f"{PREFIX}/tags/{{uuid}}/taggings", self._post_tagging, methods=["POST"]),
@@ -420,6 +427,39 @@ class ActionNetworkSim:
             for key in [k for k in self._attendances if k[1] == person.uuid]:
                 for identifier in self._attendances.pop(key).identifiers:
                     self._identifier_owner.pop(identifier, None)
+
+    # Damage, as an AN admin (or another tool) may do it after a sync: what ``csand audit``
+    # must find. AN's API cannot do most of these; its web interface and other tools can.
+
+    def remove_tagging(self, email: str, tag_name: str) -> None:
+        """Take a tag off a person (an admin removing it)."""
+        with self._lock:
+            person = self._find_person(email)
+            tag_uuid = self._tag_by_name.get(tag_name.lower())
+            if person is None or tag_uuid is None or tag_uuid not in person.taggings:
+                raise KeyError((email, tag_name))
+            del person.taggings[tag_uuid]
+
+    def delete_signature(self, email: str, petition_uuid: str) -> None:
+        """Remove a person's signature from a petition (a clean-up gone wrong)."""
+        with self._lock:
+            person = self._find_person(email)
+            key = (petition_uuid, person.uuid if person else "")
+            if key not in self._signatures:
+                raise KeyError((email, petition_uuid))
+            del self._signatures[key]
+            self._petitions[petition_uuid].signature_count -= 1
+
+    def set_status(self, email: str, status: str) -> None:
+        """Force a person's email status (an import, an admin, another tool)."""
+        if status not in STATUSES:
+            raise ValueError(f"status must be one of {sorted(STATUSES)}")
+        with self._lock:
+            person = self._find_person(email)
+            if person is None:
+                raise KeyError(email)
+            person.status = status
+            self._record(person, "admin")
 
     def add_tag(self, name: str) -> str:
         """Create a tag (or find it, case-insensitively); returns its uuid."""
@@ -899,6 +939,50 @@ class ActionNetworkSim:
             signature = self._sign(petition, person, comments)
             self._record(person, SIGNATURE, petition_uuid=petition.uuid)
             return HalResponse(self._signature_json(signature, _base(request)))
+
+    async def _list_petition_signatures(self, request: Request) -> Response:
+        page = _page(request)
+        with self._lock:
+            petition = self._known_petition(request)
+            items = [g for g in self._signatures.values() if g.petition_uuid == petition.uuid]
+            base = _base(request)
+            return HalResponse(_collection(
+                request, "signatures", items, page, lambda g: self._signature_json(g, base),
+                totals=True, path=f"petitions/{petition.uuid}/signatures"))
+
+    async def _list_person_signatures(self, request: Request) -> Response:
+        page = _page(request)
+        with self._lock:
+            person = self._known_person(request)
+            items = [g for g in self._signatures.values() if g.person_uuid == person.uuid]
+            base = _base(request)
+            return HalResponse(_collection(
+                request, "signatures", items, page, lambda g: self._signature_json(g, base),
+                totals=True, path=f"people/{person.uuid}/signatures"))
+
+    async def _list_person_taggings(self, request: Request) -> Response:
+        page = _page(request)
+        with self._lock:
+            person = self._known_person(request)
+            items = list(person.taggings.items())
+            base = _base(request)
+            return HalResponse(_collection(
+                request, "taggings", items, page,
+                lambda pair: self._tagging_json(self._tags[pair[0]], person, pair[1], base),
+                totals=True, path=f"people/{person.uuid}/taggings"))
+
+    async def _list_tag_taggings(self, request: Request) -> Response:
+        page = _page(request)
+        with self._lock:
+            tag = self._tags.get(request.path_params["uuid"])
+            if tag is None:
+                raise ApiError(404, "Tag not found")
+            items = [p for p in self._people.values() if tag.uuid in p.taggings]
+            base = _base(request)
+            return HalResponse(_collection(
+                request, "taggings", items, page,
+                lambda p: self._tagging_json(tag, p, p.taggings[tag.uuid], base),
+                totals=True, path=f"tags/{tag.uuid}/taggings"))
 
     async def _list_tags(self, request: Request) -> Response:
         page = _page(request)  # AN has no filter on tags: any filter parameter is ignored

@@ -208,6 +208,30 @@ class Outbox(Protocol):
         ``finished_at`` (times as stored: Unix seconds, ``occurred_at`` ISO 8601)."""
         ...
 
+    async def audit_sample(self, limit: int | None, *, petition_id: int | None = None,
+                           kinds: Sequence[str] = ...) -> list[dict[str, Any]]:
+        """For ``csand audit``: synced activities in random order, at most ``limit`` (None: all;
+        only ``petition_id``'s when given): the latest ``done`` version of each record of
+        ``kinds`` (default: creators, signers, org-wide unsubscribes), not deleted on
+        ControlShift since and not pruned (also while a newer version waits: what AN got
+        from the synced one stays). Each: ``id``, ``source_key``, ``person_key``,
+        ``petition_id``, ``kind``, ``payload`` (the activity as a dict), ``note``,
+        ``finished_at``."""
+        ...
+
+    async def person_items(self, email: str) -> list[dict[str, Any]]:
+        """Every outbox item of the person, oldest first: ``id``, ``source_key``, ``kind``,
+        ``status``, ``note``, ``finished_at`` (what csand did for them, and what is to come)."""
+        ...
+
+    async def requeue_items(self, ids: Sequence[int], reason: str = "audit") -> Requeued:
+        """Queue the activity of each finished item again under a fresh dedupe key
+        (``<key>#<reason>@<time>``), so it goes through the rules like any other. Not when an
+        item of the same record is still pending or in flight (a repair asked for twice is
+        queued once), nor when ControlShift deleted the record or its personal data was
+        pruned (both counted)."""
+        ...
+
     async def prune(self, retention_seconds: float, *, batch: int = 1000) -> dict[str, int]:
         """Forget personal data finished with more than ``retention_seconds`` ago; rows pruned
         per kind (``outbox``, ``webhook_events``)."""

@@ -4,7 +4,7 @@ the cluster view, so the two store exactly the same things."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Any
@@ -244,3 +244,29 @@ def ambiguous_adoptions(meta: dict[str, str]) -> list[dict[str, Any]]:
                           "title": detail.get("title"),
                           "candidates": detail.get("candidates") or []})
     return found
+
+
+# ---- csand audit ----
+
+# The activities an audit checks: petition creators, signers and org-wide unsubscribes.
+AUDIT_KINDS = ("petition_created", "signature", "global_unsubscribe")
+
+
+def audit_sample_where(petition_id: int | None, kinds: Sequence[str], mark: str
+                       ) -> tuple[str, dict[str, Any]]:
+    """The outbox rows an audit may sample: the latest synced (``done``) version of each record
+    of ``kinds`` (AN keeps what it gave also while a newer version or a repair waits), not
+    deleted on ControlShift since, its personal data not pruned; only
+    ``petition_id``'s when given. ``mark`` formats a named parameter (``":{}"``,
+    ``"%({})s"``)."""
+    names = [f"kind{i}" for i in range(len(kinds))]
+    params: dict[str, Any] = dict(zip(names, kinds, strict=True)) | {"pruned": f"{PRUNED}%"}
+    where = (f"status = 'done' AND kind IN ({', '.join(mark.format(n) for n in names)}) "
+             "AND source_deleted_at IS NULL "
+             f"AND person_key NOT LIKE {mark.format('pruned')} "
+             "AND id IN (SELECT MAX(id) FROM outbox WHERE status = 'done' "
+             "GROUP BY source_key)")
+    if petition_id is not None:
+        where += f" AND petition_id = {mark.format('petition')}"
+        params["petition"] = petition_id
+    return where, params

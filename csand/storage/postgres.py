@@ -60,11 +60,13 @@ from csand.storage import (
     redact_url,
 )
 from csand.storage.common import (
+    AUDIT_KINDS,
     DEAD_REASONS,
     HISTORY_NOTE,
     LEASE_RULES,
     PRUNED,
     STATUS_FIGURES,
+    audit_sample_where,
     cluster_view,
     dead_letter_row,
     field_times,
@@ -999,6 +1001,62 @@ class PostgresStore:
         counts = dict.fromkeys(STATUSES, 0)
         counts.update({r["status"]: r["n"] for r in rows})
         return counts
+
+    # ---- audit (csand audit) ----
+
+    async def audit_sample(self, limit: int | None, *, petition_id: int | None = None,
+                           kinds: Sequence[str] = AUDIT_KINDS) -> list[dict[str, Any]]:
+        where, params = audit_sample_where(petition_id, kinds, "%({})s")
+        rows = await self._rows(
+            "SELECT id, source_key, person_key, petition_id, kind, payload, note, finished_at "
+            f"FROM outbox WHERE {where} ORDER BY random()"
+            + ("" if limit is None else f" LIMIT {int(limit)}"), params)
+        return [r | {"payload": json.loads(r["payload"])} for r in rows]
+
+    async def person_items(self, email: str) -> list[dict[str, Any]]:
+        return await self._rows(
+            "SELECT id, source_key, kind, status, note, finished_at FROM outbox "
+            "WHERE person_key = %s ORDER BY id", (email,))
+
+    async def requeue_items(self, ids: Sequence[int], reason: str = "audit") -> Requeued:
+        now = self._clock()
+
+        async def tx(db: AsyncConnection[Any]) -> Requeued:
+            queued = deleted = pruned = 0
+            for item_id in dict.fromkeys(ids):
+                row = await (await db.execute(
+                    "SELECT source_key, person_key, source_deleted_at, status FROM outbox "
+                    "WHERE id = %s", (item_id,))).fetchone()
+                if row is None or row["status"] not in ("done", "dead"):
+                    continue
+                if row["source_deleted_at"] is not None:
+                    deleted += 1
+                    continue
+                if row["person_key"].startswith(PRUNED):
+                    pruned += 1
+                    continue
+                # One repair per record at a time, also when two audits repair at once.
+                await db.execute("SELECT pg_advisory_xact_lock(hashtext(%s))",
+                                 (f"requeue:{row['source_key']}",))
+                busy = await (await db.execute(
+                    "SELECT 1 FROM outbox WHERE source_key = %s AND status IN "
+                    "('pending', 'in_flight') LIMIT 1", (row["source_key"],))).fetchone()
+                if busy:
+                    continue
+                cur = await db.execute(
+                    "INSERT INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, "
+                    "payload, occurred_at, enqueued_at, event_slug) "
+                    "SELECT dedupe_key || '#' || %(reason)s || '@' || %(now)s::text, "
+                    "source_key, person_key, petition_id, kind, payload, occurred_at, %(now)s, "
+                    "event_slug FROM outbox WHERE id = %(id)s ON CONFLICT DO NOTHING",
+                    {"reason": reason, "now": now, "id": item_id})
+                queued += max(cur.rowcount, 0)
+            return Requeued(queued, deleted, pruned)
+
+        result = await self._write(tx)
+        if result.queued:
+            self._notify()
+        return result
 
     async def items(self) -> list[dict[str, Any]]:
         rows = await self._rows(

@@ -56,11 +56,13 @@ from csand.storage import (
     WebhookEvent,
 )
 from csand.storage.common import (
+    AUDIT_KINDS,
     DEAD_REASONS,
     HISTORY_NOTE,
     LEASE_RULES,
     PRUNED,
     STATUS_FIGURES,
+    audit_sample_where,
     cluster_view,
     dead_letter_row,
     field_times,
@@ -1143,6 +1145,64 @@ class SQLiteStore:
         counts = dict.fromkeys(STATUSES, 0)
         counts.update({r["status"]: r["n"] for r in rows})
         return counts
+
+    # ---- audit (csand audit) ----
+
+    async def audit_sample(self, limit: int | None, *, petition_id: int | None = None,
+                           kinds: Sequence[str] = AUDIT_KINDS) -> list[dict[str, Any]]:
+        """Synced activities to audit, in random order (see :meth:`Outbox.audit_sample`)."""
+        where, params = audit_sample_where(petition_id, kinds, ":{}")
+        rows = await self._read(
+            "SELECT id, source_key, person_key, petition_id, kind, payload, note, finished_at "
+            f"FROM outbox WHERE {where} ORDER BY RANDOM()"
+            + ("" if limit is None else f" LIMIT {int(limit)}"), params)
+        return [dict(r) | {"payload": json.loads(r["payload"])} for r in rows]
+
+    async def person_items(self, email: str) -> list[dict[str, Any]]:
+        """The person's outbox items, oldest first (see :meth:`Outbox.person_items`)."""
+        rows = await self._read(
+            "SELECT id, source_key, kind, status, note, finished_at FROM outbox "
+            "WHERE person_key = ? ORDER BY id", (email,))
+        return [dict(r) for r in rows]
+
+    async def requeue_items(self, ids: Sequence[int], reason: str = "audit") -> Requeued:
+        """Each item's activity queued again under a fresh dedupe key (see
+        :meth:`Outbox.requeue_items`)."""
+        now = self._clock()
+
+        async def tx(db: aiosqlite.Connection) -> Requeued:
+            queued = deleted = pruned = 0
+            for item_id in dict.fromkeys(ids):
+                row = await (await db.execute(
+                    "SELECT source_key, person_key, source_deleted_at, status FROM outbox "
+                    "WHERE id = ?", (item_id,))).fetchone()
+                if row is None or row["status"] not in ("done", "dead"):
+                    continue
+                if row["source_deleted_at"] is not None:
+                    deleted += 1
+                    continue
+                if row["person_key"].startswith(PRUNED):
+                    pruned += 1
+                    continue
+                busy = await (await db.execute(
+                    "SELECT 1 FROM outbox WHERE source_key = ? AND status IN "
+                    "('pending', 'in_flight') LIMIT 1", (row["source_key"],))).fetchone()
+                if busy:
+                    continue
+                cur = await db.execute(
+                    "INSERT OR IGNORE INTO outbox (dedupe_key, source_key, person_key, "
+                    "petition_id, kind, payload, occurred_at, enqueued_at, event_slug) "
+                    "SELECT dedupe_key || '#' || :reason || '@' || :now, source_key, "
+                    "person_key, petition_id, kind, payload, occurred_at, :now, event_slug "
+                    "FROM outbox WHERE id = :id",
+                    {"reason": reason, "now": now, "id": item_id})
+                queued += cur.rowcount
+            return Requeued(queued, deleted, pruned)
+
+        result = await self._write(tx)
+        if result.queued:
+            self._notify()
+        return result
 
     async def items(self) -> list[dict[str, Any]]:
         """Every outbox item in id order, read-only (see :meth:`csand.storage.Outbox.items`)."""

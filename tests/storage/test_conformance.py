@@ -1078,3 +1078,60 @@ async def test_backfill_since_replays_what_history_start_held_back(
     assert result.queued == 1
     (item,) = await storage.lease(10, 60)
     assert item.activity.source_key == "signature:1"
+
+# ---------------------------------------------------------------- csand audit
+
+
+async def _finish_all(storage: Storage) -> None:
+    while items := await storage.lease(10, 60):
+        for item in items:
+            await storage.finish(item.id, "done", token=item.token, note="signer synced "
+                                 "(unsubscribed)")
+
+
+@pytest.mark.anyio
+async def test_audit_sample_gives_the_latest_synced_version_of_each_record(
+    storage: Storage
+) -> None:
+    await storage.enqueue([sig(1, "ann@example.org"), sig(2, "bob@example.org"),
+                           sig(3, "cy@example.org", pid=2)])
+    await _finish_all(storage)
+    await storage.enqueue([sig(2, "bob@example.org", first_name="Bea")])  # pending: not synced
+    await storage.commit_poll(None, [SignatureSeen(1, 1, "deleted", "2024-02-01T00:00:00Z")],
+                              deleted_sources=["signature:1"])
+    sample = {r["source_key"]: r for r in await storage.audit_sample(None)}
+    assert sorted(sample) == ["signature:2", "signature:3"]
+    assert sample["signature:2"]["payload"]["first_name"] == "Ann"  # the synced version
+    assert sample["signature:3"]["payload"]["email"] == "cy@example.org"
+    assert sample["signature:3"]["note"] == "signer synced (unsubscribed)"
+    assert [r["source_key"] for r in await storage.audit_sample(None, petition_id=2)] == [
+        "signature:3"]
+    assert len(await storage.audit_sample(0)) == 0
+    await _finish_all(storage)
+    assert [r["payload"]["first_name"] for r in await storage.audit_sample(None, petition_id=1)
+            ] == ["Bea"]
+    assert {r["source_key"] for r in await storage.audit_sample(5)} == {"signature:2",
+                                                                         "signature:3"}
+    assert [r["status"] for r in await storage.person_items("bob@example.org")] == ["done",
+                                                                                     "done"]
+
+
+@pytest.mark.anyio
+async def test_requeue_items_queues_a_repair_once_and_never_a_deleted_record(
+    storage: Storage, clock: ManualClock
+) -> None:
+    await storage.enqueue([sig(1, "ann@example.org"), sig(2, "bob@example.org")])
+    await _finish_all(storage)
+    ids = {r["source_key"]: r["id"] for r in await storage.items()}
+    await storage.commit_poll(None, [SignatureSeen(2, 1, "deleted", "2024-02-01T00:00:00Z")],
+                              deleted_sources=["signature:2"])
+    result = await storage.requeue_items([ids["signature:1"], ids["signature:2"]])
+    assert (result.queued, result.skipped_deleted) == (1, 1)
+    clock.t += 1
+    again = await storage.requeue_items([ids["signature:1"]])  # the first repair is pending
+    assert again.queued == 0
+    (item,) = await storage.lease(10, 60)
+    assert item.activity == sig(1, "ann@example.org")
+    await storage.finish(item.id, "done", token=item.token)
+    clock.t += 1
+    assert (await storage.requeue_items([ids["signature:1"]])).queued == 1
