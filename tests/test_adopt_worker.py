@@ -208,3 +208,16 @@ async def test_worker_keeps_an_ambiguity_csand_adopt_found_with_a_same_title_riv
     await env.store.requeue_dead()
     await drain(env.dispatcher(), 1)
     assert await env.store.petition_uuid(1) == only
+
+
+@pytest.mark.anyio
+async def test_a_twin_made_without_the_creator_synced_links_the_creator_already_in_an(
+    env: Env,
+) -> None:
+    # The creator's activity was held back (before sync.history_start): only the signature runs.
+    creator = env.sim.add_person("creator1@example.org", status="subscribed")
+    await env.store.enqueue([sig(1, "ann@example.org")])
+    await drain(env.dispatcher(), 1)
+    (petition,) = env.sim.petitions()
+    assert petition["creator_uuid"] == creator
+    assert env.sim.person("creator1@example.org")["status"] == "subscribed"  # only read

@@ -115,6 +115,12 @@ class PetitionMirror:
             if uuid is None:
                 if creator_uuid is None and petition.creator_email:
                     creator_uuid = (await self._store.person(petition.creator_email)).uuid
+                if creator_uuid is None and petition.creator_email:
+                    # Not synced by csand (an activity before sync.history_start, a creator
+                    # record that is malformed or waits): AN may know the person all the same,
+                    # and the link can only be set now. A read: nobody's consent changes.
+                    found = await self._an.find_person(petition.creator_email)
+                    creator_uuid = found.uuid if found else None
                 description = f"Petition on ControlShift: {petition.url or petition.slug}"
                 try:
                     uuid = await self._an.create_petition(

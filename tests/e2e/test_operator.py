@@ -182,8 +182,8 @@ def test_history_start_syncs_only_what_happens_after_it_and_backfill_since_the_r
     assert again.returncode == 0, again.stdout + again.stderr
     daemon.wait_drained()
     # Now everything is in AN, by the rules, but one thing: the old petition's twin was made for
-    # the new signature while its creator (an activity before the start) was not in AN, so it
-    # has no creator link; AN sets that link only when a petition is created.
+    # the new signature while its creator (an activity before the start) was in neither csand
+    # nor AN, so it has no creator link; AN sets that link only when a petition is created.
     from csand.sim.verify import compare
 
     assert world.scenario is not None
