@@ -79,6 +79,7 @@ class AdoptResult:
     an_petitions: int = 0  # of the origin system
     an_requests: int = 0
     seconds: float = 0.0
+    phases: dict[str, float] = field(default_factory=dict)  # seconds: listing, matching, recording
 
     def as_json(self) -> dict[str, Any]:
         data = asdict(self)
@@ -145,6 +146,7 @@ async def run_adopt(
                     async with anyio.create_task_group() as tg:
                         tg.start_soon(an_petitions)
                         refs = await _cs_petitions(settings, cs, store, bar, dry_run)
+                    result.phases["listing"] = round(time.monotonic() - started, 2)
                     an_list = lists["an"]
                     result.cs_petitions = len(refs)
                     result.an_petitions = len(an_list)
@@ -220,6 +222,7 @@ async def _decide(settings: Settings, store: Storage, refs: list[PetitionRef],
     for ref in refs:
         refs_by_title[title_key(ref.title)].append(ref)
 
+    began = time.monotonic()
     task = bar.add_task("matching", total=len(refs))
     recorded: dict[int, str] = {}
     claimed: dict[str, int] = {}
@@ -267,9 +270,12 @@ async def _decide(settings: Settings, store: Storage, refs: list[PetitionRef],
         else:
             assert found.kind == AMBIGUOUS
             result.ambiguous.append(verdict)
+    result.phases["matching"] = round(time.monotonic() - began, 2)
     if dry_run:
         return
+    began = time.monotonic()
     await _record(store, to_record, result, bar)
+    result.phases["recording"] = round(time.monotonic() - began, 2)
 
 
 async def _record(store: Storage, to_record: list[tuple[PetitionRef, str, bool]],
