@@ -104,6 +104,12 @@ def check_adopt(world: World, config: Path, target: str) -> None:
     assert "matched (would adopt): 10" in human and "ambiguous" in human
     assert all(slug in human for slug in ambiguous)
 
+    # Recording before deciding: the unambiguous ones are recorded, the rest shown in status.
+    code, out = run("adopt", "--json", "--config", str(config))
+    assert code == 1 and len(json.loads(out)["adopted"]) == len(single)
+    meta = stored(target)[1]["adoption_ambiguous"]
+    assert sorted(a["slug"] for a in meta) == ambiguous  # type: ignore[union-attr]
+
     assert run("adopt", "--pick", "no-equals-sign", "--config", str(config))[0] == 2
     picked = hosted[ambiguous[0]][1] if ambiguous[0] in hosted else hosted[doubled[0]][1]
     creates = [arg for slug in ambiguous[1:] for arg in ("--create", slug)]
@@ -111,21 +117,19 @@ def check_adopt(world: World, config: Path, target: str) -> None:
                     "--config", str(config))
     assert code == 0 and f"{len(ambiguous)} decision(s) recorded" in out
 
+    assert stored(target)[1] == {"adoption_ambiguous": []}
     code, out = run("adopt", "--json", "--config", str(config))
     assert code == 0, out
     report = json.loads(out)
     assert sorted(v["slug"] for v in report["decided"]) == ambiguous
-    assert report["ambiguous"] == []
+    assert report["ambiguous"] == [] and report["adopted"] == []
+    assert report["mirrored"] == len(single)
     uuids, meta = stored(target)
     assert {slug: uuids[ids[slug]] for slug in single} == single
     assert meta == {"adoption_ambiguous": []}
     assert sum(1 for u in uuids.values() if u) == len(single)
     # Identifiers are left to the worker's first use: no AN write at all.
     assert set(world.an.stats()["by_route"]) == {"GET /petitions"}
-
-    code, out = run("adopt", "--json", "--config", str(config))  # again: nothing new
-    assert code == 0 and json.loads(out)["mirrored"] == len(single)
-    assert json.loads(out)["adopted"] == []
 
 
 def test_adopt_on_sqlite(world: World, tmp_path: Path) -> None:
