@@ -216,8 +216,10 @@ def status_view(counts: dict[str, int], meta: dict[str, str], row: Any, reasons:
 
 # ---- csand audit ----
 
-# The activities an audit checks: petition creators, signers and org-wide unsubscribes.
-AUDIT_KINDS = ("petition_created", "signature", "global_unsubscribe")
+# The activities an audit checks: petition creators, signers, event hosts, attendees and
+# org-wide unsubscribes.
+AUDIT_KINDS = ("petition_created", "signature", "global_unsubscribe", "event_hosted",
+               "attendance")
 
 
 def audit_sample_where(petition_id: int | None, kinds: Sequence[str], mark: str
