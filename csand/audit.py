@@ -171,12 +171,13 @@ class Auditor:
                     cs_records[item["id"]] = item
         found = await self._check_petition(cs_id, slug, rows)
         report.summary.add(found)
+        missing = any(f.kind is Kind.PETITION_MISSING for f in found)
         signer_ids: set[str] | None = None
-        if not found:
+        if not missing:  # the signatures csand made are on the petition it recorded
             uuid = await self._recorded_uuid(cs_id)
             signer_ids = await self._read(self.an.petition_signer_ids, uuid) if uuid else set()
         await self._check_rows(rows, report, signer_ids=signer_ids, cs_records=cs_records,
-                               petition_missing=bool(found))
+                               petition_missing=missing)
 
     async def duplicates(self, report: Report) -> None:
         """Copies of mirrored petitions, over the group's whole petition list (25 a page)."""

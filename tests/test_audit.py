@@ -149,6 +149,10 @@ async def test_one_petition_fully(org: Org) -> None:
     damaged = await audit(org, petition=slug)
     assert [(str(f.kind), f.email) for f in damaged.summary.findings] == [
         ("signature_missing", signer)]
+    org.an.delete_petition(uuids[cs_id])
+    gone = await audit(org, petition=slug)
+    assert [(str(f.kind), f.petition_id) for f in gone.summary.findings] == [
+        ("petition_missing", cs_id)]
     with pytest.raises(LookupError):
         await audit(org, petition="no-such-petition")
 
