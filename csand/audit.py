@@ -4,10 +4,11 @@
 Two ways to look:
 
 * **A sample** (``--sample N``): N activities csand synced, picked at random from its store
-  (creators, signers and org-wide unsubscribes; events are not audited). Per activity: the
+  (creators, signers, event hosts, attendees, org-wide unsubscribes). Per activity: the
   signature's current version on ControlShift (signers only: 1 CS request), the person by email,
-  their taggings and their signatures (3 AN requests; 1 for an org-wide unsubscribe). A
-  petition is looked up (1-2 more) only when a signature is missing from it.
+  their taggings and their signatures, or their attendances for a host or an attendee (3 AN
+  requests; 1 for an org-wide unsubscribe). A petition is looked up (1-2 more) only when a
+  signature is missing from it.
 * **One petition** (``--petition SLUG``): every activity csand synced for it; the petition's
   ControlShift signatures and its AN signatures are walked page by page (25 a page on AN), so
   per activity only the person and their taggings are asked for (2 AN requests).
@@ -143,7 +144,8 @@ class Auditor:
         self._tag_names: dict[str, str] = {}  # tag uuid -> lower-cased name
         self._petition_uuid: dict[int, str | None] = {}
         self._petition_checked: dict[int, list[Finding]] = {}
-        self._people: dict[tuple[str, bool, bool], ANPerson | None] = {}
+        self._people: dict[tuple[str, bool, bool, bool], ANPerson | None] = {}
+        self._event_uuids: dict[str, str | None] = {}
 
     # ---- the two ways to look ----
 
@@ -169,12 +171,13 @@ class Auditor:
                     cs_records[item["id"]] = item
         found = await self._check_petition(cs_id, slug, rows)
         report.summary.add(found)
+        missing = any(f.kind is Kind.PETITION_MISSING for f in found)
         signer_ids: set[str] | None = None
-        if not found:
+        if not missing:  # the signatures csand made are on the petition it recorded
             uuid = await self._recorded_uuid(cs_id)
             signer_ids = await self._read(self.an.petition_signer_ids, uuid) if uuid else set()
         await self._check_rows(rows, report, signer_ids=signer_ids, cs_records=cs_records,
-                               petition_missing=bool(found))
+                               petition_missing=missing)
 
     async def duplicates(self, report: Report) -> None:
         """Copies of mirrored petitions, over the group's whole petition list (25 a page)."""
@@ -211,7 +214,8 @@ class Auditor:
         activity = Activity.from_json(row["payload"])
         ref = activity.petition
         pet_uuid = await self._recorded_uuid(ref.cs_id) if ref else None
-        synced = Synced(row["id"], activity, pet_uuid)
+        event_uuid = await self._event_uuid(activity.event.slug) if activity.event else None
+        synced = Synced(row["id"], activity, pet_uuid, event_uuid)
         cs = await self._cs_state(activity, cs_records)
         if cs in (CSState.GONE, CSState.CHANGED):
             key = "deleted on ControlShift since" if cs is CSState.GONE else \
@@ -222,10 +226,12 @@ class Auditor:
         assert activity.email is not None
         person = await self._an_person(
             activity, tags=person_activity,
-            petitions=person_activity and signer_ids is None and not petition_missing)
+            petitions=ref is not None and signer_ids is None and not petition_missing,
+            events=activity.event is not None)
         if person is not None and signer_ids is not None and pet_uuid:
             person = ANPerson(person.uuid, person.subscribed, person.tags,
-                              frozenset({pet_uuid}) if person.uuid in signer_ids else frozenset())
+                              frozenset({pet_uuid}) if person.uuid in signer_ids else frozenset(),
+                              person.events)
         consent = await self._consent(activity.email)
         found = activity_findings(synced, cs, consent, person,
                                   petition_checked=not petition_missing)
@@ -252,10 +258,10 @@ class Auditor:
             record = None  # another signature of the same person: ours is gone
         return cs_state(record, activity)
 
-    async def _an_person(self, activity: Activity, *, tags: bool, petitions: bool
-                         ) -> ANPerson | None:
+    async def _an_person(self, activity: Activity, *, tags: bool, petitions: bool,
+                         events: bool = False) -> ANPerson | None:
         assert activity.email is not None
-        key = (activity.email, tags, petitions)
+        key = (activity.email, tags, petitions, events)
         if key in self._people:
             return self._people[key]
         spelled = (activity.raw_email or "").strip()
@@ -265,6 +271,7 @@ class Auditor:
         if found is not None:
             tag_names: frozenset[str] = frozenset()
             signed: frozenset[str] | None = None
+            attended: frozenset[str] | None = None
             try:
                 if tags:
                     ids = await self._read(self.an.person_tag_ids, found.uuid)
@@ -273,17 +280,24 @@ class Auditor:
                     tag_names = frozenset(self._tag_names.get(i, "") for i in ids) - {""}
                 if petitions:
                     signed = frozenset(await self._read(self.an.person_petition_ids, found.uuid))
+                if events:
+                    attended = frozenset(await self._read(self.an.person_event_ids, found.uuid))
             except ANFailure as failure:
                 if failure.outcome.verdict is not Verdict.GONE:
                     raise
                 found = None  # erased between the two answers
             if found is not None:
-                person = ANPerson(found.uuid, found.subscribed, tag_names, signed)
+                person = ANPerson(found.uuid, found.subscribed, tag_names, signed, attended)
         self._people[key] = person
         return person
 
     async def _consent(self, email: str) -> Consent:
         return consent_from(await self.store.person(email), await self.store.person_items(email))
+
+    async def _event_uuid(self, slug: str) -> str | None:
+        if slug not in self._event_uuids:
+            self._event_uuids[slug] = await self.store.event_uuid(slug)
+        return self._event_uuids[slug]
 
     async def _recorded_uuid(self, cs_id: int) -> str | None:
         if cs_id not in self._petition_uuid:

@@ -8,9 +8,11 @@ for the mirrored petitions.
 
 Only what is provably wrong is reported (docs/rules.md §1-§2):
 
-* **person_missing** — a synced creator or signer is not in AN (by email).
+* **person_missing** — a synced creator, signer, host or attendee is not in AN (by email).
 * **tag_missing** — a tag the activity gave (role tag, category tags) is not on the person.
 * **signature_missing** — the person has no signature on the mirrored petition.
+* **attendance_missing** — an event host or attendee has no attendance on the mirrored event
+  (or the mirrored event is gone).
 * **petition_missing** — no AN petition carries csand's identifier and the recorded one is gone.
 * **petition_duplicated** — csand's record and AN's identifier name different petitions that
   both exist, or another petition has a mirrored petition's title and origin system but not
@@ -44,6 +46,7 @@ class Kind(StrEnum):
     PERSON_MISSING = "person_missing"
     TAG_MISSING = "tag_missing"
     SIGNATURE_MISSING = "signature_missing"
+    ATTENDANCE_MISSING = "attendance_missing"
     PETITION_MISSING = "petition_missing"
     PETITION_DUPLICATED = "petition_duplicated"
     UNSUBSCRIBE_NOT_APPLIED = "unsubscribe_not_applied"
@@ -54,7 +57,8 @@ class Kind(StrEnum):
 # duplicate petition is never deleted by csand, and csand never sets a status the rules do not
 # give: a subscription without an opt-in is for a person to look at.
 REPAIRABLE = frozenset({Kind.PERSON_MISSING, Kind.TAG_MISSING, Kind.SIGNATURE_MISSING,
-                        Kind.PETITION_MISSING, Kind.UNSUBSCRIBE_NOT_APPLIED})
+                        Kind.ATTENDANCE_MISSING, Kind.PETITION_MISSING,
+                        Kind.UNSUBSCRIBE_NOT_APPLIED})
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +87,7 @@ class Synced:
     item_id: int
     activity: Activity
     petition_uuid: str | None = None  # the AN petition csand recorded as the mirror
+    event_uuid: str | None = None  # the AN event csand recorded as the mirror (hosts, RSVPs)
 
 
 class CSState(StrEnum):
@@ -112,6 +117,7 @@ class ANPerson:
     subscribed: bool | None
     tags: frozenset[str] = frozenset()  # tag names, lower-cased (AN's names are case-blind)
     petitions: frozenset[str] | None = None  # uuids of the petitions signed; None: not asked
+    events: frozenset[str] | None = None  # uuids of the events attended; None: not asked
 
 
 @dataclass(frozen=True, slots=True)
@@ -189,8 +195,9 @@ def activity_findings(synced: Synced, cs: CSState, consent: Consent, an: ANPerso
         return []
     email = activity.email
     petition_id = activity.petition.cs_id if activity.petition else None
-    who = {ActivityKind.PETITION_CREATED: "creator",
-           ActivityKind.SIGNATURE: "signer"}.get(activity.kind)
+    who = {ActivityKind.PETITION_CREATED: "petition creator",
+           ActivityKind.SIGNATURE: "signer", ActivityKind.EVENT_HOSTED: "event host",
+           ActivityKind.ATTENDANCE: "attendee"}.get(activity.kind)
 
     def finding(kind: Kind, detail: str, items: tuple[int, ...] = (synced.item_id,)) -> Finding:
         return Finding(kind, detail, activity.source_key, email, petition_id, items)
@@ -198,10 +205,10 @@ def activity_findings(synced: Synced, cs: CSState, consent: Consent, an: ANPerso
     if activity.kind is ActivityKind.GLOBAL_UNSUBSCRIBE:
         found = subscription_finding(consent, an)
         return [replace_source(found, activity)] if found else []
-    if who is None:  # events are not audited (yet)
+    if who is None:  # an event's change is nobody's
         return []
     if an is None:
-        return [finding(Kind.PERSON_MISSING, f"the petition {who} is not in Action Network")]
+        return [finding(Kind.PERSON_MISSING, f"the {who} is not in Action Network")]
     out: list[Finding] = []
     missing = sorted(t for t in activity.tags if t.lower() not in an.tags)
     if missing:
@@ -211,6 +218,11 @@ def activity_findings(synced: Synced, cs: CSState, consent: Consent, an: ANPerso
         out.append(finding(Kind.SIGNATURE_MISSING,
                            f"no signature of the {who} on the mirrored petition "
                            f"{synced.petition_uuid}"))
+    if (an.events is not None and synced.event_uuid
+            and synced.event_uuid not in an.events):
+        out.append(finding(Kind.ATTENDANCE_MISSING,
+                           f"no attendance of the {who} on the mirrored event "
+                           f"{synced.event_uuid} (or that event is gone)"))
     found = subscription_finding(consent, an)
     if found:
         out.append(replace_source(found, activity))

@@ -61,11 +61,13 @@ class Org:
             conn.close()
 
 
-def make_org(tmp_path: Path, *, petitions: int = 6, signatures: int = 80, seed: int = 5) -> Org:
+def make_org(tmp_path: Path, *, petitions: int = 6, signatures: int = 80, seed: int = 5,
+             events: int = 0, attendees: int = 0) -> Org:
     cs = ControlShiftSim(api_key=CS_KEY, page_size=25, requests_per_minute=None)
-    an = ActionNetworkSim(api_key=AN_KEY, requests_per_second=None)
+    an = ActionNetworkSim(api_key=AN_KEY, requests_per_second=None, events_api=True)
     scenario = populate(cs, an, petitions=petitions, signatures=signatures, not_opted_in=0.4,
-                        existing_in_an=0.3, existing_subscribed=0.5, seed=seed)
+                        existing_in_an=0.3, existing_subscribed=0.5, seed=seed, events=events,
+                        calendars=1 if events else 0, attendees=attendees)
     return Org(cs, an, scenario, tmp_path / "csand.db")
 
 

@@ -76,3 +76,19 @@ async def test_reads_of_a_person_and_a_petition(sim: ActionNetworkSim,
     with pytest.raises(ANFailure) as gone:
         await an.person_tag_ids(people[2])
     assert gone.value.outcome.verdict is Verdict.GONE
+
+
+@pytest.mark.anyio
+async def test_a_persons_attendances() -> None:
+    sim = ActionNetworkSim(api_key=AN_KEY, requests_per_second=None, events_api=True)
+    async with httpx.AsyncClient(transport=httpx.ASGITransport(app=sim.app)) as http:
+        an = ActionNetworkClient(http, AN_BASE, AN_KEY, TokenBucket(1e6))
+        event = await an.create_event(
+            title="Meet", description=None, start_date=None, end_date=None, location=None,
+            browser_url=None, identifier="cs:event-1", origin_system="x", creator_uuid=None,
+            campaign_uuid=None)
+        person, _ = await an.record_attendance(event, Fields("bo@example.org"), "subscribed", ())
+        assert person is not None
+        assert await an.person_event_ids(person) == {event}
+        sim.delete_attendance("bo@example.org", event)
+        assert await an.person_event_ids(person) == set()

@@ -36,7 +36,7 @@ def _left_unsubscribed_never_opted_in(org: Org) -> list[str]:
 
 @pytest.fixture
 def org(tmp_path: Path) -> Org:
-    world = make_org(tmp_path)
+    world = make_org(tmp_path, events=5, attendees=25)
     yield world  # type: ignore[misc]
     world.cs.close()
 
@@ -86,6 +86,13 @@ async def test_a_clean_sync_audits_clean_and_a_damaged_an_is_found_and_repaired(
                         if (org.an.person(e) or {}).get("status") == "unsubscribed")
     org.an.set_status(resubscribed, "subscribed")
     org.an.delete_petition(uuids[gone_petition])
+    attendee, event_uuid = next(
+        (e, u) for e, u in org.query(
+            "SELECT o.person_key, e.an_uuid FROM outbox o JOIN cs_events e "
+            "ON e.slug = o.event_slug WHERE o.kind = 'attendance' AND o.status = 'done' "
+            "AND e.an_uuid IS NOT NULL ORDER BY o.id")
+        if e not in (tag_victim, sig_victim, erased, never[0], resubscribed))
+    org.an.delete_attendance(attendee, event_uuid)
     copied = org.an.petitions()[0]
     org.an.add_petition(copied["title"], origin_system="Controlshift Petition")
 
@@ -97,6 +104,7 @@ async def test_a_clean_sync_audits_clean_and_a_damaged_an_is_found_and_repaired(
         by_kind.setdefault(f.kind, set()).add(f.email if f.email else f.petition_id)
     assert by_kind[Kind.TAG_MISSING] == {tag_victim}
     assert by_kind[Kind.SIGNATURE_MISSING] == {sig_victim}
+    assert by_kind[Kind.ATTENDANCE_MISSING] == {attendee}
     assert by_kind[Kind.PERSON_MISSING] == {erased}
     assert by_kind[Kind.SUBSCRIBED_WITHOUT_OPT_IN] == {never[0]}
     assert by_kind[Kind.UNSUBSCRIBE_NOT_APPLIED] == {resubscribed}
@@ -141,6 +149,10 @@ async def test_one_petition_fully(org: Org) -> None:
     damaged = await audit(org, petition=slug)
     assert [(str(f.kind), f.email) for f in damaged.summary.findings] == [
         ("signature_missing", signer)]
+    org.an.delete_petition(uuids[cs_id])
+    gone = await audit(org, petition=slug)
+    assert [(str(f.kind), f.petition_id) for f in gone.summary.findings] == [
+        ("petition_missing", cs_id)]
     with pytest.raises(LookupError):
         await audit(org, petition="no-such-petition")
 

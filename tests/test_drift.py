@@ -234,3 +234,21 @@ def test_a_subscription_is_reported_only_when_csands_records_prove_it(
     newest_opt_in = consent.opted_in_at is not None and (
         consent.unsubscribed_at is None or consent.opted_in_at > consent.unsubscribed_at)
     assert not newest_opt_in
+
+
+def test_an_attendee_and_a_host_need_their_attendance_on_the_mirrored_event() -> None:
+    from csand.model import EventRef, attendee_activity
+
+    event = EventRef("meet-up", "Meet up", None, f"controlshift-{ORG}:event-meet-up")
+    rsvp = attendee_activity({"id": 3, "email": "bo@example.org", "attending_status": "attending",
+                              "created_at": "2024-01-02T00:00:00Z"}, event)
+    synced = Synced(9, rsvp, None, "event-uuid")
+    tags = frozenset({"controlshift-event-attendee"})
+    there = ANPerson("p", False, tags, None, frozenset({"event-uuid"}))
+    assert activity_findings(synced, CSState.UNKNOWN, Consent(), there) == []
+    gone = ANPerson("p", False, tags, None, frozenset())
+    (found,) = activity_findings(synced, CSState.UNKNOWN, Consent(), gone)
+    assert (found.kind, found.repairable) == (Kind.ATTENDANCE_MISSING, True)
+    assert "attendee" in found.detail
+    assert kinds(activity_findings(synced, CSState.UNKNOWN, Consent(), None)) == [
+        "person_missing"]

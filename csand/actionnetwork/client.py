@@ -447,6 +447,14 @@ class ActionNetworkClient:
         return {uuid for s in signatures
                 if (uuid := s.get("action_network:petition_id") or _href_uuid(s, "osdi:petition"))}
 
+    async def person_event_ids(self, person_uuid: str) -> set[str]:
+        """The uuids of the events the person attends (``GET /people/{id}/attendances``);
+        GONE if no such person."""
+        attendances = await self._pages(f"/people/{person_uuid}/attendances",
+                                        "osdi:attendances")
+        return {uuid for a in attendances
+                if (uuid := a.get("action_network:event_id") or _href_uuid(a, "osdi:event"))}
+
     async def petition_signer_ids(self, petition_uuid: str) -> set[str]:
         """The uuids of everyone who signed the petition (``GET /petitions/{id}/signatures``,
         25 a page); GONE if no such petition."""

@@ -336,6 +336,8 @@ class ActionNetworkSim:
             Route(
                 f"{PREFIX}/events/{{uuid}}/attendances", self._list_attendances, methods=["GET"]
             ),
+            Route(f"{PREFIX}/people/{{uuid}}/attendances", self._list_person_attendances,
+                  methods=["GET"]),
             Route(
                 f"{PREFIX}/events/{{uuid}}/attendances",
                 self._attendance_helper,
@@ -449,6 +451,16 @@ class ActionNetworkSim:
                 raise KeyError((email, petition_uuid))
             del self._signatures[key]
             self._petitions[petition_uuid].signature_count -= 1
+
+    def delete_attendance(self, email: str, event_uuid: str) -> None:
+        """Remove a person's attendance on an event (an admin's clean-up; AN's API cannot)."""
+        with self._lock:
+            person = self._find_person(email)
+            key = (event_uuid, person.uuid if person else "")
+            if key not in self._attendances:
+                raise KeyError((email, event_uuid))
+            for identifier in self._attendances.pop(key).identifiers:
+                self._identifier_owner.pop(identifier, None)
 
     def set_status(self, email: str, status: str) -> None:
         """Force a person's email status (an import, an admin, another tool)."""
@@ -1188,6 +1200,16 @@ class ActionNetworkSim:
                     path=f"events/{event.uuid}/attendances",
                 )
             )
+
+    async def _list_person_attendances(self, request: Request) -> Response:
+        page = _page(request)
+        with self._lock:
+            person = self._known_person(request)
+            items = [a for a in self._attendances.values() if a.person_uuid == person.uuid]
+            base = _base(request)
+            return HalResponse(_collection(
+                request, "attendances", items, page, lambda a: self._attendance_json(a, base),
+                totals=True, path=f"people/{person.uuid}/attendances"))
 
     async def _get_attendance(self, request: Request) -> Response:
         with self._lock:

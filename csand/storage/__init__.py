@@ -212,7 +212,7 @@ class Outbox(Protocol):
                            kinds: Sequence[str] = ...) -> list[dict[str, Any]]:
         """For ``csand audit``: synced activities in random order, at most ``limit`` (None: all;
         only ``petition_id``'s when given): the latest ``done`` version of each record of
-        ``kinds`` (default: creators, signers, org-wide unsubscribes), not deleted on
+        ``kinds`` (default: creators, signers, hosts, attendees, org-wide unsubscribes), not deleted on
         ControlShift since and not pruned (also while a newer version waits: what AN got
         from the synced one stays). Each: ``id``, ``source_key``, ``person_key``,
         ``petition_id``, ``kind``, ``payload`` (the activity as a dict), ``note``,

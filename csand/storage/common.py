@@ -248,8 +248,10 @@ def ambiguous_adoptions(meta: dict[str, str]) -> list[dict[str, Any]]:
 
 # ---- csand audit ----
 
-# The activities an audit checks: petition creators, signers and org-wide unsubscribes.
-AUDIT_KINDS = ("petition_created", "signature", "global_unsubscribe")
+# The activities an audit checks: petition creators, signers, event hosts, attendees and
+# org-wide unsubscribes.
+AUDIT_KINDS = ("petition_created", "signature", "global_unsubscribe", "event_hosted",
+               "attendance")
 
 
 def audit_sample_where(petition_id: int | None, kinds: Sequence[str], mark: str
