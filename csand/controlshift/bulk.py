@@ -470,10 +470,13 @@ async def _refuse(url: str, response: httpx.Response) -> None:
     status = response.status_code
     body = b""
     try:
-        async for chunk in response.aiter_raw():
-            body += chunk
-            if len(body) >= 4096:
-                break
+        if response.is_stream_consumed:  # already read (a test's in-memory response)
+            body = response.content[:4096]
+        else:
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) >= 4096:
+                    break
     except httpx.TransportError:
         pass
     code_match, message_match = _S3_CODE.search(body), _S3_MESSAGE.search(body)
@@ -492,7 +495,8 @@ class _Parser:
 
     Lines are split on ``\\n`` in bytes, so an invalid UTF-8 sequence is pinned to its line and
     only the record holding it is lost; the CSV reader gets the lines with their terminators, so
-    quoted fields keep embedded newlines.
+    quoted fields keep embedded newlines. The reader is strict: text after a closing quote, or
+    a quote still open at the end of the file, makes a bad row rather than a guess.
     """
 
     def __init__(self, url: str, declared: Compression | None) -> None:
@@ -659,7 +663,7 @@ class _Parser:
         self._boundary = 0
         base = self._line_no
         self._line_no += len(batch)
-        reader = csv.reader(batch)
+        reader = csv.reader(batch, strict=True)
         header = self._header
         prev = 0
         while True:

@@ -29,14 +29,14 @@ with the same ids as their ``unsubscribe.created`` webhooks.
 from __future__ import annotations
 
 import bz2
-import csv
 import hashlib
 import hmac
 import io
 import json
+import re
 import secrets
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -59,6 +59,7 @@ __all__ = [
     "Export",
     "StorageSim",
     "csv_cell",
+    "csv_line",
     "write_csv",
 ]
 
@@ -150,16 +151,28 @@ def csv_cell(value: Any, *, timestamps: Literal["db", "iso"] = "db") -> str:
     return str(value)
 
 
+_NEEDS_QUOTES = re.compile(r'[,"\r\n]')
+
+
+def csv_line(cells: Sequence[str]) -> str:
+    """One CSV record ending in ``\\n``: a cell is quoted when it holds a comma, a quote, a
+    carriage return or a newline (Python's csv writer leaves a lone ``\\r`` unquoted when
+    lines end in ``\\n``, which no reader can tell from a line ending)."""
+    if len(cells) == 1 and cells[0] == "":
+        return '""\n'
+    return ",".join('"' + c.replace('"', '""') + '"' if _NEEDS_QUOTES.search(c) else c
+                    for c in cells) + "\n"
+
+
 def write_csv(out: Any, columns: Iterable[str], rows: Iterable[dict[str, Any]], *,
-              timestamps: Literal["db", "iso"] = "db", lineterminator: str = "\n") -> int:
+              timestamps: Literal["db", "iso"] = "db") -> int:
     """Write a header and ``rows`` (missing columns empty) to the text stream ``out``; returns
     the number of data rows."""
     names = tuple(columns)
-    writer = csv.writer(out, lineterminator=lineterminator)
-    writer.writerow(names)
+    out.write(csv_line(names))
     count = 0
     for row in rows:
-        writer.writerow([csv_cell(row.get(name), timestamps=timestamps) for name in names])
+        out.write(csv_line([csv_cell(row.get(name), timestamps=timestamps) for name in names]))
         count += 1
     return count
 
