@@ -415,28 +415,26 @@ async def read_rows(
                 parser = _Parser(url, declared)
                 async for chunk in response.aiter_raw(chunk_size):
                     stats.bytes_downloaded += len(chunk)
-                    for item in parser.feed(chunk):
-                        if isinstance(item, BadRow):
-                            if item.line > reported:
-                                reported = item.line
-                                _report(url, item, stats, on_bad_row)
-                            continue
-                        seen += 1
-                        if seen > yielded:
-                            yielded = seen
-                            stats.rows = yielded
-                            yield item
-                for item in parser.close():
-                    if isinstance(item, BadRow):
-                        if item.line > reported:
-                            reported = item.line
-                            _report(url, item, stats, on_bad_row)
-                        continue
-                    seen += 1
-                    if seen > yielded:
-                        yielded = seen
-                        stats.rows = yielded
-                        yield item
+                    for batch in parser.feed(chunk):
+                        for item in batch:
+                            if type(item) is dict:
+                                seen += 1
+                                if seen > yielded:
+                                    yielded = stats.rows = seen
+                                    yield item
+                            elif item.line > reported:  # type: ignore[union-attr]
+                                reported = item.line  # type: ignore[union-attr]
+                                _report(url, item, stats, on_bad_row)  # type: ignore[arg-type]
+                for batch in parser.close():
+                    for item in batch:
+                        if type(item) is dict:
+                            seen += 1
+                            if seen > yielded:
+                                yielded = stats.rows = seen
+                                yield item
+                        elif item.line > reported:  # type: ignore[union-attr]
+                            reported = item.line  # type: ignore[union-attr]
+                            _report(url, item, stats, on_bad_row)  # type: ignore[arg-type]
                 stats.compression = parser.compression
                 stats.columns = parser.columns
                 return
@@ -578,7 +576,8 @@ class _Parser:
 
     # -- lines and rows --
 
-    def feed(self, chunk: bytes) -> Iterator[dict[str, str] | BadRow]:
+    def feed(self, chunk: bytes) -> Iterator[list[dict[str, str] | BadRow]]:
+        """The rows completed by ``chunk``, in batches (one per decompressed piece)."""
         if self.compression is None:
             self._head += chunk
             if len(self._head) < 10:
@@ -586,14 +585,20 @@ class _Parser:
             self._choose(self._head)
             chunk, self._head = self._head, b""
         for data in self._inflate(chunk):
-            yield from self._take(data)
+            batch = self._take(data)
+            if batch:
+                yield batch
 
-    def close(self) -> Iterator[dict[str, str] | BadRow]:
+    def close(self) -> Iterator[list[dict[str, str] | BadRow]]:
+        """The last rows, once the body has ended; raises :class:`ExportCorrupt` if the file
+        is cut short or has no header."""
         if self.compression is None:
             self._choose(self._head)
             chunk, self._head = self._head, b""
             for data in self._inflate(chunk):
-                yield from self._take(data)
+                batch = self._take(data)
+                if batch:
+                    yield batch
         if self.compression == "bzip2" and not self._bz2.eof:
             raise ExportCorrupt(f"{_safe_url(self.url)}: the bzip2 stream is cut short")
         if self.compression == "gzip" and not self._gzip.eof:
@@ -602,20 +607,19 @@ class _Parser:
             self._add_lines(self._tail, terminated=False)
             self._tail = b""
         self._boundary = len(self._pending)
-        yield from self._rows()
+        yield self._rows()
         if self._header is None:
             raise ExportCorrupt(f"{_safe_url(self.url)}: empty file, no header row")
 
-    def _take(self, data: bytes) -> Iterator[dict[str, str] | BadRow]:
+    def _take(self, data: bytes) -> list[dict[str, str] | BadRow]:
         data = self._tail + data if self._tail else data
         cut = data.rfind(b"\n")
         if cut < 0:
             self._tail = data
-            return
+            return []
         self._tail = data[cut + 1:]
         self._add_lines(data[: cut + 1], terminated=True)
-        if self._boundary:
-            yield from self._rows()
+        return self._rows() if self._boundary else []
 
     def _add_lines(self, block: bytes, *, terminated: bool) -> None:
         """Decode ``block`` (whole lines; the last one unterminated unless ``terminated``) into
@@ -654,7 +658,7 @@ class _Parser:
             # own rules decide (and a field beyond csv.field_size_limit() is a bad row).
             self._boundary, self._parity = len(pending), 0
 
-    def _rows(self) -> Iterator[dict[str, str] | BadRow]:
+    def _rows(self) -> list[dict[str, str] | BadRow]:
         """Parse the lines of _pending that end whole records, so the reader never runs out of
         lines inside a quoted field."""
         batch = self._pending[: self._boundary]
@@ -663,25 +667,32 @@ class _Parser:
         self._boundary = 0
         base = self._line_no
         self._line_no += len(batch)
+        out: list[dict[str, str] | BadRow] = []
         reader = csv.reader(batch, strict=True)
         header = self._header
-        prev = 0
+        width = len(header) if header is not None else 0
+        bad_lines = self._bad_lines
+        prev = 0  # reader.line_num after the previous record
         while True:
             try:
                 fields = next(reader)
             except StopIteration:
-                return
+                return out
             except csv.Error as exc:
                 start, prev = base + prev + 1, reader.line_num
-                yield BadRow(start, base + prev, f"CSV: {exc}")
+                out.append(BadRow(start, base + prev, f"CSV: {exc}"))
+                continue
+            if len(fields) == width and width and not bad_lines:  # the common case, kept short
+                prev = reader.line_num
+                out.append(dict(zip(header, fields, strict=False)))  # type: ignore[arg-type]
                 continue
             start, prev = base + prev + 1, reader.line_num
             end = base + prev
-            if self._bad_lines and any(start <= n <= end for n in self._bad_lines):
-                self._bad_lines = {n for n in self._bad_lines if n > end}
+            if bad_lines and any(start <= n <= end for n in bad_lines):
+                self._bad_lines = bad_lines = {n for n in bad_lines if n > end}
                 if header is None:
                     raise ExportCorrupt(f"{_safe_url(self.url)}: the header is not UTF-8")
-                yield BadRow(start, end, "not valid UTF-8")
+                out.append(BadRow(start, end, "not valid UTF-8"))
                 continue
             if header is None:
                 if fields and fields[0].startswith("\ufeff"):
@@ -691,11 +702,12 @@ class _Parser:
                 if len(set(fields)) != len(fields):
                     raise ExportCorrupt(f"{_safe_url(self.url)}: duplicate columns in header")
                 self._header = header = fields
+                width = len(fields)
                 self.columns = tuple(fields)
                 continue
             if not fields:  # a blank line
                 continue
-            if len(fields) != len(header):
-                yield BadRow(start, end, f"{len(fields)} fields, the header has {len(header)}")
+            if len(fields) != width:
+                out.append(BadRow(start, end, f"{len(fields)} fields, the header has {width}"))
                 continue
-            yield dict(zip(header, fields, strict=True))
+            out.append(dict(zip(header, fields, strict=False)))
