@@ -493,3 +493,50 @@ async def test_unreadable_files(body: bytes, message: str) -> None:
     with pytest.raises(ExportCorrupt, match=message):
         await collect(client)
     assert attempts == [1]
+
+
+PAD = "a long line " * 40  # 480 characters: a row is about 530 bytes
+
+
+class Generated(httpx.AsyncByteStream):
+    """A bzip2 CSV made while it is sent: the test holds no more of it than the reader."""
+
+    def __init__(self, rows: int) -> None:
+        self.rows = rows
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        packer = bz2.BZ2Compressor(1)
+        yield packer.compress(b"id,email,note\n")
+        for start in range(0, self.rows, 100):
+            block = "".join(f'{i},user{i}@example.org,"note {i}, with ""quotes""\nand {PAD}"\n'
+                            for i in range(start, min(start + 100, self.rows)))
+            out = packer.compress(block.encode())
+            if out:
+                yield out
+        yield packer.flush()
+
+
+async def peak_heap(rows: int) -> int:
+    import tracemalloc
+
+    count = 0
+    client, _ = serve(lambda attempt: httpx.Response(200, stream=Generated(rows)))
+    tracemalloc.start()
+    try:
+        base = tracemalloc.get_traced_memory()[0]
+        async with client:
+            async for _row in read_rows(client, S3, policy=NO_WAIT):
+                count += 1
+        peak = tracemalloc.get_traced_memory()[1] - base
+    finally:
+        tracemalloc.stop()
+    assert count == rows
+    return peak
+
+
+@pytest.mark.anyio
+async def test_memory_stays_bounded_whatever_the_file_size() -> None:
+    small, large = await peak_heap(1_500), await peak_heap(6_000)  # 0.8 and 3.2 MB of CSV
+    # The decompressor's own state (traced too) and one step's rows, not the file.
+    assert large < 3 * 2**20, f"peak heap {large / 2**20:.1f} MiB"
+    assert large < small * 1.3, (small, large)

@@ -65,7 +65,7 @@ _FILE_STAMP_RE = re.compile(r"_(\d{14})(?:\.csv)?(?:\.bz2|\.gz)?$")
 _BZ2_MAGIC = b"BZh"
 _GZIP_MAGIC = b"\x1f\x8b"
 _CHUNK = 64 * 1024
-_MAX_OUT = 1024 * 1024  # decompressed bytes per step: bounds memory against a bzip2 bomb
+_MAX_OUT = 256 * 1024  # decompressed bytes per step: the rows of one step are held at once
 _MAX_BAD_ROWS_LOGGED = 20
 # Lines held while a quote stays open: past either bound, they go to the CSV reader regardless.
 _MAX_OPEN_CHARS = 4 * 1024 * 1024
