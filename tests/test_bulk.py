@@ -23,6 +23,7 @@ from csand.controlshift.bulk import (
     BadRow,
     ExportCorrupt,
     ExportExpired,
+    ExportFile,
     ExportGone,
     ExportUnavailable,
     ReadStats,
@@ -66,6 +67,12 @@ def test_parse_export_reads_the_documented_payload() -> None:
     assert not export.expired(datetime(2024, 10, 1, 18, 1, 9, tzinfo=UTC))
     full = parse_export(hook("data.full_table_exported"))
     assert full.kind == "full" and full.file_key == export.file_key
+
+
+def test_export_file_round_trips_through_json() -> None:
+    for export in (parse_export(hook()), parse_export(hook(url="https://h/x.csv",
+                                                              compression_format=...))):
+        assert ExportFile.from_json(export.to_json()) == export
 
 
 def test_parse_export_from_raw_bytes_with_json_escaped_url() -> None:

@@ -141,6 +141,27 @@ class ExportFile:
     def expired(self, now: datetime) -> bool:
         return self.expires_at is not None and now >= self.expires_at
 
+    def to_json(self) -> str:
+        """A JSON text to keep the record in a store (see :meth:`from_json`)."""
+        return json.dumps({
+            "table": self.table, "kind": self.kind, "url": self.url,
+            "compression": self.compression, "jid": self.jid,
+            "exported_at": self.exported_at.isoformat() if self.exported_at else None,
+            "expires_at": self.expires_at.isoformat() if self.expires_at else None,
+        }, sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> ExportFile:
+        data = json.loads(text)
+        kind = data["kind"]
+        if kind not in ("incremental", "full"):
+            raise BadExport(f"kind {kind!r} is not incremental or full")
+        return cls(table=data["table"], kind=kind, url=data["url"],
+                   compression=parse_compression(data.get("compression")),
+                   jid=data.get("jid"),
+                   exported_at=parse_timestamp(data.get("exported_at")),
+                   expires_at=parse_timestamp(data.get("expires_at")))
+
 
 def parse_export(envelope: bytes | str | dict[str, Any], *,
                  received_at: datetime | None = None) -> ExportFile:
@@ -384,8 +405,8 @@ async def read_rows(
     """Yield the data rows of one export file as ``{column: cell}`` (cells as text, empty as
     ``""``: see :func:`text`, :func:`parse_bool`, :func:`parse_timestamp`).
 
-    Streams: nothing is held but one chunk, the decompressor's state and the record being
-    parsed. A transient failure (connection error, timeout, 5xx, 408, 429, a body cut short)
+    Streams: nothing is held but one downloaded chunk, the decompressor's state and the rows of
+    one decompression step (256 KiB of text), whatever the file's size. A transient failure (connection error, timeout, 5xx, 408, 429, a body cut short)
     restarts the download after ``policy``'s delay, skipping the rows already yielded;
     :class:`ExportUnavailable` once the policy gives up. A 400/403 raises
     :class:`ExportExpired`, a 404/410 :class:`ExportGone` (no retry); so does an ``export``
