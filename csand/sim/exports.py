@@ -145,7 +145,7 @@ def csv_cell(value: Any, *, timestamps: Literal["db", "iso"] = "db") -> str:
         moment = moment.astimezone(UTC)
         if timestamps == "iso":
             return moment.isoformat(timespec="microseconds").replace("+00:00", "Z")
-        return moment.strftime("%Y-%m-%d %H:%M:%S.%f")
+        return moment.replace(tzinfo=None).isoformat(sep=" ", timespec="microseconds")
     if isinstance(value, dict | list):
         return json.dumps(value, default=str)
     return str(value)

@@ -4,15 +4,18 @@ read back with csand's streaming reader over real HTTP."""
 from __future__ import annotations
 
 import bz2
+import io
 import json
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, Literal
 
 import httpx
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import Response
@@ -23,6 +26,7 @@ from csand.controlshift.bulk import (
     ExportFile,
     ExportGone,
     ReadStats,
+    _Parser,
     parse_bool,
     parse_export,
     parse_timestamp,
@@ -32,7 +36,7 @@ from csand.controlshift.bulk import (
 from csand.controlshift.webhooks import verify
 from csand.retry import RetryPolicy
 from csand.sim.controlshift import WEBHOOK_SIGNATURE_HEADER, ControlShiftSim
-from csand.sim.exports import COLUMNS, BulkExports, StorageSim
+from csand.sim.exports import COLUMNS, BulkExports, StorageSim, csv_cell, write_csv
 from csand.sim.server import ServedApp
 
 SECRET = "whsec-bulk"
@@ -281,3 +285,64 @@ def test_bzip2_files_are_real_bzip2(world: World) -> None:
     raw = world.storage.get(export.key)
     assert raw[:3] == b"BZh" and export.key.endswith(".csv.bz2")
     assert bz2.decompress(raw).decode().splitlines()[0] == ",".join(COLUMNS["users"])
+
+
+@pytest.mark.anyio
+async def test_events_attendees_and_calendars(world: World) -> None:
+    sim = world.sim
+    sim.add_calendar("spring", "Spring actions")
+    host = {"email": "host@x.org", "first_name": "Hal", "last_name": "Ost"}
+    sim.add_event("picnic", title="Picnic", description="Bring food", start_at=T0,
+                  end_at=T0 + timedelta(hours=2), host=host, calendar_slug="spring",
+                  cancelled_at=T0)
+    kept = sim.add_attendee("picnic", email="amy@x.org", join_organisation=True,
+                            additional_fields={"diet": "vegan, mostly"})
+    gone = sim.add_attendee("picnic", email="ben@x.org")
+    written = {e.table: e for e in world.exports.export_incremental()}
+    assert {"calendars", "events", "attendees"} <= set(written)
+    calendars = await read(written["calendars"].url)
+    events = await read(written["events"].url)
+    attendees = await read(written["attendees"].url)
+    assert events[0]["calendar_id"] == calendars[0]["id"] and events[0]["slug"] == "picnic"
+    assert parse_timestamp(events[0]["cancelled_at"]) == T0  # only bulk data shows it
+    assert [a["event_id"] for a in attendees] == [events[0]["id"]] * 2
+    assert json.loads(attendees[0]["additional_fields"]) == {"diet": "vegan, mostly"}
+    sim.delete_attendee(gone["id"])
+    full = await read(world.exports.export_full("attendees").url)
+    assert [int(a["id"]) for a in full] == [kept["id"]]  # a deleted attendee's row is gone
+    nightly = world.exports.export_full_all()
+    assert [e.table for e in nightly] == list(COLUMNS)
+    assert all(e.kind == "full" for e in nightly)
+
+
+cells = st.one_of(
+    st.none(), st.booleans(), st.integers(-10**12, 10**12),
+    st.text(alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\x00"),
+            max_size=30),
+    st.sampled_from(["\r", "\r\n", "\n", '"', ",", "", " "]),
+    st.datetimes(timezones=st.just(UTC)),
+    st.dictionaries(st.text(max_size=5), st.text(max_size=10), max_size=3),
+)
+
+
+@settings(max_examples=100, deadline=None)
+@given(rows=st.lists(st.fixed_dictionaries({"a": cells, "b": cells, "c": cells}), max_size=20),
+       timestamps=st.sampled_from(["db", "iso"]))
+def test_what_the_simulator_writes_csand_reads(rows: list[dict[str, Any]],
+                                               timestamps: Literal["db", "iso"]) -> None:
+    text = io.StringIO()
+    write_csv(text, ("a", "b", "c"), rows, timestamps=timestamps)
+    parser = _Parser("http://s3/x.csv.bz2", None)
+    got = [item for batch in parser.feed(bz2.compress(text.getvalue().encode()))
+           for item in batch]
+    got += [item for batch in parser.close() for item in batch]
+    assert got == [{k: csv_cell(v, timestamps=timestamps) for k, v in row.items()}
+                   for row in rows]
+    for row, read_back in zip(rows, got, strict=True):
+        for key, value in row.items():
+            if isinstance(value, bool):
+                assert parse_bool(read_back[key]) is value
+            elif isinstance(value, datetime):
+                assert parse_timestamp(read_back[key]) == value
+            elif value is None:
+                assert read_back[key] == ""
