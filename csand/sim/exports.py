@@ -441,11 +441,10 @@ class BulkExports:
         """Export, per table, the rows inserted since the last incremental export, and announce
         each file (``data.incremental_table_exported``). Returns the files written."""
         with self._lock:
-            tables = self._tables()
+            tables = self._tables(since=self._exported)
             out = []
             for table in TABLES:
-                last = self._exported[table]
-                new = [row for row in tables[table] if row["id"] > last]
+                new = tables[table]
                 if not new and not self.announce_empty:
                     continue
                 if new:
@@ -508,37 +507,57 @@ class BulkExports:
 
     # -- the simulator's records as tables --
 
-    def _tables(self) -> dict[str, list[dict[str, Any]]]:
+    def _tables(self, since: dict[str, int] | None = None) -> dict[str, list[dict[str, Any]]]:
+        """Every table's rows, or with ``since`` only those with a greater id (the simulator's
+        records are kept in id order: a minute's export reads only what is new)."""
         sim = self.sim
+
+        def newer(table: str, records: Any, key: str = "id") -> list[dict[str, Any]]:
+            """``records`` (a list or a dict's values, in id order) after ``since[table]``."""
+            if since is None:
+                return list(records)
+            last, out = since[table], []
+            for record in reversed(records):
+                if record[key] <= last:
+                    break
+                out.append(record)
+            out.reverse()
+            return out
+
         with sim._lock:
             first_seen = sim.now()
-            members = {m["email"]: m for m in sim._members.values()}
-            petitions = list(sim._petitions.values())
-            for p in petitions:
+            members = sim._members  # normalised email -> member
+            for p in sim._petitions.values():
                 self._see_petition(p, members, first_seen)
             for slug in sim._calendars:
                 if slug not in self._calendars:
                     self._calendars[slug] = {"id": self._take("calendars")}
-            petition_ids = {p["slug"]: p["id"] for p in petitions}
+            petition_ids = {slug: p["id"] for slug, p in sim._petitions.items()}
             calendar_ids = {slug: c["id"] for slug, c in self._calendars.items()}
             events = {slug: e["seq"] for slug, e in sim._events.items()}
             return {
                 "signatures": [self._signature(s, petition_ids) for s in
-                               sim._signatures.values()],
-                "petitions": [self._petition(p) for p in petitions],
-                "users": [dict(u) for u in self._users.values()],
+                               newer("signatures", sim._signatures.values())],
+                "petitions": [self._petition(p) for p in
+                              newer("petitions", sim._petitions.values())],
+                "users": newer("users", [dict(u) for u in self._users.values()]),
                 "members": [{**m, "organisation_id": self.organisation_id}
-                            for m in sim._members.values()],
-                "categories": [dict(c) for c in self._categories.values()],
-                "categorized_petitions": [dict(link) for link in self._links.values()],
-                "unsubscribes": [self._unsubscribe(u, members) for u in sim._unsubscribes],
-                "calendars": [{**c, "id": self._calendars[slug]["id"],
-                               "organisation_id": self.organisation_id, "launched": True,
-                               "partnership_id": None, "description": c["description"]}
-                              for slug, c in sim._calendars.items()],
+                            for m in newer("members", members.values())],
+                "categories": newer("categories",
+                                    [dict(c) for c in self._categories.values()]),
+                "categorized_petitions": newer("categorized_petitions",
+                                               [dict(x) for x in self._links.values()]),
+                "unsubscribes": [self._unsubscribe(u, members) for u in
+                                 newer("unsubscribes", sim._unsubscribes)],
+                "calendars": newer("calendars", [
+                    {**c, "id": self._calendars[slug]["id"],
+                     "organisation_id": self.organisation_id, "launched": True,
+                     "partnership_id": None}
+                    for slug, c in sim._calendars.items()]),
                 "events": [self._event(e, calendar_ids, petition_ids, members)
-                           for e in sim._events.values()],
-                "attendees": [self._attendee(a, events) for a in sim._attendees.values()
+                           for e in newer("events", sim._events.values(), "seq")],
+                "attendees": [self._attendee(a, events) for a in
+                              newer("attendees", sim._attendees.values())
                               if not a.get("_deleted")],
             }
 
