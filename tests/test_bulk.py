@@ -103,6 +103,8 @@ def test_parse_export_compression(value: str | None, expected: str | None) -> No
     (b"not json", "not JSON"),
     ([1], "not an event object"),
     ({"type": "signature.created", "data": {}}, "is not a bulk data export"),
+    ({"type": ["data.full_table_exported"], "data": {}}, "is not a bulk data export"),
+    ({"data": {}}, "type None is not a bulk data export"),
     ({"type": "data.full_table_exported"}, "data is missing"),
     (hook(url=...), "data.url is missing"),
     (hook(url=""), "data.url is missing"),

@@ -178,7 +178,8 @@ def parse_export(envelope: bytes | str | dict[str, Any], *,
             raise BadExport(f"not JSON: {exc}") from None
     if not isinstance(envelope, dict):
         raise BadExport(f"not an event object ({type(envelope).__name__})")
-    kind = EXPORT_TYPES.get(envelope.get("type"))  # type: ignore[arg-type]
+    type_ = envelope.get("type")
+    kind = EXPORT_TYPES.get(type_) if isinstance(type_, str) else None
     if kind is None:
         raise BadExport(f"type {envelope.get('type')!r} is not a bulk data export")
     data = envelope.get("data")
