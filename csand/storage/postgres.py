@@ -236,6 +236,32 @@ MIGRATIONS: list[str] = [
     ALTER TABLE outbox ADD COLUMN event_slug text;
     CREATE INDEX outbox_event ON outbox (event_slug, kind, status);
     """,
+    # v3: bulk data (SQLite's v8): every file a verified data.*_table_exported webhook
+    # announced, its processing state (claimed by one instance through next_attempt_at) and
+    # how many of its rows are done.
+    """
+    CREATE TABLE bulk_files (
+        id              bigint GENERATED ALWAYS AS IDENTITY PRIMARY KEY,
+        url             text NOT NULL UNIQUE,
+        jid             text UNIQUE,
+        table_name      text NOT NULL,
+        kind            text NOT NULL,
+        compression     text,
+        body            text NOT NULL,
+        announced_at    double precision NOT NULL,
+        expires_at      double precision NOT NULL,
+        status          text NOT NULL DEFAULT 'pending',
+        attempts        integer NOT NULL DEFAULT 0,
+        next_attempt_at double precision NOT NULL DEFAULT 0,
+        claim_owner     text,
+        rows_done       bigint NOT NULL DEFAULT 0,
+        error           text,
+        finished_at     double precision
+    );
+    CREATE INDEX bulk_files_todo ON bulk_files (next_attempt_at, id)
+        WHERE status IN ('pending', 'processing');
+    CREATE INDEX bulk_files_table ON bulk_files (table_name, kind, status, finished_at);
+    """,
 ]
 
 # The cluster's clock: an injected one (tests), else the database server's (one value for the

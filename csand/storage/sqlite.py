@@ -266,6 +266,33 @@ MIGRATIONS: list[str] = [
     ALTER TABLE outbox ADD COLUMN event_slug TEXT;
     CREATE INDEX outbox_event ON outbox (event_slug, kind, status);
     """,
+    # v8: bulk data. Every file a verified data.*_table_exported webhook announced, recorded
+    # before the 200 so an acknowledged announcement is never lost; its processing state
+    # (claimed like webhook events through next_attempt_at), and how many of its rows are done
+    # so a restart resumes instead of starting over.
+    """
+    CREATE TABLE bulk_files (
+        id              INTEGER PRIMARY KEY,
+        url             TEXT NOT NULL UNIQUE,
+        jid             TEXT UNIQUE,            -- the announcing webhook's, when it had one
+        table_name      TEXT NOT NULL,
+        kind            TEXT NOT NULL,          -- 'incremental' | 'full'
+        compression     TEXT,
+        body            TEXT NOT NULL,          -- ExportFile.to_json()
+        announced_at    REAL NOT NULL,
+        expires_at      REAL NOT NULL,
+        status          TEXT NOT NULL DEFAULT 'pending',
+                        -- pending | processing | done | skipped | expired | failed
+        attempts        INTEGER NOT NULL DEFAULT 0,
+        next_attempt_at REAL NOT NULL DEFAULT 0,
+        claim_owner     TEXT,
+        rows_done       INTEGER NOT NULL DEFAULT 0,
+        error           TEXT,
+        finished_at     REAL
+    );
+    CREATE INDEX bulk_files_todo ON bulk_files (status, next_attempt_at, id);
+    CREATE INDEX bulk_files_table ON bulk_files (table_name, kind, status, finished_at);
+    """,
 ]
 
 log = get_logger("store")
