@@ -58,6 +58,11 @@ async def _fill(db: Path) -> dict[str, Any]:
         await store.commit_poll(None, event_id=processed.id)
         await store.event_failed(failed.id, "CS answered 500", T0 + 1000)
         assert await store.receive_event("jid-3", "signature.updated", '{"n": 3}')
+        assert await store.record_bulk_file(
+            url="https://s3.example/org/unsubscribes_1.csv.bz2?X-Amz-Signature=x", jid="jid-4",
+            table="unsubscribes", kind="full", compression="bzip2", body="{}", expires_at=None)
+        (bulk,) = await store.bulk_files_due()
+        await store.commit_poll(None, bulk_progress=(bulk.id, 500))  # processing when copied
         return {"cat": items[CAT].id, "dan": items[DAN].id, "failed": failed.id}
     finally:
         await store.close()
@@ -77,7 +82,7 @@ async def test_the_copy_keeps_what_csand_reads(tmp_path: Path, pg_url: str) -> N
     copied = await copy_sqlite_to_postgres(db, pg_url, progress=lambda *a: seen.append(a))
     assert copied == {"meta": 2, "outbox": 4, "cs_petitions": 1, "cs_signatures": 4,
                       "an_people": 2, "an_tags": 2, "opt_ins": 1, "webhook_events": 3,
-                      "cs_events": 0, "cs_calendars": 0, "cs_attendees": 0}
+                      "cs_events": 0, "cs_calendars": 0, "cs_attendees": 0, "bulk_files": 1}
     assert ("outbox", 4, 4) in seen and ("an_people", 0, 2) in seen
 
     clock = ManualClock(T0 + 10)
@@ -91,6 +96,9 @@ async def test_the_copy_keeps_what_csand_reads(tmp_path: Path, pg_url: str) -> N
                 assert a == b
             else:
                 assert a["payload"] == b["payload"] and b["status"] == "in_flight"
+        # A file being processed is due again at once, from the rows committed.
+        (bulk,) = await new.bulk_files_due()
+        assert (bulk.table, bulk.kind, bulk.rows_done) == ("unsubscribes", "full", 500)
         cat = next(i for i in after if i["id"] == ids["cat"])
         assert (cat["status"], cat["lease_until"], cat["finished_at"]) == ("pending", None, None)
         dan = next(i for i in after if i["id"] == ids["dan"])

@@ -35,12 +35,17 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
 from csand.model import Activity, AttendeeSeen, DeadLetter, Person, SignatureSeen
+from csand.storage.bulk import BulkFile
 
 STATUSES = ("pending", "in_flight", "done", "dead", "cancelled")
 # A webhook event handed out by ``events_due`` is not handed out again for this long unless its
 # processing records a failure: two instances never process one event at once, and one whose
 # process died is taken up again after it.
 EVENT_CLAIM_SECONDS = 60.0
+# A bulk-data file handed out by ``bulk_files_due`` is not handed out again for this long; every
+# batch committed from it (``commit_poll(bulk_progress=...)``) extends the claim. A file whose
+# processor died is taken up again after it, from the rows already committed.
+BULK_CLAIM_SECONDS = 300.0
 # An instance silent this long (killed, never restarted) is dropped from the cluster's list.
 FORGET_INSTANCE_SECONDS = 86_400.0
 
@@ -142,6 +147,7 @@ class Outbox(Protocol):
         fence: tuple[str, int] | None = None,
         event: EventState | None = None,
         attendees: Iterable[AttendeeSeen] = (),
+        bulk_progress: tuple[int, int] | None = None,
     ) -> int:
         """Record what was seen and enqueue what it produced, atomically; the number of new
         items (re-seen versions are not added again). ``event`` and ``attendees`` are the
@@ -150,7 +156,10 @@ class Outbox(Protocol):
 
         ``fence`` is ``(instance, term)`` of a poller: the commit happens only while that
         instance still leads in that term (else :class:`NotLeader`, nothing written), so a
-        deposed leader that wakes up late cannot write what it polled."""
+        deposed leader that wakes up late cannot write what it polled.
+
+        ``bulk_progress`` is ``(file id, rows done)`` of a bulk-data file: recorded in the same
+        transaction (and the file's claim extended), so a restart goes on after these rows."""
         ...
 
     async def enqueue(self, activities: Iterable[Activity]) -> int: ...
@@ -249,6 +258,42 @@ class WebhookInbox(Protocol):
         ...
 
     async def event_failed(self, event_id: int, error: str, retry_at: float | None) -> None: ...
+
+
+class BulkInbox(Protocol):
+    """Bulk-data files ControlShift announced (``data.*_table_exported`` webhooks): recorded
+    before the webhook is acknowledged, then claimed and processed once (see
+    :mod:`csand.storage.bulk`)."""
+
+    async def record_bulk_file(self, *, url: str, jid: str | None, table: str, kind: str,
+                               compression: str | None, body: str,
+                               expires_at: float | None) -> bool:
+        """Durably record an announced file; False when it was recorded before (same URL or
+        same webhook ``jid``). ``expires_at`` None: the announcement time + 6 hours."""
+        ...
+
+    async def bulk_files_due(self, limit: int = 1) -> list[BulkFile]:
+        """Claim up to ``limit`` files to process (pending, or whose claim ran out), oldest
+        announcement first; each is ``processing`` for :data:`BULK_CLAIM_SECONDS`."""
+        ...
+
+    async def bulk_file_retry(self, file_id: int, error: str, retry_at: float) -> None:
+        """A transient failure: back to ``pending`` until ``retry_at``, one more attempt."""
+        ...
+
+    async def bulk_file_finished(self, file_id: int, status: str, *, rows_done: int | None = None,
+                                 error: str | None = None) -> None:
+        """``done``, ``skipped``, ``expired`` or ``failed``: never handed out again."""
+        ...
+
+    async def release_bulk_files(self) -> int:
+        """At start-up: the files this instance was processing when it stopped are due again
+        at once (they go on from the rows already committed)."""
+        ...
+
+    async def bulk_status(self) -> dict[str, Any]:
+        """The ``bulk`` figures of ``csand status`` (:func:`csand.storage.bulk.bulk_view`)."""
+        ...
 
 
 class SeenRecords(Protocol):
@@ -361,7 +406,7 @@ class Cluster(Protocol):
 
 
 @runtime_checkable
-class Storage(Outbox, WebhookInbox, SeenRecords, ANKnowledge, Meta, Cluster, Protocol):
+class Storage(Outbox, WebhookInbox, BulkInbox, SeenRecords, ANKnowledge, Meta, Cluster, Protocol):
     """Everything csand stores: what a backend implements."""
 
 
@@ -415,7 +460,7 @@ def _default_instance() -> str:
 
 
 __all__ = [
-    "EVENT_CLAIM_SECONDS", "FORGET_INSTANCE_SECONDS", "STATUSES", "ANKnowledge", "Cluster", "Item", "Meta", "NotLeader",
+    "BULK_CLAIM_SECONDS", "BulkFile", "BulkInbox", "EVENT_CLAIM_SECONDS", "FORGET_INSTANCE_SECONDS", "STATUSES", "ANKnowledge", "Cluster", "Item", "Meta", "NotLeader",
     "Outbox", "PetitionState", "Requeued", "SchemaTooNew", "SeenRecords", "Storage",
     "StoreError", "WebhookEvent", "WebhookInbox", "is_url", "open_store", "redact_url",
 ]

@@ -156,6 +156,33 @@ def split_history(rows_of: Iterable[tuple[Activity, tuple[Any, ...]]],
     return live, history
 
 
+# An org-wide unsubscribe is one outbox item per ControlShift unsubscribe, whichever source
+# (its webhook, an export file, the nightly copy) brought it first: the sources may render its
+# time or email differently, which would otherwise make a second version.
+UNSUBSCRIBE_KIND = "global_unsubscribe"
+UNSUBSCRIBES_KNOWN = ("SELECT DISTINCT source_key FROM outbox WHERE kind = 'global_unsubscribe' "
+                      "AND source_key IN ({marks})")
+
+
+def unsubscribe_keys(rows: Iterable[tuple[Any, ...]]) -> list[str]:
+    """The source keys of the org-wide unsubscribes among outbox rows (see :func:`outbox_row`)."""
+    return list(dict.fromkeys(r[1] for r in rows if r[4] == UNSUBSCRIBE_KIND))
+
+
+def first_unsubscribes(rows: list[tuple[Any, ...]], known: set[str]) -> list[tuple[Any, ...]]:
+    """``rows`` without the org-wide unsubscribes the outbox already has (``known``), and with
+    the first of those that come more than once."""
+    taken = set(known)
+    kept = []
+    for r in rows:
+        if r[4] == UNSUBSCRIBE_KIND:
+            if r[1] in taken:
+                continue
+            taken.add(r[1])
+        kept.append(r)
+    return kept
+
+
 def dead_letter_row(d: DeadLetter, now: float) -> tuple[Any, ...]:
     return (
         d.dedupe_key, d.source_key, f"invalid:{d.source_key}", d.petition_id,

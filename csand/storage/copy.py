@@ -58,6 +58,9 @@ TABLES: dict[str, tuple[str, ...]] = {
                   "walked_at"),
     "cs_calendars": ("slug", "an_uuid"),
     "cs_attendees": ("cs_id", "event_slug", "fingerprint", "deleted_at", "updated_at"),
+    "bulk_files": ("id", "url", "jid", "table_name", "kind", "compression", "body",
+                   "announced_at", "expires_at", "status", "attempts", "next_attempt_at",
+                   "claim_owner", "rows_done", "error", "finished_at"),
 }
 # SQLite keeps these as 0/1/NULL, PostgreSQL as booleans.
 BOOLEANS: dict[str, tuple[str, ...]] = {"an_people": ("exists_", "subscribed"),
@@ -65,8 +68,8 @@ BOOLEANS: dict[str, tuple[str, ...]] = {"an_people": ("exists_", "subscribed"),
 # A database holding any of these rows already has csand data: never merge into it. (``meta``
 # may hold what ``csand check`` wrote; the SQLite values replace it.)
 DATA_TABLES = ("outbox", "cs_petitions", "cs_signatures", "an_people", "an_tags", "opt_ins",
-               "webhook_events", "cs_events", "cs_calendars", "cs_attendees")
-IDENTITY = ("outbox", "webhook_events")
+               "webhook_events", "cs_events", "cs_calendars", "cs_attendees", "bulk_files")
+IDENTITY = ("outbox", "webhook_events", "bulk_files")
 
 Progress = Callable[[str, int, int], None]
 
@@ -147,6 +150,8 @@ async def _copy(source: sqlite3.Connection, conn: AsyncConnection[Any], pg_url: 
             "note = CASE WHEN source_deleted_at IS NULL THEN note "
             "ELSE 'signature deleted on ControlShift while it was being synced' END "
             "WHERE status = 'in_flight'", {"now": time.time()})
+        await conn.execute("UPDATE bulk_files SET status = 'pending', claim_owner = NULL, "
+                           "next_attempt_at = 0 WHERE status = 'processing'")
     return copied
 
 

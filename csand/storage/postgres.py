@@ -46,6 +46,7 @@ from csand.model import (
     parse_time,
 )
 from csand.storage import (
+    BULK_CLAIM_SECONDS,
     EVENT_CLAIM_SECONDS,
     FORGET_INSTANCE_SECONDS,
     STATUSES,
@@ -59,6 +60,18 @@ from csand.storage import (
     WebhookEvent,
     redact_url,
 )
+from csand.storage.bulk import (
+    BULK_COUNTS,
+    BULK_FIGURES,
+    BULK_FILE_COLUMNS,
+    BULK_LAST_FULL_UNSUBSCRIBES,
+    BULK_NEWEST_EXPIRED,
+    DEFAULT_LIFETIME_SECONDS,
+    FINAL_STATUSES,
+    BulkFile,
+    bulk_file,
+    bulk_view,
+)
 from csand.storage.common import (
     AUDIT_KINDS,
     DEAD_REASONS,
@@ -66,10 +79,12 @@ from csand.storage.common import (
     LEASE_RULES,
     PRUNED,
     STATUS_FIGURES,
+    UNSUBSCRIBES_KNOWN,
     audit_sample_where,
     cluster_view,
     dead_letter_row,
     field_times,
+    first_unsubscribes,
     iso,
     outbox_row,
     reason_of,
@@ -79,6 +94,7 @@ from csand.storage.common import (
     stale_versions,
     status_view,
     steps_of,
+    unsubscribe_keys,
 )
 
 log = get_logger("store")
@@ -415,6 +431,7 @@ class PostgresStore:
         fence: tuple[str, int] | None = None,
         event: EventState | None = None,
         attendees: Iterable[AttendeeSeen] = (),
+        bulk_progress: tuple[int, int] | None = None,
     ) -> int:
         """Record what was seen and enqueue what it produced, atomically (see
         :meth:`csand.storage.Outbox.commit_poll`). Commits of every instance take
@@ -441,6 +458,12 @@ class PostgresStore:
                  if signature_id(a.source_key) not in stale
                  and record_number(a.source_key, "attendee") not in stale_attendees),
                 self.history_start)
+            unsubscribing = unsubscribe_keys(rows)
+            if unsubscribing:  # under COMMIT_LOCK: no other commit adds one meanwhile
+                found = await (await db.execute(
+                    UNSUBSCRIBES_KNOWN.format(marks="SELECT unnest(%s::text[])"),
+                    (unsubscribing,))).fetchall()
+                rows = first_unsubscribes(rows, {r["source_key"] for r in found})
             async with db.cursor() as cur:
                 if event is not None:
                     await cur.execute(_UPSERT_EVENT, (
@@ -528,6 +551,11 @@ class PostgresStore:
                     await cur.execute(
                         "UPDATE webhook_events SET processed_at = %s, error = NULL "
                         "WHERE id = %s", (now, event_id))
+                if bulk_progress is not None:
+                    await cur.execute(
+                        "UPDATE bulk_files SET rows_done = GREATEST(rows_done, %s), "
+                        "next_attempt_at = %s WHERE id = %s AND status = 'processing'",
+                        (bulk_progress[1], now + BULK_CLAIM_SECONDS, bulk_progress[0]))
             return added
 
         added = await self._write(tx)
@@ -595,6 +623,67 @@ class PostgresStore:
         async with self._pool.connection() as conn:
             cur = await conn.execute(sql, params)
             return max(cur.rowcount, 0)
+
+    # ---- bulk-data files ----
+
+    async def record_bulk_file(self, *, url: str, jid: str | None, table: str, kind: str,
+                               compression: str | None, body: str,
+                               expires_at: float | None) -> bool:
+        now = self._clock()
+        rows = await self._rows(
+            "INSERT INTO bulk_files (url, jid, table_name, kind, compression, body, "
+            "announced_at, expires_at) VALUES (%s, %s, %s, %s, %s, %s, %s, %s) "
+            "ON CONFLICT DO NOTHING RETURNING id",
+            (url, jid, table, kind, compression, body, now,
+             expires_at if expires_at is not None else now + DEFAULT_LIFETIME_SECONDS))
+        return bool(rows)
+
+    async def bulk_files_due(self, limit: int = 1) -> list[BulkFile]:
+        """SKIP LOCKED: two instances claiming at once take different files."""
+        now = self._clock()
+        rows = await self._rows(
+            "UPDATE bulk_files SET status = 'processing', claim_owner = %(owner)s, "
+            "next_attempt_at = %(claim)s WHERE id IN ("
+            "  SELECT id FROM bulk_files WHERE status IN ('pending', 'processing') "
+            "  AND next_attempt_at <= %(now)s ORDER BY id LIMIT %(limit)s "
+            "  FOR UPDATE SKIP LOCKED) "
+            f"RETURNING {BULK_FILE_COLUMNS}",
+            {"now": now, "claim": now + BULK_CLAIM_SECONDS, "limit": limit,
+             "owner": self.instance})
+        return sorted((bulk_file(r) for r in rows), key=lambda f: f.id)
+
+    async def bulk_file_retry(self, file_id: int, error: str, retry_at: float) -> None:
+        await self._rows_none(
+            "UPDATE bulk_files SET status = 'pending', claim_owner = NULL, error = %s, "
+            "attempts = attempts + 1, next_attempt_at = %s WHERE id = %s "
+            "AND status IN ('pending', 'processing')", (error[:1000], retry_at, file_id))
+
+    async def bulk_file_finished(self, file_id: int, status: str, *, rows_done: int | None = None,
+                                 error: str | None = None) -> None:
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"{status!r} is not a final bulk file status")
+        await self._rows_none(
+            "UPDATE bulk_files SET status = %(status)s, finished_at = %(now)s, "
+            "claim_owner = NULL, error = %(error)s, "
+            "rows_done = COALESCE(%(rows)s, rows_done), "
+            "attempts = attempts + (CASE WHEN %(status)s = 'skipped' THEN 0 ELSE 1 END) "
+            "WHERE id = %(id)s",
+            {"status": status, "now": self._clock(), "error": error[:1000] if error else None,
+             "rows": rows_done, "id": file_id})
+
+    async def release_bulk_files(self) -> int:
+        """The files this instance was processing before it restarted; other instances' claims
+        are theirs (those of an instance that died run out)."""
+        return await self._rows_none(
+            "UPDATE bulk_files SET status = 'pending', claim_owner = NULL, next_attempt_at = 0 "
+            "WHERE status = 'processing' AND claim_owner = %s", (self.instance,))
+
+    async def bulk_status(self) -> dict[str, Any]:
+        figures = await self._one(BULK_FIGURES)
+        newest = await self._rows(BULK_NEWEST_EXPIRED)
+        last = await self._rows(BULK_LAST_FULL_UNSUBSCRIBES)
+        return bulk_view(figures, await self._rows(BULK_COUNTS), newest[0] if newest else None,
+                         last[0] if last else None)
 
     # ---- worker side ----
 
@@ -1097,7 +1186,9 @@ class PostgresStore:
         counts = await self.counts()
         meta = {r["key"]: r["value"] for r in await self._rows("SELECT key, value FROM meta")}
         (row,) = await self._rows(STATUS_FIGURES.format(hour="%(hour)s"), {"hour": now - 3600})
-        return status_view(counts, meta, row, await self._rows(DEAD_REASONS), now, STATUSES)
+        view = status_view(counts, meta, row, await self._rows(DEAD_REASONS), now, STATUSES)
+        view["bulk"] = await self.bulk_status()
+        return view
 
     async def dead_items(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = await self._rows(

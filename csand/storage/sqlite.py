@@ -43,6 +43,7 @@ from csand.model import (
     parse_time,
 )
 from csand.storage import (
+    BULK_CLAIM_SECONDS,
     EVENT_CLAIM_SECONDS,
     FORGET_INSTANCE_SECONDS,
     STATUSES,
@@ -55,6 +56,18 @@ from csand.storage import (
     StoreError,
     WebhookEvent,
 )
+from csand.storage.bulk import (
+    BULK_COUNTS,
+    BULK_FIGURES,
+    BULK_FILE_COLUMNS,
+    BULK_LAST_FULL_UNSUBSCRIBES,
+    BULK_NEWEST_EXPIRED,
+    DEFAULT_LIFETIME_SECONDS,
+    FINAL_STATUSES,
+    BulkFile,
+    bulk_file,
+    bulk_view,
+)
 from csand.storage.common import (
     AUDIT_KINDS,
     DEAD_REASONS,
@@ -62,10 +75,12 @@ from csand.storage.common import (
     LEASE_RULES,
     PRUNED,
     STATUS_FIGURES,
+    UNSUBSCRIBES_KNOWN,
     audit_sample_where,
     cluster_view,
     dead_letter_row,
     field_times,
+    first_unsubscribes,
     iso,
     outbox_row,
     record_number,
@@ -74,6 +89,7 @@ from csand.storage.common import (
     stale_versions,
     status_view,
     steps_of,
+    unsubscribe_keys,
 )
 
 # Each entry migrates from version i to i+1. Append only; never edit a released one.
@@ -452,6 +468,7 @@ class SQLiteStore:
         fence: tuple[str, int] | None = None,
         event: EventState | None = None,
         attendees: Iterable[AttendeeSeen] = (),
+        bulk_progress: tuple[int, int] | None = None,
     ) -> int:
         """Record what was seen and enqueue what it produced, atomically.
 
@@ -487,6 +504,15 @@ class SQLiteStore:
                  if signature_id(a.source_key) not in stale
                  and record_number(a.source_key, "attendee") not in stale_attendees),
                 self.history_start)
+            unsubscribing = unsubscribe_keys(rows)
+            if unsubscribing:
+                known: set[str] = set()
+                for at in range(0, len(unsubscribing), 500):  # under SQLite's parameter limit
+                    chunk = unsubscribing[at:at + 500]
+                    cur = await db.execute(UNSUBSCRIBES_KNOWN.format(
+                        marks=", ".join("?" * len(chunk))), chunk)
+                    known.update(r[0] for r in await cur.fetchall())
+                rows = first_unsubscribes(rows, known)
             if event is not None:
                 await db.execute(_UPSERT_EVENT, (
                     event.slug, event.content, event.calendar_slug, int(event.inappropriate),
@@ -575,6 +601,9 @@ class SQLiteStore:
                     "UPDATE webhook_events SET processed_at = ?, error = NULL WHERE id = ?",
                     (now, event_id),
                 )
+            if bulk_progress is not None:
+                await db.execute(_BULK_PROGRESS, (bulk_progress[1], now + BULK_CLAIM_SECONDS,
+                                                  bulk_progress[0]))
             return added
 
         added = await self._write(tx)
@@ -651,6 +680,84 @@ class SQLiteStore:
                     "attempts = attempts + 1 WHERE id = ?", (retry_at, error, event_id))
 
         await self._write(tx)
+
+    # ---- bulk-data files ----
+
+    async def record_bulk_file(self, *, url: str, jid: str | None, table: str, kind: str,
+                               compression: str | None, body: str,
+                               expires_at: float | None) -> bool:
+        now = self._clock()
+
+        async def tx(db: aiosqlite.Connection) -> bool:
+            cur = await db.execute(
+                "INSERT OR IGNORE INTO bulk_files (url, jid, table_name, kind, compression, "
+                "body, announced_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (url, jid, table, kind, compression, body, now,
+                 expires_at if expires_at is not None else now + DEFAULT_LIFETIME_SECONDS))
+            return cur.rowcount == 1
+
+        return await self._write(tx)
+
+    async def bulk_files_due(self, limit: int = 1) -> list[BulkFile]:
+        now = self._clock()
+        due = (f"SELECT {BULK_FILE_COLUMNS} FROM bulk_files "
+               "WHERE status IN ('pending', 'processing') AND next_attempt_at <= ? "
+               "ORDER BY id LIMIT ?")
+        if not await self._read(due, (now, 1)):  # asked every few seconds: read only
+            return []
+
+        async def tx(db: aiosqlite.Connection) -> list[BulkFile]:
+            rows = list(await (await db.execute(due, (now, limit))).fetchall())
+            await db.executemany(
+                "UPDATE bulk_files SET status = 'processing', claim_owner = ?, "
+                "next_attempt_at = ? WHERE id = ?",
+                [(self.instance, now + BULK_CLAIM_SECONDS, r["id"]) for r in rows])
+            return [bulk_file(r) for r in rows]
+
+        return await self._write(tx)
+
+    async def bulk_file_retry(self, file_id: int, error: str, retry_at: float) -> None:
+        async def tx(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "UPDATE bulk_files SET status = 'pending', claim_owner = NULL, error = ?, "
+                "attempts = attempts + 1, next_attempt_at = ? WHERE id = ? "
+                "AND status IN ('pending', 'processing')", (error[:1000], retry_at, file_id))
+
+        await self._write(tx)
+
+    async def bulk_file_finished(self, file_id: int, status: str, *, rows_done: int | None = None,
+                                 error: str | None = None) -> None:
+        if status not in FINAL_STATUSES:
+            raise ValueError(f"{status!r} is not a final bulk file status")
+        now = self._clock()
+
+        async def tx(db: aiosqlite.Connection) -> None:
+            await db.execute(
+                "UPDATE bulk_files SET status = ?, finished_at = ?, claim_owner = NULL, "
+                "error = ?, rows_done = COALESCE(?, rows_done), "
+                "attempts = attempts + (CASE WHEN ? = 'skipped' THEN 0 ELSE 1 END) "
+                "WHERE id = ?",
+                (status, now, error[:1000] if error else None, rows_done, status, file_id))
+
+        await self._write(tx)
+
+    async def release_bulk_files(self) -> int:
+        """One process per SQLite file: every claim in it was a previous process's."""
+
+        async def tx(db: aiosqlite.Connection) -> int:
+            cur = await db.execute(
+                "UPDATE bulk_files SET status = 'pending', claim_owner = NULL, "
+                "next_attempt_at = 0 WHERE status = 'processing'")
+            return cur.rowcount
+
+        return await self._write(tx)
+
+    async def bulk_status(self) -> dict[str, Any]:
+        (figures,) = await self._read(BULK_FIGURES)
+        newest = await self._read(BULK_NEWEST_EXPIRED)
+        last = await self._read(BULK_LAST_FULL_UNSUBSCRIBES)
+        return bulk_view(figures, await self._read(BULK_COUNTS), newest[0] if newest else None,
+                         last[0] if last else None)
 
     # ---- worker side ----
 
@@ -1246,7 +1353,9 @@ class SQLiteStore:
         counts = await self.counts()
         meta = {r["key"]: r["value"] for r in await self._read("SELECT key, value FROM meta")}
         (row,) = await self._read(STATUS_FIGURES.format(hour=":hour"), {"hour": now - 3600})
-        return status_view(counts, meta, row, await self._read(DEAD_REASONS), now, STATUSES)
+        view = status_view(counts, meta, row, await self._read(DEAD_REASONS), now, STATUSES)
+        view["bulk"] = await self.bulk_status()
+        return view
 
     async def dead_items(self, limit: int = 50) -> list[dict[str, Any]]:
         rows = await self._read(
@@ -1328,6 +1437,10 @@ _RELEASE = (
     "note = CASE WHEN source_deleted_at IS NULL THEN note "
     "ELSE 'signature deleted on ControlShift while it was being synced' END "
 )
+
+# A batch of a bulk-data file committed: the rows done so far, and the claim goes on.
+_BULK_PROGRESS = ("UPDATE bulk_files SET rows_done = MAX(rows_done, ?), next_attempt_at = ? "
+                  "WHERE id = ? AND status = 'processing'")
 
 _INSERT_OUTBOX = (
     "INSERT OR IGNORE INTO outbox (dedupe_key, source_key, person_key, petition_id, kind, "

@@ -28,9 +28,11 @@ from csand.model import (
     parse_time,
 )
 from csand.storage import (
+    BULK_CLAIM_SECONDS,
     EVENT_CLAIM_SECONDS,
     FORGET_INSTANCE_SECONDS,
     ANKnowledge,
+    BulkInbox,
     Cluster,
     EventState,
     Meta,
@@ -88,7 +90,7 @@ RETENTION = 30 * DAY
 @pytest.mark.anyio
 async def test_the_backend_implements_every_interface(storage: Storage) -> None:
     assert isinstance(storage, Storage)
-    for interface in (Outbox, WebhookInbox, SeenRecords, ANKnowledge, Meta, Cluster):
+    for interface in (Outbox, WebhookInbox, BulkInbox, SeenRecords, ANKnowledge, Meta, Cluster):
         for name, member in vars(interface).items():
             if inspect.iscoroutinefunction(member):
                 assert inspect.iscoroutinefunction(getattr(storage, name)), (interface, name)
@@ -1135,3 +1137,134 @@ async def test_requeue_items_queues_a_repair_once_and_never_a_deleted_record(
     await storage.finish(item.id, "done", token=item.token)
     clock.t += 1
     assert (await storage.requeue_items([ids["signature:1"]])).queued == 1
+
+
+# ---------------------------------------------------------------- bulk-data files
+
+
+async def _announce(storage: Storage, n: int, *, table: str = "unsubscribes",
+                    kind: str = "incremental", jid: str | None = None,
+                    expires_at: float | None = None) -> bool:
+    url = f"https://bucket.example/org/{kind}/{table}_{n}.csv.bz2?X-Amz-Signature=s{n}"
+    return await storage.record_bulk_file(url=url, jid=jid, table=table, kind=kind,
+                                          compression="bzip2", body=f'{{"n": {n}}}',
+                                          expires_at=expires_at)
+
+
+@pytest.mark.anyio
+async def test_bulk_files_are_recorded_once_by_url_or_jid(storage: Storage,
+                                                          clock: ManualClock) -> None:
+    assert await _announce(storage, 1, jid="j-1")
+    assert await _announce(storage, 1, jid="j-1") is False  # a redelivery
+    assert await _announce(storage, 1, jid="j-other") is False  # same file, other endpoint
+    assert await _announce(storage, 2, jid="j-1") is False  # same webhook
+    assert await _announce(storage, 3, expires_at=clock() + 60)
+    first, second = await storage.bulk_files_due(limit=5)
+    assert (first.table, first.kind, first.body, first.attempts, first.rows_done) == (
+        "unsubscribes", "incremental", '{"n": 1}', 0, 0)
+    assert first.url.endswith("unsubscribes_1.csv.bz2?X-Amz-Signature=s1")
+    assert first.announced_at == clock()
+    assert first.expires_at == clock() + 6 * 3600  # the URL did not say: 6 hours
+    assert second.expires_at == clock() + 60
+    status = await storage.status()
+    assert status["bulk"]["files"]["processing"] == 2 and status["bulk"]["waiting"] == 2
+
+
+@pytest.mark.anyio
+async def test_a_claimed_bulk_file_is_handed_out_once_until_its_claim_runs_out(
+    storage: Storage, clock: ManualClock
+) -> None:
+    await _announce(storage, 1)
+    await _announce(storage, 2)
+    (first,) = await storage.bulk_files_due()
+    (second,) = await storage.bulk_files_due()
+    assert first.id < second.id
+    assert await storage.bulk_files_due() == []
+    # A committed batch records the rows done and extends the claim.
+    clock.t += BULK_CLAIM_SECONDS - 1
+    await storage.commit_poll(None, activities=[global_unsubscribe_activity(
+        1, "ann@example.org", datetime(2024, 3, 1, tzinfo=UTC))], bulk_progress=(first.id, 500))
+    clock.t += 2
+    (taken_over,) = await storage.bulk_files_due(limit=5)  # the second's claim ran out
+    assert taken_over.id == second.id
+    clock.t += BULK_CLAIM_SECONDS
+    again, _ = await storage.bulk_files_due(limit=5)  # its holder died: resumed where it was
+    assert (again.id, again.rows_done) == (first.id, 500)
+
+
+@pytest.mark.anyio
+async def test_bulk_file_retry_finish_and_release(storage: Storage, clock: ManualClock) -> None:
+    for n in range(1, 5):
+        await _announce(storage, n)
+    one, two, three, four = await storage.bulk_files_due(limit=5)
+    await storage.bulk_file_retry(one.id, "HTTP 503", clock() + 30)
+    await storage.bulk_file_finished(two.id, "done", rows_done=1200)
+    await storage.bulk_file_finished(three.id, "expired", error="the URL expired")
+    with pytest.raises(ValueError):
+        await storage.bulk_file_finished(four.id, "pending")
+    assert await storage.bulk_files_due() == []
+    assert await storage.release_bulk_files() == 1  # four: this instance's, due again now
+    (four_again,) = await storage.bulk_files_due()
+    assert four_again.id == four.id
+    clock.t += 30
+    (retried,) = await storage.bulk_files_due()
+    assert (retried.id, retried.attempts) == (one.id, 1)
+    await storage.bulk_file_retry(two.id, "late", clock())  # finished: stays finished
+    await storage.bulk_file_finished(retried.id, "failed", error="ExportGone: 404")
+    assert await storage.bulk_files_due() == []
+    bulk = (await storage.status())["bulk"]
+    assert bulk["files"] == {"pending": 0, "processing": 1, "done": 1, "skipped": 0,
+                             "expired": 1, "failed": 1}
+    assert (bulk["expired"], bulk["failed"]) == (1, 1)
+    assert bulk["newest_expired"]["table"] == "unsubscribes"
+    assert bulk["newest_expired"]["file"] == "unsubscribes_3.csv.bz2"  # no signature
+    assert bulk["last_full_unsubscribes"] is None  # only incremental files
+
+
+@pytest.mark.anyio
+async def test_bulk_status_names_the_last_full_unsubscribes_reconciled(
+    storage: Storage, clock: ManualClock
+) -> None:
+    bulk = await storage.bulk_status()
+    assert bulk["first_seen_at"] is None and bulk["last_full_unsubscribes"] is None
+    await _announce(storage, 1, kind="full")
+    await _announce(storage, 2, kind="full", table="signatures")
+    await _announce(storage, 3, kind="full")
+    first, signatures, second = await storage.bulk_files_due(limit=5)
+    clock.t += 10
+    await storage.bulk_file_finished(first.id, "done", rows_done=100_000)
+    await storage.bulk_file_finished(signatures.id, "skipped")
+    clock.t += 10
+    await storage.bulk_file_finished(second.id, "expired")  # not a reconciliation
+    bulk = await storage.bulk_status()
+    assert bulk["last_full_unsubscribes"] == {
+        "reconciled_at": datetime.fromtimestamp(clock() - 10, UTC).isoformat(),
+        "status": "done", "rows": 100_000,
+        "announced_at": datetime.fromtimestamp(clock() - 20, UTC).isoformat()}
+    assert bulk["first_seen_at"] == datetime.fromtimestamp(clock() - 20, UTC).isoformat()
+    assert bulk["files"]["skipped"] == 1
+
+
+@pytest.mark.anyio
+async def test_an_org_wide_unsubscribe_is_one_item_whichever_source_brought_it_first(
+    storage: Storage,
+) -> None:
+    at = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
+    webhook = global_unsubscribe_activity(5, "Ann@Example.org", at)
+    # The export renders the same unsubscribe's time without its milliseconds.
+    export = global_unsubscribe_activity(5, "ann@example.org", at.replace(microsecond=0))
+    webhook = dataclasses.replace(webhook, fields_at=at.replace(microsecond=123_000))
+    assert webhook.dedupe_key != export.dedupe_key
+    assert await storage.enqueue([webhook]) == 1
+    assert await storage.enqueue([export]) == 0
+    assert await storage.commit_poll(None, activities=[
+        global_unsubscribe_activity(6, "bob@example.org", at),
+        global_unsubscribe_activity(6, "bob@example.org", at.replace(second=1)),
+        export]) == 1  # one per unsubscribe, also within one commit
+    items = await storage.items()
+    assert sorted(i["source_key"] for i in items) == ["unsubscribe:5", "unsubscribe:6"]
+    # A malformed record's dead letter under the same key does not hide a good copy of it.
+    await storage.commit_poll(None, dead_letters=[DeadLetter(
+        source_key="unsubscribe:7", record='{"id": 7}', reason="email is missing",
+        kind="unsubscribe")])
+    assert await storage.enqueue([global_unsubscribe_activity(7, "cy@example.org", at)]) == 1
