@@ -28,6 +28,7 @@ from csand import config as config_mod
 from csand.actionnetwork.client import ActionNetworkClient, ANFailure
 from csand.config import Settings
 from csand.controlshift.client import ControlShiftClient, CSError, OAuthToken
+from csand.controlshift.ingest import BulkIngest, default_handlers
 from csand.controlshift.poller import Poller
 from csand.controlshift.webhooks import WebhookProcessor
 from csand.dryrun import DryRunActionNetworkClient, ReadOnlyTransport, copy_database
@@ -57,6 +58,7 @@ LEAD_TTL = 15.0
 LEAD_RENEW = 5.0
 LEAD_MARGIN = 3.0
 PRUNE_SECONDS = 3600.0  # personal data past store.retention_days is pruned this often
+BULK_HTTP_TIMEOUT = 60.0  # seconds without a byte from S3 before a download counts as failed
 AN_HEADROOM = 0.97  # 3% under AN's limit: arrival jitter must not cost 429s
 
 
@@ -67,16 +69,19 @@ class Daemon:
         *,
         an_transport: httpx.AsyncBaseTransport | None = None,
         cs_transport: httpx.AsyncBaseTransport | None = None,
+        bulk_transport: httpx.AsyncBaseTransport | None = None,
         config_path: Path | None = None,
         dry_run: bool = False,
     ) -> None:
         self.settings = settings
         self._an_transport = an_transport
         self._cs_transport = cs_transport
+        self._bulk_transport = bulk_transport
         self.store: Storage | None = None
         self.poller: Poller | None = None
         self.dispatcher: Dispatcher | None = None
         self.webhooks: WebhookProcessor | None = None
+        self.bulk: BulkIngest | None = None
         self.listener: Listener | None = None
         self.started = anyio.Event()
         self._stop = anyio.Event()
@@ -159,6 +164,14 @@ class Daemon:
                         global_unsubscribes=s.controlshift.global_unsubscribes,
                         events=self.poller.events if s.sync.events else None,
                     )
+                    # Bulk-data files come announced by webhook too. Their own client: S3 must
+                    # never see ControlShift's credentials.
+                    bulk_http = await stack.enter_async_context(httpx.AsyncClient(
+                        transport=self._bulk_transport, timeout=BULK_HTTP_TIMEOUT,
+                        headers={"User-Agent": f"csand/{__version__}"}))
+                    self.bulk = BulkIngest(store, bulk_http, default_handlers(
+                        global_unsubscribes=s.controlshift.global_unsubscribes))
+                    await store.release_bulk_files()
                 if s.http.listen and not self.dry_run:
                     self.listener = Listener(self._http_app(), s.http.listen)
                 await store.set_meta(an_paused=None, pid=os.getpid(), started_at=time.time())
@@ -251,6 +264,8 @@ class Daemon:
             tg.start_soon(work)
             if self.webhooks is not None:
                 tg.start_soon(self.webhooks.run)
+            if self.bulk is not None:
+                tg.start_soon(self.bulk.run)
             if self.listener is not None:
                 await tg.start(self.listener.run)
                 log.info("http.listening", listen=self.settings.http.listen)
@@ -390,6 +405,11 @@ class Daemon:
             metrics.oldest_pending_age.set(snapshot["oldest_pending_age_s"] or 0)
             metrics.an_rate.set(rate)
             metrics.an_paused.set(1 if self.dispatcher.auth_paused else 0)
+            bulk = snapshot.get("bulk") or {}
+            metrics.bulk_expired_files.set(bulk.get("expired") or 0)
+            reconciled = (bulk.get("last_full_unsubscribes") or {}).get("reconciled_at")
+            metrics.bulk_last_full_unsubscribes.set(
+                datetime.fromisoformat(reconciled).timestamp() if reconciled else 0)
             self.last_status = snapshot
             self.notifier.status(_status_line(snapshot, self.dispatcher.auth_paused))
             await anyio.sleep(HEARTBEAT_SECONDS)
@@ -430,10 +450,13 @@ class Daemon:
             if self.webhooks is not None:
                 self.webhooks.wake()
 
+        bulk = self.bulk
         return build_app(
             receive=self.store.receive_event if secret is not None else None,
             secret=secret.get_secret_value() if secret is not None else None,
             health=self.health, on_event=woke,
+            receive_export=bulk.announce if bulk is not None else None,
+            on_export=bulk.wake if bulk is not None else (lambda: None),
         )
 
     async def health(self) -> list[str]:

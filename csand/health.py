@@ -8,6 +8,9 @@ from typing import Any
 
 HEARTBEAT_STALE_SECONDS = 60.0
 INSTANCE_STALE_SECONDS = 30.0  # an instance heartbeats every 5 s
+# ControlShift exports every table in full each night: a day and a half without a nightly copy
+# of unsubscribes reconciled, once csand has seen bulk-data files, means they stopped coming.
+FULL_EXPORT_STALE_SECONDS = 36 * 3600.0
 
 
 def _age(iso: str | None, now: float) -> float | None:
@@ -45,7 +48,26 @@ def reasons(status: dict[str, Any], *, poll_interval: float, now: float,
     if endpoint.get("disabled_at"):
         found.append(f"ControlShift disabled csand's webhook endpoint at {endpoint['disabled_at']}")
     found.extend(cluster_reasons(status.get("cluster")))
+    found.extend(bulk_reasons(status.get("bulk"), now))
     return found
+
+
+def bulk_reasons(bulk: dict[str, Any] | None, now: float) -> list[str]:
+    """Bulk-data exports are on (csand has seen files) but no nightly full export of
+    unsubscribes was reconciled for :data:`FULL_EXPORT_STALE_SECONDS`."""
+    if not bulk or not bulk.get("first_seen_at"):
+        return []
+    last = (bulk.get("last_full_unsubscribes") or {}).get("reconciled_at")
+    since = _age(last or bulk["first_seen_at"], now)
+    if since is None or since <= FULL_EXPORT_STALE_SECONDS:
+        return []
+    if last:
+        return [f"no nightly full export of unsubscribes reconciled for {since / 3600:.0f} h "
+                "(the last at " + last + "): org-wide unsubscribes whose webhook and "
+                "incremental file were both missed wait for it"]
+    return [f"no nightly full export of unsubscribes reconciled in the {since / 3600:.0f} h "
+            "since csand first saw a bulk-data file: check the bulk data exports in "
+            "ControlShift"]
 
 
 def cluster_reasons(cluster: dict[str, Any] | None) -> list[str]:

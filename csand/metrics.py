@@ -42,6 +42,21 @@ webhooks = Counter(
     "csand_webhooks_total", "ControlShift webhooks by result (accepted, duplicate, rejected, "
     "malformed, ignored).", ["result"], registry=REGISTRY)
 
+bulk_files = Counter(
+    "csand_bulk_files_total", "ControlShift bulk-data files by table and outcome (done, skipped, "
+    "expired: its URL ran out before csand read it, failed, retried).", ["table", "outcome"],
+    registry=REGISTRY)
+bulk_rows = Counter(
+    "csand_bulk_rows_total", "Rows of ControlShift bulk-data files handled, by table.", ["table"],
+    registry=REGISTRY)
+bulk_expired_files = Gauge(
+    "csand_bulk_expired_files", "Bulk-data files recorded as expired (never read), all time.",
+    registry=REGISTRY)
+bulk_last_full_unsubscribes = Gauge(
+    "csand_bulk_last_full_unsubscribes_timestamp_seconds",
+    "When the last nightly full export of unsubscribes was reconciled (0: never).",
+    registry=REGISTRY)
+
 
 def render() -> bytes:
     return generate_latest(REGISTRY)

@@ -53,6 +53,7 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
         else:
             health = "ok"
         table.add_row("webhook endpoint", health)
+    _bulk_rows(table, data.get("bulk"))
     if data.get("retention_days"):
         table.add_row("personal data", f"kept {data['retention_days']:g} days after an item is "
                       "synced or dropped (dead letters: until retried or dropped)")
@@ -110,3 +111,26 @@ def print_audit(data: dict[str, Any], console: Console | None = None, limit: int
         console.print("csand audit --repair queues the repairable ones again")
     if not findings:
         console.print("[green]no drift[/green]")
+
+
+def _bulk_rows(table: Table, bulk: dict[str, Any] | None) -> None:
+    """Bulk-data files: how many, the expired ones, the last nightly unsubscribes reconciled."""
+    if not bulk or not bulk.get("first_seen_at"):
+        return
+    files = bulk.get("files") or {}
+    table.add_row("bulk data files", f"{files.get('done', 0)} read, "
+                  f"{files.get('skipped', 0)} skipped (table not used), "
+                  f"{bulk.get('waiting', 0)} waiting, {bulk.get('failed', 0)} failed; "
+                  f"last announced {bulk.get('last_announced_at')}")
+    newest = bulk.get("newest_expired")
+    if bulk.get("expired") and newest:
+        table.add_row("[yellow]bulk files expired[/yellow]", (
+            f"[yellow]{bulk['expired']} never read; the newest: {newest['table']} "
+            f"({newest['kind']}, {newest['file']}, announced {newest['announced_at']}); the "
+            "next nightly full export covers them[/yellow]"))
+    last = bulk.get("last_full_unsubscribes")
+    table.add_row("unsubscribes reconciled",
+                  f"{last['reconciled_at']} (nightly full export, {last['rows']} rows"
+                  + (", not applied: controlshift.global_unsubscribes = false"
+                     if last.get("status") == "skipped" else "") + ")"
+                  if last else "never (no nightly full export of unsubscribes read yet)")

@@ -60,3 +60,8 @@ CS_RATE_LIMITED = RetryPolicy(base=5.0, factor=1.0, cap=5.0, jitter=0.0, max_att
 # The limiter's pause after consecutive 429s without Retry-After: 1, 2, 4 ... 30 s. No jitter:
 # the pause is one shared by every worker of the bucket, so there is nothing to spread out.
 LIMITER_PAUSE = RetryPolicy(base=1.0, factor=2.0, cap=30.0, jitter=0.0, max_attempts=None)
+
+# A bulk-data file whose download failed for every try of bulk.BULK_DOWNLOAD (or the store
+# failed meanwhile): tried again after 30 s, 1, 2, 4 ... 30 min, until its URL expires (then it
+# is marked expired). Jitter spreads instances that failed on the same outage.
+BULK_FILES = RetryPolicy(base=30.0, factor=2.0, cap=1800.0, jitter=0.2, max_attempts=None)

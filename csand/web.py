@@ -20,7 +20,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from csand import metrics
-from csand.controlshift import webhooks
+from csand.controlshift import bulk, webhooks
 from csand.logs import get_logger
 
 log = get_logger("web")
@@ -47,9 +47,13 @@ def build_app(
     secret: str | None,
     health: Callable[[], Awaitable[list[str]]],
     on_event: Callable[[], None] = lambda: None,
+    receive_export: Callable[[bytes], Awaitable[bool]] | None = None,
+    on_export: Callable[[], None] = lambda: None,
 ) -> Starlette:
     """``receive(dedupe, type, body) -> is_new`` stores an event durably; ``health()`` lists
-    the reasons csand is unhealthy (empty when healthy)."""
+    the reasons csand is unhealthy (empty when healthy). ``receive_export(body) -> is_new``
+    records the file a bulk-data webhook announces (``data.*_table_exported``; without it
+    those are answered "ignored")."""
 
     async def controlshift_webhook(request: Request) -> Response:
         if secret is None or receive is None:
@@ -75,6 +79,8 @@ def build_app(
         except ValueError as exc:
             metrics.webhooks.labels("malformed").inc()
             return JSONResponse({"error": f"malformed event: {exc}"}, status_code=400)
+        if receive_export is not None and event.type in bulk.EXPORT_TYPES:
+            return await _export(raw, event.type)
         if event.type not in webhooks.HANDLED:
             metrics.webhooks.labels("ignored").inc()
             return JSONResponse({"status": "ignored", "type": event.type})
@@ -86,6 +92,23 @@ def build_app(
         metrics.webhooks.labels("accepted" if new else "duplicate").inc()
         if new:
             on_event()
+        return JSONResponse({"status": "accepted" if new else "duplicate"})
+
+    async def _export(raw: bytes, type_: str) -> Response:
+        """Record the announced file before the 200: an acknowledged file is never lost."""
+        assert receive_export is not None
+        try:
+            new = await receive_export(raw)
+        except bulk.BadExport as exc:
+            metrics.webhooks.labels("malformed").inc()
+            log.error("bulk.bad_announcement", type=type_, error=str(exc))
+            return JSONResponse({"error": f"malformed event: {exc}"}, status_code=400)
+        except Exception:  # not stored: a non-2xx makes ControlShift deliver it again
+            log.exception("bulk.store_failed", type=type_)
+            return JSONResponse({"error": "could not store the event"}, status_code=503)
+        metrics.webhooks.labels("accepted" if new else "duplicate").inc()
+        if new:
+            on_export()
         return JSONResponse({"status": "accepted" if new else "duplicate"})
 
     async def healthz(_: Request) -> Response:
