@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -49,6 +50,7 @@ from typing import Any
 import anyio
 
 from csand import metrics
+from csand.controlshift.budget import current_purpose, purpose
 from csand.controlshift.client import (
     ControlShiftClient,
     CSAuthError,
@@ -126,6 +128,8 @@ class CycleReport:
     malformed: int = 0
     events: int = 0
     events_walked: int = 0
+    event_requests: int = 0  # ControlShift requests the events took
+    skipped: int = 0  # petitions a running sweep was walking: looked at next cycle
 
 
 class Poller:
@@ -171,11 +175,49 @@ class Poller:
             tg.start_soon(self._reconcile_loop)
 
     async def _incremental_loop(self) -> None:
-        while True:
-            await self._guarded_cycle(full=False)
-            with anyio.move_on_after(self.poll_interval):
-                await self.poked.wait()
-            self.poked = anyio.Event()
+        with purpose("poll"):  # within the poll budget (csand.controlshift.budget)
+            while True:
+                await self._incremental()
+                with anyio.move_on_after(self.poll_interval):
+                    await self.poked.wait()
+                self.poked = anyio.Event()
+
+    async def _incremental(self) -> CycleReport | None:
+        """One incremental cycle; what it cost besides the walks is the idle cost the sweep's
+        pace leaves room for."""
+        meter = self.cs.budget.meter
+        before = meter.totals[current_purpose()]
+        report = await self._guarded_cycle(full=False)
+        if report is not None:
+            spent = meter.totals[current_purpose()] - before
+            self.cs.budget.saw_idle_cycle(max(0, spent - report.pages))
+        return report
+
+    async def sweep(self, *, asked: bool = False) -> CycleReport | None:
+        """A full sweep, paced by :func:`csand.controlshift.budget.plan_sweep`: spread over
+        ``reconcile_interval`` when the poll budget allows (``asked``: as fast as it allows)."""
+        budget = self.cs.budget
+        plan = budget.plan_sweep(reconcile_interval=self.reconcile_interval,
+                                 poll_interval=self.poll_interval, asked=asked)
+        log.info("poll.sweep_started", asked=asked, estimated_requests=budget.estimate(),
+                 rate_per_minute=round(plan.rate * 60, 1),
+                 expected_s=None if math.isinf(plan.seconds) else round(plan.seconds),
+                 fits_reconcile_interval=plan.fits)
+        budget.start_sweep(plan)
+        t0 = budget.clock()
+        with purpose("sweep"):
+            before = budget.meter.totals["sweep"]
+            report = None
+            try:
+                report = await self._guarded_cycle(full=True)
+            finally:
+                seconds = budget.clock() - t0
+                requests = budget.meter.totals["sweep"] - before
+                budget.finish_sweep(requests=requests, seconds=seconds, ok=report is not None,
+                                    events=report.event_requests if report else 0)
+        if report is not None:
+            log.info("poll.sweep_done", requests=requests, seconds=round(seconds, 1))
+        return report
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -190,7 +232,7 @@ class Poller:
                 # resetting last_reconcile_at in the database.
                 await anyio.sleep(min(due - now, self.poll_interval))
                 continue
-            await self._guarded_cycle(full=True)
+            await self.sweep(asked=float(last) == 0)
 
     async def _guarded_cycle(self, full: bool) -> CycleReport | None:
         try:
@@ -232,6 +274,7 @@ class Poller:
         report = CycleReport()
         petitions = await self.cs.petitions()
         self.directory.remember(petitions)
+        self.cs.budget.saw_petitions(petitions, is_launched)
         first_run = await self.store.get_meta("backfill_done") is None
         for petition in petitions:
             try:
@@ -246,6 +289,11 @@ class Poller:
                 continue
             report.petitions += 1
             lock = self._locks.setdefault(cs_id, anyio.Lock())
+            if not full and not first_run and lock.locked():
+                # A paced sweep is walking it: the fresh signatures of the others do not wait
+                # for it. What the sweep records is compared again next cycle.
+                report.skipped += 1
+                continue
             async with lock:
                 try:
                     await self._sync_petition(petition, cs_id, slug, org, full or first_run,
@@ -263,9 +311,11 @@ class Poller:
                               reason=f"{type(exc).__name__}: {exc}", record=str(petition)[:200])
         events_failed = None
         if self.sync_events:
+            spent = self.cs.budget.meter.totals[current_purpose()]
             try:
                 await self.events.cycle(org, full=full or first_run, report=report,
                                         fence=self.fence)
+                report.event_requests = self.cs.budget.meter.totals[current_purpose()] - spent
             except CSAuthError:
                 raise
             except CSError as exc:

@@ -211,4 +211,13 @@ def status_view(counts: dict[str, int], meta: dict[str, str], row: Any, reasons:
         "webhook_endpoint": json.loads(meta["webhook_endpoint"])
         if meta.get("webhook_endpoint") else None,
         "dead_reasons": [{"reason": r["reason"], "count": r["n"]} for r in reasons],
+        # ControlShift budget use, as the daemon last wrote it (csand.controlshift.budget)
+        "cs_budget": _json_or_none(meta.get("cs_budget")),
     }
+
+
+def _json_or_none(value: str | None) -> Any:
+    try:
+        return json.loads(value) if value else None
+    except ValueError:
+        return None
