@@ -159,3 +159,23 @@ async def test_an_incremental_cycle_skips_the_petition_a_sweep_is_walking(tmp_pa
         assert report.walked == 1 and report.skipped == 0
         rows = await r.store._read("SELECT kind FROM outbox WHERE kind = 'signature'")
         assert len(rows) == 2
+
+
+@pytest.mark.anyio
+async def test_a_page_of_petitions_is_walked_before_the_next_page_is_listed(
+        tmp_path: Path) -> None:
+    async with rig(tmp_path, petitions=6, page_size=2) as r:
+        await r.poller.cycle()
+        newest = r.sim.petitions()[-1]["slug"]  # newest first: on page 1
+        r.sim.add_signature(newest, email="di@example.org", first_name="Di",
+                            join_organisation=True)
+        urls: list[str] = []
+
+        async def sent(request: httpx.Request) -> None:
+            urls.append(str(request.url.path) + "?" + str(request.url.query, "ascii"))
+
+        r.poller.cs._http.event_hooks["request"].append(sent)
+        report = await r.poller.cycle()
+        assert report.walked == 1
+        walk = next(i for i, u in enumerate(urls) if "/signatures" in u)
+        assert urls.index("/api/v1/petitions?page=2") > walk

@@ -42,7 +42,7 @@ import hashlib
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -272,11 +272,11 @@ class Poller:
         t0 = time.monotonic()
         org = await self.org_slug()
         report = CycleReport()
-        petitions = await self.cs.petitions()
-        self.directory.remember(petitions)
-        self.cs.budget.saw_petitions(petitions, is_launched)
         first_run = await self.store.get_meta("backfill_done") is None
-        for petition in petitions:
+        listed: list[dict[str, Any]] = []
+        # Each page's petitions are looked at as it arrives: on a long list, a new signature
+        # need not wait for the last page to be listed (within the poll budget, that is minutes).
+        async for petition in self._listing(listed):
             try:
                 cs_id = record_id(petition)
                 slug = text_field(petition, "slug", required=True) or ""
@@ -309,6 +309,7 @@ class Poller:
                     report.malformed += 1
                     log.error("cs.malformed_petition", petition=slug,
                               reason=f"{type(exc).__name__}: {exc}", record=str(petition)[:200])
+        self.cs.budget.saw_petitions(listed, is_launched)
         events_failed = None
         if self.sync_events:
             spent = self.cs.budget.meter.totals[current_purpose()]
@@ -346,6 +347,15 @@ class Poller:
                  pages=report.pages, enqueued=report.enqueued,
                  malformed=report.malformed, ms=round((time.monotonic() - t0) * 1000))
         return report
+
+    async def _listing(self, into: list[dict[str, Any]]) -> AsyncIterator[Any]:
+        """The petition list page by page, each page remembered in the directory (and added
+        to ``into``) before its petitions are handed out."""
+        async for items, _ in self.cs.pages("/petitions", "petitions"):
+            self.directory.remember(items)
+            into.extend(items)
+            for petition in items:
+                yield petition
 
     async def _sync_petition(
         self, petition: dict[str, Any], cs_id: int, slug: str, org: str, full: bool,
