@@ -179,3 +179,11 @@ async def test_a_page_of_petitions_is_walked_before_the_next_page_is_listed(
         assert report.walked == 1
         walk = next(i for i, u in enumerate(urls) if "/signatures" in u)
         assert urls.index("/api/v1/petitions?page=2") > walk
+
+
+@pytest.mark.anyio
+async def test_a_long_poll_interval_keeps_the_directory_for_two_cycles(tmp_path: Path) -> None:
+    async with rig(tmp_path, petitions=1, page_size=5) as r:
+        assert r.poller.directory._max_age == 600.0  # poll_interval 30 s
+        long = Poller(r.poller.cs, r.store, poll_interval=900.0)
+        assert long.directory._max_age == 1800.0

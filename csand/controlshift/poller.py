@@ -153,7 +153,10 @@ class Poller:
         self._locks: dict[int, anyio.Lock] = {}
         self.cycles = 0
         self.poked = anyio.Event()  # set to start the next cycle early (webhooks, tests)
-        self.directory = PetitionDirectory(cs)
+        # Every cycle refreshes the directory; webhooks (petition.updated, category.*) refresh
+        # or clear what they change. So an entry stays good for two cycles: a long poll_interval
+        # must not cost every signature webhook a petition request.
+        self.directory = PetitionDirectory(cs, max_age=max(600.0, 2 * poll_interval))
         # (instance, term) while this process leads a cluster: every commit of what was polled
         # is refused once another instance leads (csand.storage.NotLeader stops the cycle).
         self.fence: tuple[str, int] | None = None
