@@ -1,6 +1,6 @@
 """csand benchmark: the real daemon against the built-in simulators, served on loopback.
 
-Run ``python bench/bench.py [--quick]``. Six measurements, each checked against the sync rules
+Run ``python bench/bench.py [--quick]``. Seven measurements, each checked against the sync rules
 with :func:`csand.sim.verify.compare` (a warning is printed when AN's end state is wrong):
 
 1. AN requests per synced action on a realistic mix, next to a naive client's count.
@@ -15,6 +15,9 @@ with :func:`csand.sim.verify.compare` (a warning is printed when AN's end state 
 6. PostgreSQL (a throwaway server started here, or ``--pg-url``): capacity of one and of two
    ``csand run`` instances on one database with the AN limit lifted; two instances sharing
    AN's real 4 req/s limit; failover time after ``kill -9`` of the leader.
+7. ControlShift cost by organisation size (1,000, 5,000 and 20,000 petitions, the CS simulator
+   at 25 a page and 1000 requests/minute): requests per idle poll cycle and per minute, a sweep's
+   requests and its duration at the poll budget, new-signature latency by polling and webhook.
 
 csand logs (JSON, level warning) go to a temporary file; a summary of what it logged is printed.
 The last line of output is one JSON object with every figure.

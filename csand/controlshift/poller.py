@@ -34,6 +34,12 @@ ever. So an incremental cycle walks the attendees only of events never walked be
 events whose ``end_at`` (else ``start_at``; neither: always) is in the future or less than
 :data:`RECENT_EVENT_DAYS` days ago; the attendees of older events change only through webhooks
 until the next reconciliation sweep, which walks every event's attendees.
+
+Everything the incremental cycles ask counts as ``poll`` and a sweep's as ``sweep``: both stay
+within ``poll_budget_share`` of ControlShift's budget (:mod:`csand.controlshift.budget`), so a
+long petition list stretches the cycle. Each page of petitions is looked at as it arrives, and a
+sweep is paced over ``reconcile_interval`` beside the incremental cycles, which skip the petition
+it is walking rather than wait for it.
 """
 
 from __future__ import annotations
