@@ -1281,6 +1281,7 @@ def bench_org_size(tmp: Path, petitions: int, quick: bool) -> None:
                         "rate_per_minute": round(plan.rate * 60, 1), "fits_hour": plan.fits}
         fig["poll_budget_per_minute"] = round(budget.poll_rate * 60, 1)
         fig["learned_page_size"] = dict(budget.page_sizes)
+        fig["sweep_estimate_by_csand"] = budget.estimate()  # what csand status shows
     poll_p50 = statistics.median(run["polled"])
     hook_p50 = statistics.median(run["hooked"])
     row("CS requests per idle cycle", f"{idle_per_cycle:.0f}",
@@ -1294,6 +1295,8 @@ def bench_org_size(tmp: Path, petitions: int, quick: bool) -> None:
                       f"/min; scheduled {_span(sched['seconds'])}"
                       + ("" if sched["fits_hour"] else " (longer than the hour)"))
     row("sweep: CS requests", f"{sweep_requests}", sweep_note)
+    if fig.get("sweep_estimate_by_csand") is not None:
+        row("  csand's own estimate (learned page size)", f"{fig['sweep_estimate_by_csand']}")
     row("new signature by polling p50 / max",
         f"{poll_p50:.1f} / {max(run['polled']):.1f} s", f"{len(run['polled'])} samples")
     row("new signature by webhook p50 / max",

@@ -226,5 +226,11 @@ async def test_publish_writes_meta_and_restore_reads_the_page_size(tmp_path: Any
         fresh = CSBudget(1000, 0.5)
         await b.restore(store, fresh)
         assert fresh.page_size("signatures") == 25
+        from csand import metrics
+
+        text = metrics.render().decode()
+        assert "csand_cs_poll_budget_per_minute 475.0" in text
+        assert 'csand_cs_page_size{list="signatures"} 25.0' in text
+        assert 'csand_cs_requests_last_minute{purpose="webhook"}' in text
     finally:
         await store.close()
