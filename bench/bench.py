@@ -1,6 +1,6 @@
 """csand benchmark: the real daemon against the built-in simulators, served on loopback.
 
-Run ``python bench/bench.py [--quick]``. Six measurements, each checked against the sync rules
+Run ``python bench/bench.py [--quick]``. Seven measurements, each checked against the sync rules
 with :func:`csand.sim.verify.compare` (a warning is printed when AN's end state is wrong):
 
 1. AN requests per synced action on a realistic mix, next to a naive client's count.
@@ -15,6 +15,9 @@ with :func:`csand.sim.verify.compare` (a warning is printed when AN's end state 
 6. PostgreSQL (a throwaway server started here, or ``--pg-url``): capacity of one and of two
    ``csand run`` instances on one database with the AN limit lifted; two instances sharing
    AN's real 4 req/s limit; failover time after ``kill -9`` of the leader.
+7. ControlShift cost by organisation size (1,000, 5,000 and 20,000 petitions, the CS simulator
+   at 25 a page and 1000 requests/minute): requests per idle poll cycle and per minute, a sweep's
+   requests and its duration at the poll budget, new-signature latency by polling and webhook.
 
 csand logs (JSON, level warning) go to a temporary file; a summary of what it logged is printed.
 The last line of output is one JSON object with every figure.
@@ -1115,6 +1118,202 @@ def bench_pg_failover(pg: PgDatabases, tmp: Path, repeats: int, signatures: int)
 
 
 
+# --------------------------------------------------------------------------- 7. organisation size
+
+
+ORG_SIZES = (1000, 5000, 20000)
+ORG_POLL_INTERVAL = 5.0
+ORG_SAMPLE_PETITIONS = 3  # their items reach AN; the rest of the backfill is set aside
+
+
+def org_scenario(petitions: int) -> tuple[ControlShiftSim, ActionNetworkSim, list[str]]:
+    """A large organisation, made fast: ``petitions`` launched petitions, every 10th with 3
+    signatures, every 100th with 60 (three pages of 25)."""
+    cs = ControlShiftSim(seed=7, page_size=25, requests_per_minute=1000,
+                         webhook_retry_delays=(0.2,))
+    an = ActionNetworkSim(requests_per_second=4.0, seed=7)
+    for n in range(petitions):
+        slug = f"campaign-{n}"
+        cs.add_petition(title=f"Campaign {n}", slug=slug, creator={
+            "first_name": "Cleo", "last_name": f"Ng{n}", "email": f"creator{n}@example.org"})
+        signers = 60 if n % 100 == 0 else 3 if n % 10 == 0 else 0
+        for k in range(signers):
+            cs.add_signature(slug, email=f"signer{n}.{k}@example.org", first_name="Sam",
+                             last_name="Signer", postcode="6011", join_organisation=True)
+    # Samples at a quarter, half and three quarters down the list, whatever its order.
+    picks = [petitions * k // (ORG_SAMPLE_PETITIONS + 1) + 1
+             for k in range(1, ORG_SAMPLE_PETITIONS + 1)]
+    return cs, an, [f"campaign-{n}" for n in picks]
+
+
+def set_aside_backlog(db: Path, keep: list[int]) -> int:
+    """Cancel the backfill's queued items but those of the ``keep`` petitions (so AN's drain of
+    thousands of petitions does not stand in the way of the CS figures)."""
+    conn = sqlite3.connect(db)
+    try:
+        marks = ",".join("?" * len(keep))
+        cur = conn.execute(f"UPDATE outbox SET status = 'cancelled' WHERE status = 'pending' "
+                           f"AND (petition_id IS NULL OR petition_id NOT IN ({marks}))", keep)
+        conn.commit()
+        return cur.rowcount
+    finally:
+        conn.close()
+
+
+async def _until_in_an(an: ActionNetworkSim, email: str, limit: float) -> None:
+    with anyio.fail_after(limit):
+        while True:
+            person = an.person(email)
+            if person is not None and person["status"] == "subscribed" and any(
+                    h.get("action") == SIGNATURE for h in an.history(email)):
+                return
+            await anyio.sleep(0.02)
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while True:
+        if condition():
+            return
+        await anyio.sleep(0.01)
+
+
+def bench_org_size(tmp: Path, petitions: int, quick: bool) -> None:
+    cycles = 3 if petitions <= 1000 else 2 if petitions <= 5000 else 1
+    poll_samples = 4 if petitions <= 1000 else 2
+    hook_samples = 5
+    say(f"\n[7] Organisation of {petitions} petitions (CS sim: 25 a page, 1000 requests/minute; "
+        f"poll_interval {ORG_POLL_INTERVAL:g} s, AN 4 req/s)")
+    made = time.monotonic()
+    cs, an, samples = org_scenario(petitions)
+    db = tmp / f"m7-{petitions}.db"
+    secret = "bench-webhook-secret"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    rng = random.Random(7)
+    with ServedApp(cs.app) as cs_s, ServedApp(an.app) as an_s:
+        # The backfill, with the CS limit lifted: its requests are a full sweep's (every page of
+        # every petition, and the list).
+        cs.requests_per_minute = None
+        cs.reset_stats()
+        walk = anyio.run(prefill, cs_s.url, cs, db, backend="asyncio")
+        sweep_requests = cs.stats()["requests"]
+        cs.requests_per_minute = 1000
+        keep = [cs.petition(s)["id"] for s in samples]
+        aside = set_aside_backlog(db, keep)
+        data = settings_dict(cs_s.url, cs, an_s.url, an, db, an_rate=4.0,
+                             poll_interval=ORG_POLL_INTERVAL)
+        data["controlshift"]["webhook_secret"] = secret
+        data["http"] = {"listen": f"127.0.0.1:{port}"}
+        settings = config_mod.Settings.model_validate(data)
+
+        async def body(daemon: Daemon) -> dict[str, Any]:
+            poller = daemon.poller
+            assert poller is not None
+            await wait_drained(daemon)
+            # Idle polling, from one cycle's start to a later one's, with polling-latency
+            # samples at random moments (each adds one petition's walk to its cycle).
+            start_cycles = poller.cycles
+            await _until(lambda: poller.cycles > start_cycles)
+            t0, stats0, c0 = time.monotonic(), cs.stats(), poller.cycles
+            polled: list[float] = []
+            for n in range(poll_samples):
+                await anyio.sleep(rng.uniform(0.5, ORG_POLL_INTERVAL))
+                email = f"org.poll{n}@example.org"
+                began = time.monotonic()
+                cs.add_signature(rng.choice(samples), email=email, first_name="Pol",
+                                 last_name="Ling", postcode="6011", join_organisation=True)
+                await _until_in_an(an, email, 900)
+                polled.append(time.monotonic() - began)
+            # ... to the end of a cycle: whole cycles only, at least ``cycles`` of them.
+            seen = poller.cycles
+            await _until(lambda: poller.cycles > seen and poller.cycles >= c0 + cycles)
+            t1, stats1, c1 = time.monotonic(), cs.stats(), poller.cycles
+            # Webhooks: the same polling goes on meanwhile.
+            cs.add_webhook_endpoint(f"http://127.0.0.1:{port}/webhooks/controlshift", secret)
+            hooked: list[float] = []
+            for n in range(hook_samples):
+                await anyio.sleep(rng.uniform(0.2, 1.0))
+                email = f"org.hook{n}@example.org"
+                began = time.monotonic()
+                cs.add_signature(rng.choice(samples), email=email, first_name="Hoo",
+                                 last_name="King", postcode="6011", join_organisation=True)
+                await _until_in_an(an, email, 120)
+                hooked.append(time.monotonic() - began)
+            budget = getattr(poller.cs, "budget", None)
+            return {"t": t1 - t0, "cycles": c1 - c0, "requests": stats1["requests"]
+                    - stats0["requests"], "by_route": {
+                        k: v - stats0["by_route"].get(k, 0) for k, v in stats1["by_route"].items()},
+                    "rate_limited": stats1["rate_limited"] - stats0["rate_limited"],
+                    "polled": polled, "hooked": hooked, "budget": budget}
+
+        _, run = anyio.run(run_daemon, settings, body, backend="asyncio")
+    cs.close()
+    minutes = run["t"] / 60
+    listing = sum(v for k, v in run["by_route"].items()
+                  if k in ("GET /api/v1/petitions", "GET /api/v1/events"))
+    idle_per_cycle = listing / max(1, run["cycles"])
+    per_minute = run["requests"] / minutes
+    period = run["t"] / max(1, run["cycles"])
+    fig: dict[str, Any] = {
+        "petitions": petitions, "poll_interval": ORG_POLL_INTERVAL, "cycles": run["cycles"],
+        "window_s": round(run["t"], 1), "cs_requests": run["requests"],
+        "idle_requests_per_cycle": round(idle_per_cycle, 1),
+        "requests_per_minute": round(per_minute, 1), "cycle_period_s": round(period, 1),
+        "cs_429s": run["rate_limited"], "sweep_requests": sweep_requests,
+        "backfill_walk_s_unlimited": round(walk, 1), "set_aside": aside,
+        "poll_latency_s": [round(x, 2) for x in run["polled"]],
+        "webhook_latency_s": [round(x, 2) for x in run["hooked"]],
+        "setup_s": round(time.monotonic() - made, 1),
+    }
+    budget = run["budget"]
+    if budget is not None:  # the pace a sweep of those requests gets at this budget
+        from csand.controlshift.budget import idle_rate, plan_sweep
+
+        incremental = idle_rate(idle_per_cycle, poll_rate=budget.poll_rate,
+                                poll_interval=ORG_POLL_INTERVAL)
+        for asked in (True, False):
+            plan = plan_sweep(sweep_requests, reconcile_interval=3600.0,
+                              poll_rate=budget.poll_rate, incremental_rate=incremental,
+                              asked=asked)
+            key = "sweep_fastest" if asked else "sweep_scheduled"
+            fig[key] = {"seconds": round(plan.seconds, 1),
+                        "rate_per_minute": round(plan.rate * 60, 1), "fits_hour": plan.fits}
+        fig["poll_budget_per_minute"] = round(budget.poll_rate * 60, 1)
+        fig["learned_page_size"] = dict(budget.page_sizes)
+        fig["sweep_estimate_by_csand"] = budget.estimate()  # what csand status shows
+    poll_p50 = statistics.median(run["polled"])
+    hook_p50 = statistics.median(run["hooked"])
+    row("CS requests per idle cycle", f"{idle_per_cycle:.0f}",
+        f"cycle every {period:.1f} s ({run['cycles']} cycles in {run['t']:.0f} s)")
+    row("CS requests per minute", f"{per_minute:.0f}",
+        f"of 1000; 429s {run['rate_limited']}; incl. {len(run['polled'])} sample walks")
+    sweep_note = ""
+    if "sweep_fastest" in fig:
+        fast, sched = fig["sweep_fastest"], fig["sweep_scheduled"]
+        sweep_note = (f"at this budget: {_span(fast['seconds'])} at {fast['rate_per_minute']:g}"
+                      f"/min; scheduled {_span(sched['seconds'])}"
+                      + ("" if sched["fits_hour"] else " (longer than the hour)"))
+    row("sweep: CS requests", f"{sweep_requests}", sweep_note)
+    if fig.get("sweep_estimate_by_csand") is not None:
+        row("  csand's own estimate (learned page size)", f"{fig['sweep_estimate_by_csand']}")
+    row("new signature by polling p50 / max",
+        f"{poll_p50:.1f} / {max(run['polled']):.1f} s", f"{len(run['polled'])} samples")
+    row("new signature by webhook p50 / max",
+        f"{hook_p50:.2f} / {max(run['hooked']):.2f} s", f"{len(run['hooked'])} samples")
+    fig["poll_latency_p50_s"] = round(poll_p50, 2)
+    fig["webhook_latency_p50_s"] = round(hook_p50, 2)
+    FIGURES.setdefault("org_size", {})[str(petitions)] = fig
+
+
+def _span(seconds: float) -> str:
+    if seconds < 120:
+        return f"{seconds:.0f} s"
+    if seconds < 7200:
+        return f"{seconds / 60:.0f} min"
+    return f"{seconds / 3600:.1f} h"
+
+
 # --------------------------------------------------------------------------- main
 
 
@@ -1133,12 +1332,15 @@ def log_summary(path: Path) -> dict[str, int]:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="smaller runs (about 2 minutes)")
-    parser.add_argument("--only", default="123456",
+    parser.add_argument("--only", default="1234567",
                         help="which measurements to run, e.g. --only 36 (default: all)")
     parser.add_argument("--pg-url", default=None,
                         help="admin URL of an existing PostgreSQL server for measurement 6 "
                         "(it creates and drops its own databases); default: start a "
                         "throwaway server with tests/pgserver.py")
+    parser.add_argument("--org-sizes", default=None,
+                        help="petition counts of measurement 7, e.g. 1000,5000 (default: "
+                        "1000,5000,20000; --quick: 1000,5000)")
     args = parser.parse_args()
     only = set(args.only)
     quick = args.quick
@@ -1179,6 +1381,11 @@ def main() -> int:
                         bench_pg_capacity(pg, tmp, signatures, instances)
                     bench_pg_rate(pg, tmp, 80 if quick else 300)
                     bench_pg_failover(pg, tmp, 1 if quick else 3, 200 if quick else 600)
+            if "7" in only:
+                sizes = ([int(n) for n in args.org_sizes.split(",")] if args.org_sizes
+                         else list(ORG_SIZES[:2] if quick else ORG_SIZES))
+                for petitions in sizes:
+                    bench_org_size(tmp, petitions, quick)
         FIGURES["csand_log_events"] = log_summary(log_path)
     elapsed = time.monotonic() - began
     FIGURES["mode"] = "quick" if quick else "full"

@@ -67,6 +67,9 @@ class ControlShiftSettings(_Section):
     poll_interval: Positive = 30.0
     reconcile_interval: Positive = 3600.0
     requests_per_minute: Positive = 1000.0
+    # Steady-state polling (incremental cycles and sweeps) uses at most this share of
+    # requests_per_minute; the rest is left to webhook processing and the operator's commands.
+    poll_budget_share: Annotated[float, Field(gt=0, le=1)] = 0.5
     timeout: Positive = 30.0
     org_slug: str | None = None  # read from /api/v1/organisation when not set
     webhook_secret: SecretStr | None = None  # enables POST /webhooks/controlshift

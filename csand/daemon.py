@@ -27,6 +27,7 @@ from csand import __version__, health, logs, metrics
 from csand import config as config_mod
 from csand.actionnetwork.client import ActionNetworkClient, ANFailure
 from csand.config import Settings
+from csand.controlshift import budget as cs_budget
 from csand.controlshift.client import ControlShiftClient, CSError, OAuthToken
 from csand.controlshift.ingest import BulkIngest, default_handlers
 from csand.controlshift.poller import Poller
@@ -143,6 +144,7 @@ class Daemon:
                     limiter,
                 )
                 cs = self._cs_client(cs_http)
+                await cs_budget.restore(store, cs.budget)
                 self.poller = Poller(
                     cs, store, poll_interval=s.controlshift.poll_interval,
                     reconcile_interval=s.controlshift.reconcile_interval,
@@ -209,12 +211,14 @@ class Daemon:
         cs = self.settings.controlshift
         # 5% under the per-minute budget: a small burst on top must still fit in any minute.
         limiter = TokenBucket(cs.requests_per_minute / 60.0, burst=5, headroom=0.95)
+        # Polling within poll_budget_share of it; webhooks and commands have the rest.
+        budget = cs_budget.CSBudget(cs.requests_per_minute, cs.poll_budget_share)
         if cs.api_key is not None:
             return ControlShiftClient(http, cs.url, api_key=cs.api_key.get_secret_value(),
-                                      limiter=limiter)
+                                      limiter=limiter, budget=budget)
         oauth = OAuthToken(http, cs.url, cs.client_id or "",
                            cs.client_secret.get_secret_value())  # type: ignore[union-attr]
-        return ControlShiftClient(http, cs.url, oauth=oauth, limiter=limiter)
+        return ControlShiftClient(http, cs.url, oauth=oauth, limiter=limiter, budget=budget)
 
     async def _check_an_key(self, an: ActionNetworkClient) -> None:
         assert self.dispatcher is not None and self.store is not None
@@ -411,6 +415,11 @@ class Daemon:
             metrics.bulk_last_full_unsubscribes.set(
                 datetime.fromisoformat(reconciled).timestamp() if reconciled else 0)
             self.last_status = snapshot
+            if self.is_leader or not self.store.shared:  # the leader's polling is the story
+                await cs_budget.publish(
+                    self.store, self.poller.cs.budget,  # type: ignore[union-attr]
+                    reconcile_interval=self.settings.controlshift.reconcile_interval,
+                    poll_interval=self.settings.controlshift.poll_interval)
             self.notifier.status(_status_line(snapshot, self.dispatcher.auth_paused))
             await anyio.sleep(HEARTBEAT_SECONDS)
 

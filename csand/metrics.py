@@ -38,6 +38,26 @@ poll_failures = Counter(
 cs_requests = Counter(
     "csand_cs_requests_total", "ControlShift API requests by HTTP status.", ["status"],
     registry=REGISTRY)
+cs_budget_requests = Gauge(
+    "csand_cs_requests_last_minute", "ControlShift requests in the last minute by purpose (poll, "
+    "sweep, webhook, other).", ["purpose"], registry=REGISTRY)
+cs_poll_budget = Gauge(
+    "csand_cs_poll_budget_per_minute", "ControlShift requests/minute polling may use "
+    "(poll_budget_share of requests_per_minute).", registry=REGISTRY)
+cs_page_size = Gauge(
+    "csand_cs_page_size", "ControlShift's page size, learned from its answers, by list.",
+    ["list"], registry=REGISTRY)
+cs_idle_cycle_requests = Gauge(
+    "csand_cs_idle_cycle_requests", "ControlShift requests of the last incremental poll cycle, "
+    "besides the pages it walked.", registry=REGISTRY)
+cs_sweep_requests = Gauge(
+    "csand_cs_last_sweep_requests", "ControlShift requests of the last reconciliation sweep.",
+    registry=REGISTRY)
+cs_sweep_seconds = Gauge(
+    "csand_cs_last_sweep_seconds", "Duration of the last reconciliation sweep.", registry=REGISTRY)
+cs_sweep_estimate = Gauge(
+    "csand_cs_sweep_estimated_seconds", "Estimated duration of one sweep at this budget.",
+    registry=REGISTRY)
 webhooks = Counter(
     "csand_webhooks_total", "ControlShift webhooks by result (accepted, duplicate, rejected, "
     "malformed, ignored).", ["result"], registry=REGISTRY)

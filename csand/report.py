@@ -7,6 +7,8 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+from csand.controlshift.budget import status_rows
+
 
 def print_status(data: dict[str, Any], console: Console | None = None) -> None:
     console = console or Console()
@@ -36,6 +38,8 @@ def print_status(data: dict[str, Any], console: Console | None = None) -> None:
     rate = data.get("an_rate")
     table.add_row("AN rate", (f"{rate:g} req/s, {data.get('an_429s_since_start', 0)} 429s "
                               "since start") if rate else "-")
+    for label, text in status_rows(data.get("cs_budget")):
+        table.add_row(label, text)
     table.add_row("daemon", f"alive (heartbeat {data['daemon_heartbeat_at']})"
                   if data.get("daemon_heartbeat_at") else "not running")
     if data.get("webhooks_received"):

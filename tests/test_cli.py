@@ -244,3 +244,29 @@ def test_a_dry_run_on_postgresql_is_refused_with_one_line(tmp_path: Path, pg_url
                                 env={"COLUMNS": "300", "CSAND_CONTROLSHIFT__API_KEY": "cs-key"})
     assert result.exit_code == 1, result.output
     assert "--dry-run" in result.output and "SQLite" in result.output
+
+
+def test_status_shows_the_controlshift_budget(config: Path, tmp_path: Path) -> None:
+    from csand.controlshift.budget import CSBudget, publish
+
+    async def go() -> None:
+        store = await open_store(tmp_path / "csand.db")
+        try:
+            budget = CSBudget(1000, 0.5)
+            budget.saw_page("petitions", 25, {"next_page": 2})
+            budget.saw_petitions([{"launched": True, "public_signature_count": 10}] * 50,
+                                 lambda p: True)
+            budget.record("poll")
+            budget.finish_sweep(requests=52, events=0, seconds=30.0, ok=True)
+            await publish(store, budget, reconcile_interval=3600, poll_interval=30)
+        finally:
+            await store.close()
+
+    anyio.run(go, backend="asyncio")
+    data = json.loads(invoke("status", "--json", "--config", str(config)))["cs_budget"]
+    assert data["poll_budget_per_minute"] == 475.0 and data["page_size"] == {"petitions": 25}
+    assert data["last_minute"]["poll"] == 1 and data["last_sweep"]["requests"] == 52
+    assert data["sweep_estimate"]["requests"] == 52
+    text = invoke("status", "--config", str(config))
+    assert "CS poll budget" in text and "475/min" in text and "25 items" in text
+    assert "last sweep" in text and "52 requests in 30 s" in text

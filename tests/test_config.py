@@ -526,3 +526,12 @@ def test_mobile_without_a_country_or_an_unknown_country_is_refused_in_one_line(t
                         env=False)
     with pytest.raises(config_mod.ConfigError, match="sync.phone"):
         config_mod.load(_sync_config(tmp_path, 'phone = "sms"\n'), env=False)
+
+
+def test_poll_budget_share_defaults_to_half_and_must_be_a_share(tmp_path: Path) -> None:
+    assert load_text(tmp_path, MINIMAL).controlshift.poll_budget_share == 0.5
+    whole = MINIMAL.replace("[controlshift]", "[controlshift]\npoll_budget_share = 1")
+    assert load_text(tmp_path, whole).controlshift.poll_budget_share == 1.0
+    for bad in ("0", "-0.5", "1.5", '"half"'):
+        text = MINIMAL.replace("[controlshift]", f"[controlshift]\npoll_budget_share = {bad}")
+        assert "controlshift.poll_budget_share:" in error_for(tmp_path, text)

@@ -361,17 +361,18 @@ async def test_big_petition_committed_in_chunks_and_resumed_after_a_failure(
 async def test_malformed_petition_is_logged_and_skipped(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     p = env.sim.add_petition(title="P", creator=creator())
     env.sim.add_signature(p["slug"], email="s@example.org")
-    real = env.poller.cs.petitions
+    real = env.poller.cs.pages
+    garbage = [{"slug": "no-id", "launched": True}, "garbage",
+               {"id": "7", "slug": "string-id", "launched": True},
+               {"id": True, "slug": "bool-id", "launched": True},
+               {"id": 98, "launched": True},
+               {"id": 99, "slug": "bad-title", "title": {"en": "T"}, "launched": True}]
 
-    async def with_garbage() -> list[Any]:
-        return [{"slug": "no-id", "launched": True}, "garbage",
-                {"id": "7", "slug": "string-id", "launched": True},
-                {"id": True, "slug": "bool-id", "launched": True},
-                {"id": 98, "launched": True},
-                {"id": 99, "slug": "bad-title", "title": {"en": "T"}, "launched": True},
-                *(await real())]
+    async def with_garbage(path: str, key: str, start: int = 1) -> Any:
+        async for items, meta in real(path, key, start):
+            yield ([*garbage, *items] if key == "petitions" else items), meta
 
-    monkeypatch.setattr(env.poller.cs, "petitions", with_garbage)
+    monkeypatch.setattr(env.poller.cs, "pages", with_garbage)
     with capture_logs() as logs:
         report = await env.poller.cycle()
     assert report.malformed == 6 and report.petitions == 2 and report.enqueued == 2

@@ -1,6 +1,10 @@
 """ControlShift REST API: auth (API key or OAuth2 client credentials), paging, its rate limits.
 
-The poller is the only caller. Transient failures (5xx, timeouts, dropped connections) are retried
+Every request passes ``limiter`` (the whole ``requests_per_minute``); polling requests first
+pass the poll budget of :mod:`csand.controlshift.budget`, which also counts requests by purpose
+and learns the page size from the answers.
+
+The poller is the main caller. Transient failures (5xx, timeouts, dropped connections) are retried
 a few times here (:data:`csand.retry.CS_TRANSIENT`), since a poll cycle is cheap to repeat; what
 still fails raises :class:`CSError` and the cycle is tried again at the next interval. Nothing is
 lost either way: the poller records what it saw only after it has enqueued it.
@@ -17,6 +21,7 @@ import anyio
 import httpx
 
 from csand import metrics
+from csand.controlshift.budget import CSBudget, current_purpose
 from csand.logs import get_logger
 from csand.ratelimit import TokenBucket
 from csand.retry import CS_RATE_LIMITED, CS_TRANSIENT
@@ -153,6 +158,7 @@ class ControlShiftClient:
         oauth: OAuthToken | None = None,
         limiter: TokenBucket | None = None,
         sleep: Callable[[float], Any] = anyio.sleep,
+        budget: CSBudget | None = None,
     ) -> None:
         if api_key is None and oauth is None:
             raise ValueError("an API key or OAuth credentials are required")
@@ -164,6 +170,8 @@ class ControlShiftClient:
         self._sleep = sleep
         self.requests = 0
         self.rate_limited = 0
+        # Who spends what (csand.controlshift.budget); without one, nothing but counting.
+        self.budget = budget or CSBudget()
 
     async def _auth_header(self) -> dict[str, str]:
         token = self._api_key if self._api_key else await self._oauth.get()  # type: ignore[union-attr]
@@ -174,9 +182,12 @@ class ControlShiftClient:
         auth_retried = False
         failures = 0  # transient failures of this request so far
         limited = 0  # 429s of this request so far
+        spender = current_purpose()
         while True:
+            await self.budget.admit(spender)  # polling: its share first
             await self.limiter.acquire()
             self.requests += 1
+            self.budget.record(spender)
             try:
                 response = await self._http.get(url, headers=await self._auth_header())
             except httpx.HTTPError as exc:
@@ -242,6 +253,7 @@ class ControlShiftClient:
             body = await self.get_object(f"{path}{'&' if '?' in path else '?'}page={page}")
             items = _items(body, key, path, page)
             meta = body.get("meta")
+            self.budget.saw_page(key, len(items), meta)
             _, nxt = pagination(meta, page, path)
             yield items, meta or {}
             page = nxt
@@ -270,7 +282,9 @@ class ControlShiftClient:
         raises :class:`CSBadPage` when the signatures are not a list."""
         path = f"/petitions/{quote(slug, safe='')}/signatures"
         body = await self.get_object(f"{path}?page={page}")
-        return _items(body, "signatures", path, page), body.get("meta")
+        items = _items(body, "signatures", path, page)
+        self.budget.saw_page("signatures", len(items), body.get("meta"))
+        return items, body.get("meta")
 
     # Events, attendees and calendars (spec/events-api.md A1-A2). Events have no numeric id in
     # any REST answer: the slug is the key everywhere. There is no REST list of calendars.
@@ -291,7 +305,9 @@ class ControlShiftClient:
         raises :class:`CSBadPage` when the attendees are not a list."""
         path = f"/events/{quote(slug, safe='')}/attendees"
         body = await self.get_object(f"{path}?page={page}")
-        return _items(body, "attendees", path, page), body.get("meta")
+        items = _items(body, "attendees", path, page)
+        self.budget.saw_page("attendees", len(items), body.get("meta"))
+        return items, body.get("meta")
 
     async def attendees(self, slug: str) -> list[dict[str, Any]]:
         """Every attendee of an event, all pages (deleted attendees are not listed)."""

@@ -34,14 +34,21 @@ ever. So an incremental cycle walks the attendees only of events never walked be
 events whose ``end_at`` (else ``start_at``; neither: always) is in the future or less than
 :data:`RECENT_EVENT_DAYS` days ago; the attendees of older events change only through webhooks
 until the next reconciliation sweep, which walks every event's attendees.
+
+Everything the incremental cycles ask counts as ``poll`` and a sweep's as ``sweep``: both stay
+within ``poll_budget_share`` of ControlShift's budget (:mod:`csand.controlshift.budget`), so a
+long petition list stretches the cycle. Each page of petitions is looked at as it arrives, and a
+sweep is paced over ``reconcile_interval`` beside the incremental cycles, which skip the petition
+it is walking rather than wait for it.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import math
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -49,6 +56,7 @@ from typing import Any
 import anyio
 
 from csand import metrics
+from csand.controlshift.budget import current_purpose, purpose
 from csand.controlshift.client import (
     ControlShiftClient,
     CSAuthError,
@@ -126,6 +134,8 @@ class CycleReport:
     malformed: int = 0
     events: int = 0
     events_walked: int = 0
+    event_requests: int = 0  # ControlShift requests the events took
+    skipped: int = 0  # petitions a running sweep was walking: looked at next cycle
 
 
 class Poller:
@@ -149,7 +159,10 @@ class Poller:
         self._locks: dict[int, anyio.Lock] = {}
         self.cycles = 0
         self.poked = anyio.Event()  # set to start the next cycle early (webhooks, tests)
-        self.directory = PetitionDirectory(cs)
+        # Every cycle refreshes the directory; webhooks (petition.updated, category.*) refresh
+        # or clear what they change. So an entry stays good for two cycles: a long poll_interval
+        # must not cost every signature webhook a petition request.
+        self.directory = PetitionDirectory(cs, max_age=max(600.0, 2 * poll_interval))
         # (instance, term) while this process leads a cluster: every commit of what was polled
         # is refused once another instance leads (csand.storage.NotLeader stops the cycle).
         self.fence: tuple[str, int] | None = None
@@ -171,11 +184,49 @@ class Poller:
             tg.start_soon(self._reconcile_loop)
 
     async def _incremental_loop(self) -> None:
-        while True:
-            await self._guarded_cycle(full=False)
-            with anyio.move_on_after(self.poll_interval):
-                await self.poked.wait()
-            self.poked = anyio.Event()
+        with purpose("poll"):  # within the poll budget (csand.controlshift.budget)
+            while True:
+                await self._incremental()
+                with anyio.move_on_after(self.poll_interval):
+                    await self.poked.wait()
+                self.poked = anyio.Event()
+
+    async def _incremental(self) -> CycleReport | None:
+        """One incremental cycle; what it cost besides the walks is the idle cost the sweep's
+        pace leaves room for."""
+        meter = self.cs.budget.meter
+        before = meter.totals[current_purpose()]
+        report = await self._guarded_cycle(full=False)
+        if report is not None:
+            spent = meter.totals[current_purpose()] - before
+            self.cs.budget.saw_idle_cycle(max(0, spent - report.pages))
+        return report
+
+    async def sweep(self, *, asked: bool = False) -> CycleReport | None:
+        """A full sweep, paced by :func:`csand.controlshift.budget.plan_sweep`: spread over
+        ``reconcile_interval`` when the poll budget allows (``asked``: as fast as it allows)."""
+        budget = self.cs.budget
+        plan = budget.plan_sweep(reconcile_interval=self.reconcile_interval,
+                                 poll_interval=self.poll_interval, asked=asked)
+        log.info("poll.sweep_started", asked=asked, estimated_requests=budget.estimate(),
+                 rate_per_minute=round(plan.rate * 60, 1),
+                 expected_s=None if math.isinf(plan.seconds) else round(plan.seconds),
+                 fits_reconcile_interval=plan.fits)
+        budget.start_sweep(plan)
+        t0 = budget.clock()
+        with purpose("sweep"):
+            before = budget.meter.totals["sweep"]
+            report = None
+            try:
+                report = await self._guarded_cycle(full=True)
+            finally:
+                seconds = budget.clock() - t0
+                requests = budget.meter.totals["sweep"] - before
+                budget.finish_sweep(requests=requests, seconds=seconds, ok=report is not None,
+                                    events=report.event_requests if report else 0)
+        if report is not None:
+            log.info("poll.sweep_done", requests=requests, seconds=round(seconds, 1))
+        return report
 
     async def _reconcile_loop(self) -> None:
         while True:
@@ -190,7 +241,7 @@ class Poller:
                 # resetting last_reconcile_at in the database.
                 await anyio.sleep(min(due - now, self.poll_interval))
                 continue
-            await self._guarded_cycle(full=True)
+            await self.sweep(asked=float(last) == 0)
 
     async def _guarded_cycle(self, full: bool) -> CycleReport | None:
         try:
@@ -230,10 +281,11 @@ class Poller:
         t0 = time.monotonic()
         org = await self.org_slug()
         report = CycleReport()
-        petitions = await self.cs.petitions()
-        self.directory.remember(petitions)
         first_run = await self.store.get_meta("backfill_done") is None
-        for petition in petitions:
+        listed: list[dict[str, Any]] = []
+        # Each page's petitions are looked at as it arrives: on a long list, a new signature
+        # need not wait for the last page to be listed (within the poll budget, that is minutes).
+        async for petition in self._listing(listed):
             try:
                 cs_id = record_id(petition)
                 slug = text_field(petition, "slug", required=True) or ""
@@ -246,6 +298,11 @@ class Poller:
                 continue
             report.petitions += 1
             lock = self._locks.setdefault(cs_id, anyio.Lock())
+            if not full and not first_run and lock.locked():
+                # A paced sweep is walking it: the fresh signatures of the others do not wait
+                # for it. What the sweep records is compared again next cycle.
+                report.skipped += 1
+                continue
             async with lock:
                 try:
                     await self._sync_petition(petition, cs_id, slug, org, full or first_run,
@@ -261,11 +318,14 @@ class Poller:
                     report.malformed += 1
                     log.error("cs.malformed_petition", petition=slug,
                               reason=f"{type(exc).__name__}: {exc}", record=str(petition)[:200])
+        self.cs.budget.saw_petitions(listed, is_launched)
         events_failed = None
         if self.sync_events:
+            spent = self.cs.budget.meter.totals[current_purpose()]
             try:
                 await self.events.cycle(org, full=full or first_run, report=report,
                                         fence=self.fence)
+                report.event_requests = self.cs.budget.meter.totals[current_purpose()] - spent
             except CSAuthError:
                 raise
             except CSError as exc:
@@ -296,6 +356,15 @@ class Poller:
                  pages=report.pages, enqueued=report.enqueued,
                  malformed=report.malformed, ms=round((time.monotonic() - t0) * 1000))
         return report
+
+    async def _listing(self, into: list[dict[str, Any]]) -> AsyncIterator[Any]:
+        """The petition list page by page, each page remembered in the directory (and added
+        to ``into``) before its petitions are handed out."""
+        async for items, _ in self.cs.pages("/petitions", "petitions"):
+            self.directory.remember(items)
+            into.extend(items)
+            for petition in items:
+                yield petition
 
     async def _sync_petition(
         self, petition: dict[str, Any], cs_id: int, slug: str, org: str, full: bool,

@@ -29,6 +29,7 @@ from typing import Any
 import anyio
 
 from csand import metrics
+from csand.controlshift.budget import purpose
 from csand.controlshift.client import CSAuthError, CSError, PetitionDirectory
 from csand.controlshift.poller import EventSync, event_slug
 from csand.controlshift.versions import see_attendee, see_signature
@@ -144,7 +145,8 @@ class WebhookProcessor:
     async def process(self, event: WebhookEvent) -> None:
         t0 = time.monotonic()
         try:
-            note = await self._apply(event)
+            with purpose("webhook"):  # outside the poll budget: never waits for polling's share
+                note = await self._apply(event)
         except (CSAuthError, CSError) as exc:
             delay = self.policy.delay(event.attempts + 1)
             await self.store.event_failed(event.id, str(exc), self.clock() + delay)

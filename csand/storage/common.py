@@ -254,6 +254,8 @@ def status_view(counts: dict[str, int], meta: dict[str, str], row: Any, reasons:
         if meta.get("webhook_endpoint") else None,
         "dead_reasons": [{"reason": r["reason"], "count": r["n"]} for r in reasons],
         "adoption_ambiguous": ambiguous_adoptions(meta),
+        # ControlShift budget use, as the daemon last wrote it (csand.controlshift.budget)
+        "cs_budget": _json_or_none(meta.get("cs_budget")),
     }
 
 
@@ -299,3 +301,10 @@ def audit_sample_where(petition_id: int | None, kinds: Sequence[str], mark: str
         where += f" AND petition_id = {mark.format('petition')}"
         params["petition"] = petition_id
     return where, params
+
+
+def _json_or_none(value: str | None) -> Any:
+    try:
+        return json.loads(value) if value else None
+    except ValueError:
+        return None
