@@ -1009,6 +1009,20 @@ class ControlShiftSim:
                     return False
                 self._wh_cond.wait(remaining)
 
+    def lose_queued_webhooks(self) -> int:
+        """Drop every event queued and not yet delivered, for good (a delivery ControlShift
+        gave up on); returns how many. Stop the sender first (:meth:`close`) to lose the events
+        of changes made meanwhile; enabling an endpoint starts it again."""
+        with self._wh_cond:
+            lost = 0
+            for endpoint in self._endpoints.values():
+                if endpoint.in_flight:
+                    continue
+                lost += len(endpoint.queue)
+                endpoint.queue.clear()
+            self._wh_cond.notify_all()
+            return lost
+
     def emit(self, type: str, data: dict[str, Any], jid: str | None = None) -> str:
         """Queue an event of any ``type`` (``category.updated``, ``member.deleted``, an unknown
         one, ...) for every endpoint; ``jid`` defaults to fresh random hex. Returns the jid."""

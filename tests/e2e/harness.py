@@ -10,11 +10,13 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
 from csand.sim.actionnetwork import ActionNetworkSim
 from csand.sim.controlshift import ControlShiftSim
+from csand.sim.exports import BulkExports, StorageSim
 from csand.sim.scenario import Scenario, populate
 from csand.sim.server import ServedApp
 from csand.sim.verify import compare
@@ -189,6 +191,14 @@ class World:
         self.tmp, self.cs, self.an, self.cs_url, self.an_url = tmp, cs, an, cs_url, an_url
         self.scenario: Scenario | None = None
         self.daemons: list[Csand] = []
+        self.stack = ExitStack()  # servers started on demand (the export storage), closed last
+
+    def serve_exports(self, **kwargs: Any) -> BulkExports:
+        """ControlShift's bulk data exports: a storage simulator served on loopback, its files
+        announced through the ControlShift simulator's webhooks (``kwargs``: BulkExports')."""
+        storage = StorageSim()
+        storage.base_url = self.stack.enter_context(ServedApp(storage.app)).url
+        return BulkExports(self.cs, storage, **kwargs)
 
     def populate(self, **kwargs: Any) -> Scenario:
         self.scenario = populate(self.cs, self.an, **kwargs)
@@ -225,3 +235,4 @@ def make_world(tmp_path: Path, **cs_kwargs: Any) -> Iterator[World]:
                 if daemon.alive():
                     daemon.kill9()
             cs.close()
+            world.stack.close()
