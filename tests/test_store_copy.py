@@ -82,7 +82,8 @@ async def test_the_copy_keeps_what_csand_reads(tmp_path: Path, pg_url: str) -> N
     copied = await copy_sqlite_to_postgres(db, pg_url, progress=lambda *a: seen.append(a))
     assert copied == {"meta": 2, "outbox": 4, "cs_petitions": 1, "cs_signatures": 4,
                       "an_people": 2, "an_tags": 2, "opt_ins": 1, "webhook_events": 3,
-                      "cs_events": 0, "cs_calendars": 0, "cs_attendees": 0, "bulk_files": 1}
+                      "cs_events": 0, "cs_calendars": 0, "cs_attendees": 0, "bulk_files": 1,
+                      "bulk_records": 0, "bulk_parked": 0}
     assert ("outbox", 4, 4) in seen and ("an_people", 0, 2) in seen
 
     clock = ManualClock(T0 + 10)

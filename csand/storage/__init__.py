@@ -35,7 +35,7 @@ from typing import Any, Protocol, runtime_checkable
 from urllib.parse import urlsplit, urlunsplit
 
 from csand.model import Activity, AttendeeSeen, DeadLetter, Person, SignatureSeen
-from csand.storage.bulk import BulkFile
+from csand.storage.bulk import BulkChanges, BulkFile, Parked
 
 STATUSES = ("pending", "in_flight", "done", "dead", "cancelled")
 # A webhook event handed out by ``events_due`` is not handed out again for this long unless its
@@ -148,6 +148,7 @@ class Outbox(Protocol):
         event: EventState | None = None,
         attendees: Iterable[AttendeeSeen] = (),
         bulk_progress: tuple[int, int] | None = None,
+        bulk: BulkChanges | None = None,
     ) -> int:
         """Record what was seen and enqueue what it produced, atomically; the number of new
         items (re-seen versions are not added again). ``event`` and ``attendees`` are the
@@ -159,7 +160,8 @@ class Outbox(Protocol):
         deposed leader that wakes up late cannot write what it polled.
 
         ``bulk_progress`` is ``(file id, rows done)`` of a bulk-data file: recorded in the same
-        transaction (and the file's claim extended), so a restart goes on after these rows."""
+        transaction (and the file's claim extended), so a restart goes on after these rows;
+        ``bulk`` what its rows change besides (:class:`csand.storage.bulk.BulkChanges`)."""
         ...
 
     async def enqueue(self, activities: Iterable[Activity]) -> int: ...
@@ -296,6 +298,38 @@ class BulkInbox(Protocol):
         ...
 
 
+class BulkRecords(Protocol):
+    """Bulk data as a source (``controlshift.source = "bulk"``, see
+    :mod:`csand.controlshift.bulksource`): the rows signatures are joined with, what waits for
+    its petition, and what a nightly full file did not hold. Written through
+    ``commit_poll(bulk=...)``."""
+
+    async def bulk_records(self, table: str, ids: Sequence[int]) -> dict[int, str]:
+        """id → body (the row as JSON) of those of ``ids`` the store has for ``table``."""
+        ...
+
+    async def bulk_records_by_ref(self, table: str, refs: Sequence[int]) -> dict[int, list[str]]:
+        """ref → bodies, in id order (e.g. a petition's categorized_petitions rows)."""
+        ...
+
+    async def bulk_forget(self, table: str, generation: int) -> int:
+        """Delete ``table``'s rows the full file ``generation`` did not hold; how many."""
+        ...
+
+    async def bulk_parked(self, after: tuple[str, int] = ("", 0), limit: int = 500
+                          ) -> list[Parked]:
+        """Waiting rows after ``(kind, id)``, in that order."""
+        ...
+
+    async def bulk_vanished(self, generation: int, before: str, after: int = 0,
+                            limit: int = 1000) -> list[SignatureSeen]:
+        """Live recorded signatures (ids after ``after``, in id order) that the full file
+        ``generation`` did not hold and whose recorded CS time is before ``before`` (ISO)."""
+        ...
+
+    async def signatures_seen_many(self, ids: Sequence[int]) -> dict[int, SignatureSeen]: ...
+
+
 class SeenRecords(Protocol):
     """What ControlShift showed, and the AN petition mirroring each CS petition."""
 
@@ -406,7 +440,7 @@ class Cluster(Protocol):
 
 
 @runtime_checkable
-class Storage(Outbox, WebhookInbox, BulkInbox, SeenRecords, ANKnowledge, Meta, Cluster, Protocol):
+class Storage(Outbox, WebhookInbox, BulkInbox, BulkRecords, SeenRecords, ANKnowledge, Meta, Cluster, Protocol):
     """Everything csand stores: what a backend implements."""
 
 

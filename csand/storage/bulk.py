@@ -10,7 +10,7 @@ up again, from ``rows_done`` on. A transient failure puts it back to ``pending``
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -105,3 +105,41 @@ def bulk_view(figures: Mapping[str, Any], counts: Iterable[Mapping[str, Any]],
             "announced_at": iso(last_full["announced_at"]),
         },
     }
+
+
+# ---------------------------------------------------------------------------- bulk as a source
+# With controlshift.source = "bulk" the small tables a signature is joined with (petitions,
+# users, categories, categorized_petitions) are kept as rows (``bulk_records``, the row's cells
+# as JSON, upserted by id); a signature or creator that cannot be joined yet waits, durably, in
+# ``bulk_parked``; a nightly full file marks each cs_signatures row it holds with its id
+# (``cs_signatures.bulk_generation``), so what it did not hold is found in the store, not in
+# memory.
+
+
+@dataclass(frozen=True, slots=True)
+class BulkChanges:
+    """What a batch of bulk rows changes besides the outbox (``commit_poll(bulk=...)``), in the
+    same transaction as its activities and the file's progress."""
+
+    # (table, id, ref, body): upserted; ``ref`` is what the row is looked up by besides its id
+    # (a categorized_petitions row's petition id), body the row as JSON.
+    records: tuple[tuple[str, int, int | None, str], ...] = ()
+    # The full file these records and signatures came from: they are marked with it.
+    generation: int | None = None
+    seen_signatures: tuple[int, ...] = ()  # cs_signatures ids present in that full file
+    # (kind, id, petition id, body): waiting for their petition ('signature', 'creator').
+    park: tuple[tuple[str, int, int, str | None], ...] = ()
+    unpark: tuple[tuple[str, int], ...] = ()  # (kind, id) resolved: no longer waiting
+
+
+@dataclass(frozen=True, slots=True)
+class Parked:
+    kind: str  # 'signature' | 'creator'
+    id: int  # the signature's id; a creator's petition id
+    petition_id: int
+    body: str | None  # a signature: its REST-shaped record as JSON
+
+
+def chunks(values: Sequence[Any], size: int = 500) -> Iterator[Sequence[Any]]:
+    for at in range(0, len(values), size):
+        yield values[at:at + size]

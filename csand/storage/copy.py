@@ -47,7 +47,8 @@ TABLES: dict[str, tuple[str, ...]] = {
     ),
     "cs_petitions": ("cs_id", "slug", "updated_at", "public_count", "content", "total_pages",
                      "walked_at", "an_uuid", "creator_extra"),
-    "cs_signatures": ("cs_id", "petition_id", "fingerprint", "deleted_at", "updated_at"),
+    "cs_signatures": ("cs_id", "petition_id", "fingerprint", "deleted_at", "updated_at",
+                      "bulk_generation"),
     "an_people": ("email", "exists_", "uuid", "subscribed", "fields_at", "unsubscribed_at",
                   "opted_in_at", "learned_at"),
     "an_tags": ("name_key", "name", "uuid"),
@@ -61,6 +62,8 @@ TABLES: dict[str, tuple[str, ...]] = {
     "bulk_files": ("id", "url", "jid", "table_name", "kind", "compression", "body",
                    "announced_at", "expires_at", "status", "attempts", "next_attempt_at",
                    "claim_owner", "rows_done", "error", "finished_at"),
+    "bulk_records": ("table_name", "id", "ref", "body", "generation"),
+    "bulk_parked": ("kind", "id", "petition_id", "body", "parked_at"),
 }
 # SQLite keeps these as 0/1/NULL, PostgreSQL as booleans.
 BOOLEANS: dict[str, tuple[str, ...]] = {"an_people": ("exists_", "subscribed"),
@@ -68,7 +71,7 @@ BOOLEANS: dict[str, tuple[str, ...]] = {"an_people": ("exists_", "subscribed"),
 # A database holding any of these rows already has csand data: never merge into it. (``meta``
 # may hold what ``csand check`` wrote; the SQLite values replace it.)
 DATA_TABLES = ("outbox", "cs_petitions", "cs_signatures", "an_people", "an_tags", "opt_ins",
-               "webhook_events", "cs_events", "cs_calendars", "cs_attendees", "bulk_files")
+               "webhook_events", "cs_events", "cs_calendars", "cs_attendees", "bulk_files", "bulk_records", "bulk_parked")
 IDENTITY = ("outbox", "webhook_events", "bulk_files")
 
 Progress = Callable[[str, int, int], None]

@@ -68,7 +68,9 @@ from csand.storage.bulk import (
     BULK_NEWEST_EXPIRED,
     DEFAULT_LIFETIME_SECONDS,
     FINAL_STATUSES,
+    BulkChanges,
     BulkFile,
+    Parked,
     bulk_file,
     bulk_view,
 )
@@ -278,6 +280,28 @@ MIGRATIONS: list[str] = [
         WHERE status IN ('pending', 'processing');
     CREATE INDEX bulk_files_table ON bulk_files (table_name, kind, status, finished_at);
     """,
+    # v4: bulk data as a source (SQLite's v9): the rows signatures are joined with, what waits
+    # for its petition, and which full file last held each signature.
+    """
+    CREATE TABLE bulk_records (
+        table_name  text NOT NULL,
+        id          bigint NOT NULL,
+        ref         bigint,
+        body        text NOT NULL,
+        generation  bigint,
+        PRIMARY KEY (table_name, id)
+    );
+    CREATE INDEX bulk_records_ref ON bulk_records (table_name, ref);
+    CREATE TABLE bulk_parked (
+        kind        text NOT NULL,
+        id          bigint NOT NULL,
+        petition_id bigint NOT NULL,
+        body        text,
+        parked_at   double precision NOT NULL,
+        PRIMARY KEY (kind, id)
+    );
+    ALTER TABLE cs_signatures ADD COLUMN bulk_generation bigint;
+    """,
 ]
 
 # The cluster's clock: an injected one (tests), else the database server's (one value for the
@@ -432,6 +456,7 @@ class PostgresStore:
         event: EventState | None = None,
         attendees: Iterable[AttendeeSeen] = (),
         bulk_progress: tuple[int, int] | None = None,
+        bulk: BulkChanges | None = None,
     ) -> int:
         """Record what was seen and enqueue what it produced, atomically (see
         :meth:`csand.storage.Outbox.commit_poll`). Commits of every instance take
@@ -556,6 +581,8 @@ class PostgresStore:
                         "UPDATE bulk_files SET rows_done = GREATEST(rows_done, %s), "
                         "next_attempt_at = %s WHERE id = %s AND status = 'processing'",
                         (bulk_progress[1], now + BULK_CLAIM_SECONDS, bulk_progress[0]))
+                if bulk is not None:
+                    await _bulk_changes(cur, bulk, now)
             return added
 
         added = await self._write(tx)
@@ -572,6 +599,51 @@ class PostgresStore:
             "WHERE cs_id = %s", (cs_id,),
         )
         return SignatureSeen(**rows[0]) if rows else None
+
+    async def signatures_seen_many(self, ids: Sequence[int]) -> dict[int, SignatureSeen]:
+        rows = await self._rows(
+            "SELECT cs_id, petition_id, fingerprint, deleted_at, updated_at FROM cs_signatures "
+            "WHERE cs_id = ANY(%s)", (list(ids),))
+        return {r["cs_id"]: SignatureSeen(**r) for r in rows}
+
+    # ---- bulk data as a source ----
+
+    async def bulk_records(self, table: str, ids: Sequence[int]) -> dict[int, str]:
+        rows = await self._rows(
+            "SELECT id, body FROM bulk_records WHERE table_name = %s AND id = ANY(%s)",
+            (table, list(ids)))
+        return {r["id"]: r["body"] for r in rows}
+
+    async def bulk_records_by_ref(self, table: str, refs: Sequence[int]) -> dict[int, list[str]]:
+        rows = await self._rows(
+            "SELECT ref, body FROM bulk_records WHERE table_name = %s AND ref = ANY(%s) "
+            "ORDER BY id", (table, list(refs)))
+        out: dict[int, list[str]] = {}
+        for r in rows:
+            out.setdefault(r["ref"], []).append(r["body"])
+        return out
+
+    async def bulk_forget(self, table: str, generation: int) -> int:
+        return await self._rows_none(
+            "DELETE FROM bulk_records WHERE table_name = %s "
+            "AND (generation IS NULL OR generation <> %s)", (table, generation))
+
+    async def bulk_parked(self, after: tuple[str, int] = ("", 0), limit: int = 500
+                          ) -> list[Parked]:
+        rows = await self._rows(
+            "SELECT kind, id, petition_id, body FROM bulk_parked "
+            "WHERE (kind COLLATE \"C\", id) > (%s COLLATE \"C\", %s) "
+            "ORDER BY kind COLLATE \"C\", id LIMIT %s", (*after, limit))
+        return [Parked(**r) for r in rows]
+
+    async def bulk_vanished(self, generation: int, before: str, after: int = 0,
+                            limit: int = 1000) -> list[SignatureSeen]:
+        rows = await self._rows(
+            "SELECT cs_id, petition_id, fingerprint, deleted_at, updated_at FROM cs_signatures "
+            "WHERE cs_id > %s AND deleted_at IS NULL AND updated_at COLLATE \"C\" < %s "
+            "AND (bulk_generation IS NULL OR bulk_generation <> %s) ORDER BY cs_id LIMIT %s",
+            (after, before, generation, limit))
+        return [SignatureSeen(**r) for r in rows]
 
     async def pending_signature_emails(self, petition_id: int) -> dict[str, str | None]:
         rows = await self._rows(
@@ -1323,3 +1395,27 @@ FOR UPDATE OF o SKIP LOCKED
 
 
 __all__ = ["MIGRATIONS", "PostgresStore"]
+
+
+async def _bulk_changes(cur: Any, bulk: BulkChanges, now: float) -> None:
+    """What a batch of bulk rows changes (see :class:`csand.storage.bulk.BulkChanges`)."""
+    if bulk.records:
+        await cur.executemany(
+            "INSERT INTO bulk_records (table_name, id, ref, body, generation) "
+            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (table_name, id) DO UPDATE SET "
+            "ref = excluded.ref, body = excluded.body, "
+            "generation = COALESCE(excluded.generation, bulk_records.generation)",
+            [(*r, bulk.generation) for r in bulk.records])
+    if bulk.seen_signatures and bulk.generation is not None:
+        await cur.execute(
+            "UPDATE cs_signatures SET bulk_generation = %s WHERE cs_id = ANY(%s)",
+            (bulk.generation, list(bulk.seen_signatures)))
+    if bulk.park:
+        await cur.executemany(
+            "INSERT INTO bulk_parked (kind, id, petition_id, body, parked_at) "
+            "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (kind, id) DO UPDATE SET "
+            "petition_id = excluded.petition_id, body = excluded.body",
+            [(*p, now) for p in bulk.park])
+    if bulk.unpark:
+        await cur.executemany("DELETE FROM bulk_parked WHERE kind = %s AND id = %s",
+                              list(bulk.unpark))

@@ -64,9 +64,12 @@ from csand.storage.bulk import (
     BULK_NEWEST_EXPIRED,
     DEFAULT_LIFETIME_SECONDS,
     FINAL_STATUSES,
+    BulkChanges,
     BulkFile,
+    Parked,
     bulk_file,
     bulk_view,
+    chunks,
 )
 from csand.storage.common import (
     AUDIT_KINDS,
@@ -309,6 +312,28 @@ MIGRATIONS: list[str] = [
     CREATE INDEX bulk_files_todo ON bulk_files (status, next_attempt_at, id);
     CREATE INDEX bulk_files_table ON bulk_files (table_name, kind, status, finished_at);
     """,
+    # v9: bulk data as a source (controlshift.source = "bulk"): the rows signatures are joined
+    # with, what waits for its petition, and which full file last held each signature.
+    """
+    CREATE TABLE bulk_records (
+        table_name  TEXT NOT NULL,           -- petitions, users, categories, categorized_petitions
+        id          INTEGER NOT NULL,
+        ref         INTEGER,                 -- categorized_petitions: the petition id
+        body        TEXT NOT NULL,           -- the row's cells as JSON
+        generation  INTEGER,                 -- the full file that last held it
+        PRIMARY KEY (table_name, id)
+    );
+    CREATE INDEX bulk_records_ref ON bulk_records (table_name, ref);
+    CREATE TABLE bulk_parked (
+        kind        TEXT NOT NULL,           -- 'signature' | 'creator'
+        id          INTEGER NOT NULL,
+        petition_id INTEGER NOT NULL,
+        body        TEXT,
+        parked_at   REAL NOT NULL,
+        PRIMARY KEY (kind, id)
+    );
+    ALTER TABLE cs_signatures ADD COLUMN bulk_generation INTEGER;
+    """,
 ]
 
 log = get_logger("store")
@@ -469,6 +494,7 @@ class SQLiteStore:
         event: EventState | None = None,
         attendees: Iterable[AttendeeSeen] = (),
         bulk_progress: tuple[int, int] | None = None,
+        bulk: BulkChanges | None = None,
     ) -> int:
         """Record what was seen and enqueue what it produced, atomically.
 
@@ -604,6 +630,8 @@ class SQLiteStore:
             if bulk_progress is not None:
                 await db.execute(_BULK_PROGRESS, (bulk_progress[1], now + BULK_CLAIM_SECONDS,
                                                   bulk_progress[0]))
+            if bulk is not None:
+                await _bulk_changes(db, bulk, now)
             return added
 
         added = await self._write(tx)
@@ -622,6 +650,61 @@ class SQLiteStore:
             "WHERE cs_id = ?", (cs_id,),
         )
         return SignatureSeen(**dict(rows[0])) if rows else None
+
+    async def signatures_seen_many(self, ids: Sequence[int]) -> dict[int, SignatureSeen]:
+        out: dict[int, SignatureSeen] = {}
+        for chunk in chunks(list(ids)):
+            rows = await self._read(
+                "SELECT cs_id, petition_id, fingerprint, deleted_at, updated_at FROM cs_signatures "
+                f"WHERE cs_id IN ({', '.join('?' * len(chunk))})", tuple(chunk))
+            out.update((r["cs_id"], SignatureSeen(**dict(r))) for r in rows)
+        return out
+
+    # ---- bulk data as a source ----
+
+    async def bulk_records(self, table: str, ids: Sequence[int]) -> dict[int, str]:
+        out: dict[int, str] = {}
+        for chunk in chunks(list(ids)):
+            rows = await self._read(
+                f"SELECT id, body FROM bulk_records WHERE table_name = ? "
+                f"AND id IN ({', '.join('?' * len(chunk))})", (table, *chunk))
+            out.update((r["id"], r["body"]) for r in rows)
+        return out
+
+    async def bulk_records_by_ref(self, table: str, refs: Sequence[int]) -> dict[int, list[str]]:
+        out: dict[int, list[str]] = {}
+        for chunk in chunks(list(refs)):
+            rows = await self._read(
+                f"SELECT ref, body FROM bulk_records WHERE table_name = ? "
+                f"AND ref IN ({', '.join('?' * len(chunk))}) ORDER BY id", (table, *chunk))
+            for r in rows:
+                out.setdefault(r["ref"], []).append(r["body"])
+        return out
+
+    async def bulk_forget(self, table: str, generation: int) -> int:
+        async def tx(db: aiosqlite.Connection) -> int:
+            cur = await db.execute(
+                "DELETE FROM bulk_records WHERE table_name = ? "
+                "AND (generation IS NULL OR generation <> ?)", (table, generation))
+            return cur.rowcount
+
+        return await self._write(tx)
+
+    async def bulk_parked(self, after: tuple[str, int] = ("", 0), limit: int = 500
+                          ) -> list[Parked]:
+        rows = await self._read(
+            "SELECT kind, id, petition_id, body FROM bulk_parked WHERE (kind, id) > (?, ?) "
+            "ORDER BY kind, id LIMIT ?", (*after, limit))
+        return [Parked(**dict(r)) for r in rows]
+
+    async def bulk_vanished(self, generation: int, before: str, after: int = 0,
+                            limit: int = 1000) -> list[SignatureSeen]:
+        rows = await self._read(
+            "SELECT cs_id, petition_id, fingerprint, deleted_at, updated_at FROM cs_signatures "
+            "WHERE cs_id > ? AND deleted_at IS NULL AND updated_at < ? "
+            "AND (bulk_generation IS NULL OR bulk_generation <> ?) ORDER BY cs_id LIMIT ?",
+            (after, before, generation, limit))
+        return [SignatureSeen(**dict(r)) for r in rows]
 
     async def pending_signature_emails(self, petition_id: int) -> dict[str, str | None]:
         """source key → email (as CS gave it) of this petition's signatures still to sync."""
@@ -1597,6 +1680,29 @@ _RESERVE = (
     "next_at = MAX(next_at, :now, MAX(paused_until, :now + :pause)) + :interval "
     "WHERE name = :name"
 )
+
+
+async def _bulk_changes(db: aiosqlite.Connection, bulk: BulkChanges, now: float) -> None:
+    if bulk.records:
+        await db.executemany(
+            "INSERT INTO bulk_records (table_name, id, ref, body, generation) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (table_name, id) DO UPDATE SET "
+            "ref = excluded.ref, body = excluded.body, "
+            "generation = COALESCE(excluded.generation, bulk_records.generation)",
+            [(*r, bulk.generation) for r in bulk.records])
+    if bulk.seen_signatures and bulk.generation is not None:
+        for chunk in chunks(list(bulk.seen_signatures)):
+            await db.execute(
+                f"UPDATE cs_signatures SET bulk_generation = ? "
+                f"WHERE cs_id IN ({', '.join('?' * len(chunk))})", (bulk.generation, *chunk))
+    if bulk.park:
+        await db.executemany(
+            "INSERT INTO bulk_parked (kind, id, petition_id, body, parked_at) "
+            "VALUES (?, ?, ?, ?, ?) ON CONFLICT (kind, id) DO UPDATE SET "
+            "petition_id = excluded.petition_id, body = excluded.body",
+            [(*p, now) for p in bulk.park])
+    if bulk.unpark:
+        await db.executemany("DELETE FROM bulk_parked WHERE kind = ? AND id = ?", bulk.unpark)
 
 
 __all__ = ["MIGRATIONS", "AlreadyRunning", "SQLiteStore", "single_instance"]

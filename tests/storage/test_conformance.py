@@ -33,6 +33,7 @@ from csand.storage import (
     FORGET_INSTANCE_SECONDS,
     ANKnowledge,
     BulkInbox,
+    BulkRecords,
     Cluster,
     EventState,
     Meta,
@@ -43,6 +44,7 @@ from csand.storage import (
     WebhookInbox,
     open_store,
 )
+from csand.storage.bulk import BulkChanges, Parked
 from tests.fakes import ManualClock
 from tests.storage import ORG, T0, attendance, host, petition, petition_state, seen_row, sig
 
@@ -90,7 +92,7 @@ RETENTION = 30 * DAY
 @pytest.mark.anyio
 async def test_the_backend_implements_every_interface(storage: Storage) -> None:
     assert isinstance(storage, Storage)
-    for interface in (Outbox, WebhookInbox, BulkInbox, SeenRecords, ANKnowledge, Meta, Cluster):
+    for interface in (Outbox, WebhookInbox, BulkInbox, BulkRecords, SeenRecords, ANKnowledge, Meta, Cluster):
         for name, member in vars(interface).items():
             if inspect.iscoroutinefunction(member):
                 assert inspect.iscoroutinefunction(getattr(storage, name)), (interface, name)
@@ -1268,3 +1270,69 @@ async def test_an_org_wide_unsubscribe_is_one_item_whichever_source_brought_it_f
         source_key="unsubscribe:7", record='{"id": 7}', reason="email is missing",
         kind="unsubscribe")])
     assert await storage.enqueue([global_unsubscribe_activity(7, "cy@example.org", at)]) == 1
+
+
+# ---------------------------------------------------------------- bulk data as a source
+
+
+@pytest.mark.anyio
+async def test_bulk_records_upsert_by_id_found_by_ref_and_forgotten_after_a_full_file(
+        storage: Storage) -> None:
+    await storage.commit_poll(None, bulk=BulkChanges(records=(
+        ("petitions", 1, None, '{"id": "1", "title": "A"}'),
+        ("categorized_petitions", 10, 1, '{"id": "10", "category_id": "5"}'),
+        ("categorized_petitions", 11, 1, '{"id": "11", "category_id": "6"}'))))
+    await storage.commit_poll(None, bulk=BulkChanges(records=(
+        ("petitions", 1, None, '{"id": "1", "title": "B"}'),)))
+    assert await storage.bulk_records("petitions", [1, 2]) == {1: '{"id": "1", "title": "B"}'}
+    assert await storage.bulk_records("users", [1]) == {}
+    assert await storage.bulk_records_by_ref("categorized_petitions", [1, 3]) == {
+        1: ['{"id": "10", "category_id": "5"}', '{"id": "11", "category_id": "6"}']}
+    # A full file (generation 7) holds link 11 only: link 10 was deleted on ControlShift.
+    await storage.commit_poll(None, bulk=BulkChanges(
+        records=(("categorized_petitions", 11, 1, '{"id": "11", "category_id": "6"}'),),
+        generation=7))
+    assert await storage.bulk_forget("categorized_petitions", 7) == 1
+    assert await storage.bulk_records_by_ref("categorized_petitions", [1]) == {
+        1: ['{"id": "11", "category_id": "6"}']}
+    assert await storage.bulk_records("petitions", [1])  # other tables untouched
+
+
+@pytest.mark.anyio
+async def test_bulk_parked_rows_wait_in_order_until_resolved_in_the_same_commit(
+        storage: Storage) -> None:
+    await storage.commit_poll(None, bulk=BulkChanges(park=(
+        ("signature", 5, 2, '{"id": 5}'), ("signature", 3, 2, '{"id": 3}'),
+        ("creator", 2, 2, None))))
+    await storage.commit_poll(None, bulk=BulkChanges(park=(("signature", 5, 2, '{"id": 55}'),)))
+    assert await storage.bulk_parked() == [
+        Parked("creator", 2, 2, None), Parked("signature", 3, 2, '{"id": 3}'),
+        Parked("signature", 5, 2, '{"id": 55}')]
+    assert await storage.bulk_parked(after=("signature", 3), limit=5) == [
+        Parked("signature", 5, 2, '{"id": 55}')]
+    added = await storage.commit_poll(
+        None, [seen_row(3, 2)], [sig(3, "ann@example.org", pid=2)],
+        bulk=BulkChanges(unpark=(("signature", 3), ("creator", 2))))
+    assert added == 1
+    assert await storage.bulk_parked() == [Parked("signature", 5, 2, '{"id": 55}')]
+
+
+@pytest.mark.anyio
+async def test_bulk_vanished_are_live_signatures_a_full_file_did_not_hold(
+        storage: Storage) -> None:
+    rows = [dataclasses.replace(seen_row(n, 1), updated_at=f"2024-03-0{n}T00:00:00+00:00")
+            for n in range(1, 6)]
+    rows[1] = dataclasses.replace(rows[1], fingerprint="deleted",
+                                  deleted_at="2024-03-02T01:00:00+00:00")
+    await storage.commit_poll(None, rows)
+    assert set(await storage.signatures_seen_many([1, 2, 9])) == {1, 2}
+    assert (await storage.signatures_seen_many([1]))[1] == rows[0]
+    # The full file (generation 4), exported on 4 March, held signature 3 only.
+    await storage.commit_poll(None, bulk=BulkChanges(generation=4, seen_signatures=(3,)))
+    before = "2024-03-04T00:00:00+00:00"
+    vanished = await storage.bulk_vanished(4, before)
+    # 2 is deleted already, 3 was held, 4 and 5 were recorded after the export was taken.
+    assert [s.cs_id for s in vanished] == [1]
+    assert await storage.bulk_vanished(4, before, after=1) == []
+    assert [s.cs_id for s in await storage.bulk_vanished(5, before)] == [1, 3]
+    assert [s.cs_id for s in await storage.bulk_vanished(5, before, limit=1)] == [1]
