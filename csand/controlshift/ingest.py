@@ -74,6 +74,7 @@ class Batch:
 
 
 TableHandler = Callable[[list[Row], BulkFile], Awaitable[Batch]]
+FileFinisher = Callable[[BulkFile], Awaitable[Any]]
 
 
 class TableHandlers:
@@ -82,14 +83,29 @@ class TableHandlers:
 
     def __init__(self) -> None:
         self._handlers: dict[tuple[str, str], TableHandler] = {}
+        self._finishers: dict[tuple[str, str], FileFinisher] = {}
+        self.settlers: list[Callable[[], Awaitable[Any]]] = []
 
     def register(self, table: str, handler: TableHandler,
-                 kinds: Iterable[str] = ("incremental", "full")) -> None:
+                 kinds: Iterable[str] = ("incremental", "full"),
+                 finish: FileFinisher | None = None) -> None:
+        """``finish`` runs once every row of a file was handled, before the file is done (again
+        after a crash there: it must be idempotent)."""
         for kind in kinds:
             self._handlers[(table, kind)] = handler
+            if finish is not None:
+                self._finishers[(table, kind)] = finish
+
+    def on_settle(self, settle: Callable[[], Awaitable[Any]]) -> None:
+        """``settle`` runs when the files due are all processed (and at start-up): the moment
+        rows of one minute's files of different tables can be joined."""
+        self.settlers.append(settle)
 
     def get(self, table: str, kind: str) -> TableHandler | None:
         return self._handlers.get((table, kind))
+
+    def finisher(self, table: str, kind: str) -> FileFinisher | None:
+        return self._finishers.get((table, kind))
 
     @property
     def tables(self) -> set[str]:
@@ -198,6 +214,7 @@ class BulkIngest:
                               received_at=datetime.fromtimestamp(self.clock(), UTC))
 
     async def run(self) -> None:
+        await self.settle()  # what a previous process left waiting
         while True:
             if not await self.run_due():
                 with anyio.move_on_after(self.idle_seconds):
@@ -211,7 +228,13 @@ class BulkIngest:
             for file in files:
                 await self.process(file)
                 n += 1
+        if n:
+            await self.settle()
         return n
+
+    async def settle(self) -> None:
+        for settle in self.handlers.settlers:
+            await settle()
 
     async def process(self, file: BulkFile) -> FileReport:
         t0 = time.monotonic()
@@ -237,6 +260,9 @@ class BulkIngest:
             return await self._failed(file, f"{type(exc).__name__}: {exc}", report)
         except (ExportUnavailable, BulkError, httpx.HTTPError, OSError) as exc:
             return await self._retry(file, f"{type(exc).__name__}: {exc}", report)
+        finish = self.handlers.finisher(file.table, file.kind)
+        if finish is not None:
+            await finish(file)
         report.bad_rows = stats.bad_rows
         note = f"{stats.bad_rows} bad rows skipped" if stats.bad_rows else None
         await self.store.bulk_file_finished(file.id, "done", rows_done=report.rows, error=note)
