@@ -77,6 +77,15 @@ class ControlShiftSettings(_Section):
     global_unsubscribes: bool = True  # org-wide unsubscribes make the AN person unsubscribed
     webhook_url: str | None = None  # csand's endpoint as registered in CS, to watch its health
     webhook_check_interval: Positive = 600.0
+    # Where petitions, creators and signatures come from: "rest" walks the REST API (its cost
+    # grows with the number of petitions); "bulk" reads ControlShift's bulk-data exports (new
+    # rows each minute, everything each night; needs webhooks), with REST only for events and
+    # a light check. README: "Which source".
+    source: Literal["rest", "bulk"] = "rest"
+    # With source = "bulk": a problem when no incremental / no nightly full signatures file
+    # arrived for this long (seconds).
+    bulk_stale_incremental: Positive = 1800.0
+    bulk_stale_full: Positive = 30 * 3600.0
 
 
 class ActionNetworkSettings(_Section):
@@ -318,6 +327,10 @@ def _resolve_secrets(section: _Section, name: str) -> _Section:
             raise ValueError(
                 "api_key is required (or client_id and client_secret for OAuth)"
             )
+        if cs.source == "bulk" and cs.webhook_secret is None:
+            raise ValueError(
+                "source = \"bulk\" needs webhook_secret (or webhook_secret_file): ControlShift "
+                "announces its bulk-data files only by webhook")
     return section
 
 

@@ -28,6 +28,7 @@ from csand import config as config_mod
 from csand.actionnetwork.client import ActionNetworkClient, ANFailure
 from csand.config import Settings
 from csand.controlshift import budget as cs_budget
+from csand.controlshift.bulksource import BulkSource
 from csand.controlshift.client import ControlShiftClient, CSError, OAuthToken
 from csand.controlshift.ingest import BulkIngest, default_handlers
 from csand.controlshift.poller import Poller
@@ -149,6 +150,9 @@ class Daemon:
                     cs, store, poll_interval=s.controlshift.poll_interval,
                     reconcile_interval=s.controlshift.reconcile_interval,
                     org_slug=s.controlshift.org_slug, sync_events=s.sync.events,
+                    source=s.controlshift.source,
+                    bulk_stale=(s.controlshift.bulk_stale_incremental,
+                                s.controlshift.bulk_stale_full),
                 )
                 self.dispatcher = Dispatcher(
                     store, an, workers=s.sync.workers, origin_system=s.sync.origin_system,
@@ -171,8 +175,12 @@ class Daemon:
                     bulk_http = await stack.enter_async_context(httpx.AsyncClient(
                         transport=self._bulk_transport, timeout=BULK_HTTP_TIMEOUT,
                         headers={"User-Agent": f"csand/{__version__}"}))
-                    self.bulk = BulkIngest(store, bulk_http, default_handlers(
-                        global_unsubscribes=s.controlshift.global_unsubscribes))
+                    handlers = default_handlers(
+                        global_unsubscribes=s.controlshift.global_unsubscribes)
+                    if s.controlshift.source == "bulk":
+                        BulkSource(store, self.poller.org_slug,
+                                   self.poller.org_url).register(handlers)
+                    self.bulk = BulkIngest(store, bulk_http, handlers)
                     await store.release_bulk_files()
                 if s.http.listen and not self.dry_run:
                     self.listener = Listener(self._http_app(), s.http.listen)
@@ -182,6 +190,7 @@ class Daemon:
                          instance=store.instance, cluster=store.shared, dry_run=self.dry_run,
                          workers=s.sync.workers, an_rate=s.action_network.requests_per_second,
                          poll_interval=s.controlshift.poll_interval,
+                         source=s.controlshift.source,
                          reconcile_interval=s.controlshift.reconcile_interval,
                          http=s.http.listen, webhooks=self.webhooks is not None,
                          history_start=store.history_start.isoformat()

@@ -49,6 +49,7 @@ def reasons(status: dict[str, Any], *, poll_interval: float, now: float,
         found.append(f"ControlShift disabled csand's webhook endpoint at {endpoint['disabled_at']}")
     found.extend(cluster_reasons(status.get("cluster")))
     found.extend(bulk_reasons(status.get("bulk"), now))
+    found.extend((status.get("bulk_source") or {}).get("stale") or [])
     return found
 
 

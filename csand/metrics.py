@@ -77,6 +77,12 @@ bulk_last_full_unsubscribes = Gauge(
     "When the last nightly full export of unsubscribes was reconciled (0: never).",
     registry=REGISTRY)
 
+bulk_last_file_age = Gauge(
+    "csand_bulk_last_file_age_seconds",
+    "With controlshift.source = \"bulk\": seconds since the last signatures file of each kind "
+    "(incremental, full) was announced; -1 before any.", ["kind"],
+    registry=REGISTRY)
+
 
 def render() -> bytes:
     return generate_latest(REGISTRY)

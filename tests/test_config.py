@@ -535,3 +535,14 @@ def test_poll_budget_share_defaults_to_half_and_must_be_a_share(tmp_path: Path) 
     for bad in ("0", "-0.5", "1.5", '"half"'):
         text = MINIMAL.replace("[controlshift]", f"[controlshift]\npoll_budget_share = {bad}")
         assert "controlshift.poll_budget_share:" in error_for(tmp_path, text)
+
+
+def test_bulk_source_needs_the_webhook_secret(tmp_path: Path) -> None:
+    bulk = MINIMAL.replace('api_key = "cs_toml_key"', 'api_key = "cs_toml_key"\nsource = "bulk"')
+    message = error_for(tmp_path, bulk)
+    assert "source = \"bulk\" needs webhook_secret" in message
+    s = load_text(tmp_path, bulk.replace(
+        'source = "bulk"', 'source = "bulk"\nwebhook_secret = "0123456789abcdef"'))
+    assert s.controlshift.source == "bulk"
+    assert load_text(tmp_path, MINIMAL).controlshift.source == "rest"
+    assert "source" in error_for(tmp_path, bulk.replace('"bulk"', '"csv"'))

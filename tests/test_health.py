@@ -34,3 +34,13 @@ def test_the_cluster_judgement_is_part_of_the_status_judgement() -> None:
     status = {"daemon_heartbeat_at": None, "cluster": cluster(None, 1.0)}
     found = reasons(status, poll_interval=30, now=0.0, daemon_expected=False)
     assert any("no instance leads" in r for r in found)
+
+
+def test_stale_bulk_exports_are_a_problem() -> None:
+    from csand.health import reasons
+    status = {"daemon_heartbeat_at": None, "bulk_source": {"stale": ["no incremental "
+                                                                     "signatures export"]}}
+    assert "no incremental signatures export" in reasons(
+        status, poll_interval=30, now=0.0, daemon_expected=False)
+    assert reasons({"bulk_source": {"stale": []}}, poll_interval=30, now=0.0,
+                   daemon_expected=False) == []

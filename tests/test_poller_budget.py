@@ -187,3 +187,32 @@ async def test_a_long_poll_interval_keeps_the_directory_for_two_cycles(tmp_path:
         assert r.poller.directory._max_age == 600.0  # poll_interval 30 s
         long = Poller(r.poller.cs, r.store, poll_interval=900.0)
         assert long.directory._max_age == 1800.0
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("petitions", [10, 200])
+async def test_with_bulk_as_source_a_cycle_is_one_request_whatever_the_petitions(
+        tmp_path: Path, petitions: int) -> None:
+    """controlshift.source = "bulk": no petition listing, no signature page; one request (the
+    organisation) per cycle, and a stale-exports problem in csand status until files arrive."""
+    async with rig(tmp_path, petitions=petitions, page_size=2) as r:
+        r.poller.source = "bulk"
+        for _ in range(3):
+            report = await r.poller.cycle()
+            assert report.petitions == 0 and report.pages == 0
+        assert len(r.times) == 1 + 3  # the organisation's slug once, then one per cycle
+        assert await r.store.get_meta("org_url") == "https://demo-org.example.org"
+        status = await r.store.status()
+        (stale,) = status["bulk_source"]["stale"]
+        assert "no bulk-data file has arrived yet" in stale
+        await r.store.record_bulk_file(
+            url="https://b.s3.amazonaws.com/o/signatures_1.csv", jid="j1", table="signatures",
+            kind="incremental", compression=None, body="{}", expires_at=None)
+        await r.poller.cycle()
+        assert (await r.store.status())["bulk_source"]["stale"] == []
+        r.poller.clock = lambda: 1_727_784_000.0 + 31 * 3600  # type: ignore[method-assign]
+        await r.poller.cycle()
+        assert (await r.store.status())["bulk_source"]["stale"] == [
+            "no incremental signatures export for 1860 min (expected within 30 min)",
+            "no nightly full signatures export for 1860 min (expected within 1800 min): none "
+            "since csand first saw one"]

@@ -149,8 +149,16 @@ class Poller:
         org_slug: str | None = None,
         clock: Callable[[], float] = time.time,
         sync_events: bool = False,
+        source: str = "rest",
+        bulk_stale: tuple[float, float] = (1800.0, 30 * 3600.0),
     ) -> None:
         self.cs = cs
+        # "bulk": petitions, creators and signatures come from the export files
+        # (csand.controlshift.bulksource); a cycle is then a light check that ControlShift
+        # answers and the exports keep arriving (``bulk_stale``: seconds without an
+        # incremental signatures file, without a nightly full one), never a petition walk.
+        self.source = source
+        self.bulk_stale = bulk_stale
         self.store = store
         self.poll_interval = poll_interval
         self.reconcile_interval = reconcile_interval
@@ -283,9 +291,12 @@ class Poller:
         report = CycleReport()
         first_run = await self.store.get_meta("backfill_done") is None
         listed: list[dict[str, Any]] = []
+        if self.source == "bulk":
+            await self._bulk_check(report)
         # Each page's petitions are looked at as it arrives: on a long list, a new signature
         # need not wait for the last page to be listed (within the poll budget, that is minutes).
-        async for petition in self._listing(listed):
+        async for petition in (self._nothing() if self.source == "bulk"
+                               else self._listing(listed)):
             try:
                 cs_id = record_id(petition)
                 slug = text_field(petition, "slug", required=True) or ""
@@ -318,7 +329,8 @@ class Poller:
                     report.malformed += 1
                     log.error("cs.malformed_petition", petition=slug,
                               reason=f"{type(exc).__name__}: {exc}", record=str(petition)[:200])
-        self.cs.budget.saw_petitions(listed, is_launched)
+        if self.source != "bulk":
+            self.cs.budget.saw_petitions(listed, is_launched)
         events_failed = None
         if self.sync_events:
             spent = self.cs.budget.meter.totals[current_purpose()]
@@ -356,6 +368,55 @@ class Poller:
                  pages=report.pages, enqueued=report.enqueued,
                  malformed=report.malformed, ms=round((time.monotonic() - t0) * 1000))
         return report
+
+    @staticmethod
+    async def _nothing() -> AsyncIterator[Any]:
+        return
+        yield
+
+    async def org_url(self) -> str | None:
+        """The organisation's public URL (petition URLs are ``<it>/petitions/<slug>``)."""
+        stored = await self.store.get_meta("org_url")
+        if stored is None:
+            url = (await self.cs.organisation()).get("url")
+            stored = url.strip() if isinstance(url, str) and url.strip() else None
+            if stored:
+                await self.store.set_meta(org_url=stored)
+        return stored or None
+
+    async def _bulk_check(self, report: CycleReport) -> None:
+        """With ``source = "bulk"``: one request (the organisation: credentials and URL) and
+        whether the export files keep arriving. Stale exports are a problem of ``csand status``
+        and /healthz, a warning in the log and the metric ``csand_bulk_last_file_age_seconds``."""
+        org = await self.cs.organisation()
+        url = org.get("url")
+        if isinstance(url, str) and url.strip() and url.strip() != await self.store.get_meta(
+                "org_url"):
+            await self.store.set_meta(org_url=url.strip())
+        now = self.clock()
+        bulk = await self.store.bulk_status()
+        stale: list[str] = []
+        since = bulk.get("first_seen_at")
+        for kind, limit, what in (
+                ("incremental", self.bulk_stale[0], "incremental signatures export"),
+                ("full", self.bulk_stale[1], "nightly full signatures export")):
+            last = bulk.get(f"last_{kind}_signatures_at")
+            age = now - datetime.fromisoformat(last or since).timestamp() if (
+                last or since) else None
+            metrics.bulk_last_file_age.labels(kind).set(age if age is not None else -1)
+            if age is None:
+                stale.append("no bulk-data file has arrived yet: with controlshift.source = "
+                             "\"bulk\" signatures come only from them (check the bulk data "
+                             "exports and the webhook endpoint in ControlShift)")
+                break
+            if age > limit:
+                stale.append(f"no {what} for {age / 60:.0f} min (expected within "
+                             f"{limit / 60:.0f} min)" + ("" if last else
+                                                         ": none since csand first saw one"))
+        for reason in stale:
+            log.warning("bulk.exports_stale", reason=reason)
+        await self.store.set_meta(bulk_source=json.dumps(
+            {"checked_at": now, "stale": stale}, separators=(",", ":")))
 
     async def _listing(self, into: list[dict[str, Any]]) -> AsyncIterator[Any]:
         """The petition list page by page, each page remembered in the directory (and added

@@ -56,7 +56,11 @@ BULK_FIGURES = (
     "(SELECT MIN(announced_at) FROM bulk_files) AS first_seen, "
     "(SELECT MAX(announced_at) FROM bulk_files) AS last_seen, "
     "(SELECT COUNT(*) FROM bulk_files WHERE status IN ('pending', 'processing') "
-    "  AND attempts > 0) AS retrying"
+    "  AND attempts > 0) AS retrying, "
+    "(SELECT MAX(announced_at) FROM bulk_files WHERE table_name = 'signatures' "
+    "  AND kind = 'incremental') AS last_incremental_signatures, "
+    "(SELECT MAX(announced_at) FROM bulk_files WHERE table_name = 'signatures' "
+    "  AND kind = 'full') AS last_full_signatures"
 )
 BULK_COUNTS = "SELECT status, COUNT(*) AS n FROM bulk_files GROUP BY status"
 BULK_NEWEST_EXPIRED = (
@@ -92,6 +96,8 @@ def bulk_view(figures: Mapping[str, Any], counts: Iterable[Mapping[str, Any]],
         "failed": by_status["failed"],
         "first_seen_at": iso(figures["first_seen"]),
         "last_announced_at": iso(figures["last_seen"]),
+        "last_incremental_signatures_at": iso(figures["last_incremental_signatures"]),
+        "last_full_signatures_at": iso(figures["last_full_signatures"]),
         "newest_expired": None if newest_expired is None else {
             "table": newest_expired["table_name"], "kind": newest_expired["kind"],
             "file": file_name(newest_expired["url"]),

@@ -256,6 +256,8 @@ def status_view(counts: dict[str, int], meta: dict[str, str], row: Any, reasons:
         "adoption_ambiguous": ambiguous_adoptions(meta),
         # ControlShift budget use, as the daemon last wrote it (csand.controlshift.budget)
         "cs_budget": _json_or_none(meta.get("cs_budget")),
+        # controlshift.source = "bulk": the poller's last check that the exports arrive
+        "bulk_source": _json_or_none(meta.get("bulk_source")),
     }
 
 
