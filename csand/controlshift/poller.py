@@ -159,6 +159,7 @@ class Poller:
         # incremental signatures file, without a nightly full one), never a petition walk.
         self.source = source
         self.bulk_stale = bulk_stale
+        self._stale_logged: list[str] = []
         self.store = store
         self.poll_interval = poll_interval
         self.reconcile_interval = reconcile_interval
@@ -413,8 +414,12 @@ class Poller:
                 stale.append(f"no {what} for {age / 60:.0f} min (expected within "
                              f"{limit / 60:.0f} min)" + ("" if last else
                                                          ": none since csand first saw one"))
-        for reason in stale:
-            log.warning("bulk.exports_stale", reason=reason)
+        if stale != self._stale_logged:  # once per change, not every cycle
+            for reason in stale:
+                log.warning("bulk.exports_stale", reason=reason)
+            if not stale:
+                log.info("bulk.exports_arriving")
+            self._stale_logged = stale
         await self.store.set_meta(bulk_source=json.dumps(
             {"checked_at": now, "stale": stale}, separators=(",", ":")))
 

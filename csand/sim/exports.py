@@ -229,6 +229,7 @@ class StorageSim:
         self.drop_next = 0
         self.drop_after_bytes = 1024
         self.fail_next = 0
+        self.chunk_delay = 0.0  # seconds between body chunks: a slow download (crash tests)
         self._secret = secrets.token_bytes(16)
         self._lock = threading.Lock()
         self._objects: dict[str, _Object] = {}
@@ -294,7 +295,7 @@ class StorageSim:
                 self.drop_next -= 1
             cut = self.drop_after_bytes
         self._log(key, 200)
-        return _Body(obj, self.chunk_size, cut if drop else None)
+        return _Body(obj, self.chunk_size, cut if drop else None, self.chunk_delay)
 
     def _check(self, bucket: str, key: str, request: Request) -> Response | None:
         with self._lock:
@@ -339,9 +340,10 @@ class StorageSim:
 class _Body(Response):
     """An object's bytes, streamed; with ``cut``, the connection is aborted after that many."""
 
-    def __init__(self, obj: _Object, chunk_size: int, cut: int | None) -> None:
+    def __init__(self, obj: _Object, chunk_size: int, cut: int | None,
+                 delay: float = 0.0) -> None:
         super().__init__(None, 200, media_type=obj.content_type)
-        self.obj, self.chunk_size, self.cut = obj, chunk_size, cut
+        self.obj, self.chunk_size, self.cut, self.delay = obj, chunk_size, cut, delay
         self.headers["content-length"] = str(obj.size)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -356,6 +358,8 @@ class _Body(Response):
                 return
             await send({"type": "http.response.body", "body": chunk, "more_body": True})
             sent += len(chunk)
+            if self.delay:
+                await anyio.sleep(self.delay)
         await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
