@@ -77,6 +77,8 @@ def time_field(record: dict[str, Any], key: str, *, prefix: str = "") -> datetim
     value = record.get(key)
     if value is None or value == "":
         return None
+    if isinstance(value, datetime) and value.tzinfo is not None:
+        return value  # read by csand already (a bulk-data cell): parse_time's result
     if not isinstance(value, str):
         raise MalformedRecord(f"{prefix}{key} is not a timestamp ({_kind(value)})")
     parsed = parse_time(value)

@@ -13,6 +13,7 @@ from hypothesis import strategies as st
 from csand.controlshift.source import (
     petition_record,
     petition_url,
+    record_json,
     signature_record,
 )
 from csand.controlshift.versions import see_signature
@@ -48,9 +49,10 @@ def test_signature_row_cells() -> None:
     assert record["id"] == 7 and record["petition_id"] == 3
     assert record["first_name"] is None and record["last_name"] == "Lee"
     assert record["join_organisation"] is True and record["opt_in_sms"] is None
-    assert record["created_at"] == "2024-10-01T12:00:00+00:00"
-    assert record["updated_at"] == "2024-10-01T12:05:00+00:00"
+    assert record["created_at"] == datetime(2024, 10, 1, 12, 0, tzinfo=UTC)
+    assert record["updated_at"] == datetime(2024, 10, 1, 12, 5, tzinfo=UTC)
     assert record["deleted_at"] is None
+    assert '"created_at":"2024-10-01T12:00:00+00:00"' in record_json(record)
     assert record["additional_fields"] == {"why": "because"}
 
 

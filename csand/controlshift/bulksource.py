@@ -38,7 +38,13 @@ from typing import Any
 
 from csand.controlshift.bulk import BadExport, ExportFile
 from csand.controlshift.ingest import Batch, Row, TableHandlers
-from csand.controlshift.source import petition_record, row_id, signature_record, user_id
+from csand.controlshift.source import (
+    petition_record,
+    record_json,
+    row_id,
+    signature_record,
+    user_id,
+)
 from csand.controlshift.versions import see_signature
 from csand.logs import get_logger
 from csand.model import (
@@ -197,7 +203,7 @@ class BulkSource:
             petition = joined.get(pid)
             if petition is None or not petition["launched"]:
                 if not parked:
-                    out.park.append(("signature", sid, pid, json.dumps(record)))
+                    out.park.append(("signature", sid, pid, record_json(record)))
                 continue
             if parked:
                 out.unpark.append(("signature", sid))
