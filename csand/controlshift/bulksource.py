@@ -108,8 +108,7 @@ class BulkSource:
                 creators[petition] = ("creator", petition, petition, None)
         self._joined.clear()
         return Batch(commit={"bulk": BulkChanges(
-            records=tuple(records), park=tuple(creators.values()),
-            generation=file.id if file.kind == "full" else None)})
+            records=tuple(records), park=tuple(creators.values()), generation=file.id)})
 
     async def forget_links(self, file: BulkFile) -> None:
         if file.kind == "full":

@@ -313,7 +313,8 @@ class BulkRecords(Protocol):
         ...
 
     async def bulk_forget(self, table: str, generation: int) -> int:
-        """Delete ``table``'s rows the full file ``generation`` did not hold; how many."""
+        """After the full file ``generation``: delete ``table``'s rows last written by an older
+        file (so not held by this one; rows of files announced after it stay); how many."""
         ...
 
     async def bulk_parked(self, after: tuple[str, int] = ("", 0), limit: int = 500

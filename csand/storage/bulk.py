@@ -130,7 +130,8 @@ class BulkChanges:
     # (table, id, ref, body): upserted; ``ref`` is what the row is looked up by besides its id
     # (a categorized_petitions row's petition id), body the row as JSON.
     records: tuple[tuple[str, int, int | None, str], ...] = ()
-    # The full file these records and signatures came from: they are marked with it.
+    # The file these records came from (every file: a full file's forgets what older files
+    # wrote and it did not hold), and the full file the seen signatures came from.
     generation: int | None = None
     seen_signatures: tuple[int, ...] = ()  # cs_signatures ids present in that full file
     # (kind, id, petition id, body): waiting for their petition ('signature', 'creator').

@@ -626,7 +626,7 @@ class PostgresStore:
     async def bulk_forget(self, table: str, generation: int) -> int:
         return await self._rows_none(
             "DELETE FROM bulk_records WHERE table_name = %s "
-            "AND (generation IS NULL OR generation <> %s)", (table, generation))
+            "AND (generation IS NULL OR generation < %s)", (table, generation))
 
     async def bulk_parked(self, after: tuple[str, int] = ("", 0), limit: int = 500
                           ) -> list[Parked]:
@@ -1404,7 +1404,7 @@ async def _bulk_changes(cur: Any, bulk: BulkChanges, now: float) -> None:
             "INSERT INTO bulk_records (table_name, id, ref, body, generation) "
             "VALUES (%s, %s, %s, %s, %s) ON CONFLICT (table_name, id) DO UPDATE SET "
             "ref = excluded.ref, body = excluded.body, "
-            "generation = COALESCE(excluded.generation, bulk_records.generation)",
+            "generation = GREATEST(excluded.generation, bulk_records.generation)",
             [(*r, bulk.generation) for r in bulk.records])
     if bulk.seen_signatures and bulk.generation is not None:
         await cur.execute(

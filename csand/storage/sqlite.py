@@ -685,7 +685,7 @@ class SQLiteStore:
         async def tx(db: aiosqlite.Connection) -> int:
             cur = await db.execute(
                 "DELETE FROM bulk_records WHERE table_name = ? "
-                "AND (generation IS NULL OR generation <> ?)", (table, generation))
+                "AND (generation IS NULL OR generation < ?)", (table, generation))
             return cur.rowcount
 
         return await self._write(tx)
@@ -1688,7 +1688,8 @@ async def _bulk_changes(db: aiosqlite.Connection, bulk: BulkChanges, now: float)
             "INSERT INTO bulk_records (table_name, id, ref, body, generation) "
             "VALUES (?, ?, ?, ?, ?) ON CONFLICT (table_name, id) DO UPDATE SET "
             "ref = excluded.ref, body = excluded.body, "
-            "generation = COALESCE(excluded.generation, bulk_records.generation)",
+            "generation = MAX(COALESCE(excluded.generation, 0), "
+            "COALESCE(bulk_records.generation, 0))",
             [(*r, bulk.generation) for r in bulk.records])
     if bulk.seen_signatures and bulk.generation is not None:
         for chunk in chunks(list(bulk.seen_signatures)):

@@ -1288,13 +1288,17 @@ async def test_bulk_records_upsert_by_id_found_by_ref_and_forgotten_after_a_full
     assert await storage.bulk_records("users", [1]) == {}
     assert await storage.bulk_records_by_ref("categorized_petitions", [1, 3]) == {
         1: ['{"id": "10", "category_id": "5"}', '{"id": "11", "category_id": "6"}']}
-    # A full file (generation 7) holds link 11 only: link 10 was deleted on ControlShift.
+    # A full file (generation 7) holds link 11 only: link 10 was deleted on ControlShift. Link
+    # 12 came with an incremental file announced after it (generation 9): it stays.
+    await storage.commit_poll(None, bulk=BulkChanges(
+        records=(("categorized_petitions", 12, 1, '{"id": "12", "category_id": "7"}'),),
+        generation=9))
     await storage.commit_poll(None, bulk=BulkChanges(
         records=(("categorized_petitions", 11, 1, '{"id": "11", "category_id": "6"}'),),
         generation=7))
     assert await storage.bulk_forget("categorized_petitions", 7) == 1
     assert await storage.bulk_records_by_ref("categorized_petitions", [1]) == {
-        1: ['{"id": "11", "category_id": "6"}']}
+        1: ['{"id": "11", "category_id": "6"}', '{"id": "12", "category_id": "7"}']}
     assert await storage.bulk_records("petitions", [1])  # other tables untouched
 
 
