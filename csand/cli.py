@@ -602,9 +602,15 @@ def demo(
     rate: Annotated[float, typer.Option(help="AN requests/second (the real limit is 4).")] = 20.0,
     faults: Annotated[bool, typer.Option(help="Inject AN faults (5xx, 200 {}, drops).")] = True,
     seed: Annotated[int, typer.Option(help="Random seed for the generated data.")] = 7,
+    source: Annotated[str, typer.Option(
+        help="Where petitions and signatures come from: rest (polling) or bulk (the "
+             "bulk-data exports).")] = "rest",
 ) -> None:
     """Run csand against built-in simulators of both services, with generated data."""
     from csand.demo import run_demo
 
-    code = run_demo(petitions=petitions, signatures=signatures, rate=rate, faults=faults, seed=seed)
+    if source not in ("rest", "bulk"):
+        raise typer.BadParameter("must be rest or bulk", param_hint="--source")
+    code = run_demo(petitions=petitions, signatures=signatures, rate=rate, faults=faults,
+                    seed=seed, source=source)
     raise typer.Exit(code)

@@ -25,11 +25,13 @@ from csand import logs
 from csand.daemon import Daemon
 from csand.sim.actionnetwork import ActionNetworkSim
 from csand.sim.controlshift import ControlShiftSim
+from csand.sim.exports import BulkExports, StorageSim
 from csand.sim.scenario import Scenario, populate
 from csand.sim.server import ServedApp
 from csand.sim.verify import compare
 
 RECONCILE_SECONDS = 8.0  # short, so the demo also shows a reconciliation sweep
+EXPORT_EVERY = 2.0  # seconds between incremental exports with --source bulk
 WEBHOOK_SECRET = "demo-webhook-secret"
 
 
@@ -40,7 +42,9 @@ def _free_port() -> int:
 
 
 def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed: int,
-             events: int = 6, attendees: int = 60) -> int:
+             events: int = 6, attendees: int = 60, source: str = "rest") -> int:
+    """``source = "bulk"``: petitions and signatures come from the simulated bulk-data exports
+    (a nightly export at the start, an incremental one every :data:`EXPORT_EVERY` seconds)."""
     console = Console()
     cs = ControlShiftSim(page_size=25, seed=seed)
     an = ActionNetworkSim(requests_per_second=rate, seed=seed, events_api=True)
@@ -55,13 +59,20 @@ def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed
         an.faults.empty_200_rate = 0.02
         an.faults.drop_rate = 0.01
     tmp = tempfile.mkdtemp(prefix="csand-demo-")  # kept: the user may inspect log and queue
-    with ServedApp(cs.app) as cs_served, ServedApp(an.app) as an_served:
+    storage = StorageSim()
+    with ServedApp(cs.app) as cs_served, ServedApp(an.app) as an_served, \
+            ServedApp(storage.app) as storage_served:
+        storage.base_url = storage_served.url
+        exports = BulkExports(cs, storage) if source == "bulk" else None
+        if exports is not None:
+            exports.export_incremental()  # what exists now comes with the nightly export
         port = _free_port()
         webhook_url = f"http://127.0.0.1:{port}/webhooks/controlshift"
         settings = config_mod.Settings.model_validate({
             "controlshift": {"url": cs_served.url, "api_key": cs.api_key, "poll_interval": 2.0,
                              "reconcile_interval": RECONCILE_SECONDS,
-                             "webhook_secret": WEBHOOK_SECRET, "webhook_url": webhook_url},
+                             "webhook_secret": WEBHOOK_SECRET, "webhook_url": webhook_url,
+                             "source": source},
             "http": {"listen": f"127.0.0.1:{port}"},
             "action_network": {"url": f"{an_served.url}/api/v2", "api_key": an.api_key,
                                "requests_per_second": rate},
@@ -80,6 +91,7 @@ def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed
                 f"[bold]csand demo[/bold]: ControlShift simulator on {cs_served.url}, "
                 f"Action Network simulator on {an_served.url} ({rate:g} req/s"
                 f"{', faults injected' if faults else ''})"
+                + (f"; bulk-data exports on {storage_served.url}" if exports else "")
             )
             summary = scenario.summary()
             console.print(
@@ -93,20 +105,35 @@ def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed
             cs.add_webhook_endpoint(webhook_url, WEBHOOK_SECRET)  # what happens from now on
             daemon = Daemon(settings)
             try:
-                anyio.run(_drive, daemon, cs, scenario, console, backend="asyncio")
+                anyio.run(_drive, daemon, cs, scenario, console, exports, backend="asyncio")
             finally:
                 cs.close()
             elapsed = time.monotonic() - started
         return _summarise(console, scenario, an, daemon, elapsed, log_path)
 
 
-async def _drive(daemon: Daemon, cs: ControlShiftSim, scenario: Scenario, console: Console) -> None:
+async def _export(exports: BulkExports, console: Console) -> None:
+    """ControlShift's exports, faster: the nightly one now, then an incremental one every
+    EXPORT_EVERY seconds (ControlShift: every minute)."""
+    files = await anyio.to_thread.run_sync(exports.export_full_all)
+    console.print(f"ControlShift's nightly export: {len(files)} files announced by webhook "
+                  f"({sum(f.rows for f in files)} rows); an incremental export every "
+                  f"{EXPORT_EVERY:g} s from now on.")
+    while True:
+        await anyio.sleep(EXPORT_EVERY)
+        await anyio.to_thread.run_sync(exports.export_incremental)
+
+
+async def _drive(daemon: Daemon, cs: ControlShiftSim, scenario: Scenario, console: Console,
+                 exports: BulkExports | None = None) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: daemon.run(handle_signals=False))
         await daemon.started.wait()
         assert daemon.store is not None and daemon.poller is not None
         store = daemon.store
         live_added = False
+        if exports is not None:
+            tg.start_soon(_export, exports, console)
         with Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
@@ -118,6 +145,9 @@ async def _drive(daemon: Daemon, cs: ControlShiftSim, scenario: Scenario, consol
                 finished = counts["done"] + counts["dead"] + counts["cancelled"]
                 total = finished + counts["pending"] + counts["in_flight"]
                 backfilled = daemon.poller.cycles > 0
+                if exports is not None:  # the nightly export's files processed
+                    bulk = (await store.status())["bulk"]
+                    backfilled = backfilled and bulk["files"]["done"] > 0 and not bulk["waiting"]
                 detail = (f"{counts['done']} done, {counts['dead']} dead, "
                           f"{counts['pending'] + counts['in_flight']} queued")
                 progress.update(task, total=total or None, completed=finished, detail=detail)
@@ -125,7 +155,9 @@ async def _drive(daemon: Daemon, cs: ControlShiftSim, scenario: Scenario, consol
                     _live_activity(cs, scenario)
                     live_added = True
                     progress.console.print("New signatures and a late opt-in arrive on "
-                                           "ControlShift: its webhooks bring them in at once.")
+                                           "ControlShift: its webhooks bring them in at once"
+                                           + (", the next export brings them too (one item "
+                                              "each)." if exports else "."))
                     live_at = time.time()
                     daemon.poller.poked.set()
                 swept = float(await store.get_meta("last_reconcile_at") or 0)
