@@ -132,8 +132,14 @@ async def _drive(daemon: Daemon, cs: ControlShiftSim, scenario: Scenario, consol
         assert daemon.store is not None and daemon.poller is not None
         store = daemon.store
         live_added = False
+        exporting = anyio.CancelScope()
+
+        async def export() -> None:
+            with exporting:
+                await _export(exports, console)  # type: ignore[arg-type]
+
         if exports is not None:
-            tg.start_soon(_export, exports, console)
+            tg.start_soon(export)
         with Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
@@ -163,6 +169,7 @@ async def _drive(daemon: Daemon, cs: ControlShiftSim, scenario: Scenario, consol
                 swept = float(await store.get_meta("last_reconcile_at") or 0)
                 if live_added and swept > live_at and total and finished == total:
                     break
+        exporting.cancel()
         daemon.request_stop()
 
 
