@@ -51,12 +51,15 @@ import psycopg
 
 from csand import config as config_mod
 from csand import logs
+from csand.controlshift.bulksource import BulkSource
 from csand.controlshift.client import ControlShiftClient
+from csand.controlshift.ingest import BulkIngest, TableHandlers
 from csand.controlshift.poller import Poller
 from csand.daemon import Daemon
 from csand.ratelimit import TokenBucket
 from csand.sim.actionnetwork import SIGNATURE, ActionNetworkSim
-from csand.sim.controlshift import ControlShiftSim
+from csand.sim.controlshift import WEBHOOK_SIGNATURE_HEADER, ControlShiftSim, webhook_signature
+from csand.sim.exports import BulkExports, StorageSim
 from csand.sim.scenario import Scenario, populate, unsyncable_reason
 from csand.sim.server import ServedApp
 from csand.sim.verify import compare
@@ -1306,6 +1309,147 @@ def bench_org_size(tmp: Path, petitions: int, quick: bool) -> None:
     FIGURES.setdefault("org_size", {})[str(petitions)] = fig
 
 
+BULK_TICK = 10.0  # seconds between incremental exports here (ControlShift: every minute)
+
+
+async def prefill_bulk(cs: ControlShiftSim, exports: BulkExports, db: Path) -> float:
+    """The first nightly export, processed with csand's own bulk handlers (what the daemon
+    would do with it), and every row exported incrementally once (no webhook is sent: the
+    simulator has no endpoint), so the next incremental files hold only what is new."""
+    started = time.monotonic()
+    store = await open_store(db)
+    org_url = f"https://{cs.org_slug}.example.org"
+    await store.set_meta(org_slug=cs.org_slug, org_url=org_url)
+
+    async def org() -> str:
+        return cs.org_slug
+
+    async def url() -> str:
+        return org_url
+
+    handlers = TableHandlers()
+    BulkSource(store, org, url).register(handlers)
+    try:
+        async with httpx.AsyncClient(timeout=60) as http:
+            ingest = BulkIngest(store, http, handlers)
+            for export in exports.export_full_all():
+                await ingest.announce(json.dumps(
+                    {"type": export.type, "data": export.data, "jid": None}))
+            await ingest.run_due()
+        exports.export_incremental()
+    finally:
+        await store.close()
+    return time.monotonic() - started
+
+
+def bench_org_size_bulk(tmp: Path, petitions: int, quick: bool) -> None:
+    """Measurement 7 with controlshift.source = "bulk": the same organisation, its signatures
+    from the export files. Incremental exports every BULK_TICK s, announced to csand's endpoint
+    (signed like ControlShift's); no other webhook, so a new signature reaches AN only through
+    the bulk path."""
+    samples_n = 3 if quick else 5
+    say(f"\n[7b] Organisation of {petitions} petitions, source = \"bulk\" (poll_interval "
+        f"{ORG_POLL_INTERVAL:g} s, an incremental export every {BULK_TICK:g} s, AN 4 req/s)")
+    made = time.monotonic()
+    cs, an, samples = org_scenario(petitions)
+    db = tmp / f"m7b-{petitions}.db"
+    secret = "bench-webhook-secret-bulk"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    rng = random.Random(7)
+    storage = StorageSim()
+    with ServedApp(cs.app) as cs_s, ServedApp(an.app) as an_s, \
+            ServedApp(storage.app) as storage_s:
+        storage.base_url = storage_s.url
+        exports = BulkExports(cs, storage)
+        prefill_s = anyio.run(prefill_bulk, cs, exports, db, backend="asyncio")
+        keep = [cs.petition(s)["id"] for s in samples]
+        aside = set_aside_backlog(db, keep)
+        data = settings_dict(cs_s.url, cs, an_s.url, an, db, an_rate=4.0,
+                             poll_interval=ORG_POLL_INTERVAL)
+        data["controlshift"].update(webhook_secret=secret, source="bulk")
+        data["http"] = {"listen": f"127.0.0.1:{port}"}
+        settings = config_mod.Settings.model_validate(data)
+        hook = f"http://127.0.0.1:{port}/webhooks/controlshift"
+
+        async def body(daemon: Daemon) -> dict[str, Any]:
+            poller = daemon.poller
+            assert poller is not None
+            await wait_drained(daemon)
+            ticks: list[float] = []
+
+            async def tick() -> None:
+                async with httpx.AsyncClient(timeout=30) as http:
+                    n = 0
+                    while True:
+                        await anyio.sleep(BULK_TICK)
+                        ticks.append(time.monotonic())
+                        for export in await anyio.to_thread.run_sync(exports.export_incremental):
+                            n += 1
+                            payload = json.dumps({"type": export.type, "data": export.data,
+                                                  "jid": f"bench-{n}"}).encode()
+                            await http.post(hook, content=payload, headers={
+                                WEBHOOK_SIGNATURE_HEADER: webhook_signature(payload, secret)})
+
+            start_cycles = poller.cycles
+            await _until(lambda: poller.cycles > start_cycles)
+            t0, stats0, c0 = time.monotonic(), cs.stats(), poller.cycles
+            latency: list[float] = []
+            processing: list[float] = []
+            async with anyio.create_task_group() as tg:
+                tg.start_soon(tick)
+                for n in range(samples_n):
+                    await anyio.sleep(rng.uniform(0.5, BULK_TICK))
+                    email = f"org.bulk{n}@example.org"
+                    began = time.monotonic()
+                    cs.add_signature(rng.choice(samples), email=email, first_name="Bul",
+                                     last_name="King", postcode="6011", join_organisation=True)
+                    await _until_in_an(an, email, 300)
+                    arrived = time.monotonic()
+                    latency.append(arrived - began)
+                    exported = min(t for t in ticks if t >= began)
+                    processing.append(arrived - exported)
+                seen = poller.cycles
+                await _until(lambda: poller.cycles > seen and poller.cycles >= c0 + 3)
+                tg.cancel_scope.cancel()
+            t1, stats1, c1 = time.monotonic(), cs.stats(), poller.cycles
+            return {"t": t1 - t0, "cycles": c1 - c0,
+                    "requests": stats1["requests"] - stats0["requests"],
+                    "by_route": {k: v - stats0["by_route"].get(k, 0)
+                                 for k, v in stats1["by_route"].items()},
+                    "rate_limited": stats1["rate_limited"] - stats0["rate_limited"],
+                    "latency": latency, "processing": processing}
+
+        _, run = anyio.run(run_daemon, settings, body, backend="asyncio")
+    cs.close()
+    minutes = run["t"] / 60
+    per_minute = run["requests"] / minutes
+    fig: dict[str, Any] = {
+        "petitions": petitions, "source": "bulk", "poll_interval": ORG_POLL_INTERVAL,
+        "export_every_s": BULK_TICK, "cycles": run["cycles"], "window_s": round(run["t"], 1),
+        "cs_requests": run["requests"], "by_route": {k: v for k, v in run["by_route"].items()
+                                                     if v},
+        "requests_per_minute": round(per_minute, 1), "cs_429s": run["rate_limited"],
+        "prefill_s": round(prefill_s, 1), "set_aside": aside,
+        "latency_s": [round(x, 2) for x in run["latency"]],
+        "processing_s": [round(x, 2) for x in run["processing"]],
+        "setup_s": round(time.monotonic() - made, 1),
+    }
+    lat50, proc50 = statistics.median(run["latency"]), statistics.median(run["processing"])
+    row("CS requests per minute (bulk)", f"{per_minute:.0f}",
+        f"of 1000; {run['cycles']} cycles in {run['t']:.0f} s; routes "
+        + ", ".join(f"{k} {v}" for k, v in fig["by_route"].items()))
+    row("new signature via export p50 / max", f"{lat50:.1f} / {max(run['latency']):.1f} s",
+        f"export every {BULK_TICK:g} s; {len(run['latency'])} samples")
+    row("  from its export to AN p50 / max",
+        f"{proc50:.2f} / {max(run['processing']):.2f} s",
+        "processing: at a one-minute cadence add 0-60 s of waiting for the export")
+    fig["latency_p50_s"] = round(lat50, 2)
+    fig["processing_p50_s"] = round(proc50, 2)
+    FIGURES.setdefault("org_size_bulk", {})[str(petitions)] = fig
+
+
 def _span(seconds: float) -> str:
     if seconds < 120:
         return f"{seconds:.0f} s"
@@ -1341,6 +1485,9 @@ def main() -> int:
     parser.add_argument("--org-sizes", default=None,
                         help="petition counts of measurement 7, e.g. 1000,5000 (default: "
                         "1000,5000,20000; --quick: 1000,5000)")
+    parser.add_argument("--source", choices=["rest", "bulk", "both"], default="both",
+                        help="measurement 7: polling (rest), the bulk-data exports (bulk) or "
+                        "both (default)")
     args = parser.parse_args()
     only = set(args.only)
     quick = args.quick
@@ -1385,7 +1532,10 @@ def main() -> int:
                 sizes = ([int(n) for n in args.org_sizes.split(",")] if args.org_sizes
                          else list(ORG_SIZES[:2] if quick else ORG_SIZES))
                 for petitions in sizes:
-                    bench_org_size(tmp, petitions, quick)
+                    if args.source in ("rest", "both"):
+                        bench_org_size(tmp, petitions, quick)
+                    if args.source in ("bulk", "both"):
+                        bench_org_size_bulk(tmp, petitions, quick)
         FIGURES["csand_log_events"] = log_summary(log_path)
     elapsed = time.monotonic() - began
     FIGURES["mode"] = "quick" if quick else "full"
