@@ -3,7 +3,9 @@
 Starts the ControlShift and Action Network simulators on loopback, fills ControlShift with
 generated petitions and signatures (opt-outs, people already in AN, categories, a few broken
 records), runs the daemon with a progress display, signs a few more petitions while it runs (and
-confirms a late opt-in) to show the incremental path, and ends with what landed in Action Network,
+confirms a late opt-in, and an org-wide unsubscribe arrives) to show the incremental path, exports
+ControlShift's bulk data every few seconds (announced by webhook, read from a storage simulator),
+and ends with what landed in Action Network,
 checked against the rules of docs/rules.md.
 """
 
@@ -25,11 +27,13 @@ from csand import logs
 from csand.daemon import Daemon
 from csand.sim.actionnetwork import ActionNetworkSim
 from csand.sim.controlshift import ControlShiftSim
+from csand.sim.exports import BulkExports, StorageSim
 from csand.sim.scenario import Scenario, populate
 from csand.sim.server import ServedApp
 from csand.sim.verify import compare
 
 RECONCILE_SECONDS = 8.0  # short, so the demo also shows a reconciliation sweep
+EXPORT_SECONDS = 3.0  # ControlShift's bulk data export runs each minute; here every few seconds
 WEBHOOK_SECRET = "demo-webhook-secret"
 
 
@@ -55,7 +59,11 @@ def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed
         an.faults.empty_200_rate = 0.02
         an.faults.drop_rate = 0.01
     tmp = tempfile.mkdtemp(prefix="csand-demo-")  # kept: the user may inspect log and queue
-    with ServedApp(cs.app) as cs_served, ServedApp(an.app) as an_served:
+    storage = StorageSim()
+    with ServedApp(cs.app) as cs_served, ServedApp(an.app) as an_served, \
+            ServedApp(storage.app) as storage_served:
+        storage.base_url = storage_served.url
+        exports = BulkExports(cs, storage)
         port = _free_port()
         webhook_url = f"http://127.0.0.1:{port}/webhooks/controlshift"
         settings = config_mod.Settings.model_validate({
@@ -93,16 +101,24 @@ def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed
             cs.add_webhook_endpoint(webhook_url, WEBHOOK_SECRET)  # what happens from now on
             daemon = Daemon(settings)
             try:
-                anyio.run(_drive, daemon, cs, scenario, console, backend="asyncio")
+                anyio.run(_drive, daemon, cs, exports, scenario, console, backend="asyncio")
             finally:
                 cs.close()
             elapsed = time.monotonic() - started
         return _summarise(console, scenario, an, daemon, elapsed, log_path)
 
 
-async def _drive(daemon: Daemon, cs: ControlShiftSim, scenario: Scenario, console: Console) -> None:
+async def _drive(daemon: Daemon, cs: ControlShiftSim, exports: BulkExports, scenario: Scenario,
+                 console: Console) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: daemon.run(handle_signals=False))
+        exporting = anyio.CancelScope()
+
+        async def export_each_minute() -> None:
+            with exporting:
+                await _export_each_minute(exports)
+
+        tg.start_soon(export_each_minute)
         await daemon.started.wait()
         assert daemon.store is not None and daemon.poller is not None
         store = daemon.store
@@ -131,7 +147,16 @@ async def _drive(daemon: Daemon, cs: ControlShiftSim, scenario: Scenario, consol
                 swept = float(await store.get_meta("last_reconcile_at") or 0)
                 if live_added and swept > live_at and total and finished == total:
                     break
+        exporting.cancel()
         daemon.request_stop()
+
+
+async def _export_each_minute(exports: BulkExports) -> None:
+    """ControlShift's incremental bulk data export, announced by webhook (csand reads the
+    ``unsubscribes`` files and records the others)."""
+    while True:
+        await anyio.sleep(EXPORT_SECONDS)
+        await anyio.to_thread.run_sync(exports.export_incremental)
 
 
 def _live_activity(cs: ControlShiftSim, scenario: Scenario) -> None:
@@ -145,6 +170,10 @@ def _live_activity(cs: ControlShiftSim, scenario: Scenario) -> None:
                and not s["deleted_at"] and s["email"] and "@" in s["email"]]
     if pending:  # a confirmation email clicked: a late opt-in
         cs.update_signature(pending[0]["id"], join_organisation=True)
+    # An org-wide unsubscribe of someone AN does not know: its webhook and the next bulk export
+    # both bring it (one item; it creates nobody in AN).
+    cs.add_unsubscribe("left.long.ago@example.org", organisation=True,
+                       unsubscribable_type="Organisation")
 
 
 def _summarise(console: Console, scenario: Scenario, an: ActionNetworkSim, daemon: Daemon,
@@ -175,6 +204,10 @@ def _summarise(console: Console, scenario: Scenario, an: ActionNetworkSim, daemo
                   f"{stats['requests']} ({stats['rate_limited']}, {sum(stats['faults'].values())})")
     table.add_row("AN requests per synced activity",
                   f"{stats['requests'] / max(1, dispatcher.stats.done):.2f}")
+    bulk = daemon.last_status.get("bulk") or {}
+    files = bulk.get("files") or {}
+    table.add_row("bulk data files (read / skipped)",
+                  f"{files.get('done', 0)} / {files.get('skipped', 0)}")
     table.add_row("time", f"{elapsed:.1f} s")
     console.print(table)
     dead = anyio.run(_dead, daemon, backend="asyncio")
