@@ -403,6 +403,34 @@ async def test_instances_sharing_a_postgresql_store_each_claim_other_files(
     assert (await world.store.bulk_status())["files"]["done"] == 3
 
 
+@pytest.mark.anyio
+async def test_a_failing_handler_retries_the_file_from_the_last_committed_batch(
+    world: World,
+) -> None:
+    for n in range(5):
+        world.sim.add_unsubscribe(f"u{n}@x.org", organisation=True)
+    await world.announce_all(world.exports.export_incremental())
+    inner = unsubscribes_handler()
+    calls = 0
+
+    async def flaky(rows: list[dict[str, str]], file: BulkFile) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("the store went away")
+        return await inner(rows, file)
+
+    handlers = TableHandlers()
+    handlers.register("unsubscribes", flaky)
+    ingest = world.processor(handlers=handlers)
+    assert await ingest.run_due() == 1
+    assert len(await world.unsubscribe_items()) == 3
+    world.clock.t += 30
+    assert await ingest.run_due() == 1
+    assert len(await world.unsubscribe_items()) == 5
+    assert (await world.store.bulk_status())["files"]["done"] == 1
+
+
 # ---------------------------------------------------------------- health
 
 

@@ -199,7 +199,12 @@ class BulkIngest:
 
     async def run(self) -> None:
         while True:
-            if not await self.run_due():
+            try:
+                busy = await self.run_due()
+            except Exception as exc:  # the store unreachable: the files wait in it, try later
+                log.warning("bulk.store_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+                busy = 0
+            if not busy:
                 with anyio.move_on_after(self.idle_seconds):
                     await self._wake.wait()
                 self._wake = anyio.Event()
@@ -236,6 +241,9 @@ class BulkIngest:
         except (ExportGone, ExportCorrupt) as exc:
             return await self._failed(file, f"{type(exc).__name__}: {exc}", report)
         except (ExportUnavailable, BulkError, httpx.HTTPError, OSError) as exc:
+            return await self._retry(file, f"{type(exc).__name__}: {exc}", report)
+        except Exception as exc:  # a failed commit, a handler's bug: later, from the last batch
+            log.exception("bulk.file_error", table=file.table, file=file_name(file.url))
             return await self._retry(file, f"{type(exc).__name__}: {exc}", report)
         report.bad_rows = stats.bad_rows
         note = f"{stats.bad_rows} bad rows skipped" if stats.bad_rows else None
