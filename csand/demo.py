@@ -3,7 +3,9 @@
 Starts the ControlShift and Action Network simulators on loopback, fills ControlShift with
 generated petitions and signatures (opt-outs, people already in AN, categories, a few broken
 records), runs the daemon with a progress display, signs a few more petitions while it runs (and
-confirms a late opt-in) to show the incremental path, and ends with what landed in Action Network,
+confirms a late opt-in, and an org-wide unsubscribe arrives) to show the incremental path, exports
+ControlShift's bulk data every few seconds (announced by webhook, read from a storage simulator),
+and ends with what landed in Action Network,
 checked against the rules of docs/rules.md.
 """
 
@@ -31,7 +33,7 @@ from csand.sim.server import ServedApp
 from csand.sim.verify import compare
 
 RECONCILE_SECONDS = 8.0  # short, so the demo also shows a reconciliation sweep
-EXPORT_EVERY = 2.0  # seconds between incremental exports with --source bulk
+EXPORT_SECONDS = 3.0  # ControlShift's bulk data export runs each minute; here every few seconds
 WEBHOOK_SECRET = "demo-webhook-secret"
 
 
@@ -44,7 +46,7 @@ def _free_port() -> int:
 def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed: int,
              events: int = 6, attendees: int = 60, source: str = "rest") -> int:
     """``source = "bulk"``: petitions and signatures come from the simulated bulk-data exports
-    (a nightly export at the start, an incremental one every :data:`EXPORT_EVERY` seconds)."""
+    (a nightly export at the start, then the incremental ones)."""
     console = Console()
     cs = ControlShiftSim(page_size=25, seed=seed)
     an = ActionNetworkSim(requests_per_second=rate, seed=seed, events_api=True)
@@ -63,9 +65,7 @@ def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed
     with ServedApp(cs.app) as cs_served, ServedApp(an.app) as an_served, \
             ServedApp(storage.app) as storage_served:
         storage.base_url = storage_served.url
-        exports = BulkExports(cs, storage) if source == "bulk" else None
-        if exports is not None:
-            exports.export_incremental()  # what exists now comes with the nightly export
+        exports = BulkExports(cs, storage)
         port = _free_port()
         webhook_url = f"http://127.0.0.1:{port}/webhooks/controlshift"
         settings = config_mod.Settings.model_validate({
@@ -91,7 +91,8 @@ def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed
                 f"[bold]csand demo[/bold]: ControlShift simulator on {cs_served.url}, "
                 f"Action Network simulator on {an_served.url} ({rate:g} req/s"
                 f"{', faults injected' if faults else ''})"
-                + (f"; bulk-data exports on {storage_served.url}" if exports else "")
+                + ("; petitions and signatures from the bulk-data exports" if source == "bulk"
+                   else "")
             )
             summary = scenario.summary()
             console.print(
@@ -105,41 +106,33 @@ def run_demo(*, petitions: int, signatures: int, rate: float, faults: bool, seed
             cs.add_webhook_endpoint(webhook_url, WEBHOOK_SECRET)  # what happens from now on
             daemon = Daemon(settings)
             try:
-                anyio.run(_drive, daemon, cs, scenario, console, exports, backend="asyncio")
+                anyio.run(_drive, daemon, cs, exports, scenario, console, source == "bulk",
+                          backend="asyncio")
             finally:
                 cs.close()
             elapsed = time.monotonic() - started
         return _summarise(console, scenario, an, daemon, elapsed, log_path)
 
 
-async def _export(exports: BulkExports, console: Console) -> None:
-    """ControlShift's exports, faster: the nightly one now, then an incremental one every
-    EXPORT_EVERY seconds (ControlShift: every minute)."""
-    files = await anyio.to_thread.run_sync(exports.export_full_all)
-    console.print(f"ControlShift's nightly export: {len(files)} files announced by webhook "
-                  f"({sum(f.rows for f in files)} rows); an incremental export every "
-                  f"{EXPORT_EVERY:g} s from now on.")
-    while True:
-        await anyio.sleep(EXPORT_EVERY)
-        await anyio.to_thread.run_sync(exports.export_incremental)
-
-
-async def _drive(daemon: Daemon, cs: ControlShiftSim, scenario: Scenario, console: Console,
-                 exports: BulkExports | None = None) -> None:
+async def _drive(daemon: Daemon, cs: ControlShiftSim, exports: BulkExports, scenario: Scenario,
+                 console: Console, bulk: bool = False) -> None:
     async with anyio.create_task_group() as tg:
         tg.start_soon(lambda: daemon.run(handle_signals=False))
+        exporting = anyio.CancelScope()
+
+        async def export_each_minute() -> None:
+            with exporting:
+                if bulk:  # the nightly export brings what exists
+                    files = await anyio.to_thread.run_sync(exports.export_full_all)
+                    console.print(f"ControlShift's nightly export: {len(files)} files "
+                                  f"({sum(f.rows for f in files)} rows), announced by webhook.")
+                await _export_each_minute(exports)
+
+        tg.start_soon(export_each_minute)
         await daemon.started.wait()
         assert daemon.store is not None and daemon.poller is not None
         store = daemon.store
         live_added = False
-        exporting = anyio.CancelScope()
-
-        async def export() -> None:
-            with exporting:
-                await _export(exports, console)  # type: ignore[arg-type]
-
-        if exports is not None:
-            tg.start_soon(export)
         with Progress(
             TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
             TextColumn("{task.fields[detail]}"), TimeElapsedColumn(), console=console,
@@ -151,9 +144,9 @@ async def _drive(daemon: Daemon, cs: ControlShiftSim, scenario: Scenario, consol
                 finished = counts["done"] + counts["dead"] + counts["cancelled"]
                 total = finished + counts["pending"] + counts["in_flight"]
                 backfilled = daemon.poller.cycles > 0
-                if exports is not None:  # the nightly export's files processed
-                    bulk = (await store.status())["bulk"]
-                    backfilled = backfilled and bulk["files"]["done"] > 0 and not bulk["waiting"]
+                if bulk:  # the nightly export's files processed
+                    files = (await store.status())["bulk"]
+                    backfilled = backfilled and files["files"]["done"] > 0 and not files["waiting"]
                 detail = (f"{counts['done']} done, {counts['dead']} dead, "
                           f"{counts['pending'] + counts['in_flight']} queued")
                 progress.update(task, total=total or None, completed=finished, detail=detail)
@@ -163,7 +156,7 @@ async def _drive(daemon: Daemon, cs: ControlShiftSim, scenario: Scenario, consol
                     progress.console.print("New signatures and a late opt-in arrive on "
                                            "ControlShift: its webhooks bring them in at once"
                                            + (", the next export brings them too (one item "
-                                              "each)." if exports else "."))
+                                              "each)." if bulk else "."))
                     live_at = time.time()
                     daemon.poller.poked.set()
                 swept = float(await store.get_meta("last_reconcile_at") or 0)
@@ -171,6 +164,14 @@ async def _drive(daemon: Daemon, cs: ControlShiftSim, scenario: Scenario, consol
                     break
         exporting.cancel()
         daemon.request_stop()
+
+
+async def _export_each_minute(exports: BulkExports) -> None:
+    """ControlShift's incremental bulk data export, announced by webhook (csand reads the
+    ``unsubscribes`` files and records the others)."""
+    while True:
+        await anyio.sleep(EXPORT_SECONDS)
+        await anyio.to_thread.run_sync(exports.export_incremental)
 
 
 def _live_activity(cs: ControlShiftSim, scenario: Scenario) -> None:
@@ -184,6 +185,10 @@ def _live_activity(cs: ControlShiftSim, scenario: Scenario) -> None:
                and not s["deleted_at"] and s["email"] and "@" in s["email"]]
     if pending:  # a confirmation email clicked: a late opt-in
         cs.update_signature(pending[0]["id"], join_organisation=True)
+    # An org-wide unsubscribe of someone AN does not know: its webhook and the next bulk export
+    # both bring it (one item; it creates nobody in AN).
+    cs.add_unsubscribe("left.long.ago@example.org", organisation=True,
+                       unsubscribable_type="Organisation")
 
 
 def _summarise(console: Console, scenario: Scenario, an: ActionNetworkSim, daemon: Daemon,
@@ -214,6 +219,10 @@ def _summarise(console: Console, scenario: Scenario, an: ActionNetworkSim, daemo
                   f"{stats['requests']} ({stats['rate_limited']}, {sum(stats['faults'].values())})")
     table.add_row("AN requests per synced activity",
                   f"{stats['requests'] / max(1, dispatcher.stats.done):.2f}")
+    bulk = daemon.last_status.get("bulk") or {}
+    files = bulk.get("files") or {}
+    table.add_row("bulk data files (read / skipped)",
+                  f"{files.get('done', 0)} / {files.get('skipped', 0)}")
     table.add_row("time", f"{elapsed:.1f} s")
     console.print(table)
     dead = anyio.run(_dead, daemon, backend="asyncio")

@@ -85,12 +85,14 @@ async def _no_sleep(_: float) -> None:
     return None
 
 
-@pytest.fixture
-async def world(tmp_path: Path) -> AsyncIterator[World]:
+@pytest.fixture(params=["sqlite", "postgres"])
+async def world(request: pytest.FixtureRequest, tmp_path: Path) -> AsyncIterator[World]:
     clock = Clock()
     sim = ControlShiftSim(now=clock.now)
     storage = StorageSim(now=clock.now, base_url="http://storage.test")
-    store = await open_store(tmp_path / "csand.db", clock=clock)
+    target = (request.getfixturevalue("pg_url") if request.param == "postgres"
+              else tmp_path / "csand.db")
+    store = await open_store(target, clock=clock, instance="one")
     http = httpx.AsyncClient(transport=httpx.ASGITransport(app=storage.app))
     w = World(clock, sim, storage, BulkExports(sim, storage), store, http, None)  # type: ignore[arg-type]
     w.ingest = w.processor()
@@ -371,6 +373,62 @@ async def test_the_nightly_copy_enqueues_only_what_is_missing_in_batched_commits
     await world.announce(world.exports.export_full("unsubscribes"))
     await ingest.run_due()
     assert len(await world.unsubscribe_items()) == 900
+
+
+@pytest.mark.anyio
+async def test_instances_sharing_a_postgresql_store_each_claim_other_files(
+    world: World, pg_url: str
+) -> None:
+    if not world.store.shared:
+        pytest.skip("one process per SQLite store")
+    for n in range(3):
+        world.sim.add_unsubscribe(f"u{n}@x.org", organisation=True)
+        world.exports.export_incremental()
+    for export in world.exports.exports:
+        await world.announce(export)
+    other = await open_store(pg_url, clock=world.clock, instance="two")  # the world's database
+    try:
+        first = await world.store.bulk_files_due(2)
+        second = await other.bulk_files_due(2)
+        assert len(first) == 2 and len(second) == 1
+        assert not {f.id for f in first} & {f.id for f in second}
+        ingest = BulkIngest(other, world.http, default_handlers(), clock=world.clock,
+                            download_policy=NO_WAIT, policy=FILES, sleep=_no_sleep)
+        await ingest.process(second[0])
+        for file in first:
+            await world.ingest.process(file)
+    finally:
+        await other.close()
+    assert len(await world.unsubscribe_items()) == 3
+    assert (await world.store.bulk_status())["files"]["done"] == 3
+
+
+@pytest.mark.anyio
+async def test_a_failing_handler_retries_the_file_from_the_last_committed_batch(
+    world: World,
+) -> None:
+    for n in range(5):
+        world.sim.add_unsubscribe(f"u{n}@x.org", organisation=True)
+    await world.announce_all(world.exports.export_incremental())
+    inner = unsubscribes_handler()
+    calls = 0
+
+    async def flaky(rows: list[dict[str, str]], file: BulkFile) -> Any:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("the store went away")
+        return await inner(rows, file)
+
+    handlers = TableHandlers()
+    handlers.register("unsubscribes", flaky)
+    ingest = world.processor(handlers=handlers)
+    assert await ingest.run_due() == 1
+    assert len(await world.unsubscribe_items()) == 3
+    world.clock.t += 30
+    assert await ingest.run_due() == 1
+    assert len(await world.unsubscribe_items()) == 5
+    assert (await world.store.bulk_status())["files"]["done"] == 1
 
 
 # ---------------------------------------------------------------- health

@@ -214,9 +214,17 @@ class BulkIngest:
                               received_at=datetime.fromtimestamp(self.clock(), UTC))
 
     async def run(self) -> None:
-        await self.settle()  # what a previous process left waiting
+        settled = False
         while True:
-            if not await self.run_due():
+            try:
+                if not settled:
+                    await self.settle()  # what a previous process left waiting
+                    settled = True
+                busy = await self.run_due()
+            except Exception as exc:  # the store unreachable: the files wait in it, try later
+                log.warning("bulk.store_failed", error=f"{type(exc).__name__}: {exc}"[:300])
+                busy = 0
+            if not busy:
                 with anyio.move_on_after(self.idle_seconds):
                     await self._wake.wait()
                 self._wake = anyio.Event()
@@ -260,9 +268,16 @@ class BulkIngest:
             return await self._failed(file, f"{type(exc).__name__}: {exc}", report)
         except (ExportUnavailable, BulkError, httpx.HTTPError, OSError) as exc:
             return await self._retry(file, f"{type(exc).__name__}: {exc}", report)
+        except Exception as exc:  # a failed commit, a handler's bug: later, from the last batch
+            log.exception("bulk.file_error", table=file.table, file=file_name(file.url))
+            return await self._retry(file, f"{type(exc).__name__}: {exc}", report)
         finish = self.handlers.finisher(file.table, file.kind)
         if finish is not None:
-            await finish(file)
+            try:
+                await finish(file)
+            except Exception as exc:  # as a failed batch: the file is taken up again
+                log.exception("bulk.file_error", table=file.table, file=file_name(file.url))
+                return await self._retry(file, f"{type(exc).__name__}: {exc}", report)
         report.bad_rows = stats.bad_rows
         note = f"{stats.bad_rows} bad rows skipped" if stats.bad_rows else None
         await self.store.bulk_file_finished(file.id, "done", rows_done=report.rows, error=note)

@@ -484,11 +484,13 @@ class PostgresStore:
                  and record_number(a.source_key, "attendee") not in stale_attendees),
                 self.history_start)
             unsubscribing = unsubscribe_keys(rows)
+            known: set[str] = set()  # org-wide unsubscribes enqueued before: already applied
             if unsubscribing:  # under COMMIT_LOCK: no other commit adds one meanwhile
                 found = await (await db.execute(
                     UNSUBSCRIBES_KNOWN.format(marks="SELECT unnest(%s::text[])"),
                     (unsubscribing,))).fetchall()
-                rows = first_unsubscribes(rows, {r["source_key"] for r in found})
+                known = {r["source_key"] for r in found}
+                rows = first_unsubscribes(rows, known)
             async with db.cursor() as cur:
                 if event is not None:
                     await cur.execute(_UPSERT_EVENT, (
@@ -558,7 +560,7 @@ class PostgresStore:
                         "WHERE source_key = ANY(%s) AND status = 'pending'", (now, deleted))
                 unsubscribes = [(a.email, a.occurred_at.isoformat(), now) for a in activities
                                 if a.kind is ActivityKind.GLOBAL_UNSUBSCRIBE and a.email
-                                and a.occurred_at is not None]
+                                and a.occurred_at is not None and a.source_key not in known]
                 if unsubscribes:
                     # The consent timeline learns of an org-wide unsubscribe when csand does,
                     # not when its item runs (see SQLite).

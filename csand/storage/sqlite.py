@@ -531,8 +531,8 @@ class SQLiteStore:
                  and record_number(a.source_key, "attendee") not in stale_attendees),
                 self.history_start)
             unsubscribing = unsubscribe_keys(rows)
+            known: set[str] = set()  # org-wide unsubscribes enqueued before: already applied
             if unsubscribing:
-                known: set[str] = set()
                 for at in range(0, len(unsubscribing), 500):  # under SQLite's parameter limit
                     chunk = unsubscribing[at:at + 500]
                     cur = await db.execute(UNSUBSCRIBES_KNOWN.format(
@@ -605,7 +605,7 @@ class SQLiteStore:
                 )
             unsubscribes = [(a.email, a.occurred_at.isoformat(), now) for a in activities
                             if a.kind is ActivityKind.GLOBAL_UNSUBSCRIBE and a.email
-                            and a.occurred_at is not None]
+                            and a.occurred_at is not None and a.source_key not in known]
             if unsubscribes:
                 self._epoch += 1  # plans in flight must see it before their next request
                 # The consent timeline learns of an org-wide unsubscribe when csand does, not
