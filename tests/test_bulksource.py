@@ -220,3 +220,18 @@ async def test_signatures_after_the_export_was_taken_are_not_vanished(world: Wor
     await w.ingest.run_due()
     after = [s for s in w.sim.signatures() if s["email"] == "after@x.org"][0]
     assert not (await w.store.signature_seen(after["id"])).deleted_at  # type: ignore[union-attr]
+
+
+@pytest.mark.anyio
+async def test_no_signature_is_enqueued_before_its_petitions_creator(world: World) -> None:
+    """A petition's files and its signatures in one drain (the petition's row first): the
+    signatures wait for the creator, whose item must come first (the AN petition is created by
+    the first of them, and only creation sets its creator link)."""
+    w = world
+    populate(w.sim, petitions=1, signers=3)
+    files = w.exports.export_incremental()
+    await w.announce_all(sorted(files, key=lambda f: f.table == "signatures"))
+    await w.ingest.run_due()
+    items = sorted(await w.store.items(), key=lambda i: i["id"])
+    assert items[0]["source_key"].endswith(":creator")
+    assert len(items) == 4 and await w.store.bulk_parked() == []

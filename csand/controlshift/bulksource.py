@@ -79,6 +79,12 @@ class BulkSource:
         self.clock = clock
         self._joined: dict[int, Joined] = {}
         self._unjoinable_logged: set[int] = set()
+        # Petitions whose creator waits for settle(): their signatures wait too, so that no
+        # signature reaches the worker before its petition's creator item (the AN petition is
+        # created by the first of them, and only creation sets its creator link). After the
+        # settle at start-up, a creator still waiting in the store has a petition that cannot
+        # be joined, whose signatures wait anyway.
+        self._creators_waiting: set[int] = set()
 
     def register(self, handlers: TableHandlers) -> None:
         for table in JOIN_TABLES:
@@ -107,6 +113,7 @@ class BulkSource:
             if petition is not None:  # its creator (tags included) is built again
                 creators[petition] = ("creator", petition, petition, None)
         self._joined.clear()
+        self._creators_waiting.update(creators)
         return Batch(commit={"bulk": BulkChanges(
             records=tuple(records), park=tuple(creators.values()), generation=file.id)})
 
@@ -200,7 +207,7 @@ class BulkSource:
         for record in records:
             sid, pid = record["id"], record["petition_id"]
             petition = joined.get(pid)
-            if petition is None or not petition["launched"]:
+            if petition is None or not petition["launched"] or pid in self._creators_waiting:
                 if not parked:
                     out.park.append(("signature", sid, pid, record_json(record)))
                 continue
@@ -275,6 +282,7 @@ class BulkSource:
                     letters.append(dead_letter("petition", creator_record(petition), exc,
                                                petition_id=p.id,
                                                source_key=f"petition:{p.id}:creator"))
+            self._creators_waiting.difference_update(pid for _, pid in unpark)
             seen = await self._see([json.loads(p.body) for p in parked
                                     if p.kind == "signature" and p.body], parked=True)
             if not (unpark or seen.unpark):
