@@ -79,12 +79,6 @@ class BulkSource:
         self.clock = clock
         self._joined: dict[int, Joined] = {}
         self._unjoinable_logged: set[int] = set()
-        # Petitions whose creator waits for settle(): their signatures wait too, so that no
-        # signature reaches the worker before its petition's creator item (the AN petition is
-        # created by the first of them, and only creation sets its creator link). After the
-        # settle at start-up, a creator still waiting in the store has a petition that cannot
-        # be joined, whose signatures wait anyway.
-        self._creators_waiting: set[int] = set()
 
     def register(self, handlers: TableHandlers) -> None:
         for table in JOIN_TABLES:
@@ -113,7 +107,6 @@ class BulkSource:
             if petition is not None:  # its creator (tags included) is built again
                 creators[petition] = ("creator", petition, petition, None)
         self._joined.clear()
-        self._creators_waiting.update(creators)
         return Batch(commit={"bulk": BulkChanges(
             records=tuple(records), park=tuple(creators.values()), generation=file.id)})
 
@@ -202,12 +195,18 @@ class BulkSource:
         if not records:
             return out
         joined = await self.petitions({r["petition_id"] for r in records})
+        # A petition whose creator waits for settle(): its signatures wait too, so that no
+        # signature reaches the worker before its creator's item (the AN petition is created
+        # by the first item of it, and only creation sets its creator link). Read from the
+        # store: another instance may have parked it.
+        creator_waits = set() if parked else await self.store.bulk_waiting(
+            "creator", sorted(joined))
         previous = await self.store.signatures_seen_many([r["id"] for r in records])
         org = await self.org_slug()
         for record in records:
             sid, pid = record["id"], record["petition_id"]
             petition = joined.get(pid)
-            if petition is None or not petition["launched"] or pid in self._creators_waiting:
+            if petition is None or not petition["launched"] or pid in creator_waits:
                 if not parked:
                     out.park.append(("signature", sid, pid, record_json(record)))
                 continue
@@ -282,7 +281,6 @@ class BulkSource:
                     letters.append(dead_letter("petition", creator_record(petition), exc,
                                                petition_id=p.id,
                                                source_key=f"petition:{p.id}:creator"))
-            self._creators_waiting.difference_update(pid for _, pid in unpark)
             seen = await self._see([json.loads(p.body) for p in parked
                                     if p.kind == "signature" and p.body], parked=True)
             if not (unpark or seen.unpark):

@@ -322,6 +322,10 @@ class BulkRecords(Protocol):
         """Waiting rows after ``(kind, id)``, in that order."""
         ...
 
+    async def bulk_waiting(self, kind: str, ids: Sequence[int]) -> set[int]:
+        """Those of ``ids`` waiting in ``bulk_parked`` as ``kind``."""
+        ...
+
     async def bulk_vanished(self, generation: int, before: str, after: int = 0,
                             limit: int = 1000) -> list[SignatureSeen]:
         """Live recorded signatures (ids after ``after``, in id order) that the full file

@@ -638,6 +638,11 @@ class PostgresStore:
             "ORDER BY kind COLLATE \"C\", id LIMIT %s", (*after, limit))
         return [Parked(**r) for r in rows]
 
+    async def bulk_waiting(self, kind: str, ids: Sequence[int]) -> set[int]:
+        rows = await self._rows(
+            "SELECT id FROM bulk_parked WHERE kind = %s AND id = ANY(%s)", (kind, list(ids)))
+        return {r["id"] for r in rows}
+
     async def bulk_vanished(self, generation: int, before: str, after: int = 0,
                             limit: int = 1000) -> list[SignatureSeen]:
         rows = await self._rows(

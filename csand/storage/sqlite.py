@@ -697,6 +697,15 @@ class SQLiteStore:
             "ORDER BY kind, id LIMIT ?", (*after, limit))
         return [Parked(**dict(r)) for r in rows]
 
+    async def bulk_waiting(self, kind: str, ids: Sequence[int]) -> set[int]:
+        out: set[int] = set()
+        for chunk in chunks(list(ids)):
+            rows = await self._read(
+                f"SELECT id FROM bulk_parked WHERE kind = ? "
+                f"AND id IN ({', '.join('?' * len(chunk))})", (kind, *chunk))
+            out.update(r["id"] for r in rows)
+        return out
+
     async def bulk_vanished(self, generation: int, before: str, after: int = 0,
                             limit: int = 1000) -> list[SignatureSeen]:
         rows = await self._read(

@@ -1319,6 +1319,8 @@ async def test_bulk_parked_rows_wait_in_order_until_resolved_in_the_same_commit(
         bulk=BulkChanges(unpark=(("signature", 3), ("creator", 2))))
     assert added == 1
     assert await storage.bulk_parked() == [Parked("signature", 5, 2, '{"id": 55}')]
+    assert await storage.bulk_waiting("signature", [3, 5, 7]) == {5}
+    assert await storage.bulk_waiting("creator", [2]) == set()
 
 
 @pytest.mark.anyio
