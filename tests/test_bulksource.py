@@ -235,3 +235,17 @@ async def test_no_signature_is_enqueued_before_its_petitions_creator(world: Worl
     items = sorted(await w.store.items(), key=lambda i: i["id"])
     assert items[0]["source_key"].endswith(":creator")
     assert len(items) == 4 and await w.store.bulk_parked() == []
+
+
+
+@pytest.mark.anyio
+async def test_an_unreadable_row_is_a_dead_letter_keyed_by_its_signature(world: World) -> None:
+    w = world
+    populate(w.sim, petitions=1, signers=1)
+    await sync_incremental(w)
+    source = BulkSource(w.store, _org, _org_url)
+    batch = await source.new_signatures(
+        [{"id": "77", "petition_id": "1", "email": "x@x.org", "join_organisation": "maybe"}],
+        None)  # type: ignore[arg-type]
+    (letter,) = batch.dead_letters
+    assert letter.source_key == "signature:77" and "join_organisation" in letter.reason

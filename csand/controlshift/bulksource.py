@@ -179,8 +179,11 @@ class BulkSource:
         for row in rows:
             try:
                 record = signature_record(row)
-            except MalformedRecord as exc:
-                letters.append(dead_letter("signature", dict(row), exc))
+            except MalformedRecord as exc:  # keyed like the REST record's dead letter
+                raw_id = (row.get("id") or "").strip()
+                letters.append(dead_letter(
+                    "signature", dict(row), exc,
+                    source_key=f"signature:{raw_id}" if raw_id.isdigit() else None))
                 continue
             records[record["id"]] = record  # the file's last version of it
         batch = await self._see(list(records.values()), parked=False)
