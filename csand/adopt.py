@@ -35,7 +35,7 @@ from csand import __version__
 from csand.actionnetwork.client import ActionNetworkClient
 from csand.checks import open_configured_store
 from csand.config import Settings
-from csand.controlshift.client import ControlShiftClient, OAuthToken
+from csand.controlshift.client import ControlShiftClient, configured_client
 from csand.model import MalformedRecord, PetitionRef, is_launched, petition_ref
 from csand.ratelimit import SharedTokenBucket, TokenBucket
 from csand.storage import Storage
@@ -129,7 +129,7 @@ async def run_adopt(
                                          timeout=settings.controlshift.timeout) as cs_http, \
                     httpx.AsyncClient(transport=an_transport, headers=headers,
                                       timeout=settings.action_network.timeout) as an_http:
-                cs = _cs_client(settings, cs_http)
+                cs = configured_client(settings.controlshift, cs_http)
                 an = _an_client(settings, an_http, store)
                 with Progress(TextColumn("[bold]{task.description:<28}"), BarColumn(),
                               MofNCompleteColumn(), TimeElapsedColumn(), console=console,
@@ -164,17 +164,6 @@ def _exclusive(settings: Settings, store: Storage, dry_run: bool) -> Any:
     from csand.storage.sqlite import single_instance
 
     return single_instance(Path(settings.store.path))
-
-
-def _cs_client(settings: Settings, http: httpx.AsyncClient) -> ControlShiftClient:
-    cs = settings.controlshift
-    limiter = TokenBucket(cs.requests_per_minute / 60.0, burst=5, headroom=0.95)
-    if cs.api_key is not None:
-        return ControlShiftClient(http, cs.url, api_key=cs.api_key.get_secret_value(),
-                                  limiter=limiter)
-    oauth = OAuthToken(http, cs.url, cs.client_id or "",
-                       cs.client_secret.get_secret_value())  # type: ignore[union-attr]
-    return ControlShiftClient(http, cs.url, oauth=oauth, limiter=limiter)
 
 
 def _an_client(settings: Settings, http: httpx.AsyncClient, store: Storage) -> ActionNetworkClient:

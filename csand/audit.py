@@ -37,7 +37,7 @@ from csand import __version__
 from csand.actionnetwork.client import ActionNetworkClient, ANFailure
 from csand.actionnetwork.errors import Verdict
 from csand.config import Settings
-from csand.controlshift.client import ControlShiftClient, CSError, CSNotFound, OAuthToken
+from csand.controlshift.client import ControlShiftClient, CSError, CSNotFound, configured_client
 from csand.drift import (
     ANPerson,
     ANPetition,
@@ -369,7 +369,7 @@ async def run_audit(settings: Settings, store: Storage, *, sample: int | None,
         an = ActionNetworkClient(an_http, s.action_network.url,
                                  s.action_network.api_key.get_secret_value(),  # type: ignore[union-attr]
                                  AuditLimiter(rate, shared))
-        cs = _cs_client(s, cs_http)
+        cs = configured_client(s.controlshift, cs_http, share=s.audit.cs_share)
         try:
             try:
                 org_slug = s.controlshift.org_slug or str(
@@ -413,17 +413,6 @@ def _first(group: BaseExceptionGroup) -> BaseException:
     while isinstance(found, BaseExceptionGroup):
         found = found.exceptions[0]
     return found
-
-
-def _cs_client(s: Settings, http: httpx.AsyncClient) -> ControlShiftClient:
-    cs = s.controlshift
-    limiter = TokenBucket(cs.requests_per_minute * s.audit.cs_share / 60.0, headroom=0.95)
-    if cs.api_key is not None:
-        return ControlShiftClient(http, cs.url, api_key=cs.api_key.get_secret_value(),
-                                  limiter=limiter)
-    oauth = OAuthToken(http, cs.url, cs.client_id or "",
-                       cs.client_secret.get_secret_value())  # type: ignore[union-attr]
-    return ControlShiftClient(http, cs.url, oauth=oauth, limiter=limiter)
 
 
 @asynccontextmanager

@@ -10,7 +10,7 @@ import httpx
 from csand import __version__
 from csand.actionnetwork.client import ActionNetworkClient, ANFailure
 from csand.config import Settings
-from csand.controlshift.client import ControlShiftClient, CSError, OAuthToken
+from csand.controlshift.client import CSError, configured_client
 from csand.ratelimit import TokenBucket
 from csand.storage import Storage, StoreError, open_store
 from csand.storage.postgres import redact_url
@@ -25,12 +25,7 @@ def _result(check: str, ok: bool, detail: str) -> dict[str, Any]:
 
 async def check_controlshift(settings: Settings, http: httpx.AsyncClient) -> dict[str, Any]:
     cs = settings.controlshift
-    if cs.api_key is not None:
-        client = ControlShiftClient(http, cs.url, api_key=cs.api_key.get_secret_value())
-    else:
-        oauth = OAuthToken(http, cs.url, cs.client_id or "",
-                           cs.client_secret.get_secret_value())  # type: ignore[union-attr]
-        client = ControlShiftClient(http, cs.url, oauth=oauth)
+    client = configured_client(cs, http)
     try:
         org = await client.organisation()
     except CSError as exc:

@@ -29,7 +29,7 @@ from csand.actionnetwork.client import ActionNetworkClient, ANFailure
 from csand.config import Settings
 from csand.controlshift import budget as cs_budget
 from csand.controlshift.bulksource import BulkSource
-from csand.controlshift.client import ControlShiftClient, CSError, OAuthToken
+from csand.controlshift.client import ControlShiftClient, CSError, configured_client
 from csand.controlshift.ingest import BulkIngest, default_handlers
 from csand.controlshift.poller import Poller
 from csand.controlshift.webhooks import WebhookProcessor
@@ -218,16 +218,9 @@ class Daemon:
 
     def _cs_client(self, http: httpx.AsyncClient) -> ControlShiftClient:
         cs = self.settings.controlshift
-        # 5% under the per-minute budget: a small burst on top must still fit in any minute.
-        limiter = TokenBucket(cs.requests_per_minute / 60.0, burst=5, headroom=0.95)
         # Polling within poll_budget_share of it; webhooks and commands have the rest.
-        budget = cs_budget.CSBudget(cs.requests_per_minute, cs.poll_budget_share)
-        if cs.api_key is not None:
-            return ControlShiftClient(http, cs.url, api_key=cs.api_key.get_secret_value(),
-                                      limiter=limiter, budget=budget)
-        oauth = OAuthToken(http, cs.url, cs.client_id or "",
-                           cs.client_secret.get_secret_value())  # type: ignore[union-attr]
-        return ControlShiftClient(http, cs.url, oauth=oauth, limiter=limiter, budget=budget)
+        return configured_client(cs, http, budget=cs_budget.CSBudget(cs.requests_per_minute,
+                                                                     cs.poll_budget_share))
 
     async def _check_an_key(self, an: ActionNetworkClient) -> None:
         assert self.dispatcher is not None and self.store is not None

@@ -473,3 +473,27 @@ async def test_a_list_that_is_not_a_list_is_a_cs_error(
         await cs.petitions()
     with pytest.raises(CSBadPage, match="signatures is not a list"):
         await cs.signatures_page("p", 1)
+
+
+@pytest.mark.anyio
+async def test_configured_client_takes_the_key_or_oauth_and_its_share_of_the_budget(
+    http: httpx.AsyncClient, mock: respx.MockRouter,
+) -> None:
+    from csand.config import ControlShiftSettings
+    from csand.controlshift.client import configured_client
+
+    with_key = configured_client(
+        ControlShiftSettings(url=BASE, api_key="cs_live_key", requests_per_minute=600), http,
+        share=0.25)
+    assert with_key.limiter.target_rate == pytest.approx(600 * 0.25 / 60 * 0.95)
+    mock.get(f"{BASE}/api/v1/organisation").respond(200, json={"organisation": {"slug": "o"}})
+    assert (await with_key.organisation())["slug"] == "o"
+    assert mock.calls.last.request.headers["Authorization"] == "Bearer cs_live_key"
+
+    mock.post(f"{BASE}/oauth/token").respond(
+        200, json={"access_token": "tok-1", "token_type": "bearer", "expires_in": 7200})
+    with_oauth = configured_client(
+        ControlShiftSettings(url=BASE, client_id="c", client_secret="s"), http)
+    assert with_oauth.limiter.target_rate == pytest.approx(1000 / 60 * 0.95)
+    assert (await with_oauth.organisation())["slug"] == "o"
+    assert mock.calls.last.request.headers["Authorization"] == "Bearer tok-1"

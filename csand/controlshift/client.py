@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator, Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import quote
 
 import anyio
@@ -25,6 +25,9 @@ from csand.controlshift.budget import CSBudget, current_purpose
 from csand.logs import get_logger
 from csand.ratelimit import TokenBucket
 from csand.retry import CS_RATE_LIMITED, CS_TRANSIENT
+
+if TYPE_CHECKING:
+    from csand.config import ControlShiftSettings
 
 log = get_logger("controlshift")
 
@@ -339,6 +342,20 @@ class ControlShiftClient:
             raise CSError(f"ControlShift answered {path.split('?')[0]} without "
                           f"{'an' if key[0] in 'aeiou' else 'a'} {key} object for {slug!r}")
         return value
+
+
+def configured_client(cs: ControlShiftSettings, http: httpx.AsyncClient, *, share: float = 1.0,
+                      budget: CSBudget | None = None) -> ControlShiftClient:
+    """The client of the ``[controlshift]`` settings: its API key or OAuth client credentials,
+    and a bucket of ``share`` of ``requests_per_minute``, 5% under it (a burst of 5 on top must
+    still fit in any minute). The daemon takes it all; a command beside it takes its share."""
+    limiter = TokenBucket(cs.requests_per_minute * share / 60.0, burst=5, headroom=0.95)
+    if cs.api_key is not None:
+        return ControlShiftClient(http, cs.url, api_key=cs.api_key.get_secret_value(),
+                                  limiter=limiter, budget=budget)
+    oauth = OAuthToken(http, cs.url, cs.client_id or "",
+                       cs.client_secret.get_secret_value())  # type: ignore[union-attr]
+    return ControlShiftClient(http, cs.url, oauth=oauth, limiter=limiter, budget=budget)
 
 
 def _seconds(value: str | None) -> float | None:
