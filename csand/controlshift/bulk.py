@@ -27,6 +27,7 @@ import json
 import re
 import zlib
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import aclosing
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Literal
@@ -391,6 +392,17 @@ class _Transient(Exception):
     pass
 
 
+async def _parsed(response: httpx.Response, parser: _Parser, chunk_size: int,
+                  stats: ReadStats) -> AsyncIterator[list[Any]]:
+    """The parser's batches of the body as it arrives, then those its end releases."""
+    async for chunk in response.aiter_raw(chunk_size):
+        stats.bytes_downloaded += len(chunk)
+        for batch in parser.feed(chunk):
+            yield batch
+    for batch in parser.close():
+        yield batch
+
+
 async def read_rows(
     client: httpx.AsyncClient,
     export: ExportFile | str,
@@ -435,9 +447,8 @@ async def read_rows(
                 if response.status_code != 200:
                     await _refuse(url, response)
                 parser = _Parser(url, declared)
-                async for chunk in response.aiter_raw(chunk_size):
-                    stats.bytes_downloaded += len(chunk)
-                    for batch in parser.feed(chunk):
+                async with aclosing(_parsed(response, parser, chunk_size, stats)) as batches:
+                    async for batch in batches:
                         for item in batch:
                             if type(item) is dict:
                                 seen += 1
@@ -447,16 +458,6 @@ async def read_rows(
                             elif item.line > reported:  # type: ignore[union-attr]
                                 reported = item.line  # type: ignore[union-attr]
                                 _report(url, item, stats, on_bad_row)  # type: ignore[arg-type]
-                for batch in parser.close():
-                    for item in batch:
-                        if type(item) is dict:
-                            seen += 1
-                            if seen > yielded:
-                                yielded = stats.rows = seen
-                                yield item
-                        elif item.line > reported:  # type: ignore[union-attr]
-                            reported = item.line  # type: ignore[union-attr]
-                            _report(url, item, stats, on_bad_row)  # type: ignore[arg-type]
                 stats.compression = parser.compression
                 stats.columns = parser.columns
                 return
