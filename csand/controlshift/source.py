@@ -56,11 +56,7 @@ def row_id(row: Row, column: str = "id") -> int:
 
 def iso_cell(row: Row, column: str) -> str | None:
     """A timestamp cell as ISO 8601 in UTC (what REST shows), None when empty."""
-    try:
-        moment = parse_timestamp(row.get(column))
-    except (MalformedRecord, ValueError) as exc:
-        raise MalformedRecord(f"{column} is not a timestamp ({str(row.get(column))[:40]!r})"
-                              ) from exc
+    moment = time_cell(row, column)
     return moment.isoformat() if moment is not None else None
 
 
