@@ -283,11 +283,8 @@ class ControlShiftClient:
     async def signatures_page(self, slug: str, page: int) -> tuple[list[dict[str, Any]], dict]:
         """One page of a petition's signatures and its raw ``meta`` (see :func:`pagination`);
         raises :class:`CSBadPage` when the signatures are not a list."""
-        path = f"/petitions/{quote(slug, safe='')}/signatures"
-        body = await self.get_object(f"{path}?page={page}")
-        items = _items(body, "signatures", path, page)
-        self.budget.saw_page("signatures", len(items), body.get("meta"))
-        return items, body.get("meta")
+        return await self._page(f"/petitions/{quote(slug, safe='')}/signatures", "signatures",
+                                page)
 
     # Events, attendees and calendars (spec/events-api.md A1-A2). Events have no numeric id in
     # any REST answer: the slug is the key everywhere. There is no REST list of calendars.
@@ -306,10 +303,14 @@ class ControlShiftClient:
     async def attendees_page(self, slug: str, page: int) -> tuple[list[dict[str, Any]], dict]:
         """One page of an event's attendees and its raw ``meta`` (see :func:`pagination`);
         raises :class:`CSBadPage` when the attendees are not a list."""
-        path = f"/events/{quote(slug, safe='')}/attendees"
+        return await self._page(f"/events/{quote(slug, safe='')}/attendees", "attendees", page)
+
+    async def _page(self, path: str, key: str, page: int) -> tuple[list[dict[str, Any]], dict]:
+        """Page ``page`` of the list at ``path``: its ``key`` items (the page size learned from
+        them) and its raw ``meta``."""
         body = await self.get_object(f"{path}?page={page}")
-        items = _items(body, "attendees", path, page)
-        self.budget.saw_page("attendees", len(items), body.get("meta"))
+        items = _items(body, key, path, page)
+        self.budget.saw_page(key, len(items), body.get("meta"))
         return items, body.get("meta")
 
     async def attendees(self, slug: str) -> list[dict[str, Any]]:
