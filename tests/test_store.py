@@ -255,3 +255,36 @@ async def test_a_new_process_leads_at_once_whatever_the_previous_one_held(
         assert (await new.cluster())["leader"] == "new-name"
     finally:
         await new.close()
+
+
+@pytest.mark.anyio
+async def test_a_guard_during_an_unsubscribes_commit_does_not_keep_the_old_answer(
+    tmp_path: Path,
+) -> None:
+    """The guard caches its answer per epoch; the epoch moves only once the commit is visible,
+    so a guard that read the database before it reads again afterwards."""
+    from csand.model import global_unsubscribe_activity, parse_time
+    from tests.test_worker import sig as worker_sig
+
+    store = await open_store(tmp_path / "c.db")
+    try:
+        await store.enqueue([worker_sig(1, "ann@example.org", opted_in=True)])
+        (item,) = await store.lease(1, 60)
+        assert await store.guard(item.id, item.token) is None
+        db = store._db  # type: ignore[attr-defined]
+        original = db.executemany
+        during = []
+
+        async def guarded(sql: str, params: Any) -> Any:
+            if sql.startswith("INSERT INTO an_people (email, unsubscribed_at, learned_at)"):
+                during.append(await store.guard(item.id, item.token))  # the commit is open
+            return await original(sql, params)
+
+        db.executemany = guarded
+        await store.enqueue([global_unsubscribe_activity(
+            7, "ann@example.org", parse_time("2024-03-01T00:00:00Z"))])
+        db.executemany = original
+        assert during == [None]  # not committed yet: nothing to see
+        assert await store.guard(item.id, item.token) == "unsubscribed"
+    finally:
+        await store.close()

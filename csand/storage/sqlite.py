@@ -607,7 +607,7 @@ class SQLiteStore:
                             if a.kind is ActivityKind.GLOBAL_UNSUBSCRIBE and a.email
                             and a.occurred_at is not None and a.source_key not in known]
             if unsubscribes:
-                self._epoch += 1  # plans in flight must see it before their next request
+                learned.append(True)  # plans in flight must see it before their next request
                 # The consent timeline learns of an org-wide unsubscribe when csand does, not
                 # when its item runs: an older opt-in waiting in the queue must not subscribe
                 # the person first.
@@ -634,8 +634,12 @@ class SQLiteStore:
                 await _bulk_changes(db, bulk, now)
             return added
 
+        learned: list[bool] = []
         added = await self._write(tx)
-        if deleted:
+        # Only once committed: a guard that read the epoch first and the database before the
+        # commit would otherwise take the old state as current for as long as nothing else
+        # moves the epoch.
+        if deleted or learned:
             self._epoch += 1
         if added:
             self._notify()
@@ -861,8 +865,9 @@ class SQLiteStore:
             cur = await db.execute(_RELEASE + "WHERE status = 'in_flight'", {"now": self._clock()})
             return cur.rowcount
 
+        released = await self._write(tx)
         self._epoch += 1
-        return await self._write(tx)
+        return released
 
     async def lease(self, limit: int, lease_seconds: float) -> list[Item]:
         """Take up to ``limit`` ready items, at most one per person, oldest activity first.
@@ -882,9 +887,7 @@ class SQLiteStore:
             reclaimed = await db.execute(
                 _RELEASE + "WHERE status = 'in_flight' AND lease_until < :now", {"now": now},
             )
-            if reclaimed.rowcount:
-                self._epoch += 1
-            epoch = self._epoch  # what this transaction saw: no deletion, the lease fresh
+            reclaimed_any.append(bool(reclaimed.rowcount))
             cursor = await db.execute(_LEASE_QUERY, {"now": now, "limit": limit})
             rows = list(await cursor.fetchall())
             tokens = [secrets.token_hex(8) for _ in rows]
@@ -895,15 +898,19 @@ class SQLiteStore:
                     [(now + lease_seconds, t, self.instance, r["id"])
                      for r, t in zip(rows, tokens, strict=True)],
                 )
-            for r, token in zip(rows, tokens, strict=True):
-                self._checked[(r["id"], token)] = epoch
             return [
                 Item(r["id"], Activity.from_json(json.loads(r["payload"])), r["attempts"],
                      r["enqueued_at"], token, steps_of(r["progress"]))
                 for r, token in zip(rows, tokens, strict=True)
             ]
 
-        return await self._write(tx)
+        reclaimed_any: list[bool] = []
+        items = await self._write(tx)
+        if any(reclaimed_any):  # after the commit, for the reason commit_poll says
+            self._epoch += 1
+        for item in items:  # what this lease saw: no deletion, the lease fresh
+            self._checked[(item.id, item.token)] = self._epoch
+        return items
 
     async def renew_leases(self, leases: Sequence[int | tuple[int, str]], lease_seconds: float
                            ) -> None:
