@@ -8,6 +8,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import httpx
 import pytest
@@ -249,3 +250,59 @@ async def test_an_unreadable_row_is_a_dead_letter_keyed_by_its_signature(world: 
         None)  # type: ignore[arg-type]
     (letter,) = batch.dead_letters
     assert letter.source_key == "signature:77" and "join_organisation" in letter.reason
+
+
+@pytest.mark.anyio
+async def test_an_unreadable_row_of_the_nightly_file_has_not_vanished(
+    world: World, monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A row csand cannot read is a dead letter, but its signature is still in ControlShift: it
+    must not be recorded deleted (deleted stays deleted: its correction would never sync)."""
+    w = world
+    populate(w.sim, petitions=1, signers=2)
+    await sync_incremental(w)
+    target = w.sim.signatures()[0]["id"]
+    original = BulkExports._signature
+
+    def unreadable(self: BulkExports, s: Any, pids: Any) -> dict[str, Any]:
+        row = original(self, s, pids)
+        if row["id"] == target:
+            row["join_organisation"] = "maybe"
+        return row
+
+    monkeypatch.setattr(BulkExports, "_signature", unreadable)
+    w.clock.t += 600
+    await w.announce(w.exports.export_full("signatures"))
+    await w.ingest.run_due()
+    seen = await w.store.signature_seen(target)
+    assert seen is not None and not seen.deleted_at
+    assert any(i["source_key"] == f"signature:{target}" and i["status"] == "dead"
+               for i in await w.store.items())
+
+
+@pytest.mark.anyio
+async def test_two_nightly_files_interleaved_do_not_vanish_each_others_rows(world: World) -> None:
+    """File A is read half-way, then waits for a retry; a later file B is read whole meanwhile
+    (or by another instance). A's end must not take the rows B marked for vanished ones."""
+    from csand.storage.bulk import BulkFile
+
+    w = world
+    populate(w.sim, petitions=1, signers=4)
+    await sync_incremental(w)
+    rows = w.exports.rows("signatures")
+    w.clock.t += 600
+    now = w.clock.now().timestamp()
+    source = BulkSource(w.store, _org, _org_url, clock=w.clock)
+    a = BulkFile(101, "signatures", "full", "u", "{}", now, now + 1e6, 0, 0)
+    b = BulkFile(102, "signatures", "full", "u2", "{}", now, now + 1e6, 0, 0)
+
+    async def commit(part: list[Any], file: BulkFile) -> None:
+        batch = await source.all_signatures(part, file)
+        await w.store.commit_poll(None, activities=batch.activities,
+                                  dead_letters=batch.dead_letters, **dict(batch.commit))
+
+    await commit(rows[:2], a)
+    await commit(rows, b)
+    assert await source.vanished(b) == 0
+    await commit(rows[2:], a)
+    assert await source.vanished(a) == 0

@@ -176,6 +176,7 @@ class BulkSource:
     async def _signatures(self, rows: list[Row], file: BulkFile, *, full: bool) -> Batch:
         letters: list[DeadLetter] = []
         records: dict[int, dict[str, Any]] = {}
+        unreadable: list[int] = []  # held by the file all the same: not vanished
         for row in rows:
             try:
                 record = signature_record(row)
@@ -184,12 +185,14 @@ class BulkSource:
                 letters.append(dead_letter(
                     "signature", dict(row), exc,
                     source_key=f"signature:{raw_id}" if raw_id.isdigit() else None))
+                if raw_id.isdigit():
+                    unreadable.append(int(raw_id))
                 continue
             records[record["id"]] = record  # the file's last version of it
         batch = await self._see(list(records.values()), parked=False)
         changes = BulkChanges(
             park=tuple(batch.park), generation=file.id if full else None,
-            seen_signatures=tuple(records) if full else ())
+            seen_signatures=(*records, *unreadable) if full else ())
         return Batch(batch.activities, letters + batch.letters, commit={
             "signatures": batch.signatures, "deleted_sources": batch.deleted, "bulk": changes})
 

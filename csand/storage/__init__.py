@@ -329,7 +329,9 @@ class BulkRecords(Protocol):
     async def bulk_vanished(self, generation: int, before: str, after: int = 0,
                             limit: int = 1000) -> list[SignatureSeen]:
         """Live recorded signatures (ids after ``after``, in id order) that the full file
-        ``generation`` did not hold and whose recorded CS time is before ``before`` (ISO)."""
+        ``generation`` did not hold and whose recorded CS time is before ``before`` (ISO).
+        One marked by a later full file (a file id above ``generation``, processed meanwhile,
+        by a retry's delay or another instance) was held by that one: not vanished."""
         ...
 
     async def signatures_seen_many(self, ids: Sequence[int]) -> dict[int, SignatureSeen]: ...

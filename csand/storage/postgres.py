@@ -648,7 +648,7 @@ class PostgresStore:
         rows = await self._rows(
             "SELECT cs_id, petition_id, fingerprint, deleted_at, updated_at FROM cs_signatures "
             "WHERE cs_id > %s AND deleted_at IS NULL AND updated_at COLLATE \"C\" < %s "
-            "AND (bulk_generation IS NULL OR bulk_generation <> %s) ORDER BY cs_id LIMIT %s",
+            "AND (bulk_generation IS NULL OR bulk_generation < %s) ORDER BY cs_id LIMIT %s",
             (after, before, generation, limit))
         return [SignatureSeen(**r) for r in rows]
 

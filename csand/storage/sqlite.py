@@ -715,7 +715,7 @@ class SQLiteStore:
         rows = await self._read(
             "SELECT cs_id, petition_id, fingerprint, deleted_at, updated_at FROM cs_signatures "
             "WHERE cs_id > ? AND deleted_at IS NULL AND updated_at < ? "
-            "AND (bulk_generation IS NULL OR bulk_generation <> ?) ORDER BY cs_id LIMIT ?",
+            "AND (bulk_generation IS NULL OR bulk_generation < ?) ORDER BY cs_id LIMIT ?",
             (after, before, generation, limit))
         return [SignatureSeen(**dict(r)) for r in rows]
 
