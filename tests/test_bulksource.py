@@ -284,6 +284,7 @@ async def test_an_unreadable_row_of_the_nightly_file_has_not_vanished(
 async def test_two_nightly_files_interleaved_do_not_vanish_each_others_rows(world: World) -> None:
     """File A is read half-way, then waits for a retry; a later file B is read whole meanwhile
     (or by another instance). A's end must not take the rows B marked for vanished ones."""
+    from csand.controlshift.bulk import ExportFile
     from csand.storage.bulk import BulkFile
 
     w = world
@@ -293,8 +294,11 @@ async def test_two_nightly_files_interleaved_do_not_vanish_each_others_rows(worl
     w.clock.t += 600
     now = w.clock.now().timestamp()
     source = BulkSource(w.store, _org, _org_url, clock=w.clock)
-    a = BulkFile(101, "signatures", "full", "u", "{}", now, now + 1e6, 0, 0)
-    b = BulkFile(102, "signatures", "full", "u2", "{}", now, now + 1e6, 0, 0)
+    body = ExportFile(table="signatures", kind="full", url="https://s3.test/signatures.csv",
+                      compression=None,
+                      exported_at=w.clock.now()).to_json()
+    a = BulkFile(101, "signatures", "full", "u", body, now, now + 1e6, 0, 0)
+    b = BulkFile(102, "signatures", "full", "u2", body, now, now + 1e6, 0, 0)
 
     async def commit(part: list[Any], file: BulkFile) -> None:
         batch = await source.all_signatures(part, file)
@@ -306,3 +310,27 @@ async def test_two_nightly_files_interleaved_do_not_vanish_each_others_rows(worl
     assert await source.vanished(b) == 0
     await commit(rows[2:], a)
     assert await source.vanished(a) == 0
+
+
+@pytest.mark.anyio
+async def test_a_nightly_file_whose_time_is_unknown_takes_nothing_for_vanished(
+    world: World,
+) -> None:
+    """Without a stamp in the file's name the snapshot's time is unknown: the URL's signing
+    time or the announcement is later, and would take signatures made meanwhile for vanished."""
+    from csand.storage.bulk import BulkFile
+
+    w = world
+    populate(w.sim, petitions=1, signers=4)
+    await sync_incremental(w)
+    rows = w.exports.rows("signatures")
+    w.clock.t += 600
+    now = w.clock.now().timestamp()
+    source = BulkSource(w.store, _org, _org_url, clock=w.clock)
+    unstamped = BulkFile(103, "signatures", "full", "u", "{}", now, now + 1e6, 0, 0)
+    batch = await source.all_signatures(rows[:1], unstamped)  # the others are not in it
+    await w.store.commit_poll(None, activities=batch.activities,
+                              dead_letters=batch.dead_letters, **dict(batch.commit))
+    assert await source.vanished(unstamped) == 0
+    assert not any(s.deleted_at for s in (await w.store.signatures_seen(
+        w.sim.petitions()[0]["id"])).values())

@@ -122,7 +122,8 @@ class ExportFile:
     webhook, or the same file announced to two endpoints, has the same key. ``expires_at`` comes
     from the URL's ``X-Amz-Date`` + ``X-Amz-Expires`` when present, else ``received_at`` + 6 h
     (when known). ``exported_at`` is read from the file name's ``_<YYYYMMDDHHMMSS>`` stamp, else
-    the URL's signing time. ``compression`` is None when the announcement does not say (the
+    None: the URL's signing time and the announcement come after the export's snapshot, and a
+    time too late would take signatures made during the export for vanished. ``compression`` is None when the announcement does not say (the
     reader then looks at the URL and the first bytes).
     """
 
@@ -209,7 +210,7 @@ def parse_export(envelope: bytes | str | dict[str, Any], *,
     elif received_at is not None:
         expires_at = received_at + DEFAULT_LIFETIME
     stamp = _FILE_STAMP_RE.search(parts.path)
-    exported_at = signed_at
+    exported_at = None
     if stamp:
         try:
             exported_at = datetime.strptime(stamp.group(1), "%Y%m%d%H%M%S").replace(tzinfo=UTC)

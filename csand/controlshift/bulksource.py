@@ -242,8 +242,12 @@ class BulkSource:
             taken = export.exported_at
         except (BadExport, KeyError, ValueError):
             taken = None
-        if taken is None:
-            taken = datetime.fromtimestamp(file.announced_at, UTC)
+        if taken is None:  # a later time would take signatures made meanwhile for vanished
+            log.info("bulk.vanished_skipped", file=file.url.split("?")[0][-80:],
+                     msg="the export's time is unknown (no stamp in its name): no signature "
+                         "is taken for vanished; deletions still come from deleted_at and "
+                         "webhooks")
+            return 0
         before = taken.astimezone(UTC).isoformat()
         after, total = 0, 0
         while rows := await self.store.bulk_vanished(file.id, before, after, VANISHED_BATCH):
